@@ -1,0 +1,51 @@
+"""Tiny randomly initialised transformers models and a character tokenizer, built in code (no downloads)."""
+
+from __future__ import annotations
+
+import string
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+CHARS = string.printable  # 100 characters: digits, letters, punctuation, whitespace
+SPECIALS = ["<pad>", "<eos>"]
+
+
+def char_tokenizer(extra_chars: str = "") -> PreTrainedTokenizerFast:
+    """Character-level tokenizer: token id = index in SPECIALS + CHARS (+ extra_chars)."""
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + list(CHARS + extra_chars))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+
+
+def tiny_llama(
+    vocab_size: int = len(SPECIALS) + len(CHARS),
+    seed: int = 0,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    eos_token_id: int = 1,
+    init_std: float = 0.5,
+) -> LlamaForCausalLM:
+    """A small random Llama in fp32, eval mode. A large init_std makes its distributions peaked and varied."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=eos_token_id,
+        pad_token_id=0,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+        initializer_range=init_std,
+    )
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = eos_token_id
+    model.generation_config.pad_token_id = 0
+    return model
