@@ -1,0 +1,104 @@
+"""Logits processing and acceptance rules. Separate from drafting and from the forward pass.
+
+Target logits come as one row per fed position: row 0 is the root (the last committed token), row i + 1 is
+draft node i. Row r predicts the token that follows position r.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from draftsmith.draft import ROOT, Draft
+from draftsmith.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 0.0  # 0 means greedy
+    top_k: int = 0  # 0 disables
+    top_p: float = 1.0  # 1 disables
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def processed_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """Sampling distribution after temperature, top-k, then top-p (the order HF applies them), in float32."""
+    logits = logits.float() / cfg.temperature
+    if cfg.top_k and cfg.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, cfg.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already reach top_p; the top token always stays
+        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= cfg.top_p
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    return logits.softmax(-1)
+
+
+def accept_greedy(draft: Draft, target_logits: torch.Tensor) -> tuple[list[int], int]:
+    """Follow the draft while it agrees with the target's argmax; then emit the target's own argmax."""
+    best = target_logits.argmax(-1).tolist()
+    children = draft.children()
+    path: list[int] = []
+    node = ROOT
+    while True:
+        want = best[node + 1]
+        node = next((c for c in children.get(node, ()) if draft.tokens[c] == want), None)
+        if node is None:
+            return path, want
+        path.append(node)
+
+
+def accept_sampling(
+    draft: Draft, target_probs: torch.Tensor, generator: torch.Generator
+) -> tuple[list[int], int]:
+    """Lossless speculative sampling (Leviathan/Chen), generalised to trees by recursive rejection.
+
+    At each node, the children are tried in order: child c is accepted with probability
+    min(1, p(x_c) / q_c(x_c)); on rejection p becomes norm(max(p - q_c, 0)). When every child is rejected
+    (or there are none), the next token is drawn from what is left of p. A deterministic drafter has a
+    one-hot q. The output distribution equals the target's `target_probs`, whatever the drafter proposes.
+    """
+    children = draft.children()
+    path: list[int] = []
+    node = ROOT
+    while True:
+        p = target_probs[node + 1]
+        for child in children.get(node, ()):
+            x = draft.tokens[child]
+            q = _draft_distribution(draft, child, p)
+            accept_prob = (p[x] / q[x]).clamp(max=1.0) if q[x] > 0 else p.new_tensor(0.0)
+            if torch.rand((), generator=generator, device=p.device) < accept_prob:
+                path.append(child)
+                node = child
+                break
+            residual = (p - q).clamp(min=0)
+            # residual mass is zero only when p <= q everywhere, i.e. p == q; then x was accepted surely
+            p = residual / residual.sum() if residual.sum() > 0 else p
+        else:
+            return path, int(torch.multinomial(p, 1, generator=generator))
+
+
+def _draft_distribution(draft: Draft, node: int, like: torch.Tensor) -> torch.Tensor:
+    if draft.probs is not None:
+        q = draft.probs[node].to(like.device, torch.float32)
+        if q.shape[-1] < like.shape[-1]:  # drafter with fewer logits: the extra target ids get no draft mass
+            q = torch.nn.functional.pad(q, (0, like.shape[-1] - q.shape[-1]))
+        return q[: like.shape[-1]]
+    q = torch.zeros_like(like)
+    q[draft.tokens[node]] = 1.0
+    return q

