@@ -16,7 +16,7 @@ def char_tokenizer(extra_chars: str = "") -> PreTrainedTokenizerFast:
     """Character-level tokenizer: token id = index in SPECIALS + CHARS (+ extra_chars)."""
     vocab = {tok: i for i, tok in enumerate(SPECIALS + list(CHARS + extra_chars))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
 
@@ -49,3 +49,21 @@ def tiny_llama(
     model.generation_config.eos_token_id = eos_token_id
     model.generation_config.pad_token_id = 0
     return model
+
+
+def noisy_copy(model: LlamaForCausalLM, scale: float, seed: int = 0) -> LlamaForCausalLM:
+    """The same model with Gaussian noise on every weight: a drafter that agrees often but not always."""
+    import copy
+
+    torch.manual_seed(seed)
+    noisy = copy.deepcopy(model)
+    with torch.no_grad():
+        for param in noisy.parameters():
+            param.add_(torch.randn_like(param) * scale * param.std())
+    return noisy
+
+
+def hf_greedy(model: LlamaForCausalLM, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """The reference: the target alone, through transformers' own generate."""
+    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, len(prompt_ids):].tolist()

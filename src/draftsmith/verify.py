@@ -54,6 +54,7 @@ class TargetRunner:
         mask = tree_attention_mask(draft, self.length, self.model.dtype, self.model.device)
         return self._forward(ids, position_ids=positions, attention_mask=mask)
 
+    @torch.inference_mode()
     def commit(self, path: list[int]) -> None:
         """Keep the root and the accepted nodes (in path order); drop every other entry of the last step."""
         keep = [0] + [node + 1 for node in path]

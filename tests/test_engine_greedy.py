@@ -1,0 +1,131 @@
+"""Greedy speculative decoding must reproduce the target's own greedy output token for token (fp32)."""
+
+import pytest
+import torch
+
+from draftsmith.drafters.model import ModelDrafter
+from draftsmith.drafters.ngram import NgramDrafter
+from draftsmith.engine import GenerationConfig, SpecEngine
+from scripted_drafters import OracleDrafter, TreeOracleDrafter
+from tiny_models import char_tokenizer, hf_greedy, noisy_copy, tiny_llama
+
+PROMPTS = ["def add(a, b):\n    return a + b\n\ndef add(", "for i in range(10):\n    print(i)\n", "x", "abcabcabcabc"]
+NEW = 40
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return char_tokenizer()
+
+
+@pytest.fixture(scope="module", params=[1, 7])
+def target(request):
+    return tiny_llama(seed=request.param)
+
+
+def drafters(target):
+    return {
+        "ngram": lambda: NgramDrafter(min_n=1, max_n=3),
+        "model-unrelated": lambda: ModelDrafter(tiny_llama(seed=99)),
+        "model-noisy-self": lambda: ModelDrafter(noisy_copy(target, scale=0.3)),
+    }
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+@pytest.mark.parametrize("drafter_name", ["ngram", "model-unrelated", "model-noisy-self"])
+def test_greedy_matches_hf_generate(target, tok, drafter_name, k):
+    engine = SpecEngine(target, drafters(target)[drafter_name](), tok)
+    accepted_any = False
+    for prompt in PROMPTS:
+        ids = tok(prompt).input_ids
+        result = engine.generate(ids, GenerationConfig(max_new_tokens=NEW, k=k))
+        assert result.tokens == hf_greedy(target, ids, NEW), (drafter_name, k, prompt)
+        accepted_any |= result.stats.accepted > 0
+    if drafter_name == "model-noisy-self":  # this drafter must really exercise partial acceptance
+        assert accepted_any
+
+
+def test_plain_decoding_is_k0(target, tok):
+    ids = tok(PROMPTS[0]).input_ids
+    result = SpecEngine(target, None, tok).generate(ids, GenerationConfig(max_new_tokens=NEW, k=8))
+    assert result.tokens == hf_greedy(target, ids, NEW)
+    assert result.stats.target_steps == NEW and result.stats.tau == 1.0 and result.stats.proposed == 0
+
+
+@pytest.mark.parametrize("wrong_at", [set(), {0}, {2}, {0, 1, 2, 3, 4, 5, 6, 7}])
+def test_rollback_after_full_partial_and_no_acceptance(target, tok, wrong_at):
+    ids = tok(PROMPTS[1]).input_ids
+    reference = hf_greedy(target, ids, NEW)
+    drafter = OracleDrafter(reference, len(ids), wrong_at=wrong_at, vocab=target.config.vocab_size)
+    result = SpecEngine(target, drafter, tok).generate(ids, GenerationConfig(max_new_tokens=NEW, k=8))
+    assert result.tokens == reference
+    steps = result.stats.target_steps
+    if not wrong_at:  # every draft accepted: 9 tokens a step, the last step capped by the end
+        assert steps == -(-len(reference) // 9) and result.stats.acceptance_rate == 1.0
+    if wrong_at == {0}:  # nothing ever accepted: plain decoding speed, still exact
+        assert steps == len(reference) and result.stats.accepted == 0
+    if wrong_at == {2}:
+        assert result.stats.tau == pytest.approx(3.0, abs=0.5)
+
+
+def test_eos_inside_a_drafted_block(tok):
+    target = tiny_llama(seed=3)
+    ids = tok(PROMPTS[0]).input_ids
+    free_run = hf_greedy(target, ids, NEW)
+    eos = free_run[5]  # make a token the model emits early into EOS, so it falls inside a k=8 block
+    target.generation_config.eos_token_id = eos
+    reference = hf_greedy(target, ids, NEW)
+    assert reference[-1] == eos and len(reference) < 9
+    for drafter in (ModelDrafter(target), OracleDrafter(reference, len(ids), vocab=target.config.vocab_size)):
+        result = SpecEngine(target, drafter, tok).generate(ids, GenerationConfig(max_new_tokens=NEW, k=8))
+        assert result.tokens == reference and result.finish_reason == "eos"
+
+
+@pytest.mark.parametrize("max_new", [1, 2, 5, 10, 17])
+def test_max_new_tokens_inside_a_block_never_overshoots(target, tok, max_new):
+    ids = tok(PROMPTS[2]).input_ids
+    reference = hf_greedy(target, ids, max_new)
+    result = SpecEngine(target, ModelDrafter(target), tok).generate(ids, GenerationConfig(max_new_tokens=max_new, k=8))
+    assert result.tokens == reference and len(result.tokens) == max_new and result.finish_reason == "length"
+
+
+def test_tree_draft_verification_keeps_only_the_accepted_path(target, tok):
+    """Wrong siblings come first, so the accepted path's cache entries must be moved into place."""
+    ids = tok(PROMPTS[0]).input_ids
+    reference = hf_greedy(target, ids, NEW)
+    drafter = TreeOracleDrafter(reference, len(ids), vocab=target.config.vocab_size)
+    result = SpecEngine(target, drafter, tok).generate(ids, GenerationConfig(max_new_tokens=NEW, k=8))
+    assert result.tokens == reference
+    assert result.stats.tau > 4  # 4 levels accepted per step plus the bonus token
+
+
+def test_streaming_callback_and_stop_strings(tok):
+    target = tiny_llama(seed=1)
+    ids = tok("for i in range(3):").input_ids
+    full = tok.decode(hf_greedy(target, ids, NEW))
+    stop = full[10:12]  # a stop string the model will produce
+    pieces: list[str] = []
+    engine = SpecEngine(target, NgramDrafter(), tok)
+    result = engine.generate(ids, GenerationConfig(max_new_tokens=NEW, k=3, stop=[stop]), on_text=pieces.append)
+    cut = full.index(stop)
+    assert result.finish_reason == "stop"
+    assert result.text == full[:cut] == "".join(pieces)
+    assert tok.decode(result.tokens) == full[: cut + len(stop)]  # tokens end at the one completing the stop
+
+
+def test_streamed_text_equals_final_text_without_stops(target, tok):
+    pieces: list[str] = []
+    result = SpecEngine(target, NgramDrafter(), tok).generate_text(
+        PROMPTS[0], GenerationConfig(max_new_tokens=NEW, k=4), on_text=pieces.append
+    )
+    assert "".join(pieces) == result.text == tok.decode(result.tokens, skip_special_tokens=True)
+    assert len(pieces) > 1
+
+
+def test_ngram_drafter_copies_the_most_recent_continuation():
+    drafter = NgramDrafter(min_n=1, max_n=3)
+    context = [5, 6, 7, 8, 1, 5, 6, 9, 2, 5, 6]
+    assert drafter.propose(context, 3).tokens == [9, 2, 5]  # "5 6" last seen before "9 2 5"
+    context += [9, 2]
+    assert drafter.propose(context, 2).tokens == [5, 6]  # incremental update saw "6 9 2" -> "5 6"
+    assert drafter.propose([1, 2, 3], 4).tokens == []  # shorter context: a new request, nothing repeats
