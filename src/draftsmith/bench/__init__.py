@@ -1,0 +1,1 @@
+"""Benchmark pieces that do not depend on the engine: sandboxed execution, HumanEval, line completion, reports."""
