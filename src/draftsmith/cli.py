@@ -105,5 +105,10 @@ def main() -> None:
         raise
 
 
+from draftsmith.serve.cli import register as _register_serve  # noqa: E402
+
+_register_serve(app)
+
+
 if __name__ == "__main__":
     main()
