@@ -1,0 +1,76 @@
+"""The `distill` command. The main CLI adds it with `register(app)`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import torch
+import typer
+
+from draftsmith.errors import ConfigError
+
+
+def distill_command(
+    target: Annotated[str, typer.Option(help="Teacher: HF hub id, local folder, .gguf file or alias 'smollm2'.")]
+    = "smollm2",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the student, checkpoints and logs.")]
+    = Path("runs/student"),
+    corpus: Annotated[Optional[Path], typer.Option(help="Folder of source files or .jsonl; default: the "
+                                                        "Python standard library of this interpreter.")] = None,
+    heldout_percent: Annotated[float, typer.Option(help="Share of corpus files held out for evaluation.")] = 10.0,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 300,
+    batch_size: Annotated[int, typer.Option(help="Sequences per micro-batch (per GPU).")] = 8,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    seq_len: Annotated[int, typer.Option(help="Tokens per training sequence.")] = 128,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine decay to a tenth).")] = 2e-3,
+    warmup: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 30,
+    alpha: Annotated[float, typer.Option(help="Weight of CE on data; 1 - alpha goes to KL to the teacher.")] = 0.2,
+    temperature: Annotated[float, typer.Option(help="Softmax temperature of the KL term.")] = 1.0,
+    on_policy: Annotated[float, typer.Option(help="Fraction of sequences whose second half the teacher "
+                                                  "generates (KL only); 0 turns it off.")] = 0.0,
+    layers: Annotated[int, typer.Option(help="Student transformer layers.")] = 4,
+    hidden: Annotated[int, typer.Option(help="Student hidden size.")] = 256,
+    heads: Annotated[int, typer.Option(help="Student attention heads.")] = 4,
+    kv_heads: Annotated[int, typer.Option(help="Student key/value heads.")] = 2,
+    init_embeddings: Annotated[bool, typer.Option(help="Start the student's embeddings from the target's "
+                                                       "(projected onto their top principal directions).")] = True,
+    init_head: Annotated[bool, typer.Option(help="Start the student's output head from the target's.")] = True,
+    eval_every: Annotated[int, typer.Option(help="Held-out greedy-match evaluation every N steps.")] = 50,
+    checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 50,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its latest checkpoint.")] = False,
+    seed: int = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda (under `accelerate launch`, one GPU each).")]
+    = "auto",
+    mixed_precision: Annotated[str, typer.Option(help="auto (bf16/fp16 on GPU, none on CPU), no, bf16, fp16.")]
+    = "auto",
+    trust_remote_code: bool = False,
+) -> None:
+    """Train a small student LM to imitate the target, for use as a draft model."""
+    from draftsmith.models import load_model
+    from draftsmith.train.distill import DistillConfig, StudentConfig, distill
+    from draftsmith.train.trainer import TrainConfig
+
+    # every setting is checked before the (slow) target load
+    if corpus is not None and not corpus.exists():
+        raise ConfigError(f"corpus not found: {corpus} (give a folder of source files or a .jsonl file)")
+    student = StudentConfig(hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads)
+    config = DistillConfig(corpus=corpus, heldout_percent=heldout_percent, seq_len=seq_len, alpha=alpha,
+                           temperature=temperature, on_policy=on_policy, student=student,
+                           init_embeddings=init_embeddings, init_head=init_head)
+    train = TrainConfig(out_dir=out, max_steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+                        warmup_steps=warmup, device=device, mixed_precision=mixed_precision, seed=seed,
+                        eval_every=eval_every, checkpoint_every=checkpoint_every, resume=resume)
+    # the teacher only runs forward: bf16 halves its memory on GPU; fp32 on CPU, where bf16 is often slower.
+    # It is loaded on the CPU; the trainer puts it on each process's own GPU under `accelerate launch`.
+    bf16 = device != "cpu" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    loaded = load_model(target, device="cpu", dtype="bfloat16" if bf16 else "float32",
+                        trust_remote_code=trust_remote_code)
+    result = distill(loaded.model, loaded.tokenizer, config, train)
+    if result.eval:
+        typer.echo(f"student saved in {out}: held-out greedy match {result.eval['greedy_match']:.1%}, "
+                   f"perplexity {result.eval['ppl']:.2f}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("distill")(distill_command)

@@ -1,0 +1,346 @@
+"""Distilled student drafter (METHODS.md section 4): a small Llama trained to imitate the target.
+
+The student is a plain transformers LlamaForCausalLM with the target's vocabulary, saved with safetensors
+next to the target's tokenizer, so any engine can load it as a draft model. Loss per real token:
+
+    alpha * CE(student, data) + (1 - alpha) * T^2 * KL(softmax(teacher / T) || softmax(student / T))
+
+averaged over real (non-padding) tokens. The number to watch is the held-out greedy match rate: the
+fraction of positions where the student's argmax is the teacher's, i.e. greedy draft acceptance.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from draftsmith.data.corpus import CodeDocument, load_corpus
+from draftsmith.errors import ConfigError
+from draftsmith.train.trainer import Batch, Trainer, TrainConfig, TrainResult
+
+IGNORE = -100  # label of a position that has no data token to predict (padding, teacher-generated text)
+
+
+# ---- student --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StudentConfig:
+    """Defaults: ~3.5M transformer parameters on top of the (tied) embedding, sized so a run of a few
+    hundred steps fits in ~30 min on a 2-core CPU next to SmolLM2-135M, whose forward dominates the cost."""
+
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4  # head_dim 64, as in most Llamas
+    num_kv_heads: int = 2
+    intermediate_size: int | None = None  # default 3 * hidden_size
+    tie_embeddings: bool | None = None  # default: as the target
+    attention_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if min(self.hidden_size, self.num_layers, self.num_heads, self.num_kv_heads) < 1:
+            raise ConfigError("student hidden size, layers, heads and kv heads must all be at least 1")
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"student hidden size {self.hidden_size} must be a multiple of heads {self.num_heads}, "
+                f"and heads a multiple of kv heads {self.num_kv_heads}"
+            )
+
+
+def vocab_rows(model: PreTrainedModel) -> int:
+    """Number of logits the model emits (can exceed len(tokenizer): padded embedding matrices)."""
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def student_config(target: PreTrainedModel, spec: StudentConfig) -> LlamaConfig:
+    t = target.config
+    tie = spec.tie_embeddings if spec.tie_embeddings is not None else bool(getattr(t, "tie_word_embeddings", False))
+    return LlamaConfig(
+        vocab_size=vocab_rows(target),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size or 3 * spec.hidden_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        max_position_embeddings=getattr(t, "max_position_embeddings", 2048),
+        attention_dropout=spec.attention_dropout,
+        tie_word_embeddings=tie,
+        bos_token_id=getattr(t, "bos_token_id", None),
+        eos_token_id=getattr(t, "eos_token_id", None),
+        pad_token_id=getattr(t, "pad_token_id", None),
+    )
+
+
+def principal_basis(weight: torch.Tensor, width: int) -> torch.Tensor:
+    """[d, width] orthonormal columns: the top right-singular vectors of a [vocab, d] matrix.
+
+    Why this projection, not truncation or a random one: W @ B @ B.T is the best rank-`width`
+    approximation of W (Eckart-Young), so token-to-token similarities, which is what the embedding
+    encodes, survive as well as any linear map to `width` dims can keep them. Truncating to the first
+    dims assumes they matter most, which nothing in training makes true; a random orthogonal map keeps
+    only width/d of every direction. It is deterministic too (no seed). When the student is as wide or
+    wider, the basis is the identity, padded with zero columns."""
+    d = weight.shape[1]
+    if width >= d:
+        return torch.eye(d, width)
+    w = weight.detach().double().cpu()
+    _, vectors = torch.linalg.eigh(w.T @ w)  # eigenvalues ascending: the last columns matter most
+    return vectors[:, -width:].flip(1).float()
+
+
+@torch.no_grad()
+def build_student(
+    target: PreTrainedModel, spec: StudentConfig, init_embeddings: bool = True, init_head: bool = True
+) -> LlamaForCausalLM:
+    """A fresh fp32 student. The embedding and output head can start from the target's, projected to the
+    student's width with one shared basis, so inputs and outputs keep speaking the same coordinates."""
+    student = LlamaForCausalLM(student_config(target, spec))
+    t_in, t_out = target.get_input_embeddings().weight, target.get_output_embeddings().weight
+    if not (init_embeddings or init_head) or t_in.shape[0] != t_out.shape[0]:
+        return student
+    basis = principal_basis(t_in if init_embeddings else t_out, spec.hidden_size)
+    if init_embeddings:
+        student.get_input_embeddings().weight.copy_(t_in.detach().float().cpu() @ basis)
+    if init_head and not (student.config.tie_word_embeddings and init_embeddings):  # tied: head is the embedding
+        student.get_output_embeddings().weight.copy_(t_out.detach().float().cpu() @ basis)
+    return student
+
+
+# ---- data -----------------------------------------------------------------------------------------------
+
+
+class TokenChunks(Dataset):
+    """Documents tokenized, joined with EOS and cut into chunks of seq_len tokens (packing). Only the very
+    last chunk is padded; attention_mask says which tokens are real."""
+
+    def __init__(self, docs: list[CodeDocument], tokenizer: PreTrainedTokenizerBase, seq_len: int,
+                 max_chunks: int | None = None):
+        ids: list[int] = []
+        eos = tokenizer.eos_token_id
+        for doc in docs:
+            ids += tokenizer(doc.text, add_special_tokens=False, verbose=False)["input_ids"]
+            ids += [eos] if eos is not None else []
+            if max_chunks and len(ids) >= max_chunks * seq_len:
+                ids = ids[: max_chunks * seq_len]
+                break
+        if len(ids) < 2:
+            raise ConfigError("the corpus has no text to train on")
+        n = math.ceil(len(ids) / seq_len)
+        self.input_ids = torch.full((n * seq_len,), pad_id(tokenizer), dtype=torch.long)
+        self.input_ids[: len(ids)] = torch.tensor(ids)
+        self.attention_mask = (torch.arange(n * seq_len) < len(ids)).long()
+        self.input_ids, self.attention_mask = self.input_ids.view(n, seq_len), self.attention_mask.view(n, seq_len)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def __getitem__(self, i: int) -> Batch:
+        return {"input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i]}
+
+
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """Any id works (masks, not ids, mark padding); pad, else EOS, else 0."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return candidate
+    return 0
+
+
+def shuffled(docs: list[CodeDocument], seed: int) -> list[CodeDocument]:
+    """Seeded order, so a token budget samples the whole corpus rather than its first folders."""
+    docs = list(docs)
+    random.Random(seed).shuffle(docs)
+    return docs
+
+
+# ---- loss -----------------------------------------------------------------------------------------------
+
+
+def distill_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    alpha: float,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(total, ce, kl) averaged over real tokens.
+
+    Shapes: logits [B, T, V] at the positions that predict `labels` [B, T]; mask [B, T] is 1 on real
+    positions. KL is averaged over every real position; CE over the real positions that have a data label
+    (labels == IGNORE marks text the teacher generated: there the data says nothing, the teacher does).
+    """
+    mask = mask.bool()
+    s, t = student_logits.float(), teacher_logits.float()
+    has_label = mask & (labels != IGNORE)
+    ce_tok = F.cross_entropy(s.flatten(0, 1), labels.masked_fill(~has_label, IGNORE).flatten(), reduction="none")
+    ce = ce_tok.sum() / has_label.sum().clamp(min=1)
+    log_p_t = F.log_softmax(t / temperature, dim=-1)
+    log_p_s = F.log_softmax(s / temperature, dim=-1)
+    kl_tok = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+    kl = (kl_tok * mask).sum() / mask.sum().clamp(min=1)
+    total = alpha * ce + (1 - alpha) * temperature**2 * kl
+    return total, ce, kl
+
+
+@dataclass
+class DistillLoss:
+    """loss_fn for the trainer: teacher and student read the same tokens; position t predicts t + 1."""
+
+    teacher: PreTrainedModel
+    alpha: float
+    temperature: float
+    on_policy: float = 0.0  # fraction of each batch's sequences whose second half the teacher writes
+    pad_id: int = 0
+
+    def __call__(self, student: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        ids, attn = batch["input_ids"], batch["attention_mask"]
+        labels = ids[:, 1:].masked_fill(attn[:, 1:] == 0, IGNORE)
+        if self.on_policy > 0:
+            ids, attn, labels = self.teacher_continuations(ids, attn, labels)
+        with torch.no_grad():
+            teacher_logits = self.teacher(input_ids=ids, attention_mask=attn).logits
+        student_logits = student(input_ids=ids, attention_mask=attn).logits
+        mask = attn[:, 1:] * attn[:, :-1]
+        total, ce, kl = distill_loss(student_logits[:, :-1], teacher_logits[:, :-1], labels, mask,
+                                     self.alpha, self.temperature)
+        return total, {"ce": ce.detach(), "kl": kl.detach()}
+
+    @torch.no_grad()
+    def teacher_continuations(self, ids, attn, labels):
+        """On-policy data: the first half of some sequences is kept, the teacher samples the rest (T = 1,
+        its own distribution, which is what a drafter meets at inference). Generated tokens get KL only."""
+        seq_len = ids.shape[1]
+        prompt = seq_len // 2
+        full = attn[:, :prompt].all(dim=1).nonzero().flatten()
+        rows = full[: round(self.on_policy * ids.shape[0])]
+        if len(rows) == 0 or prompt == 0:
+            return ids, attn, labels
+        out = self.teacher.generate(
+            input_ids=ids[rows, :prompt], attention_mask=attn[rows, :prompt], max_new_tokens=seq_len - prompt,
+            min_new_tokens=1, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=self.pad_id,
+        )[:, prompt:]
+        new = torch.full((len(rows), seq_len - prompt), self.pad_id, dtype=ids.dtype, device=ids.device)
+        new[:, : out.shape[1]] = out
+        # generation stops at EOS; what follows it is padding (the EOS itself is a real token)
+        eos = self.teacher.generation_config.eos_token_id
+        is_eos = torch.isin(new, torch.tensor([eos] if isinstance(eos, int) else (eos or []), device=ids.device))
+        eos_before = is_eos.long().cumsum(dim=1) - is_eos.long()
+        real = (eos_before == 0) & (torch.arange(new.shape[1], device=ids.device) < out.shape[1])
+        ids, attn, labels = ids.clone(), attn.clone(), labels.clone()
+        ids[rows, prompt:], attn[rows, prompt:] = new, real.to(attn.dtype)
+        labels[rows, prompt - 1 :] = IGNORE
+        return ids, attn, labels
+
+
+# ---- evaluation -----------------------------------------------------------------------------------------
+
+
+class HeldoutEval:
+    """Teacher-forced greedy match on held-out chunks: the fraction of real positions where the student's
+    argmax equals the teacher's, an estimate of greedy draft acceptance. Also CE and perplexity on the
+    data. The teacher's argmax is computed once, on first use (only the main process evaluates)."""
+
+    def __init__(self, teacher: PreTrainedModel, data: TokenChunks, batch_size: int):
+        self.teacher, self.data, self.batch_size = teacher, data, batch_size
+        self.teacher_argmax: list[torch.Tensor] | None = None
+
+    def batches(self, device: torch.device):
+        for i in range(0, len(self.data), self.batch_size):
+            ids = self.data.input_ids[i : i + self.batch_size].to(device)
+            yield ids, self.data.attention_mask[i : i + self.batch_size].to(device)
+
+    @torch.no_grad()
+    def __call__(self, student: nn.Module) -> dict[str, float]:
+        device = next(student.parameters()).device
+        if self.teacher_argmax is None:
+            self.teacher_argmax = [self.teacher(input_ids=ids, attention_mask=attn).logits[:, :-1].argmax(-1)
+                                   for ids, attn in self.batches(device)]
+        matches = ce_sum = n = 0.0
+        for (ids, attn), teacher_argmax in zip(self.batches(device), self.teacher_argmax):
+            logits = student(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+            real = (attn[:, 1:] * attn[:, :-1]).bool()
+            matches += ((logits.argmax(-1) == teacher_argmax) & real).sum().item()
+            ce_sum += F.cross_entropy(logits[real], ids[:, 1:][real], reduction="sum").item()
+            n += real.sum().item()
+        ce = ce_sum / max(n, 1)
+        return {"greedy_match": matches / max(n, 1), "ce": ce, "ppl": math.exp(min(ce, 50.0))}
+
+
+# ---- the recipe -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class DistillConfig:
+    corpus: str | Path | None = None  # folder or .jsonl; None: this interpreter's standard library
+    heldout_percent: float = 10.0
+    seq_len: int = 128
+    eval_chunks: int = 32  # held-out sequences of seq_len tokens
+    alpha: float = 0.2  # mostly KL: acceptance rewards matching the teacher, CE on data only regularises
+    temperature: float = 1.0  # acceptance is decided at the teacher's own temperature
+    on_policy: float = 0.0
+    student: StudentConfig = field(default_factory=StudentConfig)
+    init_embeddings: bool = True
+    init_head: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.alpha <= 1:
+            raise ConfigError(f"alpha weighs CE against KL and must be in [0, 1], got {self.alpha}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ConfigError(f"temperature must be a positive number, got {self.temperature}")
+        if not 0 <= self.on_policy <= 1:
+            raise ConfigError(f"on_policy is a fraction of each batch and must be in [0, 1], got {self.on_policy}")
+        if self.seq_len < 2 or (self.on_policy > 0 and self.seq_len < 4):
+            raise ConfigError(f"seq_len {self.seq_len} is too short (at least 2, and 4 with on-policy data)")
+        if self.eval_chunks < 1:
+            raise ConfigError(f"eval_chunks must be at least 1, got {self.eval_chunks}")
+        if not 0 < self.heldout_percent < 100:
+            raise ConfigError(f"heldout_percent must be between 0 and 100, got {self.heldout_percent}")
+
+
+def distill(
+    teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: DistillConfig, train: TrainConfig
+) -> TrainResult:
+    """Train a student on `config.corpus` and save it in `train.out_dir` (loadable with from_pretrained)."""
+    trainer = Trainer(train)  # first: it seeds the RNGs the student is initialised from
+    student = build_student(teacher, config.student, config.init_embeddings, config.init_head)
+    teacher = teacher.to(trainer.device).eval().requires_grad_(False)
+
+    # one epoch of training text is exactly what the run consumes; tokenizing more would be wasted
+    budget = train.max_steps * train.grad_accum * train.batch_size * trainer.accelerator.num_processes
+    split = dict(source=config.corpus, heldout_percent=config.heldout_percent)
+    train_docs = shuffled(load_corpus(split="train", **split), train.seed)
+    heldout_docs = shuffled(load_corpus(split="heldout", **split), train.seed)
+    train_data = TokenChunks(train_docs, tokenizer, config.seq_len, max_chunks=budget)
+    heldout = TokenChunks(heldout_docs, tokenizer, config.seq_len, max_chunks=config.eval_chunks)
+
+    loss_fn = DistillLoss(teacher, config.alpha, config.temperature, config.on_policy, pad_id(tokenizer))
+    result = trainer.fit(student, train_data, loss_fn, HeldoutEval(teacher, heldout, train.batch_size))
+
+    if trainer.is_main_process:
+        save_student(student, tokenizer, teacher, train.out_dir)
+        summary = {"step": result.step, "train": result.metrics, "heldout": result.eval,
+                   "distill": asdict(config), "trainer": asdict(train)}
+        (train.out_dir / "distill.json").write_text(json.dumps(summary, indent=2, default=str))
+    trainer.accelerator.wait_for_everyone()
+    return result
+
+
+def save_student(student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, teacher: PreTrainedModel,
+                 out_dir: Path) -> None:
+    """A from_pretrained folder: config, safetensors weights, generation config and the target's tokenizer."""
+    gen = teacher.generation_config
+    student.generation_config.eos_token_id = gen.eos_token_id
+    student.generation_config.pad_token_id = gen.pad_token_id
+    student.generation_config.bos_token_id = gen.bos_token_id
+    student.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)

@@ -1,0 +1,199 @@
+"""Distilled student: loss, padding, resume, saved folder, and settings checks, on tiny CPU models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import typer
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from typer.testing import CliRunner
+
+from draftsmith.data.corpus import load_corpus
+from draftsmith.errors import ConfigError
+from draftsmith.train.cli import register
+from draftsmith.train.distill import (DistillConfig, DistillLoss, StudentConfig, TokenChunks, build_student,
+                                      distill, distill_loss, principal_basis)
+from draftsmith.train.trainer import Trainer, TrainConfig, list_checkpoints
+from tiny_models import char_tokenizer, tiny_llama
+
+TINY_STUDENT = StudentConfig(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # models this small run ~1000x faster on one thread than with OpenMP threads fighting over shared cores
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    for i in range(24):
+        body = "\n".join(f"    x{j} = x{j - 1} + {i * j % 7}" for j in range(1, 12))
+        (root / f"mod_{i}.py").write_text(f"def f{i}(x0):\n{body}\n    return x11\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return tiny_llama(seed=0, init_std=0.5).requires_grad_(False)
+
+
+def chunks(corpus, max_chunks=None):
+    return TokenChunks(load_corpus(corpus, split="train", heldout_percent=25), char_tokenizer(), 32, max_chunks)
+
+
+def losses(loss_fn: DistillLoss, student, batch) -> torch.Tensor:
+    """(total, ce, kl) of one batch."""
+    total, metrics = loss_fn(student, batch)
+    return torch.stack([total, metrics["ce"], metrics["kl"]])
+
+
+def train_config(out_dir, **overrides) -> TrainConfig:
+    settings = dict(out_dir=out_dir, max_steps=30, batch_size=4, lr=1e-2, warmup_steps=3, log_every=10,
+                    eval_every=0, checkpoint_every=0, progress=False, device="cpu")
+    return TrainConfig(**{**settings, **overrides})
+
+
+def test_training_reduces_loss(corpus, teacher, tmp_path):
+    data = chunks(corpus)
+    trainer = Trainer(train_config(tmp_path))
+    student = build_student(teacher, TINY_STUDENT)
+    loss_fn = DistillLoss(teacher, alpha=0.5, temperature=1.0)
+    everything = {"input_ids": data.input_ids, "attention_mask": data.attention_mask}
+    with torch.no_grad():
+        before, _ = loss_fn(student.eval(), everything)
+    result = trainer.fit(student, data, loss_fn)
+    with torch.no_grad():
+        after, _ = loss_fn(student.eval(), everything)
+    assert result.step == 30
+    assert after < 0.8 * before, (float(before), float(after))
+    assert set(result.metrics) >= {"loss", "ce", "kl", "ppl", "lr"}
+
+
+def test_kl_is_zero_when_student_equals_teacher(corpus, teacher):
+    batch = chunks(corpus)[0:4]
+    for temperature in (1.0, 2.0):
+        total, ce, kl = losses(DistillLoss(teacher, alpha=0.3, temperature=temperature), copy.deepcopy(teacher), batch)
+        assert abs(float(kl)) < 1e-6
+        assert torch.isclose(total, 0.3 * ce, atol=1e-5)
+    _, _, kl_other = losses(DistillLoss(teacher, alpha=0.3, temperature=1.0), tiny_llama(seed=1, init_std=0.5), batch)
+    assert kl_other > 0.1  # the check above is not vacuous
+
+
+def test_padding_does_not_affect_loss(teacher):
+    student = tiny_llama(seed=2, hidden_size=16, num_layers=1, init_std=0.5)
+    loss_fn = DistillLoss(teacher, alpha=0.5, temperature=2.0)
+    torch.manual_seed(0)
+    a, b = torch.randint(2, 102, (20,)), torch.randint(2, 102, (9,))
+
+    def padded(rows: list[torch.Tensor], length: int, pad: int) -> dict[str, torch.Tensor]:
+        ids = torch.full((len(rows), length), pad)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)], mask[i, : len(row)] = row, 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    alone = [losses(loss_fn, student, padded([r], len(r), 0)) for r in (a, b)]
+    # the pad id and the amount of padding change nothing
+    for length, pad in ((20, 0), (32, 57), (40, 1)):
+        together = losses(loss_fn, student, padded([a, b], length, pad))
+        # averaged over real tokens: a batch is the token-weighted mean of its sequences (19 and 8 targets)
+        assert torch.allclose(together, (19 * alone[0] + 8 * alone[1]) / 27, atol=1e-5)
+
+    # the loss function itself ignores whatever logits and labels sit at masked positions
+    s, t = torch.randn(2, 6, 10), torch.randn(2, 6, 10)
+    labels, mask = torch.randint(0, 10, (2, 6)), torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]])
+    reference = torch.stack(distill_loss(s, t, labels, mask, 0.5, 2.0))
+    s2, t2, labels2 = s.clone(), t.clone(), labels.clone()
+    s2[mask == 0], t2[mask == 0], labels2[mask == 0] = 1e4, -1e4, 3
+    assert torch.allclose(torch.stack(distill_loss(s2, t2, labels2, mask, 0.5, 2.0)), reference)
+
+
+class PowerCut(Exception):
+    pass
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(corpus, teacher, tmp_path):
+    data = chunks(corpus, max_chunks=10)  # 5 batches an epoch: the run crosses epochs
+    # dropout and on-policy sampling make the result depend on the RNG state, not only on weights and data
+    spec = StudentConfig(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, attention_dropout=0.2)
+    loss_fn = DistillLoss(teacher, alpha=0.5, temperature=1.0, on_policy=0.5)
+    settings = dict(max_steps=8, batch_size=2, grad_accum=2, checkpoint_every=3, warmup_steps=2)
+
+    def run(out_dir, resume=False, crash_at_call=None):
+        trainer = Trainer(train_config(out_dir, resume=resume, **settings))
+        student = build_student(teacher, spec)
+        calls = 0
+
+        def maybe_crash(model, batch):
+            nonlocal calls
+            calls += 1
+            if calls == crash_at_call:
+                raise PowerCut
+            return loss_fn(model, batch)
+
+        trainer.fit(student, data, maybe_crash)
+        return student
+
+    reference = run(tmp_path / "straight").state_dict()
+    with pytest.raises(PowerCut):
+        run(tmp_path / "cut", crash_at_call=2 * 4 + 2)  # in step 5, after the step-3 checkpoint
+    assert [p.name for p in list_checkpoints(tmp_path / "cut" / "checkpoints")] == ["step-0000003"]
+    resumed = run(tmp_path / "cut", resume=True).state_dict()
+    for name, weight in reference.items():
+        assert torch.equal(weight, resumed[name]), name
+
+
+def test_saved_student_loads_with_from_pretrained(corpus, teacher, tmp_path):
+    out = tmp_path / "student"
+    config = DistillConfig(corpus=corpus, heldout_percent=25, seq_len=32, eval_chunks=4, student=TINY_STUDENT)
+    result = distill(teacher, char_tokenizer(), config, train_config(out, max_steps=4))
+    assert 0 <= result.eval["greedy_match"] <= 1
+
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert (out / "model.safetensors").is_file()
+    assert loaded.config.vocab_size == teacher.config.vocab_size
+    assert loaded.config.num_hidden_layers == 1 and loaded.config.hidden_size == 16
+    assert AutoTokenizer.from_pretrained(out).get_vocab() == char_tokenizer().get_vocab()
+    # the saved weights are the trained ones (those of the final checkpoint)
+    final = load_file(list_checkpoints(out / "checkpoints")[-1] / "trainable.safetensors")
+    for name, weight in final.items():
+        assert torch.equal(loaded.state_dict()[name], weight), name
+    logits = loaded(input_ids=torch.tensor([[5, 6, 7]])).logits
+    assert logits.shape == (1, 3, teacher.config.vocab_size)
+
+
+def test_embedding_init_keeps_the_most_of_the_target():
+    target = tiny_llama(hidden_size=32, init_std=0.5)
+    embedding = target.get_input_embeddings().weight
+    student = build_student(target, StudentConfig(hidden_size=8, num_heads=2, num_kv_heads=1))
+    projected = student.get_input_embeddings().weight
+    basis = principal_basis(embedding, 8)
+    assert torch.allclose(basis.T @ basis, torch.eye(8), atol=1e-5)
+    assert torch.allclose(projected, embedding @ basis)
+    # top principal directions keep more of the matrix than any other 8 coordinates, e.g. the first 8
+    assert projected.norm() > embedding[:, :8].norm()
+    assert torch.allclose(student.get_output_embeddings().weight, target.get_output_embeddings().weight @ basis)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--alpha", "1.5"], "alpha"),
+    (["--temperature", "0"], "temperature"),
+    (["--steps", "0"], "max_steps"),
+    (["--hidden", "30", "--heads", "4"], "multiple"),
+    (["--corpus", "/nonexistent/code"], "corpus not found"),
+])
+def test_bad_settings_raise_config_error(flags, message):
+    app = typer.Typer()
+    app.callback()(lambda: None)  # keep `distill` a subcommand
+    register(app)
+    result = CliRunner().invoke(app, ["distill", *flags])
+    assert isinstance(result.exception, ConfigError), result.output
+    assert message in str(result.exception)
