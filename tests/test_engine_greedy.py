@@ -31,10 +31,11 @@ def drafters(target):
     }
 
 
+@pytest.mark.parametrize("lean", [True, False], ids=["lean-backend", "hf-backend"])
 @pytest.mark.parametrize("k", [1, 3, 8])
 @pytest.mark.parametrize("drafter_name", ["ngram", "model-unrelated", "model-noisy-self"])
-def test_greedy_matches_hf_generate(target, tok, drafter_name, k):
-    engine = SpecEngine(target, drafters(target)[drafter_name](), tok)
+def test_greedy_matches_hf_generate(target, tok, drafter_name, k, lean):
+    engine = SpecEngine(target, drafters(target)[drafter_name](), tok, lean=lean)
     accepted_any = False
     for prompt in PROMPTS:
         ids = tok(prompt).input_ids
@@ -89,12 +90,13 @@ def test_max_new_tokens_inside_a_block_never_overshoots(target, tok, max_new):
     assert result.tokens == reference and len(result.tokens) == max_new and result.finish_reason == "length"
 
 
-def test_tree_draft_verification_keeps_only_the_accepted_path(target, tok):
+@pytest.mark.parametrize("lean", [True, False], ids=["lean-backend", "hf-backend"])
+def test_tree_draft_verification_keeps_only_the_accepted_path(target, tok, lean):
     """Wrong siblings come first, so the accepted path's cache entries must be moved into place."""
     ids = tok(PROMPTS[0]).input_ids
     reference = hf_greedy(target, ids, NEW)
     drafter = TreeOracleDrafter(reference, len(ids), vocab=target.config.vocab_size)
-    result = SpecEngine(target, drafter, tok).generate(ids, GenerationConfig(max_new_tokens=NEW, k=8))
+    result = SpecEngine(target, drafter, tok, lean=lean).generate(ids, GenerationConfig(max_new_tokens=NEW, k=8))
     assert result.tokens == reference
     assert result.stats.tau > 4  # 4 levels accepted per step plus the bonus token
 
@@ -120,6 +122,17 @@ def test_streamed_text_equals_final_text_without_stops(target, tok):
     )
     assert "".join(pieces) == result.text == tok.decode(result.tokens, skip_special_tokens=True)
     assert len(pieces) > 1
+
+
+def test_lean_backend_serves_llama_family_and_falls_back_otherwise(target):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from draftsmith.cached_lm import HFCachedLM, LeanLlama, cached_lm
+
+    assert isinstance(cached_lm(target), LeanLlama)
+    gemma = Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                               num_attention_heads=2, num_key_value_heads=1, head_dim=16))
+    assert isinstance(cached_lm(gemma), HFCachedLM)  # sliding windows, q/k norms: transformers' own forward
 
 
 def test_ngram_drafter_copies_the_most_recent_continuation():

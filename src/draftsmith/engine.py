@@ -77,9 +77,10 @@ class SpecEngine:
         model: PreTrainedModel,
         drafter: Drafter | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
+        lean: bool = True,  # our own Llama-family forward over a static cache; False: transformers' forward
     ):
         self.model, self.drafter, self.tokenizer = model, drafter, tokenizer
-        self.runner = TargetRunner(model)
+        self.runner = TargetRunner(model, lean=lean)
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.max_context = getattr(model.config, "max_position_embeddings", None)
 
@@ -100,7 +101,7 @@ class SpecEngine:
         stream = TextStream(self.tokenizer, config.stop, on_text) if self.tokenizer is not None else None
         stats = Stats(prompt_tokens=len(prompt_ids))
         start = time.perf_counter()
-        self.runner.prefill(prompt_ids)
+        self.runner.prefill(prompt_ids, capacity=len(prompt_ids) + config.max_new_tokens + config.k + 1)
         if self.drafter is not None:
             self.drafter.reset(prompt_ids, sampling, generator)
         stats.prefill_s = time.perf_counter() - start

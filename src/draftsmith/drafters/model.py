@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
 from draftsmith.acceptance import SamplingConfig, processed_probs
+from draftsmith.cached_lm import cached_lm
 from draftsmith.draft import Draft
 
 
@@ -16,13 +17,14 @@ class ModelDrafter:
         self.model = model
         self.sampling = SamplingConfig()
         self.generator: torch.Generator | None = None
-        self.cache = DynamicCache(config=model.config)
+        self.lm = cached_lm(model)
         self.cached: list[int] = []  # the tokens whose keys/values are in self.cache
         self.synced = 0  # length of the last context seen: those tokens are committed, never re-checked
 
     def reset(self, prompt_ids: list[int], sampling: SamplingConfig, generator: torch.Generator) -> None:
         self.sampling, self.generator = sampling, generator
-        self.cache, self.cached, self.synced = DynamicCache(config=self.model.config), [], 0
+        self.lm.reset(len(prompt_ids) + 256)
+        self.cached, self.synced = [], 0
 
     @torch.inference_mode()
     def propose(self, context: list[int], k: int) -> Draft:
@@ -32,7 +34,7 @@ class ModelDrafter:
         # keeping at least one token to feed so that there are logits to draft from
         keep = min(_common_prefix(self.cached, context, start=self.synced), len(context) - 1)
         self.synced = len(context)
-        self.cache.crop(-(len(self.cached) - keep))
+        self.lm.truncate(keep)
         self.cached = self.cached[:keep]
         feed = context[keep:]
         tokens, probs = [], []
@@ -49,11 +51,8 @@ class ModelDrafter:
         return Draft(tokens=tokens, probs=torch.stack(probs) if probs else None)
 
     def _forward(self, ids: list[int]) -> torch.Tensor:
-        out = self.model(
-            input_ids=torch.tensor([ids], device=self.model.device), past_key_values=self.cache, use_cache=True
-        )
         self.cached.extend(ids)
-        return out.logits[0, -1].float()
+        return self.lm.forward(ids, last_only=True)[-1]
 
 
 def _common_prefix(a: list[int], b: list[int], start: int = 0) -> int:
