@@ -10,6 +10,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from draftsmith.acceptance import SamplingConfig, accept_greedy, accept_sampling, processed_probs
+from draftsmith.adaptive import DraftLength
 from draftsmith.draft import Draft
 from draftsmith.drafters import Drafter
 from draftsmith.errors import ConfigError
@@ -25,6 +26,7 @@ class GenerationConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     stop: list[str] = field(default_factory=list)  # stop strings (need a tokenizer)
     stop_on_eos: bool = True
+    adaptive: bool = False  # choose each step's draft length (at most k) from measured costs and acceptance
 
     def __post_init__(self) -> None:
         if self.k < 0:
@@ -83,6 +85,13 @@ class SpecEngine:
         self.runner = TargetRunner(model, lean=lean)
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.max_context = getattr(model.config, "max_position_embeddings", None)
+        self.draft_length: DraftLength | None = None  # adaptive state, kept across requests
+
+    def adaptive_length(self, max_k: int) -> DraftLength:
+        if self.draft_length is None:
+            self.draft_length = DraftLength(self.runner.costs(), max_k)
+        self.draft_length.max_k = max_k
+        return self.draft_length
 
     def generate_text(self, prompt: str, config: GenerationConfig, on_text: Callable[[str], None] | None = None):
         if not prompt:
@@ -96,6 +105,7 @@ class SpecEngine:
     ) -> GenerationResult:
         self._check(prompt_ids, config)
         sampling = config.sampling
+        adaptive = self.adaptive_length(config.k) if config.adaptive and self.drafter is not None else None
         generator = torch.Generator(device=self.model.device)
         generator.manual_seed(sampling.seed if sampling.seed is not None else int(torch.randint(2**62, ())))
         stream = TextStream(self.tokenizer, config.stop, on_text) if self.tokenizer is not None else None
@@ -109,7 +119,8 @@ class SpecEngine:
         context, new = list(prompt_ids), []
         finish = None
         while finish is None:
-            k = min(config.k, config.max_new_tokens - len(new) - 1) if self.drafter is not None else 0
+            budget = min(config.k, config.max_new_tokens - len(new) - 1) if self.drafter is not None else 0
+            k = adaptive.next_k(budget) if adaptive is not None else budget
             t0 = time.perf_counter()
             draft = self.drafter.propose(context, k) if k > 0 else Draft()
             t1 = time.perf_counter()
@@ -124,6 +135,8 @@ class SpecEngine:
             stats.target_steps += 1
             stats.proposed += max(draft.depths(), default=0)
             stats.accepted += len(path)
+            if adaptive is not None:
+                adaptive.update(len(draft), len(path), t1 - t0)
 
             step_tokens = [draft.tokens[i] for i in path] + [next_token]
             step_tokens, finish = self._cut(step_tokens, config, len(new))

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from draftsmith.cached_lm import cached_lm
+from draftsmith.adaptive import CostCurve, calibrated_costs
+from draftsmith.cached_lm import LeanLlama, cached_lm
 from draftsmith.draft import ROOT, Draft
 
 
@@ -55,3 +56,8 @@ class TargetRunner:
         keep = [0] + [node + 1 for node in path]
         self.lm.keep(self.length, keep)
         self.length += len(keep)
+
+    def costs(self) -> CostCurve:
+        """This target's forward cost by number of tokens fed (measured once per machine, then cached)."""
+        backend = "lean" if isinstance(self.lm, LeanLlama) else "hf"
+        return calibrated_costs(self.model, self.lm, backend)
