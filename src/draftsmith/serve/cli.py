@@ -20,6 +20,7 @@ def serve_command(
     queue_size: Annotated[int, typer.Option(help="Requests that may wait for the engine; more get 429.")] = 64,
     model_name: Annotated[Optional[str], typer.Option(help="Name clients use in 'model' (default: --target).")]
     = None,
+    ngram_max: Annotated[int, typer.Option(help="Longest n-gram the ngram drafter looks up.")] = 4,
     trust_remote_code: bool = False,
 ) -> None:
     """Serve the OpenAI completions and chat API with speculative decoding (one request at a time)."""
@@ -29,7 +30,7 @@ def serve_command(
     from draftsmith.serve.app import create_app
 
     loaded = load_model(target, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    app = create_app(loaded, drafter, k=k, model_name=model_name or target, queue_size=queue_size)
+    app = create_app(loaded, drafter, k=k, model_name=model_name or target, queue_size=queue_size, max_n=ngram_max)
     uvicorn.run(app, host=host, port=port, log_level="info")
 
 

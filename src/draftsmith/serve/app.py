@@ -1,0 +1,283 @@
+"""The OpenAI-compatible HTTP app: completions, chat, models, health and Prometheus metrics.
+
+Handlers validate everything up front (so that a bad request gets a 4xx, never a broken stream), queue a
+job for the engine worker, then either collect its text or stream it as server-sent events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from jinja2 import TemplateError
+from starlette.exceptions import HTTPException
+
+from draftsmith.acceptance import SamplingConfig
+from draftsmith.drafters import build_drafter
+from draftsmith.engine import GenerationConfig, SpecEngine
+from draftsmith.errors import DraftsmithError
+from draftsmith.models import LoadedModel
+from draftsmith.serve.metrics import Metrics
+from draftsmith.serve.schemas import (ChatRequest, ChatShape, CompletionRequest, CompletionShape,
+                                      GenerationRequest, Shape)
+from draftsmith.serve.worker import Cancelled, EngineWorker, Job, QueueFull, Unavailable
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the room left
+UNKNOWN_CONTEXT_MAX_TOKENS = 1024  # chat's default when the model does not say its context length
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+
+def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+@asynccontextmanager
+async def cancel_on_disconnect(request: Request, job: Job) -> AsyncIterator[None]:
+    """Cancel the job as soon as the client disconnects, and in any case when the handler is done with it."""
+
+    async def watch() -> None:
+        # the body is already read, so receive() now waits for the disconnect
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        job.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        yield
+    finally:
+        watcher.cancel()
+        job.cancel()  # a no-op for a finished job; frees the slot of one nobody waits for any more
+
+
+class Server:
+    """The engine behind the routes: turns requests into validated jobs and jobs into responses."""
+
+    def __init__(self, loaded: LoadedModel, drafter_spec: str, k: int, model_name: str, queue_size: int,
+                 **drafter_options):
+        GenerationConfig(k=k)  # refuse a bad k at start-up rather than at the first request
+        self.loaded, self.k, self.model_name = loaded, k, model_name
+        self.engine = SpecEngine(loaded.model, build_drafter(drafter_spec, loaded, **drafter_options),
+                                 loaded.tokenizer)
+        self.metrics = Metrics()
+        self.worker = EngineWorker(self.engine, queue_size, self.metrics)
+        self.created = int(time.time())
+
+    # -- requests -> jobs
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise ApiError(404, f"The model '{name}' does not exist: this server serves "
+                                f"'{self.model_name}'", param="model", code="model_not_found")
+
+    def completion_ids(self, body: CompletionRequest) -> list[int]:
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise ApiError(400, "give one prompt per request (batches of prompts are not supported)",
+                               param="prompt")
+            prompt = prompt[0]
+        if not prompt:
+            raise ApiError(400, "the prompt is empty", param="prompt")
+        if isinstance(prompt, str):
+            return self.loaded.encode(prompt)
+        vocab = self.loaded.model.get_input_embeddings().num_embeddings
+        if any(not 0 <= t < vocab for t in prompt):
+            raise ApiError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+        return prompt
+
+    def chat_ids(self, body: ChatRequest) -> list[int]:
+        tokenizer = self.loaded.tokenizer
+        if not tokenizer.chat_template:
+            raise ApiError(400, f"the model '{self.model_name}' has no chat template: use /v1/completions",
+                           param="messages")
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except TemplateError as e:  # templates raise on messages they refuse (roles out of order, ...)
+            raise ApiError(400, f"the chat template refused the messages: {e}", param="messages") from None
+        return self.loaded.encode(text)
+
+    def config(self, body: GenerationRequest, prompt_ids: list[int], max_tokens: int | None,
+               default_max_tokens: int | None) -> GenerationConfig:
+        context = self.engine.max_context
+        room = context - len(prompt_ids) if context else None
+        if room is not None and room < 1:
+            raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens and fills the model's context of "
+                                f"{context} tokens", code="context_length_exceeded")
+        max_tokens = max_tokens or default_max_tokens or room or UNKNOWN_CONTEXT_MAX_TOKENS
+        if room is not None and max_tokens > room:
+            raise ApiError(400, f"max_tokens is {max_tokens} but the model's context of {context} tokens leaves "
+                                f"{room} after the prompt's {len(prompt_ids)}", param="max_tokens",
+                           code="context_length_exceeded")
+        sampling = SamplingConfig(
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_k=body.top_k or 0,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            seed=body.seed,
+        )
+        return GenerationConfig(max_new_tokens=max_tokens, k=self.k, sampling=sampling, stop=body.stop_strings)
+
+    # -- jobs -> responses
+
+    async def respond(self, request: Request, body: GenerationRequest, job: Job, shape: Shape) -> Response:
+        try:
+            self.worker.submit(job)
+        except QueueFull as e:
+            self.metrics.count("rejected")
+            raise ApiError(429, f"the server is busy ({e}); retry shortly", kind="rate_limit_error",
+                           code="queue_full") from None
+        except Unavailable as e:
+            raise ApiError(503, str(e), kind="server_error") from None
+        if body.stream:
+            return StreamingResponse(self.events(request, job, shape, body.include_usage),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        async with cancel_on_disconnect(request, job):
+            async for _ in job.texts():
+                pass
+        return JSONResponse(shape.response(job.result))
+
+    async def events(self, request: Request, job: Job, shape: Shape, include_usage: bool) -> AsyncIterator[str]:
+        async with cancel_on_disconnect(request, job):
+            for chunk in shape.first_chunks():
+                yield sse(chunk)
+            try:
+                async for text in job.texts():
+                    yield sse(shape.chunk(text))
+            except Cancelled:
+                return  # the client is gone, or the server stops: nobody to tell
+            except Exception as e:  # the status line is sent already: report in the stream, as OpenAI does
+                yield sse(error_body(f"generation failed: {e}", "server_error"))
+            else:
+                for chunk in shape.last_chunks(job.result, include_usage):
+                    yield sse(chunk)
+            yield sse("[DONE]")
+
+    def metrics_text(self) -> str:
+        return self.metrics.render({
+            "queue_waiting": (self.worker.waiting, "Requests waiting for the engine."),
+            "engine_busy": (int(self.worker.busy), "1 while the engine serves a request."),
+        })
+
+
+def add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+    """Every error leaves as an OpenAI-style body; FastAPI's 422 for a bad body becomes OpenAI's 400."""
+
+    def reply(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+              code: str | None = None) -> JSONResponse:
+        if 400 <= status < 500 and status != 429:
+            metrics.count("invalid")
+        return JSONResponse(error_body(message, kind, param, code), status_code=status)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, e: ApiError) -> JSONResponse:
+        return reply(e.status, e.message, e.kind, e.param, e.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(_: Request, e: RequestValidationError) -> JSONResponse:
+        errors = e.errors()
+        error = errors[0]
+        # a value that fits no member of a union fails once per member (prompt.str, prompt.list[str], ...):
+        # name the path the failures share; [1:] drops the leading "body"
+        same_field = [err["loc"] for err in errors if err["loc"][:2] == error["loc"][:2]]
+        shared = [parts[0] for parts in zip(*same_field) if len(set(parts)) == 1]
+        loc = [str(part) for part in shared[1:]]
+        if error["type"] == "json_invalid":
+            return reply(400, f"the body is not valid JSON: {error.get('ctx', {}).get('error', error['msg'])}")
+        if error["type"] == "missing":
+            message = f"missing required parameter '{'.'.join(loc)}'" if loc else "the request needs a JSON body"
+        else:
+            message = f"invalid '{'.'.join(loc)}': {error['msg']}" if loc else f"invalid body: {error['msg']}"
+        return reply(400, message, param=loc[0] if loc else None, code=error["type"])
+
+    @app.exception_handler(DraftsmithError)
+    async def bad_settings(_: Request, e: DraftsmithError) -> JSONResponse:
+        return reply(400, str(e))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, e: HTTPException) -> JSONResponse:
+        return reply(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None)
+
+    @app.exception_handler(Cancelled)
+    async def cancelled(_: Request, e: Cancelled) -> JSONResponse:
+        return reply(503, str(e), kind="server_error")
+
+    @app.exception_handler(Exception)
+    async def server_error(_: Request, e: Exception) -> JSONResponse:
+        return reply(500, f"generation failed: {e}", kind="server_error")
+
+
+def create_app(
+    loaded: LoadedModel,
+    drafter_spec: str = "ngram",
+    k: int = 8,
+    model_name: str | None = None,
+    queue_size: int = 64,
+    **drafter_options,
+) -> FastAPI:
+    """An app serving `loaded` with speculative decoding; the engine worker runs while the app is up."""
+    server = Server(loaded, drafter_spec, k, model_name or loaded.name, queue_size, **drafter_options)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        server.worker.start()
+        yield
+        await asyncio.to_thread(server.worker.stop)
+
+    app = FastAPI(title="draftsmith", lifespan=lifespan)
+    app.state.server = server
+    add_error_handlers(app, server.metrics)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        server.check_model(body.model)
+        ids = server.completion_ids(body)
+        config = server.config(body, ids, body.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS)
+        return await server.respond(request, body, Job(ids, config), CompletionShape(server.model_name))
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request) -> Response:
+        server.check_model(body.model)
+        ids = server.chat_ids(body)
+        config = server.config(body, ids, body.max_completion_tokens or body.max_tokens, None)
+        return await server.respond(request, body, Job(ids, config), ChatShape(server.model_name))
+
+    def model_card() -> dict:
+        return {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "draftsmith"}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> dict:
+        server.check_model(name)
+        return model_card()
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        alive = server.worker.alive
+        return JSONResponse({"status": "ok" if alive else "engine stopped", "model": server.model_name,
+                             "waiting": server.worker.waiting, "busy": server.worker.busy},
+                            status_code=200 if alive else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(server.metrics_text(), media_type="text/plain; version=0.0.4")
+
+    return app
