@@ -32,6 +32,8 @@ class PromptRecord:
     passed: bool | None = None  # HumanEval
     exact_match: bool | None = None  # line completion
     edit_similarity: float | None = None
+    completion: str | None = None  # the scored part of the generated text
+    position: int | None = None  # where the method ran in this prompt's interleaved order (0 = first)
 
 
 @dataclass
@@ -46,6 +48,8 @@ class MethodSummary:
     acceptance: float | None  # accepted / proposed draft tokens
     draft_share: float | None  # fractions of the generation time spent drafting and verifying
     verify_share: float | None
+    draft_ms_per_step: float | None  # measured cost of drafting / verifying, per target step
+    verify_ms_per_step: float | None
     speedup: float | None  # vs the baseline: total time / total time over the shared prompts
     speedup_per_prompt: float | None  # vs the baseline: mean of per-prompt time ratios
     bound: float | None  # tau * t_plain_step / (t_draft_step + t_verify_step)
@@ -154,6 +158,8 @@ def summarize(
             acceptance=_ratio(sum(r.accepted for r in recs), proposed),
             draft_share=_ratio(draft_s, seconds) if timed_split else None,
             verify_share=_ratio(verify_s, seconds) if timed_split else None,
+            draft_ms_per_step=_ratio(1000 * draft_s, steps) if timed_split else None,
+            verify_ms_per_step=_ratio(1000 * verify_s, steps) if timed_split else None,
             speedup=speedup,
             speedup_per_prompt=speedup_per_prompt,
             bound=bound,
@@ -174,7 +180,9 @@ COLUMNS = [
     ("method", "method", "{}"), ("prompts", "prompts", "{}"), ("tok/s", "tokens_per_s", "{:.1f}"),
     ("speedup", "speedup", "{:.2f}x"), ("speedup (mean/prompt)", "speedup_per_prompt", "{:.2f}x"),
     ("tau", "tau", "{:.2f}"), ("acceptance", "acceptance", "{:.1%}"), ("draft", "draft_share", "{:.0%}"),
-    ("verify", "verify_share", "{:.0%}"), ("bound", "bound", "{:.2f}x"), ("efficiency", "efficiency", "{:.0%}"),
+    ("verify", "verify_share", "{:.0%}"), ("draft ms/step", "draft_ms_per_step", "{:.1f}"),
+    ("verify ms/step", "verify_ms_per_step", "{:.1f}"), ("bound", "bound", "{:.2f}x"),
+    ("efficiency", "efficiency", "{:.0%}"),
     ("exact", "exactness", "{:.1%}"), ("pass@1", "pass_at_1", "{:.1%}"), ("EM", "exact_match", "{:.1%}"),
     ("ES", "edit_similarity", "{:.1f}"), ("peak MB", "peak_memory_mb", "{:.0f}"),
 ]
@@ -235,8 +243,10 @@ def write_report(
     records: list[PromptRecord],
     summaries: list[MethodSummary],
     metadata: dict[str, Any] | None = None,
+    notes: str = "",
 ) -> dict[str, Path]:
-    """Write report.json (metadata, summaries, every record), report.md and three PNG plots."""
+    """Write report.json (metadata, summaries, every record), report.md (the table, then `notes`) and three
+    PNG plots."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "report.json", "markdown": out_dir / "report.md"}
@@ -246,5 +256,5 @@ def write_report(
         "records": [asdict(r) for r in records],
     }
     paths["json"].write_text(json.dumps(payload, indent=1, default=str) + "\n")
-    paths["markdown"].write_text(markdown_table(summaries))
+    paths["markdown"].write_text(markdown_table(summaries) + (f"\n{notes}\n" if notes else ""))
     return paths | _plots(out_dir, records, summaries)

@@ -1,0 +1,58 @@
+"""The `bench` command. The main CLI adds it with `register(app)`; `demo` runs it through `run_and_show`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from draftsmith.bench.config import DEFAULT_METHODS, BenchConfig
+from draftsmith.bench.report import markdown_table
+
+if TYPE_CHECKING:
+    from draftsmith.bench.runner import BenchResult
+
+def run_and_show(config: BenchConfig, console: Console | None = None) -> BenchResult:
+    """Run the benchmark with progress on stderr, then print the summary table and the files on stdout."""
+    from draftsmith.bench.runner import run_bench  # torch and transformers load only when a command runs
+
+    result = run_bench(config, console or Console(stderr=True))
+    meta = result.metadata
+    # the Markdown table as report.md holds it: plain text, never cut to the terminal's width
+    out = Console(soft_wrap=True, highlight=False)
+    out.print(f"\n{meta['workload']}, {result.summaries[0].prompts} prompts after a warm-up, {meta['model']} on "
+              f"{meta['device']} ({meta['dtype']}), at most {meta['max_new_tokens']} new tokens\n", markup=False)
+    out.print(markdown_table(result.summaries), markup=False)
+    out.print(result.notes, style="dim", markup=False)
+    for name, path in result.paths.items():
+        out.print(f"{name:>12}: {path}", markup=False)
+    return result
+
+
+def bench_command(
+    target: Annotated[str, typer.Option(help="HF hub id, local folder, .gguf file, or embedded alias 'smollm2'.")]
+    = "smollm2",
+    workload: Annotated[str, typer.Option(help="humaneval | lines | blocks (line/block completion on code).")]
+    = "humaneval",
+    methods: Annotated[str, typer.Option(
+        help="Comma list: hf-greedy, hf-prompt-lookup:N, hf-assisted:PATH, plain, ngram[:k=8], model:PATH[:k=4]."
+    )] = ",".join(DEFAULT_METHODS),
+    limit: Annotated[int, typer.Option(help="Prompts to run; the first also serves as an untimed warm-up.")] = 20,
+    max_new_tokens: int = 128,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32 (bit-exact greedy), bfloat16, float16 or auto.")] = "float32",
+    out: Annotated[Optional[str], typer.Option(help="Output folder (default: bench-results/<timestamp>).")] = None,
+    seed: int = 0,
+    pass_at_1: Annotated[bool, typer.Option("--pass-at-1/--no-pass-at-1",
+                                            help="Run HumanEval tests (sandboxed) for pass@1.")] = True,
+) -> None:
+    """Benchmark methods on one model, interleaved per prompt: speed, tau, exactness, pass@1 or EM/ES."""
+    run_and_show(BenchConfig(
+        target=target, workload=workload, methods=[m for m in methods.split(",") if m.strip()], limit=limit,
+        max_new_tokens=max_new_tokens, device=device, dtype=dtype, seed=seed, pass_at_1=pass_at_1, out=out,
+    ))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench")(bench_command)

@@ -1,0 +1,85 @@
+"""What a benchmark run is asked to do: the method specs and the run's settings, checked before anything loads.
+
+A method spec names one way of decoding: ours (`plain`, `ngram[:k=8,min_n=1,max_n=4]`, `model:PATH[:k=4]`;
+`adaptive=1` lets the engine choose each step's draft length up to k) or
+transformers' generate on the same model (`hf-greedy`, `hf-prompt-lookup[:N]`, `hf-assisted:PATH`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from draftsmith.bench.workloads import WORKLOADS
+from draftsmith.errors import ConfigError
+
+BASELINE = "hf-greedy"  # speedups are measured against it, exactness against its tokens
+PLAIN = "plain"  # our loop without a drafter: its seconds per step set the bound
+DEFAULT_METHODS = ("hf-greedy", "hf-prompt-lookup:10", "plain", "ngram:k=8")
+# method kind -> the key=value options its spec accepts
+OPTIONS = {"plain": (), "ngram": ("k", "min_n", "max_n", "adaptive"), "model": ("k", "adaptive"), "hf-greedy": (),
+           "hf-prompt-lookup": (), "hf-assisted": ()}
+DEFAULT_K = {"ngram": 8, "model": 4}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str  # the spec as given; also the method's name in the report
+    kind: str  # a key of OPTIONS
+    arg: str | None = None  # model path, or prompt lookup's draft length
+    options: dict[str, int] = field(default_factory=dict)
+
+
+def parse_method(spec: str) -> MethodSpec:
+    """`plain`, `ngram[:k=8,max_n=4]`, `model:PATH[:k=4]`, `hf-greedy`, `hf-prompt-lookup[:N]`, `hf-assisted:PATH`."""
+    spec = spec.strip()
+    parts = spec.split(":")
+    n_options = 0
+    while n_options < len(parts) - 1 and "=" in parts[-1 - n_options]:  # trailing key=value parts
+        n_options += 1
+    kind, arg = parts[0], ":".join(parts[1 : len(parts) - n_options]) or None
+    if kind not in OPTIONS:
+        raise ConfigError(f"unknown method '{spec}': use {', '.join(OPTIONS)} (e.g. ngram:k=8, model:PATH:k=4, "
+                          "hf-prompt-lookup:10, hf-assisted:PATH)")
+    options: dict[str, int] = {}
+    for item in ",".join(parts[len(parts) - n_options :]).split(",") if n_options else ():
+        key, _, value = item.partition("=")
+        if key not in OPTIONS[kind] or not value.lstrip("-").isdigit():
+            allowed = ", ".join(f"{o}=N" for o in OPTIONS[kind]) or "no options"
+            raise ConfigError(f"bad option '{item}' in method '{spec}': {kind} takes {allowed}")
+        options[key] = int(value)
+    if kind in ("model", "hf-assisted") and not arg:
+        raise ConfigError(f"method '{spec}' needs a draft model: {kind}:PATH")
+    if kind == "hf-prompt-lookup" and arg is not None and not arg.isdigit():
+        raise ConfigError(f"method '{spec}': give the number of draft tokens, e.g. hf-prompt-lookup:10")
+    if kind in ("plain", "ngram", "hf-greedy") and arg:
+        raise ConfigError(f"method '{spec}' takes no argument after '{kind}:' (only key=value options)")
+    if options.get("k", 1) < 1:
+        raise ConfigError(f"method '{spec}': k must be >= 1 (use 'plain' for no drafting)")
+    return MethodSpec(spec, kind, arg, options)
+
+
+@dataclass
+class BenchConfig:
+    target: str = "smollm2"
+    workload: str = "humaneval"
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    limit: int = 20
+    max_new_tokens: int = 128
+    device: str = "cpu"
+    dtype: str = "float32"
+    seed: int = 0
+    pass_at_1: bool = True  # run HumanEval tests in the sandbox after the timed loop
+    out: str | None = None  # default: bench-results/<timestamp>
+
+    def __post_init__(self) -> None:
+        if self.workload not in WORKLOADS:
+            raise ConfigError(f"unknown workload '{self.workload}': use {', '.join(WORKLOADS)}")
+        if self.limit < 1:
+            raise ConfigError(f"limit must be >= 1 (prompts to run), got {self.limit}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.methods:
+            raise ConfigError("give at least one method, e.g. --methods hf-greedy,plain,ngram:k=8")
+        names = [parse_method(m).name for m in self.methods]
+        if len(set(names)) < len(names):
+            raise ConfigError(f"a method is listed twice in {', '.join(names)}")

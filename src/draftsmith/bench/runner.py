@@ -1,0 +1,326 @@
+"""Run a workload through several decoding methods in one process, interleaved per prompt.
+
+Every method sees the same model, prompts and token budget. After a warm-up (the first prompt through every
+method, timings dropped), each prompt goes through every method in turn, the order rotated by one per prompt
+(A B C, B C A, C A B, ...), so that machine noise and cache effects hit all methods alike and no method
+always runs first. Scoring (pass@1 in the sandbox, EM / ES) happens after the timed loop.
+"""
+
+from __future__ import annotations
+
+import gc
+import platform
+import re
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from draftsmith.acceptance import SamplingConfig
+from draftsmith.bench.config import BASELINE, DEFAULT_K, PLAIN, BenchConfig, MethodSpec, parse_method
+from draftsmith.bench.report import MethodSummary, PromptRecord, summarize, write_report
+from draftsmith.bench.workloads import Score, Task, completion, load_tasks, score
+from draftsmith.drafters import build_drafter
+from draftsmith.engine import GenerationConfig, SpecEngine, Stats
+from draftsmith.errors import ConfigError
+from draftsmith.models import LoadedModel, load_model
+
+MEMORY_NOTE = {
+    "cpu": "peak resident memory (VmHWM, reset before each call through /proc/self/clear_refs) of the whole "
+           "process during the method's calls, in MB: every loaded model is included, so methods differ only "
+           "by what their generation adds",
+    "cuda": "torch.cuda.max_memory_allocated during the method's calls (peak reset before each call), in MB: "
+            "tensors of every loaded model included",
+}
+STEPS_NOTE = ("our methods count target forwards after a prefill that yields no token; HF methods count every "
+              "target forward (a forward hook), since HF's prefill yields the first token: both count the forwards "
+              "that yield tokens, so tau = tokens / steps compares alike (plain and hf-greedy: 1)")
+LEGEND = (
+    "speedup: {baseline} total time / the method's, and the mean of per-prompt ratios. tau: generated tokens per "
+    "target step. draft / verify: share of the generation time, and ms per target step. bound: the speedup over "
+    "plain decoding that tau allows at the measured draft + verify cost per step; efficiency: achieved / bound. "
+    "exact: output equal to {reference}'s token for token. Target steps: {steps}. Peak MB: {memory}. "
+    "Warm-up (untimed): {warmup_prompt} through every method."
+)
+
+
+@dataclass
+class Output:
+    tokens: list[int]  # generated tokens, a final EOS included
+    seconds: float  # wall time of the generation, prefill included
+    target_steps: int  # token-yielding target forwards
+    stats: Stats | None = None  # our engine's statistics (draft / verify split, acceptance)
+
+
+@dataclass
+class Method:
+    name: str
+    generate: Callable[[list[int]], Output]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # time the work, not its launch
+
+
+def _engine_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int, seed: int) -> Method:
+    options = dict(spec.options)
+    k = options.pop("k", DEFAULT_K.get(spec.kind, 0))
+    adaptive = bool(options.pop("adaptive", 0))
+    drafter_spec = {"plain": "none", "ngram": "ngram", "model": f"model:{spec.arg}"}[spec.kind]
+    # token ids in and out, like HF generate: no tokenizer, so no incremental detokenizing inside the timing
+    engine = SpecEngine(target.model, build_drafter(drafter_spec, target, **options), tokenizer=None)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, k=k, adaptive=adaptive, sampling=SamplingConfig(seed=seed))
+
+    def generate(ids: list[int]) -> Output:
+        _sync(target.device)
+        start = time.perf_counter()
+        result = engine.generate(ids, config)
+        _sync(target.device)
+        seconds = time.perf_counter() - start
+        return Output(result.tokens, seconds, result.stats.target_steps, result.stats)
+
+    return Method(spec.name, generate)
+
+
+def _hf_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int) -> Method:
+    model = target.model
+    kwargs: dict[str, Any] = {"do_sample": False, "max_new_tokens": max_new_tokens}
+    if spec.kind == "hf-prompt-lookup":
+        kwargs["prompt_lookup_num_tokens"] = int(spec.arg or 10)
+    elif spec.kind == "hf-assisted":  # loaded and checked like our model drafter, then handed to HF
+        kwargs["assistant_model"] = build_drafter(f"model:{spec.arg}", target).model
+
+    @torch.inference_mode()
+    def generate(ids: list[int]) -> Output:
+        input_ids = torch.tensor([ids], device=model.device)
+        forwards = [0]
+        hook = model.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+        try:
+            _sync(target.device)
+            start = time.perf_counter()
+            out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+            tokens = out[0, len(ids) :].tolist()
+            seconds = time.perf_counter() - start
+        finally:
+            hook.remove()
+        return Output(tokens, seconds, forwards[0])
+
+    return Method(spec.name, generate)
+
+
+def build_method(spec: MethodSpec | str, target: LoadedModel, max_new_tokens: int, seed: int = 0) -> Method:
+    """A callable method on `target`: our engine (plain / a drafter) or transformers' generate."""
+    spec = parse_method(spec) if isinstance(spec, str) else spec
+    if spec.kind.startswith("hf-"):
+        return _hf_method(spec, target, max_new_tokens)
+    return _engine_method(spec, target, max_new_tokens, seed)
+
+
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start a new peak-memory window; False where this machine cannot (then no peak is reported)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # "5" resets the process's RSS high-water mark
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory_mb(device: torch.device) -> float | None:
+    """The peak since reset_peak_memory (see MEMORY_NOTE for what it covers)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        found = re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())
+    except OSError:
+        return None
+    return int(found.group(1)) / 1024 if found else None
+
+
+@dataclass
+class Call:
+    method: str
+    task_id: str
+    position: int  # where the method ran in this prompt's order (0 = first)
+    output: Output
+    peak_memory_mb: float | None
+
+
+def method_order(methods: list[Method], index: int) -> list[Method]:
+    """Prompt `index` runs the methods rotated left by `index`: each goes first equally often."""
+    shift = index % len(methods)
+    return methods[shift:] + methods[:shift]
+
+
+def run_interleaved(
+    methods: list[Method],
+    prompts: list[tuple[str, list[int]]],
+    device: torch.device = torch.device("cpu"),
+    progress: Callable[[str, bool], None] | None = None,
+) -> list[Call]:
+    """Warm up every method on the first prompt (dropped), then run every prompt through every method in a
+    rotating order. `progress(description, finished)` is called before and after each call."""
+    calls = []
+    schedule = [(-1, prompts[0])] + list(enumerate(prompts))
+    for index, (task_id, ids) in schedule:
+        for position, method in enumerate(methods if index < 0 else method_order(methods, index)):
+            what = f"{method.name} on {task_id}" + (" (warm-up)" if index < 0 else "")
+            if progress:
+                progress(what, False)
+            gc.collect()  # outside the timing: no method pays for another's garbage
+            measured = reset_peak_memory(device)
+            output = method.generate(ids)
+            peak = peak_memory_mb(device) if measured else None
+            if index >= 0:
+                calls.append(Call(method.name, task_id, position, output, peak))
+            if progress:
+                progress(what, True)
+    return calls
+
+
+def make_records(
+    calls: list[Call], tasks: list[Task], decode: Callable[[list[int]], str], reference: str | None,
+    run_tests: bool = True,
+) -> list[PromptRecord]:
+    """One PromptRecord per call, with exactness against `reference` and the task's scores. Each distinct
+    completion of a task is scored once (HumanEval tests run in the sandbox, a separate process)."""
+    by_id = {t.task_id: t for t in tasks}
+    ref_tokens = {c.task_id: c.output.tokens for c in calls if c.method == reference}
+    scores: dict[tuple[str, str], Score] = {}
+    records = []
+    for c in calls:
+        task, stats = by_id[c.task_id], c.output.stats or Stats()
+        answer = completion(task, decode(c.output.tokens))
+        if (c.task_id, answer) not in scores:
+            scores[c.task_id, answer] = score(task, answer, run_tests)
+        s = scores[c.task_id, answer]
+        ref = ref_tokens.get(c.task_id)
+        records.append(PromptRecord(
+            method=c.method, prompt_id=c.task_id, new_tokens=len(c.output.tokens), seconds=c.output.seconds,
+            target_steps=c.output.target_steps, proposed=stats.proposed, accepted=stats.accepted,
+            draft_seconds=stats.draft_s, verify_seconds=stats.verify_s, peak_memory_mb=c.peak_memory_mb,
+            output_tokens=c.output.tokens,
+            exact=None if c.method == reference or ref is None else c.output.tokens == ref,
+            passed=s.passed, exact_match=s.exact_match, edit_similarity=s.edit_similarity,
+            completion=answer, position=c.position,
+        ))
+    return records
+
+
+@dataclass
+class BenchResult:
+    records: list[PromptRecord]
+    summaries: list[MethodSummary]
+    metadata: dict[str, Any]
+    notes: str  # what the columns mean, as report.md says under the table
+    paths: dict[str, Path]
+
+
+def report_notes(metadata: dict[str, Any]) -> str:
+    notes = LEGEND.format(steps=metadata["target_steps"], memory=metadata["peak_memory"], **metadata)
+    if metadata["truncated_prompts"]:
+        notes += (" Prompts cut to their last tokens to fit the model's context: "
+                  f"{', '.join(metadata['truncated_prompts'])}.")
+    return notes
+
+
+def fit_prompt(ids: list[int], model: torch.nn.Module, max_new_tokens: int) -> list[int]:
+    """Keep the prompt's last tokens when prompt + budget exceed the model's context."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    if not context or len(ids) + max_new_tokens <= context:
+        return ids
+    if max_new_tokens >= context:
+        raise ConfigError(f"max_new_tokens ({max_new_tokens}) must be below the model's context ({context})")
+    return ids[len(ids) + max_new_tokens - context :]
+
+
+def cpu_model() -> str:
+    try:
+        found = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
+    except OSError:
+        found = None
+    return found.group(1).strip() if found else platform.processor() or platform.machine()
+
+
+def run_metadata(config: BenchConfig, target: LoadedModel, **extra: Any) -> dict[str, Any]:
+    import transformers
+
+    device = target.device
+    return {
+        "model": target.name, "device": str(device), "dtype": str(target.dtype).removeprefix("torch."),
+        "workload": config.workload, "methods": list(config.methods), "limit": config.limit,
+        "max_new_tokens": config.max_new_tokens, "seed": config.seed, "pass_at_1": config.pass_at_1,
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "python": platform.python_version(), "cpu": cpu_model(), "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "command": shlex.join(sys.orig_argv), "date": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "peak_memory": MEMORY_NOTE.get(device.type, "not measured"), "target_steps": STEPS_NOTE,
+        **extra,
+    }
+
+
+def run_bench(
+    config: BenchConfig,
+    console: Any = None,
+    target: LoadedModel | None = None,
+    tasks: list[Task] | None = None,
+) -> BenchResult:
+    """Load, run the interleaved loop, score, summarise and write report.json / report.md / plots.
+
+    `console` (a rich Console) shows progress; `target` and `tasks` replace loading the model and workload.
+    """
+    specs = [parse_method(m) for m in config.methods]
+    tasks = (tasks if tasks is not None else load_tasks(config.workload, config.limit))[: config.limit]
+    if not tasks:
+        raise ConfigError(f"the workload '{config.workload}' has no tasks to run")
+    if target is None:
+        with _status(console, f"loading {config.target}"):
+            target = load_model(config.target, device=config.device, dtype=config.dtype)
+    with _status(console, "building methods"):
+        methods = [build_method(s, target, config.max_new_tokens, config.seed) for s in specs]
+    prompts, truncated = [], []
+    for t in tasks:
+        ids = target.encode(t.prompt)
+        fitted = fit_prompt(ids, target.model, config.max_new_tokens)
+        prompts.append((t.task_id, fitted))
+        if len(fitted) < len(ids):
+            truncated.append(t.task_id)
+
+    torch.manual_seed(config.seed)
+    if console is not None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        columns = (TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=console) as bar:
+            job = bar.add_task("decoding", total=(len(prompts) + 1) * len(methods))
+            calls = run_interleaved(methods, prompts, target.device,
+                                    lambda what, done: bar.update(job, description=what, advance=int(done)))
+    else:
+        calls = run_interleaved(methods, prompts, target.device)
+
+    names = [m.name for m in methods]
+    baseline = BASELINE if BASELINE in names else names[0]
+    reference = BASELINE if BASELINE in names else PLAIN if PLAIN in names else names[0]
+    with _status(console, "scoring (HumanEval tests run in a sandboxed process)"):
+        records = make_records(calls, tasks, lambda ids: target.tokenizer.decode(ids, skip_special_tokens=True),
+                               reference, run_tests=config.pass_at_1)
+    summaries = summarize(records, baseline=baseline, plain=PLAIN if PLAIN in names else None, reference=reference)
+    metadata = run_metadata(config, target, baseline=baseline, reference=reference,
+                            warmup_prompt=tasks[0].task_id, truncated_prompts=truncated)
+    notes = report_notes(metadata)
+    out = Path(config.out or f"bench-results/{datetime.now():%Y%m%d-%H%M%S}")
+    return BenchResult(records, summaries, metadata, notes, write_report(out, records, summaries, metadata, notes))
+
+
+def _status(console: Any, message: str):
+    return console.status(message) if console is not None else nullcontext()

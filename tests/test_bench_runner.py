@@ -1,0 +1,174 @@
+"""The bench runner on a tiny model: interleaved order, records, metric arithmetic by hand, exactness, files, CLI."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from draftsmith.bench.config import BenchConfig, parse_method
+from draftsmith.bench.linecomplete import LineCase, cut_completion, edit_similarity, exact_match
+from draftsmith.bench.runner import Method, Output, build_method, run_bench, run_interleaved
+from draftsmith.bench.workloads import Task
+from draftsmith.errors import ConfigError
+from draftsmith.models import LoadedModel
+from test_errors import saved_target  # noqa: F401  (the tiny model saved to a folder; belongs in conftest.py)
+from tiny_models import char_tokenizer, tiny_llama
+
+METHODS = ["hf-greedy", "plain", "ngram:k=4"]
+NEW = 16
+
+
+def line_task(i: int) -> Task:
+    context = f"def scale_{i}(values):\n    out = []\n    for v in values:\n        out.append(v * {i})\n"
+    case = LineCase(case_id=f"m.py:{i}", document="m.py", line=5, context=context, target="    return out")
+    return Task(case.case_id, context, case=case)
+
+
+@pytest.fixture(scope="module")
+def target():
+    return LoadedModel(tiny_llama(seed=1), char_tokenizer(), "tiny")
+
+
+@pytest.fixture(scope="module")
+def result(target, tmp_path_factory):
+    config = BenchConfig(target="tiny", workload="lines", methods=METHODS, limit=3, max_new_tokens=NEW,
+                         out=str(tmp_path_factory.mktemp("bench") / "out"))
+    return run_bench(config, target=target, tasks=[line_task(i) for i in range(3)])
+
+
+def test_warm_up_then_rotating_order():
+    log = []
+
+    def fake(name):
+        return Method(name, lambda ids: log.append((name, ids[0])) or Output([1, 2], 0.5, 2))
+
+    calls = run_interleaved([fake("A"), fake("B"), fake("C")], [("p0", [10]), ("p1", [11]), ("p2", [12])])
+    assert log == [("A", 10), ("B", 10), ("C", 10),  # warm-up on the first prompt, dropped
+                   ("A", 10), ("B", 10), ("C", 10), ("B", 11), ("C", 11), ("A", 11), ("C", 12), ("A", 12), ("B", 12)]
+    assert [(c.method, c.task_id, c.position) for c in calls][3:6] == [("B", "p1", 0), ("C", "p1", 1), ("A", "p1", 2)]
+    assert len(calls) == 9
+
+
+def test_one_record_per_method_and_prompt_in_rotating_order(result):
+    records = result.records
+    assert sorted((r.method, r.prompt_id) for r in records) == sorted(
+        (m, f"m.py:{i}") for m in METHODS for i in range(3))
+    for i in range(3):  # prompt i runs the methods rotated left by i
+        order = sorted((r for r in records if r.prompt_id == f"m.py:{i}"), key=lambda r: r.position)
+        assert [r.method for r in order] == METHODS[i:] + METHODS[:i]
+
+
+def test_speed_metrics_by_hand(result):
+    by = {s.method: s for s in result.summaries}
+    rec = {(r.method, r.prompt_id): r for r in result.records}
+    prompts = [f"m.py:{i}" for i in range(3)]
+    for method in METHODS:
+        mine = [rec[method, p] for p in prompts]
+        base = [rec["hf-greedy", p] for p in prompts]
+        s = by[method]
+        assert all(r.new_tokens == len(r.output_tokens) > 0 for r in mine)
+        assert s.tokens_per_s == pytest.approx(sum(r.new_tokens for r in mine) / sum(r.seconds for r in mine))
+        assert s.speedup == pytest.approx(sum(r.seconds for r in base) / sum(r.seconds for r in mine))
+        assert s.speedup_per_prompt == pytest.approx(sum(b.seconds / m.seconds for b, m in zip(base, mine)) / 3)
+        assert s.tau == pytest.approx(sum(r.new_tokens for r in mine) / sum(r.target_steps for r in mine))
+    assert by["hf-greedy"].tau == 1.0 and by["plain"].tau == 1.0  # one token per target forward
+    ngram = [rec["ngram:k=4", p] for p in prompts]
+    proposed = sum(r.proposed for r in ngram)
+    assert proposed > 0 and by["ngram:k=4"].acceptance == pytest.approx(sum(r.accepted for r in ngram) / proposed)
+    assert by["plain"].draft_ms_per_step is not None and by["hf-greedy"].draft_ms_per_step is None
+    assert all(r.peak_memory_mb and r.peak_memory_mb > 0 for r in result.records)
+
+
+def test_lossless_methods_match_hf_greedy_and_line_scores(result, target):
+    by = {s.method: s for s in result.summaries}
+    assert by["plain"].exactness == 1.0 and by["ngram:k=4"].exactness == 1.0
+    assert all(r.exact for r in result.records if r.method != "hf-greedy")
+    for r in result.records:
+        text = target.tokenizer.decode(r.output_tokens, skip_special_tokens=True)
+        assert r.completion == cut_completion(text, "line")
+        assert r.exact_match == exact_match(r.completion, "    return out")
+        assert r.edit_similarity == pytest.approx(edit_similarity(r.completion, "    return out"))
+
+
+def test_report_files(result):
+    paths = result.paths
+    data = json.loads(paths["json"].read_text())
+    assert len(data["records"]) == 9 and [s["method"] for s in data["summaries"]] == METHODS
+    assert {r["method"] for r in data["records"]} == set(METHODS)
+    meta = data["metadata"]
+    for key in ("model", "device", "dtype", "torch", "transformers", "cpu", "command", "date", "peak_memory"):
+        assert meta[key], key
+    assert meta["baseline"] == meta["reference"] == "hf-greedy" and meta["warmup_prompt"] == "m.py:0"
+    md = paths["markdown"].read_text()
+    assert "| ngram:k=4 | 3 |" in md and "Peak MB:" in md
+    for name in ("speedup", "tau", "tokens_per_s"):
+        assert paths[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_hf_reference_methods_agree_with_greedy(saved_target):
+    from draftsmith.models import load_model
+
+    target = load_model(str(saved_target))
+    ids = target.encode("def f(x):\n    return x + x\n\ndef g(x):\n    return")
+    outputs = {spec: build_method(spec, target, 12).generate(ids) for spec in
+               ("hf-greedy", "hf-prompt-lookup:3", f"hf-assisted:{saved_target}")}
+    greedy = outputs["hf-greedy"]
+    assert greedy.target_steps == len(greedy.tokens) == 12
+    for out in outputs.values():
+        assert out.tokens == greedy.tokens and out.seconds > 0 and out.stats is None
+
+
+def test_method_specs():
+    assert parse_method("model:/a/b:k=4").arg == "/a/b" and parse_method("model:/a/b:k=4").options == {"k": 4}
+    assert parse_method("ngram:k=8,max_n=3:adaptive=1").options == {"k": 8, "max_n": 3, "adaptive": 1}
+    assert parse_method("hf-prompt-lookup").arg is None and parse_method("hf-prompt-lookup:10").arg == "10"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"limit": 0}, "limit must be >= 1"),
+    ({"workload": "poetry"}, "unknown workload 'poetry'"),
+    ({"methods": ["plain", "eagle"]}, "unknown method 'eagle'"),
+    ({"methods": ["ngram:q=3"]}, "bad option 'q=3'"),
+    ({"methods": ["ngram:k=0"]}, "k must be >= 1"),
+    ({"methods": ["model"]}, "needs a draft model"),
+    ({"methods": ["plain", "plain"]}, "listed twice"),
+    ({"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
+])
+def test_bad_settings(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        BenchConfig(**kwargs)
+
+
+def test_cli_bad_method_is_reported_without_traceback():
+    proc = subprocess.run([sys.executable, "-m", "draftsmith.cli", "bench", "--methods", "plain,bogus:3"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "unknown method 'bogus:3'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_bench_on_humaneval_with_pass_at_1(saved_target, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "draftsmith.cli", "bench", "--target", str(saved_target), "--limit", "2",
+         "--max-new-tokens", "8", "--methods", "hf-greedy,plain,ngram:k=3", "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "| ngram:k=3 | 2 |" in proc.stdout and str(tmp_path / "out" / "report.json") in proc.stdout
+    data = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert len(data["records"]) == 6 and {r["prompt_id"] for r in data["records"]} == {"HumanEval/0", "HumanEval/1"}
+    assert all(r["passed"] is False for r in data["records"])  # a random model's body fails the tests
+    assert data["summaries"][1]["exactness"] == 1.0 and data["metadata"]["workload"] == "humaneval"
+
+
+def test_demo_runs_the_bench_runner(saved_target, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "draftsmith.cli", "demo", "--target", str(saved_target), "--prompts", "1",
+         "--max-new-tokens", "4"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    reports = list(tmp_path.glob("bench-results/*/report.json"))
+    assert len(reports) == 1
+    data = json.loads(reports[0].read_text())
+    assert data["metadata"]["methods"] == ["hf-greedy", "hf-prompt-lookup:10", "plain", "ngram:k=8"]
+    assert data["metadata"]["pass_at_1"] and "| ngram:k=8 | 1 |" in proc.stdout
