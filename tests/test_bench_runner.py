@@ -83,7 +83,8 @@ def test_speed_metrics_by_hand(result):
 def test_lossless_methods_match_hf_greedy_and_line_scores(result, target):
     by = {s.method: s for s in result.summaries}
     assert by["plain"].exactness == 1.0 and by["ngram:k=4"].exactness == 1.0
-    assert all(r.exact for r in result.records if r.method != "hf-greedy")
+    greedy = {r.prompt_id: r.output_tokens for r in result.records if r.method == "hf-greedy"}
+    assert all(r.output_tokens == greedy[r.prompt_id] for r in result.records)
     for r in result.records:
         text = target.tokenizer.decode(r.output_tokens, skip_special_tokens=True)
         assert r.completion == cut_completion(text, "line")
@@ -172,3 +173,20 @@ def test_demo_runs_the_bench_runner(saved_target, tmp_path):
     data = json.loads(reports[0].read_text())
     assert data["metadata"]["methods"] == ["hf-greedy", "hf-prompt-lookup:10", "plain", "ngram:k=8"]
     assert data["metadata"]["pass_at_1"] and "| ngram:k=8 | 1 |" in proc.stdout
+
+
+def test_methods_in_another_dtype_are_compared_within_their_dtype(saved_target, tmp_path):
+    config = BenchConfig(target=str(saved_target), workload="lines", limit=2, max_new_tokens=8,
+                         methods=["hf-greedy", "plain", "hf-greedy@bf16", "ngram:k=3@bf16"], out=str(tmp_path))
+    result = run_bench(config)
+    by = {s.method: s for s in result.summaries}
+    bf16_greedy = {r.prompt_id: r.output_tokens for r in result.records if r.method == "hf-greedy@bf16"}
+    ngram = [r for r in result.records if r.method == "ngram:k=3@bf16"]
+    # exact against bf16 greedy, and a speedup against it beside the one against fp32 greedy
+    assert by["ngram:k=3@bf16"].exactness == 1.0 and all(r.output_tokens == bf16_greedy[r.prompt_id] for r in ngram)
+    bf16_seconds = sum(r.seconds for r in result.records if r.method == "hf-greedy@bf16")
+    assert by["ngram:k=3@bf16"].speedup_same_dtype == pytest.approx(bf16_seconds / sum(r.seconds for r in ngram))
+    assert by["plain"].speedup_same_dtype == pytest.approx(by["plain"].speedup)  # fp32: the baseline itself
+    floors = result.metadata["weight_read_floor"]  # bf16 weights are half the bytes: twice the floor
+    assert floors["bfloat16"]["floor_tokens_per_s"] == pytest.approx(2 * floors["float32"]["floor_tokens_per_s"])
+    assert "Weight-read floor" in result.notes

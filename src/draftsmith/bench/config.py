@@ -3,6 +3,8 @@
 A method spec names one way of decoding: ours (`plain`, `ngram[:k=8,min_n=1,max_n=4]`, `model:PATH[:k=4]`;
 `adaptive=1` lets the engine choose each step's draft length up to k) or
 transformers' generate on the same model (`hf-greedy`, `hf-prompt-lookup[:N]`, `hf-assisted:PATH`).
+A suffix `@DTYPE` (`@bf16`, `@fp32`, ...) runs the method on the target cast to that dtype; without it the
+method runs in the run's --dtype.
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ from dataclasses import dataclass, field
 
 from draftsmith.bench.workloads import WORKLOADS
 from draftsmith.errors import ConfigError
+
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+               "float16": "float16", "fp16": "float16"}
 
 BASELINE = "hf-greedy"  # speedups are measured against it, exactness against its tokens
 PLAIN = "plain"  # our loop without a drafter: its seconds per step set the bound
@@ -27,12 +32,16 @@ class MethodSpec:
     kind: str  # a key of OPTIONS
     arg: str | None = None  # model path, or prompt lookup's draft length
     options: dict[str, int] = field(default_factory=dict)
+    dtype: str | None = None  # from an `@DTYPE` suffix: canonical torch dtype name, None = the run's dtype
 
 
 def parse_method(spec: str) -> MethodSpec:
     """`plain`, `ngram[:k=8,max_n=4]`, `model:PATH[:k=4]`, `hf-greedy`, `hf-prompt-lookup[:N]`, `hf-assisted:PATH`."""
     spec = spec.strip()
-    parts = spec.split(":")
+    body, _, dtype = spec.partition("@")
+    if dtype and dtype not in DTYPE_NAMES:
+        raise ConfigError(f"method '{spec}': unknown dtype '{dtype}' (use {', '.join(DTYPE_NAMES)})")
+    parts = body.split(":")
     n_options = 0
     while n_options < len(parts) - 1 and "=" in parts[-1 - n_options]:  # trailing key=value parts
         n_options += 1
@@ -55,7 +64,7 @@ def parse_method(spec: str) -> MethodSpec:
         raise ConfigError(f"method '{spec}' takes no argument after '{kind}:' (only key=value options)")
     if options.get("k", 1) < 1:
         raise ConfigError(f"method '{spec}': k must be >= 1 (use 'plain' for no drafting)")
-    return MethodSpec(spec, kind, arg, options)
+    return MethodSpec(spec, kind, arg, options, DTYPE_NAMES.get(dtype))
 
 
 @dataclass

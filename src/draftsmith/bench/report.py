@@ -52,6 +52,7 @@ class MethodSummary:
     verify_ms_per_step: float | None
     speedup: float | None  # vs the baseline: total time / total time over the shared prompts
     speedup_per_prompt: float | None  # vs the baseline: mean of per-prompt time ratios
+    speedup_same_dtype: float | None  # vs HF greedy in the method's own dtype (when the run has it)
     bound: float | None  # tau * t_plain_step / (t_draft_step + t_verify_step)
     efficiency: float | None  # speedup over the plain method / bound
     exactness: float | None  # fraction of prompts whose tokens equal the reference method's
@@ -115,16 +116,19 @@ def _exactness(
 
 
 def summarize(
-    records: list[PromptRecord], baseline: str, plain: str | None = None, reference: str | None = None
+    records: list[PromptRecord], baseline: str, plain: str | None = None, reference: str | None = None,
+    same_dtype_baseline: dict[str, str] | None = None,
 ) -> list[MethodSummary]:
     """One summary per method, in order of first appearance.
 
     baseline: the method speedups are measured against (HF greedy). plain: our plain decoding, whose
     seconds per target step set the bound (default: the baseline). reference: the method whose tokens
-    define exactness (default: plain).
+    define exactness (default: plain). same_dtype_baseline: method -> HF greedy in that method's dtype, which
+    also becomes its exactness reference (a bf16 method is exact against bf16 greedy, not fp32 greedy).
     """
     plain = plain or baseline
     reference = reference or plain
+    same_dtype_baseline = same_dtype_baseline or {}
     by_method: dict[str, list[PromptRecord]] = {}
     for r in records:
         by_method.setdefault(r.method, []).append(r)
@@ -143,9 +147,11 @@ def summarize(
         step_cost = _ratio(draft_s + verify_s, steps)  # drafting + verifying, per target step
         bound = tau * t_plain_step / step_cost if tau and t_plain_step and step_cost else None
         vs_plain = speedups(recs, by_method.get(plain, []))[0]  # the bound counts in plain steps
+        peer = same_dtype_baseline.get(method)
+        method_reference = peer or reference
         exactness, mismatches, divergence = (None, [], {})
-        if method != reference:
-            exactness, mismatches, divergence = _exactness(recs, by_method.get(reference, []))
+        if method != method_reference:
+            exactness, mismatches, divergence = _exactness(recs, by_method.get(method_reference, []))
         memories = [r.peak_memory_mb for r in recs if r.peak_memory_mb is not None]
         summaries.append(MethodSummary(
             method=method,
@@ -162,6 +168,7 @@ def summarize(
             verify_ms_per_step=_ratio(1000 * verify_s, steps) if timed_split else None,
             speedup=speedup,
             speedup_per_prompt=speedup_per_prompt,
+            speedup_same_dtype=speedups(recs, by_method[peer])[0] if peer in by_method else None,
             bound=bound,
             efficiency=_ratio(vs_plain, bound) if vs_plain is not None and bound else None,
             exactness=exactness,
@@ -179,6 +186,7 @@ def summarize(
 COLUMNS = [
     ("method", "method", "{}"), ("prompts", "prompts", "{}"), ("tok/s", "tokens_per_s", "{:.1f}"),
     ("speedup", "speedup", "{:.2f}x"), ("speedup (mean/prompt)", "speedup_per_prompt", "{:.2f}x"),
+    ("vs HF greedy same dtype", "speedup_same_dtype", "{:.2f}x"),
     ("tau", "tau", "{:.2f}"), ("acceptance", "acceptance", "{:.1%}"), ("draft", "draft_share", "{:.0%}"),
     ("verify", "verify_share", "{:.0%}"), ("draft ms/step", "draft_ms_per_step", "{:.1f}"),
     ("verify ms/step", "verify_ms_per_step", "{:.1f}"), ("bound", "bound", "{:.2f}x"),

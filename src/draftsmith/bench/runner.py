@@ -189,13 +189,11 @@ def run_interleaved(
 
 
 def make_records(
-    calls: list[Call], tasks: list[Task], decode: Callable[[list[int]], str], reference: str | None,
-    run_tests: bool = True,
+    calls: list[Call], tasks: list[Task], decode: Callable[[list[int]], str], run_tests: bool = True
 ) -> list[PromptRecord]:
-    """One PromptRecord per call, with exactness against `reference` and the task's scores. Each distinct
-    completion of a task is scored once (HumanEval tests run in the sandbox, a separate process)."""
+    """One PromptRecord per call, with its output tokens (exactness is judged in `summarize`) and the task's
+    scores. Each distinct completion of a task is scored once (HumanEval tests run in a sandboxed process)."""
     by_id = {t.task_id: t for t in tasks}
-    ref_tokens = {c.task_id: c.output.tokens for c in calls if c.method == reference}
     scores: dict[tuple[str, str], Score] = {}
     records = []
     for c in calls:
@@ -204,13 +202,11 @@ def make_records(
         if (c.task_id, answer) not in scores:
             scores[c.task_id, answer] = score(task, answer, run_tests)
         s = scores[c.task_id, answer]
-        ref = ref_tokens.get(c.task_id)
         records.append(PromptRecord(
             method=c.method, prompt_id=c.task_id, new_tokens=len(c.output.tokens), seconds=c.output.seconds,
             target_steps=c.output.target_steps, proposed=stats.proposed, accepted=stats.accepted,
             draft_seconds=stats.draft_s, verify_seconds=stats.verify_s, peak_memory_mb=c.peak_memory_mb,
             output_tokens=c.output.tokens,
-            exact=None if c.method == reference or ref is None else c.output.tokens == ref,
             passed=s.passed, exact_match=s.exact_match, edit_similarity=s.edit_similarity,
             completion=answer, position=c.position,
         ))
@@ -228,6 +224,10 @@ class BenchResult:
 
 def report_notes(metadata: dict[str, Any]) -> str:
     notes = LEGEND.format(steps=metadata["target_steps"], memory=metadata["peak_memory"], **metadata)
+    floors = ", ".join(f"{f['floor_tokens_per_s']:.0f} tok/s in {d} ({f['weight_mb']:.0f} MB of weights)"
+                       for d, f in metadata["weight_read_floor"].items())
+    notes += (f" Weight-read floor of this machine (a one-token step that only reads every weight once, at "
+              f"{metadata['read_bandwidth_gb_s']:.1f} GB/s measured): {floors}.")
     if metadata["truncated_prompts"]:
         notes += (" Prompts cut to their last tokens to fit the model's context: "
                   f"{', '.join(metadata['truncated_prompts'])}.")
@@ -269,6 +269,33 @@ def run_metadata(config: BenchConfig, target: LoadedModel, **extra: Any) -> dict
     }
 
 
+def read_bandwidth_gb_s(device: torch.device, megabytes: int = 512) -> float:
+    """Memory read bandwidth: the best of a few full reads (sums) of a buffer much larger than the caches."""
+    buffer = torch.ones(megabytes * 2**20 // 4, device=device)
+    best = float("inf")
+    for _ in range(5):
+        _sync(device)
+        start = time.perf_counter()
+        buffer.sum()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return buffer.numel() * 4 / best / 1e9
+
+
+def weight_read_floor(model: torch.nn.Module, bandwidth_gb_s: float) -> dict[str, float]:
+    """Tokens/s if each one-token step did nothing but read every weight once (tied weights counted once)."""
+    weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    return {"weight_mb": weight_bytes / 2**20, "floor_tokens_per_s": bandwidth_gb_s * 1e9 / weight_bytes}
+
+
+def cast(target: LoadedModel, dtype: str) -> LoadedModel:
+    """The same weights in another dtype (a copy: the run's own model stays as it is)."""
+    import copy
+
+    model = copy.deepcopy(target.model).to(getattr(torch, dtype))
+    return LoadedModel(model=model, tokenizer=target.tokenizer, name=f"{target.name}@{dtype}")
+
+
 def run_bench(
     config: BenchConfig,
     console: Any = None,
@@ -286,8 +313,13 @@ def run_bench(
     if target is None:
         with _status(console, f"loading {config.target}"):
             target = load_model(config.target, device=config.device, dtype=config.dtype)
+    run_dtype = str(target.dtype).removeprefix("torch.")
+    dtype_of = {s.name: s.dtype or run_dtype for s in specs}
     with _status(console, "building methods"):
-        methods = [build_method(s, target, config.max_new_tokens, config.seed) for s in specs]
+        targets = {d: target if d == run_dtype else cast(target, d) for d in set(dtype_of.values())}
+        methods = [build_method(s, targets[dtype_of[s.name]], config.max_new_tokens, config.seed) for s in specs]
+    hf_greedy_in = {dtype_of[s.name]: s.name for s in specs if s.kind == "hf-greedy"}
+    same_dtype_baseline = {s.name: hf_greedy_in[dtype_of[s.name]] for s in specs if dtype_of[s.name] in hf_greedy_in}
     prompts, truncated = [], []
     for t in tasks:
         ids = target.encode(t.prompt)
@@ -313,10 +345,14 @@ def run_bench(
     reference = BASELINE if BASELINE in names else PLAIN if PLAIN in names else names[0]
     with _status(console, "scoring (HumanEval tests run in a sandboxed process)"):
         records = make_records(calls, tasks, lambda ids: target.tokenizer.decode(ids, skip_special_tokens=True),
-                               reference, run_tests=config.pass_at_1)
-    summaries = summarize(records, baseline=baseline, plain=PLAIN if PLAIN in names else None, reference=reference)
+                               run_tests=config.pass_at_1)
+    summaries = summarize(records, baseline=baseline, plain=PLAIN if PLAIN in names else None, reference=reference,
+                          same_dtype_baseline=same_dtype_baseline)
+    bandwidth = read_bandwidth_gb_s(target.device)
+    floors = {d: weight_read_floor(t.model, bandwidth) for d, t in targets.items()}
     metadata = run_metadata(config, target, baseline=baseline, reference=reference,
-                            warmup_prompt=tasks[0].task_id, truncated_prompts=truncated)
+                            warmup_prompt=tasks[0].task_id, truncated_prompts=truncated,
+                            read_bandwidth_gb_s=bandwidth, weight_read_floor=floors)
     notes = report_notes(metadata)
     out = Path(config.out or f"bench-results/{datetime.now():%Y%m%d-%H%M%S}")
     return BenchResult(records, summaries, metadata, notes, write_report(out, records, summaries, metadata, notes))
