@@ -135,10 +135,12 @@ def test_lean_backend_serves_llama_family_and_falls_back_otherwise(target):
     assert isinstance(cached_lm(gemma), HFCachedLM)  # sliding windows, q/k norms: transformers' own forward
 
 
-def test_ngram_drafter_copies_the_most_recent_continuation():
+def test_ngram_drafter_copies_the_continuation_of_the_first_occurrence():
     drafter = NgramDrafter(min_n=1, max_n=3)
     context = [5, 6, 7, 8, 1, 5, 6, 9, 2, 5, 6]
-    assert drafter.propose(context, 3).tokens == [9, 2, 5]  # "5 6" last seen before "9 2 5"
+    assert drafter.propose(context, 3).tokens == [7, 8, 1]  # "5 6" first seen before "7 8 1"
     context += [9, 2]
-    assert drafter.propose(context, 2).tokens == [5, 6]  # incremental update saw "6 9 2" -> "5 6"
+    assert drafter.propose(context, 2).tokens == [5, 6]  # the longest match, "6 9 2", was indexed incrementally
+    context += [4]
+    assert drafter.propose(context, 2).tokens == []  # "4" never occurred before
     assert drafter.propose([1, 2, 3], 4).tokens == []  # shorter context: a new request, nothing repeats

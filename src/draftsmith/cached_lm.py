@@ -3,12 +3,16 @@ tree mask), get float32 logits, keep or drop cache entries by moving a length.
 
 Two backends behind one interface:
 - `LeanLlama`: Llama-family models (Llama, SmolLM, Mistral, Qwen2) run by a short forward of our own over a
-  preallocated cache, reading the transformers model's own weights. Rolling back is setting `length`; no
-  per-step allocation beyond activations; q/k/v and gate/up are fused into one matmul each.
+  preallocated cache, from the transformers model's weights. Rolling back is setting `length`; no per-step
+  allocation beyond activations; q/k/v and gate/up are fused into one matmul each; each weight is stored in
+  whichever layout multiplies faster on this machine (on a 2-core AVX-512 CPU: [in, out] for fp32, 1.5x faster
+  than torch's [out, in]; [out, in] for bf16).
 - `HFCachedLM`: any other transformers causal LM, through its own forward and a cropped DynamicCache.
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 import torch.nn.functional as F
@@ -72,7 +76,9 @@ class LeanLlama:
         inner = model.model
         self.embed = inner.embed_tokens.weight
         self.final_norm = inner.norm.weight
-        self.lm_head = model.lm_head.weight
+        self.transposed = _transposed_is_faster(model.lm_head.weight)
+        layout = (lambda w: w.t().contiguous()) if self.transposed else (lambda w: w)
+        self.lm_head = layout(model.lm_head.weight)
         self.layers = []
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -80,12 +86,12 @@ class LeanLlama:
             self.layers.append(
                 dict(
                     attn_norm=layer.input_layernorm.weight,
-                    wqkv=torch.cat([p.weight for p in projections]),
+                    wqkv=layout(torch.cat([p.weight for p in projections])),
                     bqkv=torch.cat([p.bias for p in projections]) if attn.q_proj.bias is not None else None,
-                    wo=attn.o_proj.weight,
+                    wo=layout(attn.o_proj.weight),
                     mlp_norm=layer.post_attention_layernorm.weight,
-                    w_gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
-                    w_down=mlp.down_proj.weight,
+                    w_gate_up=layout(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
+                    w_down=layout(mlp.down_proj.weight),
                 )
             )
         # RoPE tables from the model's own rotary module, so every scaling variant is honoured
@@ -145,7 +151,9 @@ class LeanLlama:
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         for i, w in enumerate(self.layers):
             h = _rms_norm(x, w["attn_norm"], self.eps)
-            qkv = F.linear(h, w["wqkv"], w["bqkv"])
+            qkv = self._mm(h, w["wqkv"])
+            if w["bqkv"] is not None:
+                qkv = qkv + w["bqkv"]
             q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
             q = _rope(q.view(1, n, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
             k = _rope(k.view(1, n, self.n_kv, self.head_dim).transpose(1, 2), cos, sin)
@@ -153,14 +161,17 @@ class LeanLlama:
             self.v_cache[i, :, start:end] = v.view(n, self.n_kv, self.head_dim).transpose(0, 1)
             keys, values = self.k_cache[i : i + 1, :, :end], self.v_cache[i : i + 1, :, :end]
             attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
-            x = x + F.linear(attn.transpose(1, 2).reshape(1, n, q_size), w["wo"])
+            x = x + self._mm(attn.transpose(1, 2).reshape(1, n, q_size), w["wo"])
             h = _rms_norm(x, w["mlp_norm"], self.eps)
-            gate, up = F.linear(h, w["w_gate_up"]).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, w["w_down"])
+            gate, up = self._mm(h, w["w_gate_up"]).chunk(2, dim=-1)
+            x = x + self._mm(F.silu(gate) * up, w["w_down"])
         self.length = end
         if last_only:
             x = x[:, -1:]
-        return F.linear(_rms_norm(x, self.final_norm, self.eps), self.lm_head)[0].float()
+        return self._mm(_rms_norm(x, self.final_norm, self.eps), self.lm_head)[0].float()
+
+    def _mm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return x @ weight if self.transposed else F.linear(x, weight)
 
     @torch.inference_mode()
     def keep(self, start: int, offsets: list[int]) -> None:
@@ -173,6 +184,23 @@ class LeanLlama:
 
     def truncate(self, length: int) -> None:
         self.length = length  # entries past the length are dead: the next forward overwrites them
+
+
+@torch.inference_mode()
+def _transposed_is_faster(weight: torch.Tensor, repeats: int = 5) -> bool:
+    """Time one-token products with `weight` as stored ([out, in]) and transposed ([in, out]); CPU only, where
+    BLAS kernels differ by layout and dtype (on CUDA the stored layout is kept)."""
+    if weight.device.type != "cpu":
+        return False
+    x, transposed = torch.randn(1, weight.shape[1], dtype=weight.dtype), weight.t().contiguous()
+    best = {}
+    for name, run in (("stored", lambda: F.linear(x, weight)), ("transposed", lambda: x @ transposed)):
+        run()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            run()
+        best[name] = time.perf_counter() - start
+    return best["transposed"] < best["stored"]
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -13,12 +13,20 @@ DEMO_PROMPTS = 10
 DEMO_MAX_NEW_TOKENS = 128
 
 
+def demo_methods(k: int, with_bf16: bool) -> list[str]:
+    """HF greedy and HF prompt lookup (the references), our plain loop and our adaptive n-gram drafter; the
+    same again in bf16 where the hardware has fast bf16, each judged against HF in its own dtype."""
+    methods = ["hf-greedy", "hf-prompt-lookup:10", "plain", f"ngram:k={k},adaptive=1"]
+    return methods + [f"{m}@bf16" for m in methods] if with_bf16 else methods
+
+
 def demo_config(target: str = "smollm2", prompts: int = DEMO_PROMPTS, max_new_tokens: int = DEMO_MAX_NEW_TOKENS,
-                k: int = 8, device: str = "cpu", dtype: str = "float32") -> BenchConfig:
-    """HF greedy and HF prompt lookup (the references), our plain loop and our n-gram drafter; pass@1 on."""
+                k: int = 16, device: str = "cpu", dtype: str = "float32") -> BenchConfig:
+    from draftsmith.models import has_fast_bf16, resolve_device
+
     return BenchConfig(target=target, workload="humaneval", limit=prompts, max_new_tokens=max_new_tokens,
-                       methods=["hf-greedy", "hf-prompt-lookup:10", "plain", f"ngram:k={k}"], device=device,
-                       dtype=dtype, pass_at_1=True)
+                       methods=demo_methods(k, has_fast_bf16(resolve_device(device)) and dtype == "float32"),
+                       device=device, dtype=dtype, pass_at_1=True)
 
 
 def run_demo(console: Console | None = None, **options) -> BenchResult:

@@ -9,6 +9,7 @@ from rich.console import Console
 
 from draftsmith.bench.config import DEFAULT_METHODS, BenchConfig
 from draftsmith.bench.report import markdown_table
+from draftsmith.cli_options import Device, Dtype, Target
 
 if TYPE_CHECKING:
     from draftsmith.bench.runner import BenchResult
@@ -31,17 +32,17 @@ def run_and_show(config: BenchConfig, console: Console | None = None) -> BenchRe
 
 
 def bench_command(
-    target: Annotated[str, typer.Option(help="HF hub id, local folder, .gguf file, or embedded alias 'smollm2'.")]
-    = "smollm2",
+    target: Target = "smollm2",
     workload: Annotated[str, typer.Option(help="humaneval | lines | blocks (line/block completion on code).")]
     = "humaneval",
     methods: Annotated[str, typer.Option(
-        help="Comma list: hf-greedy, hf-prompt-lookup:N, hf-assisted:PATH, plain, ngram[:k=8], model:PATH[:k=4]."
+        help="Comma list: hf-greedy, hf-prompt-lookup:N, hf-assisted:PATH, plain, ngram[:k=8,adaptive=1], "
+             "model:PATH[:k=4]; add @bf16 (or @fp32) to run a method in that dtype."
     )] = ",".join(DEFAULT_METHODS),
     limit: Annotated[int, typer.Option(help="Prompts to run; the first also serves as an untimed warm-up.")] = 20,
     max_new_tokens: int = 128,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="float32 (bit-exact greedy), bfloat16, float16 or auto.")] = "float32",
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
     out: Annotated[Optional[str], typer.Option(help="Output folder (default: bench-results/<timestamp>).")] = None,
     seed: int = 0,
     pass_at_1: Annotated[bool, typer.Option("--pass-at-1/--no-pass-at-1",

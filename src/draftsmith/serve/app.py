@@ -69,9 +69,9 @@ class Server:
     """The engine behind the routes: turns requests into validated jobs and jobs into responses."""
 
     def __init__(self, loaded: LoadedModel, drafter_spec: str, k: int, model_name: str, queue_size: int,
-                 **drafter_options):
+                 adaptive: bool = False, **drafter_options):
         GenerationConfig(k=k)  # refuse a bad k at start-up rather than at the first request
-        self.loaded, self.k, self.model_name = loaded, k, model_name
+        self.loaded, self.k, self.adaptive, self.model_name = loaded, k, adaptive, model_name
         self.engine = SpecEngine(loaded.model, build_drafter(drafter_spec, loaded, **drafter_options),
                                  loaded.tokenizer)
         self.metrics = Metrics()
@@ -131,7 +131,8 @@ class Server:
             top_p=1.0 if body.top_p is None else body.top_p,
             seed=body.seed,
         )
-        return GenerationConfig(max_new_tokens=max_tokens, k=self.k, sampling=sampling, stop=body.stop_strings)
+        return GenerationConfig(max_new_tokens=max_tokens, k=self.k, adaptive=self.adaptive, sampling=sampling,
+                                stop=body.stop_strings)
 
     # -- jobs -> responses
 
@@ -228,10 +229,11 @@ def create_app(
     k: int = 8,
     model_name: str | None = None,
     queue_size: int = 64,
+    adaptive: bool = False,
     **drafter_options,
 ) -> FastAPI:
     """An app serving `loaded` with speculative decoding; the engine worker runs while the app is up."""
-    server = Server(loaded, drafter_spec, k, model_name or loaded.name, queue_size, **drafter_options)
+    server = Server(loaded, drafter_spec, k, model_name or loaded.name, queue_size, adaptive, **drafter_options)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -1,0 +1,16 @@
+"""CLI options shared by several commands, declared once."""
+
+from typing import Annotated
+
+import typer
+
+Target = Annotated[str, typer.Option(help="HF hub id, local folder, .gguf file, or embedded alias 'smollm2'.")]
+Drafter = Annotated[str, typer.Option(help="none | ngram | model:PATH (draft LM with the target's tokenizer).")]
+Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
+Dtype = Annotated[str, typer.Option(help="auto (bf16 where the hardware has fast bf16, else fp32), float32 "
+                                         "(bit-exact fp32 greedy), bfloat16 or float16.")]
+DraftTokens = Annotated[int, typer.Option("--k", help="Draft tokens per target step, at most (0 = plain decoding).")]
+Adaptive = Annotated[bool, typer.Option("--adaptive/--fixed-k", help="Choose each step's draft length (up to k) "
+                                        "from this machine's measured verify costs and recent acceptance.")]
+NgramMax = Annotated[int, typer.Option(help="Longest n-gram the ngram drafter looks up.")]
+TrustRemoteCode = Annotated[bool, typer.Option(help="Run model code shipped with a hub model (off: safer).")]
