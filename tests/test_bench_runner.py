@@ -5,13 +5,14 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from draftsmith.bench.config import BenchConfig, parse_method
 from draftsmith.bench.linecomplete import LineCase, cut_completion, edit_similarity, exact_match
 from draftsmith.bench.runner import Method, Output, build_method, run_bench, run_interleaved
 from draftsmith.bench.workloads import Task
 from draftsmith.errors import ConfigError
-from draftsmith.models import LoadedModel
+from draftsmith.models import LoadedModel, has_fast_bf16
 from test_errors import saved_target  # noqa: F401  (the tiny model saved to a folder; belongs in conftest.py)
 from tiny_models import char_tokenizer, tiny_llama
 
@@ -171,8 +172,10 @@ def test_demo_runs_the_bench_runner(saved_target, tmp_path):
     reports = list(tmp_path.glob("bench-results/*/report.json"))
     assert len(reports) == 1
     data = json.loads(reports[0].read_text())
-    assert data["metadata"]["methods"] == ["hf-greedy", "hf-prompt-lookup:10", "plain", "ngram:k=8"]
-    assert data["metadata"]["pass_at_1"] and "| ngram:k=8 | 1 |" in proc.stdout
+    fp32 = ["hf-greedy", "hf-prompt-lookup:10", "plain", "ngram:k=16,adaptive=1"]
+    with_bf16 = has_fast_bf16(torch.device("cpu"))  # then every method runs in bf16 too
+    assert data["metadata"]["methods"] == fp32 + ([f"{m}@bf16" for m in fp32] if with_bf16 else [])
+    assert data["metadata"]["pass_at_1"] and "| ngram:k=16,adaptive=1 | 1 |" in proc.stdout
 
 
 def test_methods_in_another_dtype_are_compared_within_their_dtype(saved_target, tmp_path):
