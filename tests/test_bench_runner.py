@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from draftsmith.bench.config import BenchConfig, parse_method
+from draftsmith.bench.config import BenchConfig, parse_method, split_methods
 from draftsmith.bench.linecomplete import LineCase, cut_completion, edit_similarity, exact_match
 from draftsmith.bench.runner import Method, Output, build_method, run_bench, run_interleaved
 from draftsmith.bench.workloads import Task
@@ -119,6 +119,11 @@ def test_hf_reference_methods_agree_with_greedy(saved_target):
     assert greedy.target_steps == len(greedy.tokens) == 12
     for out in outputs.values():
         assert out.tokens == greedy.tokens and out.seconds > 0 and out.stats is None
+
+
+def test_method_list_keeps_options_with_their_method():
+    assert split_methods("hf-greedy, ngram:k=16,adaptive=1@bf16,plain,model:/a/b:k=4,adaptive=1") == [
+        "hf-greedy", "ngram:k=16,adaptive=1@bf16", "plain", "model:/a/b:k=4,adaptive=1"]
 
 
 def test_method_specs():

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 from rich.console import Console
 
-from draftsmith.bench.config import DEFAULT_METHODS, BenchConfig
+from draftsmith.bench.config import DEFAULT_METHODS, BenchConfig, split_methods
 from draftsmith.bench.report import markdown_table
 from draftsmith.cli_options import Device, Dtype, Target
 
@@ -50,7 +50,7 @@ def bench_command(
 ) -> None:
     """Benchmark methods on one model, interleaved per prompt: speed, tau, exactness, pass@1 or EM/ES."""
     run_and_show(BenchConfig(
-        target=target, workload=workload, methods=[m for m in methods.split(",") if m.strip()], limit=limit,
+        target=target, workload=workload, methods=split_methods(methods), limit=limit,
         max_new_tokens=max_new_tokens, device=device, dtype=dtype, seed=seed, pass_at_1=pass_at_1, out=out,
     ))
 

@@ -67,6 +67,18 @@ def parse_method(spec: str) -> MethodSpec:
     return MethodSpec(spec, kind, arg, options, DTYPE_NAMES.get(dtype))
 
 
+def split_methods(text: str) -> list[str]:
+    """A comma list of method specs, where a spec's own key=value options may follow it after commas too:
+    "plain,ngram:k=16,adaptive=1@bf16" is ["plain", "ngram:k=16,adaptive=1@bf16"]."""
+    methods: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if methods and "=" in part and ":" not in part:
+            methods[-1] += f",{part}"
+        elif part:
+            methods.append(part)
+    return methods
+
+
 @dataclass
 class BenchConfig:
     target: str = "smollm2"

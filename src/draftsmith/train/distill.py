@@ -324,11 +324,18 @@ def distill(
     heldout = TokenChunks(heldout_docs, tokenizer, config.seq_len, max_chunks=config.eval_chunks)
 
     loss_fn = DistillLoss(teacher, config.alpha, config.temperature, config.on_policy, pad_id(tokenizer))
-    result = trainer.fit(student, train_data, loss_fn, HeldoutEval(teacher, heldout, train.batch_size))
+    evaluate = HeldoutEval(teacher, heldout, train.batch_size)
+    # the untrained student's score is the number training has to beat
+    untrained = evaluate(student.to(trainer.device).eval()) if trainer.is_main_process else None
+    if untrained is not None:
+        print(f"untrained student on held-out data: greedy match {untrained['greedy_match']:.3f}, "
+              f"ce {untrained['ce']:.3f}")
+    result = trainer.fit(student, train_data, loss_fn, evaluate)
 
     if trainer.is_main_process:
         save_student(student, tokenizer, teacher, train.out_dir)
         summary = {"step": result.step, "train": result.metrics, "heldout": result.eval,
+                   "heldout_untrained": untrained,
                    "distill": asdict(config), "trainer": asdict(train)}
         (train.out_dir / "distill.json").write_text(json.dumps(summary, indent=2, default=str))
     trainer.accelerator.wait_for_everyone()
