@@ -21,6 +21,7 @@ import torch
 
 CALIBRATION_SIZES = (1, 2, 4, 8, 12, 16, 24, 32)
 CALIBRATION_CONTEXT = 200
+COST_MODEL_VERSION = 2  # part of the cache key: bump when a backend's forward changes, so costs are re-measured
 
 
 @dataclass
@@ -46,7 +47,7 @@ def calibration_key(model: torch.nn.Module, backend: str) -> str:
     config = json.dumps(model.config.to_dict(), sort_keys=True, default=str)
     digest = hashlib.sha1(config.encode()).hexdigest()[:12]
     device = next(model.parameters()).device
-    return f"{digest}-{device}-{model.dtype}-{backend}-threads{torch.get_num_threads()}"
+    return f"v{COST_MODEL_VERSION}-{digest}-{device}-{model.dtype}-{backend}-threads{torch.get_num_threads()}"
 
 
 @torch.inference_mode()
