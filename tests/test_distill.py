@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -12,12 +13,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from draftsmith.data.corpus import load_corpus
+from draftsmith.drafters import build_drafter
+from draftsmith.engine import GenerationConfig, SpecEngine
+from draftsmith.models import LoadedModel
 from draftsmith.errors import ConfigError
 from draftsmith.train.cli import register
 from draftsmith.train.distill import (DistillConfig, DistillLoss, StudentConfig, TokenChunks, build_student,
                                       distill, distill_loss, principal_basis)
 from draftsmith.train.trainer import Trainer, TrainConfig, list_checkpoints
-from tiny_models import char_tokenizer, tiny_llama
+from tiny_models import char_tokenizer, hf_greedy, tiny_llama
 
 TINY_STUDENT = StudentConfig(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1)
 
@@ -168,6 +172,17 @@ def test_saved_student_loads_with_from_pretrained(corpus, teacher, tmp_path):
         assert torch.equal(loaded.state_dict()[name], weight), name
     logits = loaded(input_ids=torch.tensor([[5, 6, 7]])).logits
     assert logits.shape == (1, 3, teacher.config.vocab_size)
+    summary = json.loads((out / "distill.json").read_text())
+    assert 0 <= summary["heldout_untrained"]["greedy_match"] <= 1  # the untrained score, to compare with
+
+    # the student is a drafter as `--drafter model:DIR` builds it, and decoding with it stays exact
+    target = LoadedModel(model=teacher, tokenizer=char_tokenizer(), name="teacher")
+    drafter = build_drafter(f"model:{out}", target)
+    for prompt in ("def f3(x0):\n    x1 = x0", "    return x"):
+        ids = char_tokenizer()(prompt).input_ids
+        for k in (1, 3, 8):
+            result = SpecEngine(teacher, drafter).generate(ids, GenerationConfig(max_new_tokens=30, k=k))
+            assert result.tokens == hf_greedy(teacher, ids, 30)
 
 
 def test_embedding_init_keeps_the_most_of_the_target():
