@@ -94,6 +94,7 @@ def test_fifty_concurrent_streams(tmp_path):
         assert httpx.get(f"{live.url}/health").json()["status"] == "ok"
         metrics = httpx.get(f"{live.url}/metrics").text
     assert memory[-1] - memory[0] < 30, f"resident memory grew by round: {memory}"
+    gc.collect()
     assert not [o for o in gc.get_objects() if type(o) is Job], "jobs outlived their requests"
     counts = {line.split('"')[1]: float(line.split()[-1]) for line in metrics.splitlines()
               if line.startswith("draftsmith_requests_total")}

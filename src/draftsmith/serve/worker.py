@@ -49,6 +49,9 @@ class Job:
 
     def post(self, kind: str, payload: object = None) -> None:
         """From the worker thread: hand one event to the handler's event loop."""
+        if isinstance(payload, BaseException):
+            # the traceback's frames hold this job: an unread error would keep it alive in a cycle
+            payload = payload.with_traceback(None)
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
         except RuntimeError:  # the loop is closed: the server is shutting down and nobody listens
@@ -116,6 +119,7 @@ class EngineWorker:
             try:
                 self._serve(job)
             finally:
+                del job  # waiting for the next job must not keep the last one alive
                 self.busy = False
 
     def _serve(self, job: Job) -> None:
