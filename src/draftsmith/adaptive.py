@@ -21,7 +21,7 @@ import torch
 
 CALIBRATION_SIZES = (1, 2, 4, 8, 12, 16, 24, 32)
 CALIBRATION_CONTEXT = 200
-COST_MODEL_VERSION = 2  # part of the cache key: bump when a backend's forward changes, so costs are re-measured
+COST_MODEL_VERSION = 3  # part of the cache key: bump when a backend's forward changes, so costs are re-measured
 
 
 @dataclass
@@ -50,7 +50,7 @@ def calibration_key(model: torch.nn.Module, backend: str) -> str:
     return f"v{COST_MODEL_VERSION}-{digest}-{device}-{model.dtype}-{backend}-threads{torch.get_num_threads()}"
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def measure_costs(lm, vocab_size: int, sizes=CALIBRATION_SIZES, repeats: int = 5) -> CostCurve:
     """Time forwards of each size on top of a CALIBRATION_CONTEXT-token cache (the lm's state is reset)."""
     generator = torch.Generator().manual_seed(0)

@@ -5,14 +5,16 @@ Two backends behind one interface:
 - `LeanLlama`: Llama-family models (Llama, SmolLM, Mistral, Qwen2) run by a short forward of our own over a
   preallocated cache, from the transformers model's weights. Rolling back is setting `length`; no per-step
   allocation beyond activations; q/k/v and gate/up are fused into one matmul each; each weight is stored in
-  whichever layout multiplies faster on this machine (on a 2-core AVX-512 CPU: [in, out] for fp32, 1.5x faster
-  than torch's [out, in]; [out, in] for bf16).
+  whichever format multiplies fastest on this machine (`WeightFormat`).
 - `HFCachedLM`: any other transformers causal LM, through its own forward and a cropped DynamicCache.
 """
 
 from __future__ import annotations
 
+import functools
 import time
+import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +69,7 @@ class HFCachedLM:
 
 
 class LeanLlama:
-    def __init__(self, model: PreTrainedModel):
+    def __init__(self, model: PreTrainedModel, compile: bool = False):
         cfg = model.config
         self.model, self.device, self.dtype = model, model.device, model.dtype
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -76,8 +78,8 @@ class LeanLlama:
         inner = model.model
         self.embed = inner.embed_tokens.weight
         self.final_norm = inner.norm.weight
-        self.transposed = _transposed_is_faster(model.lm_head.weight)
-        layout = (lambda w: w.t().contiguous()) if self.transposed else (lambda w: w)
+        self.weights = fastest_format(model.lm_head.weight)
+        layout = self.weights.prepare
         self.lm_head = layout(model.lm_head.weight)
         self.layers = []
         for layer in inner.layers:
@@ -97,11 +99,34 @@ class LeanLlama:
         # RoPE tables from the model's own rotary module, so every scaling variant is honoured
         max_positions = cfg.max_position_embeddings
         probe = torch.zeros(1, dtype=self.dtype, device=self.device)
-        with torch.inference_mode():
+        with torch.no_grad():
             cos, sin = inner.rotary_emb(probe, torch.arange(max_positions, device=self.device)[None])
         self.cos, self.sin = cos[0], sin[0]
         self.k_cache = self.v_cache = torch.empty(0)
         self.length = 0
+        self._stack = LeanLlama._forward_stack
+        self.compile_s: float | None = None  # seconds spent compiling, when compiled
+        if compile:
+            self._compile()
+
+    def _compile(self) -> None:
+        """Compile the layer stack for the three shapes a request uses (prefill, one-token step, draft
+        verification), timing it; if the compiler fails, say why and stay eager."""
+        start = time.perf_counter()
+        self._stack = compiled_stack()
+        try:
+            self.reset(8)
+            self.forward([0, 0, 0], last_only=True)  # prefill
+            self.forward([0])  # a step without draft
+            self.forward([0, 0, 0])  # a step that verifies a draft (sizes past 2 share this graph)
+        except Exception as e:  # torch.compile raises many types: no C++ compiler, unsupported op, ...
+            warnings.warn(f"torch.compile failed, running eager instead: {type(e).__name__}: {e}".splitlines()[0],
+                          stacklevel=2)
+            self._stack = LeanLlama._forward_stack
+            return
+        finally:
+            self.reset(0)
+        self.compile_s = time.perf_counter() - start
 
     @staticmethod
     def supports(model: PreTrainedModel) -> bool:
@@ -123,14 +148,15 @@ class LeanLlama:
             return
         size = -(-max(capacity, 1) // CACHE_BLOCK) * CACHE_BLOCK
         shape = (len(self.layers), self.n_kv, size, self.head_dim)
-        k_new = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        v_new = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        with torch.inference_mode(False):  # whoever calls, the cache stays writable outside inference mode
+            k_new = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            v_new = torch.zeros(shape, dtype=self.dtype, device=self.device)
         if self.length:
             k_new[:, :, : self.length] = self.k_cache[:, :, : self.length]
             v_new[:, :, : self.length] = self.v_cache[:, :, : self.length]
         self.k_cache, self.v_cache = k_new, v_new
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: a compiled forward must be able to write into the cache tensors
     def forward(
         self, ids: list[int], positions: list[int] | None = None, tree_mask: torch.Tensor | None = None,
         last_only: bool = False,
@@ -140,14 +166,25 @@ class LeanLlama:
         end = start + n
         self._reserve(end)
         pos = torch.arange(start, end, device=self.device) if positions is None else torch.tensor(positions, device=self.device)
-        cos, sin = self.cos[pos][None, None], self.sin[pos][None, None]
         mask = None
         if tree_mask is not None:
             mask = torch.ones(n, end, dtype=torch.bool, device=self.device)
             mask[:, start:] = tree_mask
         elif n > 1:  # a chain: causal, offset by the cached prefix
             mask = torch.ones(n, end, dtype=torch.bool, device=self.device).tril(start)
-        x = F.embedding(torch.tensor([ids], device=self.device), self.embed)
+        ids_tensor = torch.tensor([ids], device=self.device)
+        logits = self._stack(self, ids_tensor, pos, mask, start, last_only)
+        self.length = end
+        return logits
+
+    def _forward_stack(
+        self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, start: int, last_only: bool
+    ) -> torch.Tensor:
+        """The transformer proper, writing the new keys and values at start..end of the cache."""
+        n = ids.shape[1]
+        end = start + n
+        cos, sin = self.cos[pos][None, None], self.sin[pos][None, None]
+        x = F.embedding(ids, self.embed)
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         for i, w in enumerate(self.layers):
             h = _rms_norm(x, w["attn_norm"], self.eps)
@@ -160,20 +197,38 @@ class LeanLlama:
             self.k_cache[i, :, start:end] = k[0]
             self.v_cache[i, :, start:end] = v.view(n, self.n_kv, self.head_dim).transpose(0, 1)
             keys, values = self.k_cache[i : i + 1, :, :end], self.v_cache[i : i + 1, :, :end]
-            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+            attn = self._attention(q, keys, values, mask)
             x = x + self._mm(attn.transpose(1, 2).reshape(1, n, q_size), w["wo"])
             h = _rms_norm(x, w["mlp_norm"], self.eps)
             gate, up = self._mm(h, w["w_gate_up"]).chunk(2, dim=-1)
             x = x + self._mm(F.silu(gate) * up, w["w_down"])
-        self.length = end
         if last_only:
             x = x[:, -1:]
         return self._mm(_rms_norm(x, self.final_norm, self.eps), self.lm_head)[0].float()
 
-    def _mm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return x @ weight if self.transposed else F.linear(x, weight)
+    def _attention(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """[1, heads, n, head_dim] attention of the new queries over the cache.
 
-    @torch.inference_mode()
+        float32 uses torch's fused kernel, the one transformers uses, so logits match it bit for bit. In lower
+        precision (never bit-exact against transformers anyway) a one-token step on CPU runs a plain softmax
+        attention over grouped queries instead: the fused kernel's setup costs more than the product itself
+        there (0.6 ms of a 15 ms bfloat16 step for SmolLM2-135M); from a few queries on, the fused kernel wins.
+        """
+        n, group = q.shape[2], self.n_heads // self.n_kv
+        if n > 1 or q.dtype == torch.float32 or q.device.type != "cpu":
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        # queries of the heads sharing a key/value head become rows of one product: [1, n_kv, group * n, d]
+        grouped = q.reshape(1, self.n_kv, group * n, self.head_dim) * self.head_dim**-0.5
+        scores = (grouped @ keys.transpose(-1, -2)).float()  # one query sees the whole cache: no mask
+        weights = scores.softmax(-1).to(values.dtype)
+        return (weights @ values).view(1, self.n_heads, n, self.head_dim)
+
+    def _mm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self.weights.multiply(x, weight)
+
+    @torch.no_grad()
     def keep(self, start: int, offsets: list[int]) -> None:
         """Keep entries start + offsets (in that order) at start, start + 1, ...; drop everything after them."""
         if offsets != list(range(len(offsets))):
@@ -186,21 +241,69 @@ class LeanLlama:
         self.length = length  # entries past the length are dead: the next forward overwrites them
 
 
-@torch.inference_mode()
-def _transposed_is_faster(weight: torch.Tensor, repeats: int = 5) -> bool:
-    """Time one-token products with `weight` as stored ([out, in]) and transposed ([in, out]); CPU only, where
-    BLAS kernels differ by layout and dtype (on CUDA the stored layout is kept)."""
+@dataclass(frozen=True)
+class WeightFormat:
+    """How linear weights are stored for `x @ W.T` products: as transformers stores them ([out, in]),
+    transposed ([in, out]), or packed into oneDNN's blocked layout (the format torch.compile's CPU freezing
+    uses). On CPU the fastest differs by machine and dtype: on a 2-core AVX-512 EPYC, where MKL's sgemm does
+    not take its AVX-512 path, oneDNN's packed products ran 2.5x (float32) and 1.6x (bfloat16) faster than
+    F.linear for one token, 3x and 1.5x for 2-16 tokens."""
+
+    name: str
+
+    def prepare(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.name == "transposed":
+            return weight.t().contiguous()
+        if self.name == "onednn":
+            return torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+        return weight
+
+    def multiply(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.name == "transposed":
+            return x @ weight
+        if self.name == "onednn":
+            return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+        return F.linear(x, weight)
+
+
+def candidate_formats(weight: torch.Tensor) -> list[WeightFormat]:
+    """The formats worth timing for this weight. They agree with F.linear up to float rounding (the order of a
+    dot product's additions differs by kernel, as it does between batch sizes within one kernel)."""
     if weight.device.type != "cpu":
-        return False
-    x, transposed = torch.randn(1, weight.shape[1], dtype=weight.dtype), weight.t().contiguous()
-    best = {}
-    for name, run in (("stored", lambda: F.linear(x, weight)), ("transposed", lambda: x @ transposed)):
-        run()
+        return [WeightFormat("stored")]
+    names = ["stored", "transposed"]
+    if torch.backends.mkldnn.is_available():
+        names.append("onednn")
+    return [WeightFormat(name) for name in names]
+
+
+@torch.no_grad()
+def fastest_format(weight: torch.Tensor, repeats: int = 5) -> WeightFormat:
+    """Time one-token products with `weight` in each candidate format and keep the fastest."""
+    formats = candidate_formats(weight)
+    if len(formats) == 1:
+        return formats[0]
+    x = torch.randn(1, 1, weight.shape[1], dtype=weight.dtype)
+    seconds = {}
+    for fmt in formats:
+        try:
+            prepared = fmt.prepare(weight)
+            fmt.multiply(x, prepared)  # warm-up
+        except RuntimeError:  # a torch build without this kernel
+            continue
         start = time.perf_counter()
         for _ in range(repeats):
-            run()
-        best[name] = time.perf_counter() - start
-    return best["transposed"] < best["stored"]
+            fmt.multiply(x, prepared)
+        seconds[fmt] = time.perf_counter() - start
+    return min(seconds, key=seconds.get)
+
+
+@functools.cache
+def compiled_stack():
+    """One compiled layer stack per process, shared by every LeanLlama: torch.compile keeps a graph per shape
+    family and model, and inductor caches its kernels on disk across processes. Dynamic shapes, so that cache
+    lengths and draft sizes do not each trigger a recompilation."""
+    return torch.compile(LeanLlama._forward_stack, dynamic=True)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -216,6 +319,11 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos + rotated * sin
 
 
-def cached_lm(model: PreTrainedModel, lean: bool = True) -> LeanLlama | HFCachedLM:
-    """The fastest backend that runs this model exactly."""
-    return LeanLlama(model) if lean and LeanLlama.supports(model) else HFCachedLM(model)
+def cached_lm(model: PreTrainedModel, lean: bool = True, compile: bool = False) -> LeanLlama | HFCachedLM:
+    """The fastest backend that runs this model exactly (compiled on request: Llama-family models only)."""
+    if lean and LeanLlama.supports(model):
+        return LeanLlama(model, compile=compile)
+    if compile:
+        warnings.warn(f"--compile applies to the lean Llama-family forward; {model.config.model_type} runs eager",
+                      stacklevel=2)
+    return HFCachedLM(model)

@@ -9,7 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from draftsmith.cli_options import Adaptive, Device, DraftTokens, Drafter, Dtype, NgramMax, Target, TrustRemoteCode
+from draftsmith.cli_options import (Adaptive, Compile, Device, DraftTokens, Drafter, Dtype, NgramMax, Target,
+                                   TrustRemoteCode)
 from draftsmith.errors import DraftsmithError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Lossless speculative decoding for code LLMs.")
@@ -44,6 +45,7 @@ def generate(
     device: Device = "cpu",
     dtype: Dtype = "auto",
     ngram_max: NgramMax = 4,
+    compile: Compile = False,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Generate a continuation, streaming it, then print the speculative statistics."""
@@ -62,7 +64,13 @@ def generate(
     if chat:
         prompt = loaded.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                       add_generation_prompt=True)
-    engine = SpecEngine(loaded.model, draft, loaded.tokenizer)
+    if compile:
+        with console.status("compiling the target's forward (once per process)"):
+            engine = SpecEngine(loaded.model, draft, loaded.tokenizer, compile=True)
+        compile_s = engine.runner.compile_s
+        console.print(f"compiled in {compile_s:.1f} s" if compile_s is not None else "compiling failed: eager")
+    else:
+        engine = SpecEngine(loaded.model, draft, loaded.tokenizer)
     sys.stdout.write(prompt)
     result = engine.generate_text(prompt, config, on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
     sys.stdout.write("\n")

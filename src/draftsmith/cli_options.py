@@ -13,4 +13,7 @@ DraftTokens = Annotated[int, typer.Option("--k", help="Draft tokens per target s
 Adaptive = Annotated[bool, typer.Option("--adaptive/--fixed-k", help="Choose each step's draft length (up to k) "
                                         "from this machine's measured verify costs and recent acceptance.")]
 NgramMax = Annotated[int, typer.Option(help="Longest n-gram the ngram drafter looks up.")]
+Compile = Annotated[bool, typer.Option("--compile/--eager", help="torch.compile the target's forward (once per "
+                                       "process, time reported; eager if compiling fails). Measure before "
+                                       "choosing it: on a 2-core CPU it was slower than eager.")]
 TrustRemoteCode = Annotated[bool, typer.Option(help="Run model code shipped with a hub model (off: safer).")]

@@ -80,9 +80,10 @@ class SpecEngine:
         drafter: Drafter | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
         lean: bool = True,  # our own Llama-family forward over a static cache; False: transformers' forward
+        compile: bool = False,  # torch.compile the lean forward (once per process; its time is runner.compile_s)
     ):
         self.model, self.drafter, self.tokenizer = model, drafter, tokenizer
-        self.runner = TargetRunner(model, lean=lean)
+        self.runner = TargetRunner(model, lean=lean, compile=compile)
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.max_context = getattr(model.config, "max_position_embeddings", None)
         self.draft_length: DraftLength | None = None  # adaptive state, kept across requests

@@ -31,9 +31,10 @@ def tree_mask(draft: Draft) -> torch.Tensor:
 class TargetRunner:
     """Owns the target model and its KV cache for one request at a time."""
 
-    def __init__(self, model: PreTrainedModel, lean: bool = True):
+    def __init__(self, model: PreTrainedModel, lean: bool = True, compile: bool = False):
         self.model = model
-        self.lm = cached_lm(model, lean=lean)
+        self.lm = cached_lm(model, lean=lean, compile=compile)
+        self.compile_s: float | None = getattr(self.lm, "compile_s", None)  # None: eager
         self.length = 0  # committed tokens in the cache
 
     def prefill(self, prompt_ids: list[int], capacity: int = 0) -> None:
@@ -60,4 +61,6 @@ class TargetRunner:
     def costs(self) -> CostCurve:
         """This target's forward cost by number of tokens fed (measured once per machine, then cached)."""
         backend = "lean" if isinstance(self.lm, LeanLlama) else "hf"
+        if self.compile_s is not None:
+            backend += "-compiled"
         return calibrated_costs(self.model, self.lm, backend)

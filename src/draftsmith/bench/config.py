@@ -21,7 +21,8 @@ BASELINE = "hf-greedy"  # speedups are measured against it, exactness against it
 PLAIN = "plain"  # our loop without a drafter: its seconds per step set the bound
 DEFAULT_METHODS = ("hf-greedy", "hf-prompt-lookup:10", "plain", "ngram:k=8")
 # method kind -> the key=value options its spec accepts
-OPTIONS = {"plain": (), "ngram": ("k", "min_n", "max_n", "adaptive"), "model": ("k", "adaptive"), "hf-greedy": (),
+OPTIONS = {"plain": ("compile",), "ngram": ("k", "min_n", "max_n", "adaptive", "compile"),
+           "model": ("k", "adaptive", "compile"), "hf-greedy": (),
            "hf-prompt-lookup": (), "hf-assisted": ()}
 DEFAULT_K = {"ngram": 8, "model": 4}
 

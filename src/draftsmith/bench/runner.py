@@ -63,6 +63,7 @@ class Output:
 class Method:
     name: str
     generate: Callable[[list[int]], Output]
+    compile_s: float | None = None  # seconds torch.compile took before the run, for compiled methods
 
 
 def _sync(device: torch.device) -> None:
@@ -74,9 +75,10 @@ def _engine_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int, s
     options = dict(spec.options)
     k = options.pop("k", DEFAULT_K.get(spec.kind, 0))
     adaptive = bool(options.pop("adaptive", 0))
+    compile = bool(options.pop("compile", 0))
     drafter_spec = {"plain": "none", "ngram": "ngram", "model": f"model:{spec.arg}"}[spec.kind]
     # token ids in and out, like HF generate: no tokenizer, so no incremental detokenizing inside the timing
-    engine = SpecEngine(target.model, build_drafter(drafter_spec, target, **options), tokenizer=None)
+    engine = SpecEngine(target.model, build_drafter(drafter_spec, target, **options), tokenizer=None, compile=compile)
     config = GenerationConfig(max_new_tokens=max_new_tokens, k=k, adaptive=adaptive, sampling=SamplingConfig(seed=seed))
 
     def generate(ids: list[int]) -> Output:
@@ -87,7 +89,7 @@ def _engine_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int, s
         seconds = time.perf_counter() - start
         return Output(result.tokens, seconds, result.stats.target_steps, result.stats)
 
-    return Method(spec.name, generate)
+    return Method(spec.name, generate, engine.runner.compile_s)
 
 
 def _hf_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int) -> Method:
@@ -228,6 +230,9 @@ def report_notes(metadata: dict[str, Any]) -> str:
                        for d, f in metadata["weight_read_floor"].items())
     notes += (f" Weight-read floor of this machine (a one-token step that only reads every weight once, at "
               f"{metadata['read_bandwidth_gb_s']:.1f} GB/s measured): {floors}.")
+    if metadata.get("compile_seconds"):
+        compiled = ", ".join(f"{name} {s:.0f} s" for name, s in metadata["compile_seconds"].items())
+        notes += f" torch.compile time before the run (not in tok/s): {compiled}."
     if metadata["truncated_prompts"]:
         notes += (" Prompts cut to their last tokens to fit the model's context: "
                   f"{', '.join(metadata['truncated_prompts'])}.")
@@ -352,7 +357,8 @@ def run_bench(
     floors = {d: weight_read_floor(t.model, bandwidth) for d, t in targets.items()}
     metadata = run_metadata(config, target, baseline=baseline, reference=reference,
                             warmup_prompt=tasks[0].task_id, truncated_prompts=truncated,
-                            read_bandwidth_gb_s=bandwidth, weight_read_floor=floors)
+                            read_bandwidth_gb_s=bandwidth, weight_read_floor=floors,
+                            compile_seconds={m.name: m.compile_s for m in methods if m.compile_s is not None})
     notes = report_notes(metadata)
     out = Path(config.out or f"bench-results/{datetime.now():%Y%m%d-%H%M%S}")
     return BenchResult(records, summaries, metadata, notes, write_report(out, records, summaries, metadata, notes))

@@ -69,11 +69,11 @@ class Server:
     """The engine behind the routes: turns requests into validated jobs and jobs into responses."""
 
     def __init__(self, loaded: LoadedModel, drafter_spec: str, k: int, model_name: str, queue_size: int,
-                 adaptive: bool = False, **drafter_options):
+                 adaptive: bool = False, compile: bool = False, **drafter_options):
         GenerationConfig(k=k)  # refuse a bad k at start-up rather than at the first request
         self.loaded, self.k, self.adaptive, self.model_name = loaded, k, adaptive, model_name
         self.engine = SpecEngine(loaded.model, build_drafter(drafter_spec, loaded, **drafter_options),
-                                 loaded.tokenizer)
+                                 loaded.tokenizer, compile=compile)
         self.metrics = Metrics()
         self.worker = EngineWorker(self.engine, queue_size, self.metrics)
         self.created = int(time.time())
@@ -230,10 +230,12 @@ def create_app(
     model_name: str | None = None,
     queue_size: int = 64,
     adaptive: bool = False,
+    compile: bool = False,
     **drafter_options,
 ) -> FastAPI:
     """An app serving `loaded` with speculative decoding; the engine worker runs while the app is up."""
-    server = Server(loaded, drafter_spec, k, model_name or loaded.name, queue_size, adaptive, **drafter_options)
+    server = Server(loaded, drafter_spec, k, model_name or loaded.name, queue_size, adaptive, compile,
+                    **drafter_options)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -6,7 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from draftsmith.cli_options import Adaptive, Device, DraftTokens, Drafter, Dtype, NgramMax, Target, TrustRemoteCode
+from draftsmith.cli_options import (Adaptive, Compile, Device, DraftTokens, Drafter, Dtype, NgramMax, Target,
+                                   TrustRemoteCode)
 
 
 def serve_command(
@@ -22,6 +23,7 @@ def serve_command(
     model_name: Annotated[Optional[str], typer.Option(help="Name clients use in 'model' (default: --target).")]
     = None,
     ngram_max: NgramMax = 4,
+    compile: Compile = False,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Serve the OpenAI completions and chat API with speculative decoding (one request at a time)."""
@@ -32,7 +34,10 @@ def serve_command(
 
     loaded = load_model(target, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     app = create_app(loaded, drafter, k=k, model_name=model_name or target, queue_size=queue_size,
-                     adaptive=adaptive, max_n=ngram_max)
+                     adaptive=adaptive, compile=compile, max_n=ngram_max)
+    compile_s = app.state.server.engine.runner.compile_s
+    if compile_s is not None:
+        typer.echo(f"compiled the target's forward in {compile_s:.1f} s", err=True)
     uvicorn.run(app, host=host, port=port, log_level="info")
 
 
