@@ -230,6 +230,12 @@ def report_notes(metadata: dict[str, Any]) -> str:
                        for d, f in metadata["weight_read_floor"].items())
     notes += (f" Weight-read floor of this machine (a one-token step that only reads every weight once, at "
               f"{metadata['read_bandwidth_gb_s']:.1f} GB/s measured): {floors}.")
+    if any("@" in method for method in metadata["methods"]):
+        notes += (" A method@dtype runs the target cast to that dtype; its exact column is its agreement with "
+                  "greedy decoding in the same dtype (hf-greedy@dtype when the run has it). Below float32 that "
+                  "agreement is not 100% even for lossless methods: a forward over several tokens (a verified "
+                  "draft) and each kernel round differently from one-token steps, a near-tie between two "
+                  "tokens can flip, and the texts part from there; float32 shows the method itself is exact.")
     if metadata.get("compile_seconds"):
         compiled = ", ".join(f"{name} {s:.0f} s" for name, s in metadata["compile_seconds"].items())
         notes += f" torch.compile time before the run (not in tok/s): {compiled}."
