@@ -135,6 +135,40 @@ def test_lean_backend_serves_llama_family_and_falls_back_otherwise(target):
     assert isinstance(cached_lm(gemma), HFCachedLM)  # sliding windows, q/k norms: transformers' own forward
 
 
+def llama_family_model(family: str, seed: int = 3):
+    """Tiny random models of each architecture the lean backend claims, with their biases where they have them."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    sizes = dict(vocab_size=102, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=512, eos_token_id=1, pad_token_id=0,
+                 bos_token_id=None, tie_word_embeddings=False, initializer_range=0.5)
+    torch.manual_seed(seed)
+    model = {
+        "llama-attention-bias": lambda: LlamaForCausalLM(LlamaConfig(attention_bias=True, **sizes)),
+        "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**sizes)),
+        "mistral": lambda: MistralForCausalLM(MistralConfig(sliding_window=None, **sizes)),
+    }[family]().eval()
+    with torch.no_grad():  # random, not zero, biases: a dropped bias must change the output
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.5)
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = 1, 0
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama-attention-bias", "qwen2", "mistral"])
+def test_lean_backend_is_exact_on_every_family_it_claims(tok, family):
+    from draftsmith.cached_lm import LeanLlama, cached_lm
+
+    model = llama_family_model(family)
+    assert isinstance(cached_lm(model), LeanLlama)
+    engine = SpecEngine(model, NgramDrafter(min_n=1, max_n=3), tok)
+    for prompt in PROMPTS[:2]:
+        ids = tok.encode(prompt)
+        result = engine.generate(ids, GenerationConfig(max_new_tokens=NEW, k=3))
+        assert result.tokens == hf_greedy(model, ids, NEW)
+
+
 def test_ngram_drafter_copies_the_continuation_of_the_first_occurrence():
     drafter = NgramDrafter(min_n=1, max_n=3)
     context = [5, 6, 7, 8, 1, 5, 6, 9, 2, 5, 6]

@@ -91,6 +91,7 @@ class LeanLlama:
                     wqkv=layout(torch.cat([p.weight for p in projections])),
                     bqkv=torch.cat([p.bias for p in projections]) if attn.q_proj.bias is not None else None,
                     wo=layout(attn.o_proj.weight),
+                    bo=attn.o_proj.bias,  # Llama's attention_bias covers o_proj too; Qwen2's does not
                     mlp_norm=layer.post_attention_layernorm.weight,
                     w_gate_up=layout(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
                     w_down=layout(mlp.down_proj.weight),
@@ -198,7 +199,8 @@ class LeanLlama:
             self.v_cache[i, :, start:end] = v.view(n, self.n_kv, self.head_dim).transpose(0, 1)
             keys, values = self.k_cache[i : i + 1, :, :end], self.v_cache[i : i + 1, :, :end]
             attn = self._attention(q, keys, values, mask)
-            x = x + self._mm(attn.transpose(1, 2).reshape(1, n, q_size), w["wo"])
+            out = self._mm(attn.transpose(1, 2).reshape(1, n, q_size), w["wo"])
+            x = x + (out if w["bo"] is None else out + w["bo"])
             h = _rms_norm(x, w["mlp_norm"], self.eps)
             gate, up = self._mm(h, w["w_gate_up"]).chunk(2, dim=-1)
             x = x + self._mm(F.silu(gate) * up, w["w_down"])
