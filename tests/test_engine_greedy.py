@@ -178,3 +178,15 @@ def test_ngram_drafter_copies_the_continuation_of_the_first_occurrence():
     context += [4]
     assert drafter.propose(context, 2).tokens == []  # "4" never occurred before
     assert drafter.propose([1, 2, 3], 4).tokens == []  # shorter context: a new request, nothing repeats
+
+
+def test_raw_prompts_get_the_tokenizers_special_tokens_and_templated_ones_keep_theirs():
+    from tokenizers.processors import TemplateProcessing
+
+    from draftsmith.models import encode_prompt
+
+    bos_tok = char_tokenizer()
+    bos_tok.backend_tokenizer.post_processor = TemplateProcessing(single="<eos> $A", special_tokens=[("<eos>", 1)])
+    plain = char_tokenizer()("ab").input_ids
+    assert encode_prompt(bos_tok, "ab") == [1] + plain  # what HF generate users feed (Gemma needs its BOS)
+    assert encode_prompt(bos_tok, "<eos>ab", templated=True) == [1] + plain  # the template wrote it: not twice

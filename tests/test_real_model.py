@@ -50,3 +50,29 @@ def test_greedy_exact_on_humaneval_prompts(smollm2, prompts):
             result = engine.generate(ids, GenerationConfig(max_new_tokens=NEW, k=k))
             assert result.tokens == reference, (name, k)
             assert result.text == smollm2.tokenizer.decode(reference, skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def gemma3():
+    return load_model("gemma3", dtype="float32")
+
+
+def test_gemma3_another_architecture_and_tokenizer_is_exact(gemma3):
+    """Gemma 3 270M (sliding-window layers, a 262k vocabulary) runs through transformers' own forward."""
+    from draftsmith.cached_lm import HFCachedLM
+
+    ids = gemma3.encode(load_problems()[0].prompt)
+    assert ids[0] == gemma3.tokenizer.bos_token_id  # raw prompts get the model's own BOS, as generate users give it
+    reference = hf_greedy(gemma3.model, ids, 24)
+    engine = SpecEngine(gemma3.model, NgramDrafter(), gemma3.tokenizer)
+    assert isinstance(engine.runner.lm, HFCachedLM)
+    for k in (1, 8):
+        assert engine.generate(ids, GenerationConfig(max_new_tokens=24, k=k)).tokens == reference
+
+
+def test_a_drafter_with_another_tokenizer_is_refused(smollm2, gemma3):
+    from draftsmith.errors import IncompatibleDrafterError
+    from draftsmith.models import check_same_vocabulary
+
+    with pytest.raises(IncompatibleDrafterError, match="different vocabulary"):
+        check_same_vocabulary(gemma3, smollm2)

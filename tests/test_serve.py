@@ -65,7 +65,7 @@ def test_streamed_completion_equals_generate(client, engine):
 
 
 def test_chat_equals_generate_on_the_template(client, engine):
-    expected = engine.generate_text(chat_prompt(engine, "Write add."), greedy(20)).text
+    expected = engine.generate_text(chat_prompt(engine, "Write add."), greedy(20), templated=True).text
     messages = [{"role": "user", "content": "Write add."}]
     response = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=20, temperature=0)
     assert response.choices[0].message.role == "assistant"

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
+
+from draftsmith.paths import cache_dir
 
 CALIBRATION_SIZES = (1, 2, 4, 8, 12, 16, 24, 32)
 CALIBRATION_CONTEXT = 200
@@ -37,10 +37,6 @@ class CostCurve:
                 return s0 + (s1 - s0) * (max(n, n0) - n0) / (n1 - n0)
         (n0, s0), (n1, s1) = pairs[-2], pairs[-1]
         return s1 + (s1 - s0) * (n - n1) / (n1 - n0)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "draftsmith"
 
 
 def calibration_key(model: torch.nn.Module, backend: str) -> str:

@@ -72,7 +72,8 @@ def generate(
     else:
         engine = SpecEngine(loaded.model, draft, loaded.tokenizer)
     sys.stdout.write(prompt)
-    result = engine.generate_text(prompt, config, on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+    result = engine.generate_text(prompt, config, on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()),
+                                  templated=chat)
     sys.stdout.write("\n")
     console.print(stats_table(drafter, result.stats.as_dict(), f"finish: {result.finish_reason}"))
 

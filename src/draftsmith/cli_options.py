@@ -4,7 +4,8 @@ from typing import Annotated
 
 import typer
 
-Target = Annotated[str, typer.Option(help="HF hub id, local folder, .gguf file, or embedded alias 'smollm2'.")]
+Target = Annotated[str, typer.Option(help="HF hub id, local folder, .gguf file, or an embedded alias: "
+                                          "'smollm2' (the default), 'gemma3'.")]
 Drafter = Annotated[str, typer.Option(help="none | ngram | model:PATH (draft LM with the target's tokenizer).")]
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
 Dtype = Annotated[str, typer.Option(help="auto (bf16 where the hardware has fast bf16, else fp32), float32 "

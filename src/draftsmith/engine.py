@@ -14,7 +14,7 @@ from draftsmith.adaptive import DraftLength
 from draftsmith.draft import Draft
 from draftsmith.drafters import Drafter
 from draftsmith.errors import ConfigError
-from draftsmith.models import eos_token_ids
+from draftsmith.models import encode_prompt, eos_token_ids
 from draftsmith.streaming import TextStream
 from draftsmith.verify import TargetRunner
 
@@ -94,12 +94,14 @@ class SpecEngine:
         self.draft_length.max_k = max_k
         return self.draft_length
 
-    def generate_text(self, prompt: str, config: GenerationConfig, on_text: Callable[[str], None] | None = None):
-        if not prompt:
-            raise ConfigError("the prompt is empty: give at least one character of text")
+    def generate_text(
+        self, prompt: str, config: GenerationConfig, on_text: Callable[[str], None] | None = None,
+        templated: bool = False,
+    ):
+        """Generate from text; `templated` when the prompt went through the chat template (it has its BOS)."""
         if self.tokenizer is None:
             raise ConfigError("generate_text needs an engine built with a tokenizer")
-        return self.generate(self.tokenizer(prompt, add_special_tokens=False).input_ids, config, on_text)
+        return self.generate(encode_prompt(self.tokenizer, prompt, templated), config, on_text)
 
     def generate(
         self, prompt_ids: list[int], config: GenerationConfig, on_text: Callable[[str], None] | None = None

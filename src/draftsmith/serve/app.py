@@ -111,7 +111,7 @@ class Server:
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except TemplateError as e:  # templates raise on messages they refuse (roles out of order, ...)
             raise ApiError(400, f"the chat template refused the messages: {e}", param="messages") from None
-        return self.loaded.encode(text)
+        return self.loaded.encode(text, templated=True)
 
     def config(self, body: GenerationRequest, prompt_ids: list[int], max_tokens: int | None,
                default_max_tokens: int | None) -> GenerationConfig:
