@@ -20,7 +20,8 @@ console = Console(stderr=True)
 
 def stats_table(name: str, s: dict, title: str) -> Table:
     table = Table(title=title)
-    columns = ("drafter", "new tokens", "target steps", "tokens/s", "tau", "acceptance", "draft s", "verify s")
+    # short headers: the table must fit an 80-column terminal without clipping them
+    columns = ("drafter", "new tokens", "target steps", "tok/s", "tau", "accept", "draft s", "verify s")
     for column in columns:
         table.add_column(column, justify="right" if column != "drafter" else "left")
     table.add_row(name, str(s["new_tokens"]), str(s["target_steps"]), f"{s['tokens_per_s']:.1f}", f"{s['tau']:.2f}",
