@@ -112,6 +112,12 @@ def test_models_and_health(client, live):
         ("/v1/completions", {"max_tokens": 4}, 400, "prompt"),
         ("/v1/completions", {"prompt": "x", "n": 3}, 400, "n"),
         ("/v1/completions", {"prompt": "x", "model": "gpt-9"}, 404, "model"),
+        ("/v1/completions", {"prompt": "x", "echo": True}, 400, "echo"),  # would change the output: refused
+        ("/v1/completions", {"prompt": "x", "logprobs": 3}, 400, "logprobs"),
+        ("/v1/completions", {"prompt": "x", "best_of": 2}, 400, "best_of"),
+        ("/v1/completions", {"prompt": "x", "frequency_penalty": 0.5}, 400, "frequency_penalty"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400,
+         "logprobs"),
         ("/v1/chat/completions", {"messages": []}, 400, "messages"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
@@ -135,7 +141,8 @@ def test_openai_client_raises_on_errors(client):
 
 
 def test_extra_fields_are_ignored(live, engine):
-    body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0, "user": "me", "frequency_penalty": 0}
+    body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0, "user": "me", "frequency_penalty": 0,
+            "echo": False, "logprobs": None, "best_of": 1, "logit_bias": {}}  # no-op values of unsupported ones
     response = httpx.post(f"{live.url}/v1/completions", json=body)
     assert response.status_code == 200
     assert response.json()["choices"][0]["text"] == engine.generate_text(PROMPT, greedy(8)).text

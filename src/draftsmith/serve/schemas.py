@@ -36,6 +36,13 @@ class GenerationRequest(BaseModel):
     n: int | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    # options that would change the output and that this server does not implement: refused unless left at
+    # their no-op value, never silently ignored
+    logprobs: int | bool | None = None
+    top_logprobs: int | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
 
     @field_validator("n")
     @classmethod
@@ -43,6 +50,11 @@ class GenerationRequest(BaseModel):
         if n not in (None, 1):
             raise ValueError("only n=1 is supported (one engine serves one sequence at a time)")
         return n
+
+    @field_validator("logprobs", "top_logprobs", "frequency_penalty", "presence_penalty", "logit_bias")
+    @classmethod
+    def _unsupported(cls, value, info):
+        return refuse_unless_noop(value, info.field_name)
 
     @property
     def stop_strings(self) -> list[str]:
@@ -55,6 +67,24 @@ class GenerationRequest(BaseModel):
 
 class CompletionRequest(GenerationRequest):
     prompt: str | list[str] | list[int]
+    echo: bool | None = None
+    best_of: int | None = None
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, value: bool | None) -> bool | None:
+        return refuse_unless_noop(value, "echo")
+
+    @field_validator("best_of")
+    @classmethod
+    def _one_candidate(cls, value: int | None) -> int | None:
+        return refuse_unless_noop(value, "best_of", noop=(None, 1))
+
+
+def refuse_unless_noop(value, name: str, noop: tuple = (None, 0, {})):
+    if value not in noop:  # False == 0
+        raise ValueError(f"'{name}' is not supported by this server; leave it out")
+    return value
 
 
 class ContentPart(BaseModel):
