@@ -8,8 +8,7 @@ A second embedded model, Gemma 3 270M (another architecture and tokenizer), ship
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
+import importlib.util  # binds importlib too
 import logging
 from dataclasses import dataclass
 from pathlib import Path

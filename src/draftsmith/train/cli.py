@@ -12,8 +12,8 @@ from draftsmith.errors import ConfigError
 
 
 def distill_command(
-    target: Annotated[str, typer.Option(help="Teacher: HF hub id, local folder, .gguf file or alias 'smollm2' / 'gemma3'.")]
-    = "smollm2",
+    target: Annotated[str, typer.Option(help="Teacher: HF hub id, local folder, .gguf file or embedded alias "
+                                              "'smollm2' / 'gemma3'.")] = "smollm2",
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the student, checkpoints and logs.")]
     = Path("runs/student"),
     corpus: Annotated[Optional[Path], typer.Option(help="Folder of source files or .jsonl; default: the "
