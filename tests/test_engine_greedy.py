@@ -7,7 +7,7 @@ from draftsmith.drafters.model import ModelDrafter
 from draftsmith.drafters.ngram import NgramDrafter
 from draftsmith.engine import GenerationConfig, SpecEngine
 from scripted_drafters import OracleDrafter, TreeOracleDrafter
-from tiny_models import char_tokenizer, hf_greedy, noisy_copy, tiny_llama
+from tiny_models import char_tokenizer, hf_greedy, noisy_copy, tiny_gemma3, tiny_llama
 
 PROMPTS = ["def add(a, b):\n    return a + b\n\ndef add(", "for i in range(10):\n    print(i)\n", "x", "abcabcabcabc"]
 NEW = 40
@@ -125,14 +125,10 @@ def test_streamed_text_equals_final_text_without_stops(target, tok):
 
 
 def test_lean_backend_serves_llama_family_and_falls_back_otherwise(target):
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
     from draftsmith.cached_lm import HFCachedLM, LeanLlama, cached_lm
 
     assert isinstance(cached_lm(target), LeanLlama)
-    gemma = Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                               num_attention_heads=2, num_key_value_heads=1, head_dim=16))
-    assert isinstance(cached_lm(gemma), HFCachedLM)  # sliding windows, q/k norms: transformers' own forward
+    assert isinstance(cached_lm(tiny_gemma3()), HFCachedLM)  # sliding windows, q/k norms: transformers' forward
 
 
 def llama_family_model(family: str, seed: int = 3):

@@ -6,7 +6,7 @@ import string
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 CHARS = string.printable  # 100 characters: digits, letters, punctuation, whitespace
 SPECIALS = ["<pad>", "<eos>"]
@@ -48,6 +48,20 @@ def tiny_llama(
     model = LlamaForCausalLM(config).eval()
     model.generation_config.eos_token_id = eos_token_id
     model.generation_config.pad_token_id = 0
+    return model
+
+
+def tiny_gemma3(window: int = 8, seed: int = 0) -> Gemma3ForCausalLM:
+    """A small random Gemma 3 whose sliding-window layers (window tokens) alternate with a full-attention one."""
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        vocab_size=len(SPECIALS) + len(CHARS), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=window,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"], max_position_embeddings=512,
+        eos_token_id=1, pad_token_id=0, bos_token_id=None, initializer_range=0.5,
+    )
+    model = Gemma3ForCausalLM(config).eval()
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = 1, 0
     return model
 
 

@@ -20,18 +20,23 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
+from draftsmith.errors import ConfigError
+
 LEAN_MODEL_TYPES = {"llama", "mistral", "qwen2"}
 CACHE_BLOCK = 256  # the lean cache grows in blocks of this many positions
 
 
 class HFCachedLM:
+    """Sliding-window layers (Gemma 3, ...) keep only their window, so a rollback past it needs the states they
+    dropped: the cache records them until each step's crop, which then trims the window back."""
+
     def __init__(self, model: PreTrainedModel):
         self.model = model
-        self.cache = DynamicCache(config=model.config)
-        self.length = 0
+        self.reset()
 
     def reset(self, capacity: int = 0) -> None:
         self.cache, self.length = DynamicCache(config=self.model.config), 0
+        self.cache.activate_past_recording()
 
     @torch.inference_mode()
     def forward(
@@ -41,11 +46,8 @@ class HFCachedLM:
         """Float32 logits [n, vocab] (or [1, vocab] with last_only) for tokens fed after the cache."""
         device = self.model.device
         kwargs = {"logits_to_keep": 1} if last_only else {}
-        if tree_mask is not None:  # additive [1, 1, n, length + n]: a tree's nodes see only their ancestors
-            allowed = torch.ones(len(ids), self.length + len(ids), dtype=torch.bool)
-            allowed[:, self.length :] = tree_mask
-            mask = torch.zeros(allowed.shape, dtype=self.model.dtype).masked_fill(~allowed, torch.finfo(self.model.dtype).min)
-            kwargs["attention_mask"] = mask[None, None].to(device)
+        if tree_mask is not None:
+            kwargs["attention_mask"] = self._tree_attention_mask(tree_mask.cpu(), positions)
         if positions is not None:
             kwargs["position_ids"] = torch.tensor([positions], device=device)
         out = self.model(input_ids=torch.tensor([ids], device=device), past_key_values=self.cache, use_cache=True,
@@ -53,18 +55,45 @@ class HFCachedLM:
         self.length += len(ids)
         return out.logits[0].float()
 
+    def _tree_attention_mask(self, tree_mask: torch.Tensor, positions: list[int]) -> torch.Tensor | dict:
+        """Additive [1, 1, n, keys] masks: a tree's nodes see the cache, their ancestors and themselves. Models
+        with sliding-window layers take one mask per layer type: those layers hold only the last window - 1
+        cached keys, and a node sees only keys less than a window behind it."""
+        n = len(positions)
+        allowed = torch.ones(n, self.length + n, dtype=torch.bool)
+        allowed[:, self.length :] = tree_mask
+        layer_types = set(getattr(self.model.config, "layer_types", None) or ["full_attention"])
+        if layer_types == {"full_attention"}:
+            return self._additive(allowed)
+        if layer_types != {"full_attention", "sliding_attention"}:
+            raise ConfigError(f"tree drafts are not supported on {sorted(layer_types)} layers: use a chain drafter")
+        window = self.model.config.sliding_window
+        held = min(self.length, window - 1)
+        key_positions = torch.cat([torch.arange(self.length - held, self.length), torch.tensor(positions)])
+        in_window = torch.tensor(positions)[:, None] - key_positions[None] < window
+        sliding = allowed[:, self.length - held :] & in_window
+        return {"full_attention": self._additive(allowed), "sliding_attention": self._additive(sliding)}
+
+    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
+        dtype = self.model.dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+        return mask[None, None].to(self.model.device)
+
     @torch.inference_mode()
     def keep(self, start: int, offsets: list[int]) -> None:
         """Keep entries start + offsets (in that order) at start, start + 1, ...; drop everything after them."""
         if offsets != list(range(len(offsets))):
-            index = torch.tensor(offsets, device=self.model.device) + start
             for layer in self.cache.layers:
+                if not getattr(layer, "is_initialized", True):  # a layer sharing another's states
+                    continue
+                shift = layer.keys.shape[-2] - self.length  # a windowed layer holds only the last positions
+                index = torch.tensor(offsets, device=self.model.device) + start + shift
                 for tensor in (layer.keys, layer.values):
-                    tensor[:, :, start : start + len(offsets)] = tensor.index_select(2, index)
+                    tensor[:, :, start + shift : start + shift + len(offsets)] = tensor.index_select(2, index)
         self.truncate(start + len(offsets))
 
     def truncate(self, length: int) -> None:
-        self.cache.crop(-(self.length - length))
+        self.cache.crop(-(self.length - length))  # always, even by 0: it also trims windowed layers back
         self.length = length
 
 
