@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from draftsmith.draft import ROOT, Draft
+from draftsmith.drafters.model import ModelDrafter
 from draftsmith.drafters.ngram import NgramDrafter
 from draftsmith.engine import GenerationConfig, SpecEngine
 from draftsmith.verify import TargetRunner
 from scripted_drafters import OracleDrafter, TreeOracleDrafter
-from tiny_models import char_tokenizer, hf_greedy, tiny_gemma3, tiny_llama
+from tiny_models import char_tokenizer, hf_greedy, noisy_copy, tiny_gemma3, tiny_llama
 
 WINDOW = 8
 PROMPT = "def add(a, b):\n    return a + b\n\ndef add("  # 40 tokens: five windows
@@ -27,7 +28,7 @@ def gemma():
 
 
 @pytest.mark.parametrize("k", [1, 3, 8])
-@pytest.mark.parametrize("drafter", ["ngram", "oracle-wrong-at-2", "tree-oracle"])
+@pytest.mark.parametrize("drafter", ["ngram", "oracle-wrong-at-2", "tree-oracle", "model-noisy-self"])
 def test_greedy_is_exact_past_the_window(tok, gemma, drafter, k):
     ids = tok.encode(PROMPT)
     reference = hf_greedy(gemma, ids, NEW)
@@ -35,6 +36,7 @@ def test_greedy_is_exact_past_the_window(tok, gemma, drafter, k):
         "ngram": lambda: NgramDrafter(min_n=1, max_n=3),
         "oracle-wrong-at-2": lambda: OracleDrafter(reference, len(ids), {2}),  # partial acceptance: rollback
         "tree-oracle": lambda: TreeOracleDrafter(reference, len(ids)),  # the accepted path skips siblings
+        "model-noisy-self": lambda: ModelDrafter(noisy_copy(gemma, scale=0.3)),  # its own windowed cache
     }[drafter]
     result = SpecEngine(gemma, make(), tok).generate(ids, GenerationConfig(max_new_tokens=NEW, k=k, adaptive=False))
     assert result.tokens == reference

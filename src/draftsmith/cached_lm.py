@@ -93,7 +93,8 @@ class HFCachedLM:
         self.truncate(start + len(offsets))
 
     def truncate(self, length: int) -> None:
-        self.cache.crop(-(self.length - length))  # always, even by 0: it also trims windowed layers back
+        if self.length:  # (transformers cannot crop a windowed layer that was never filled)
+            self.cache.crop(-(self.length - length))  # always, even by 0: it also trims windowed layers back
         self.length = length
 
 
