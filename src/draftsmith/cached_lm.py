@@ -56,23 +56,25 @@ class HFCachedLM:
         return out.logits[0].float()
 
     def _tree_attention_mask(self, tree_mask: torch.Tensor, positions: list[int]) -> torch.Tensor | dict:
-        """Additive [1, 1, n, keys] masks: a tree's nodes see the cache, their ancestors and themselves. Models
-        with sliding-window layers take one mask per layer type: those layers hold only the last window - 1
-        cached keys, and a node sees only keys less than a window behind it."""
-        n = len(positions)
+        """Additive [1, 1, n, keys] masks: a tree's nodes see the cache, their ancestors and themselves.
+        Sliding-window layers hold only the last window - 1 cached keys, and a node sees only keys less than a
+        window behind it; models mixing both kinds of layer take one mask per layer type."""
+        n, config = len(positions), self.model.config
+        layer_types = set(getattr(config, "layer_types", None) or  # as transformers' cache infers them
+                          ["sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"])
+        if not layer_types <= {"full_attention", "sliding_attention"}:
+            raise ConfigError(f"tree drafts are not supported on {sorted(layer_types)} layers: use a chain drafter")
         allowed = torch.ones(n, self.length + n, dtype=torch.bool)
         allowed[:, self.length :] = tree_mask
-        layer_types = set(getattr(self.model.config, "layer_types", None) or ["full_attention"])
-        if layer_types == {"full_attention"}:
-            return self._additive(allowed)
-        if layer_types != {"full_attention", "sliding_attention"}:
-            raise ConfigError(f"tree drafts are not supported on {sorted(layer_types)} layers: use a chain drafter")
-        window = self.model.config.sliding_window
-        held = min(self.length, window - 1)
-        key_positions = torch.cat([torch.arange(self.length - held, self.length), torch.tensor(positions)])
-        in_window = torch.tensor(positions)[:, None] - key_positions[None] < window
-        sliding = allowed[:, self.length - held :] & in_window
-        return {"full_attention": self._additive(allowed), "sliding_attention": self._additive(sliding)}
+        masks = {"full_attention": allowed}
+        if "sliding_attention" in layer_types:
+            window = config.sliding_window
+            held = min(self.length, window - 1)
+            key_positions = torch.cat([torch.arange(self.length - held, self.length), torch.tensor(positions)])
+            in_window = torch.tensor(positions)[:, None] - key_positions[None] < window
+            masks["sliding_attention"] = allowed[:, self.length - held :] & in_window
+        masks = {kind: self._additive(mask) for kind, mask in masks.items() if kind in layer_types}
+        return masks if len(masks) > 1 else next(iter(masks.values()))
 
     def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
         dtype = self.model.dtype
