@@ -85,11 +85,12 @@ class HFCachedLM:
     def keep(self, start: int, offsets: list[int]) -> None:
         """Keep entries start + offsets (in that order) at start, start + 1, ...; drop everything after them."""
         if offsets != list(range(len(offsets))):
+            kept = torch.tensor(offsets, device=self.model.device) + start
             for layer in self.cache.layers:
                 if not getattr(layer, "is_initialized", True):  # a layer sharing another's states
                     continue
                 shift = layer.keys.shape[-2] - self.length  # a windowed layer holds only the last positions
-                index = torch.tensor(offsets, device=self.model.device) + start + shift
+                index = kept + shift
                 for tensor in (layer.keys, layer.values):
                     tensor[:, :, start + shift : start + shift + len(offsets)] = tensor.index_select(2, index)
         self.truncate(start + len(offsets))

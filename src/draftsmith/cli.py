@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 from typing import Annotated, Optional
 
 import typer
@@ -65,13 +66,11 @@ def generate(
     if chat:
         prompt = loaded.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                       add_generation_prompt=True)
+    with console.status("compiling the target's forward (once per process)") if compile else nullcontext():
+        engine = SpecEngine(loaded.model, draft, loaded.tokenizer, compile=compile)
     if compile:
-        with console.status("compiling the target's forward (once per process)"):
-            engine = SpecEngine(loaded.model, draft, loaded.tokenizer, compile=True)
         compile_s = engine.runner.compile_s
         console.print(f"compiled in {compile_s:.1f} s" if compile_s is not None else "compiling failed: eager")
-    else:
-        engine = SpecEngine(loaded.model, draft, loaded.tokenizer)
     sys.stdout.write(prompt)
     result = engine.generate_text(prompt, config, on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()),
                                   templated=chat)
