@@ -13,6 +13,9 @@ import torch
 from draftsmith.draft import ROOT, Draft
 from draftsmith.errors import ConfigError
 
+GREEDY_BELOW = 1e-5  # temperatures under this are greedy: dividing logits by 1e-45 overflows to NaN probabilities
+MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds; bounded so every seed is valid on every device
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -28,10 +31,12 @@ class SamplingConfig:
             raise ConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed must be in [0, 2**63 - 1], got {self.seed}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 def processed_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:

@@ -180,7 +180,9 @@ class LeanLlama:
     def _reserve(self, capacity: int) -> None:
         if self.k_cache.dim() == 4 and capacity <= self.k_cache.shape[2]:
             return
-        size = -(-max(capacity, 1) // CACHE_BLOCK) * CACHE_BLOCK
+        # grow geometrically on demand: no up-front reservation for a budget most requests never reach
+        current = self.k_cache.shape[2] if self.k_cache.dim() == 4 else 0
+        size = -(-max(capacity, 2 * current, 1) // CACHE_BLOCK) * CACHE_BLOCK
         shape = (len(self.layers), self.n_kv, size, self.head_dim)
         with torch.inference_mode(False):  # whoever calls, the cache stays writable outside inference mode
             k_new = torch.zeros(shape, dtype=self.dtype, device=self.device)

@@ -69,8 +69,21 @@ class Stats:
 class GenerationResult:
     tokens: list[int]  # generated tokens (a final EOS included, as HF generate returns it)
     text: str | None  # generated text, cut before a stop string; None without a tokenizer
-    finish_reason: str  # "eos" | "stop" | "length"
+    finish_reason: str  # "eos" | "stop" | "length" | "cancelled"
     stats: Stats
+
+
+def random_streams(seed: int | None, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
+    """Two independent generators, for drafting and for acceptance, derived from one seed: a drafter that
+    draws more or fewer values (another k, another tree) never shifts the acceptance rule's draws."""
+    if seed is None:
+        seed = int(torch.randint(2**62, ()))
+    streams = []
+    for stream in range(2):
+        generator = torch.Generator(device=device)
+        generator.manual_seed(hash((seed, stream)) & (2**63 - 1))
+        streams.append(generator)
+    return streams[0], streams[1]
 
 
 class SpecEngine:
@@ -86,13 +99,11 @@ class SpecEngine:
         self.runner = TargetRunner(model, lean=lean, compile=compile)
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.max_context = getattr(model.config, "max_position_embeddings", None)
-        self.draft_length: DraftLength | None = None  # adaptive state, kept across requests
 
     def adaptive_length(self, max_k: int) -> DraftLength:
-        if self.draft_length is None:
-            self.draft_length = DraftLength(self.runner.costs(), max_k)
-        self.draft_length.max_k = max_k
-        return self.draft_length
+        """Fresh adaptive state for one request (the cost curve is measured once per machine): a request's
+        draft lengths, and so its random draws, never depend on what ran before it."""
+        return DraftLength(self.runner.costs(), max_k)
 
     def generate_text(
         self, prompt: str, config: GenerationConfig, on_text: Callable[[str], None] | None = None,
@@ -104,23 +115,25 @@ class SpecEngine:
         return self.generate(encode_prompt(self.tokenizer, prompt, templated), config, on_text)
 
     def generate(
-        self, prompt_ids: list[int], config: GenerationConfig, on_text: Callable[[str], None] | None = None
+        self, prompt_ids: list[int], config: GenerationConfig, on_text: Callable[[str], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> GenerationResult:
+        """`should_stop` is asked after the prefill and after every step; when it says True, generation ends
+        there with finish_reason "cancelled"."""
         self._check(prompt_ids, config)
         sampling = config.sampling
         adaptive = self.adaptive_length(config.k) if config.adaptive and self.drafter is not None else None
-        generator = torch.Generator(device=self.model.device)
-        generator.manual_seed(sampling.seed if sampling.seed is not None else int(torch.randint(2**62, ())))
+        draft_generator, accept_generator = random_streams(sampling.seed, self.model.device)
         stream = TextStream(self.tokenizer, config.stop, on_text) if self.tokenizer is not None else None
         stats = Stats(prompt_tokens=len(prompt_ids))
         start = time.perf_counter()
-        self.runner.prefill(prompt_ids, capacity=len(prompt_ids) + config.max_new_tokens + config.k + 1)
+        self.runner.prefill(prompt_ids)
         if self.drafter is not None:
-            self.drafter.reset(prompt_ids, sampling, generator)
+            self.drafter.reset(prompt_ids, sampling, draft_generator)
         stats.prefill_s = time.perf_counter() - start
 
         context, new = list(prompt_ids), []
-        finish = None
+        finish = "cancelled" if should_stop is not None and should_stop() else None
         while finish is None:
             budget = min(config.k, config.max_new_tokens - len(new) - 1) if self.drafter is not None else 0
             k = adaptive.next_k(budget) if adaptive is not None else budget
@@ -131,7 +144,7 @@ class SpecEngine:
             if sampling.greedy:
                 path, next_token = accept_greedy(draft, logits)
             else:
-                path, next_token = accept_sampling(draft, processed_probs(logits, sampling), generator)
+                path, next_token = accept_sampling(draft, processed_probs(logits, sampling), accept_generator)
             self.runner.commit(path)
             stats.draft_s += t1 - t0
             stats.verify_s += time.perf_counter() - t1
@@ -149,6 +162,8 @@ class SpecEngine:
                     step_tokens, finish = step_tokens[:kept], "stop"
             context += step_tokens
             new += step_tokens
+            if finish is None and should_stop is not None and should_stop():
+                finish = "cancelled"
 
         stats.new_tokens = len(new)
         stats.total_s = time.perf_counter() - start
