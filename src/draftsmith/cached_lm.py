@@ -11,19 +11,26 @@ Two backends behind one interface:
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
+import platform
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
 from draftsmith.errors import ConfigError
+from draftsmith.paths import cache_dir
 
 LEAN_MODEL_TYPES = {"llama", "mistral", "qwen2"}
 CACHE_BLOCK = 256  # the lean cache grows in blocks of this many positions
+PREFILL_CHUNK = 512  # longer prompts are fed in chunks of this many tokens
 
 
 class HFCachedLM:
@@ -41,9 +48,14 @@ class HFCachedLM:
     @torch.inference_mode()
     def forward(
         self, ids: list[int], positions: list[int] | None = None, tree_mask: torch.Tensor | None = None,
-        last_only: bool = False,
-    ) -> torch.Tensor:
-        """Float32 logits [n, vocab] (or [1, vocab] with last_only) for tokens fed after the cache."""
+        last_only: bool = False, features: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Float32 logits [n, vocab] (or [1, vocab] with last_only) for tokens fed after the cache; with
+        `features`, also the last layer's hidden states [n, hidden] (every row, before the final norm)."""
+        if features:
+            with last_hidden_states(self.model) as captured:
+                logits = self.forward(ids, positions, tree_mask, last_only)
+            return logits, captured[0][0]
         device = self.model.device
         kwargs = {"logits_to_keep": 1} if last_only else {}
         if tree_mask is not None:
@@ -101,41 +113,94 @@ class HFCachedLM:
         self.length = length
 
 
+@dataclass
+class LeanWeights:
+    """A model's weights as the lean forward multiplies them: q/k/v and gate/up fused, in one `WeightFormat`.
+    Built once per model and format and shared by every LeanLlama over that model (engines, benchmark methods),
+    each of which adds only its KV cache. In the stored and transposed formats the model's own parameters are
+    re-pointed at views of the fused tensors, so the weights exist once; oneDNN's packed layout is opaque, so
+    there the packed copy is the one extra copy of the model's linear weights."""
+
+    format: WeightFormat
+    embed: torch.Tensor
+    final_norm: torch.Tensor
+    lm_head: torch.Tensor
+    layers: list[dict]
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, model: PreTrainedModel, fmt: WeightFormat) -> LeanWeights:
+        inner, layout = model.model, fmt.prepare
+        tied = model.lm_head.weight is inner.embed_tokens.weight
+        layers = []
+        for layer in inner.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv, gate_up = (attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)
+            entry = dict(
+                attn_norm=layer.input_layernorm.weight,
+                wqkv=layout(torch.cat([p.weight for p in qkv])),
+                bqkv=torch.cat([p.bias for p in qkv]) if attn.q_proj.bias is not None else None,
+                wo=layout(attn.o_proj.weight),
+                bo=attn.o_proj.bias,  # Llama's attention_bias covers o_proj too; Qwen2's does not
+                mlp_norm=layer.post_attention_layernorm.weight,
+                w_gate_up=layout(torch.cat([p.weight for p in gate_up])),
+                w_down=layout(mlp.down_proj.weight),
+            )
+            fmt.share(entry["wqkv"], qkv)
+            fmt.share(entry["wo"], [attn.o_proj])
+            fmt.share(entry["w_gate_up"], gate_up)
+            fmt.share(entry["w_down"], [mlp.down_proj])
+            layers.append(entry)
+        lm_head = layout(model.lm_head.weight)
+        if not tied:  # a tied head is the embedding, which F.embedding needs in its stored layout
+            fmt.share(lm_head, [model.lm_head])
+        # RoPE tables from the model's own rotary module, so every scaling variant is honoured
+        probe = torch.zeros(1, dtype=model.dtype, device=model.device)
+        positions = torch.arange(model.config.max_position_embeddings, device=model.device)[None]
+        cos, sin = inner.rotary_emb(probe, positions)
+        return cls(fmt, inner.embed_tokens.weight, inner.norm.weight, lm_head, layers, cos[0], sin[0])
+
+
+_LEAN_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {format name: LeanWeights}
+
+
+def lean_weights(model: PreTrainedModel, weights: str = "auto") -> LeanWeights:
+    """The shared lean weights of `model` in the format `weights` names (see `choose_format`)."""
+    fmt = choose_format(model, weights)
+    per_model = _LEAN_WEIGHTS.setdefault(model, {})
+    if fmt.name not in per_model:
+        per_model[fmt.name] = LeanWeights.build(model, fmt)
+    return per_model[fmt.name]
+
+
+@contextlib.contextmanager
+def last_hidden_states(model: PreTrainedModel):
+    """Capture the input of the model's final norm during a forward: the last layer's hidden states before the
+    norm, the features the lean forward returns (transformers' hidden_states[-1] is after the norm)."""
+    captured: list[torch.Tensor] = []
+    norm = getattr(model.base_model, "norm", None)
+    if norm is None:
+        raise ConfigError(f"{model.config.model_type}: no final norm found to take hidden features from")
+    handle = norm.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach()))
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
 class LeanLlama:
-    def __init__(self, model: PreTrainedModel, compile: bool = False):
+    def __init__(self, model: PreTrainedModel, compile: bool = False, weights: str = "auto"):
         cfg = model.config
         self.model, self.device, self.dtype = model, model.device, model.dtype
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.eps = cfg.rms_norm_eps
-        inner = model.model
-        self.embed = inner.embed_tokens.weight
-        self.final_norm = inner.norm.weight
-        self.weights = fastest_format(model.lm_head.weight)
-        layout = self.weights.prepare
-        self.lm_head = layout(model.lm_head.weight)
-        self.layers = []
-        for layer in inner.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            projections = (attn.q_proj, attn.k_proj, attn.v_proj)
-            self.layers.append(
-                dict(
-                    attn_norm=layer.input_layernorm.weight,
-                    wqkv=layout(torch.cat([p.weight for p in projections])),
-                    bqkv=torch.cat([p.bias for p in projections]) if attn.q_proj.bias is not None else None,
-                    wo=layout(attn.o_proj.weight),
-                    bo=attn.o_proj.bias,  # Llama's attention_bias covers o_proj too; Qwen2's does not
-                    mlp_norm=layer.post_attention_layernorm.weight,
-                    w_gate_up=layout(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
-                    w_down=layout(mlp.down_proj.weight),
-                )
-            )
-        # RoPE tables from the model's own rotary module, so every scaling variant is honoured
-        max_positions = cfg.max_position_embeddings
-        probe = torch.zeros(1, dtype=self.dtype, device=self.device)
-        with torch.no_grad():
-            cos, sin = inner.rotary_emb(probe, torch.arange(max_positions, device=self.device)[None])
-        self.cos, self.sin = cos[0], sin[0]
+        shared = lean_weights(model, weights)
+        self.weights = shared.format
+        self.embed, self.final_norm, self.lm_head, self.layers = shared.embed, shared.final_norm, shared.lm_head, shared.layers
+        self.cos, self.sin = shared.cos, shared.sin
         self.k_cache = self.v_cache = torch.empty(0)
         self.length = 0
         self._stack = LeanLlama._forward_stack
@@ -195,10 +260,18 @@ class LeanLlama:
     @torch.no_grad()  # not inference_mode: a compiled forward must be able to write into the cache tensors
     def forward(
         self, ids: list[int], positions: list[int] | None = None, tree_mask: torch.Tensor | None = None,
-        last_only: bool = False,
-    ) -> torch.Tensor:
-        """Float32 logits [n, vocab] (or [1, vocab] with last_only) for tokens fed after the cache."""
+        last_only: bool = False, features: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Float32 logits [n, vocab] (or [1, vocab] with last_only) for tokens fed after the cache; with
+        `features`, also the last layer's hidden states [n, hidden] (every row, before the final norm)."""
         n, start = len(ids), self.length
+        if tree_mask is None and n > PREFILL_CHUNK:  # long prompts: bounded activations and masks
+            hidden = []
+            for offset in range(0, n, PREFILL_CHUNK):
+                chunk = ids[offset : offset + PREFILL_CHUNK]
+                out = self.forward(chunk, last_only=last_only or offset + len(chunk) < n, features=features)
+                hidden.append(out[1]) if features else None
+            return (out[0], torch.cat(hidden)) if features else out
         end = start + n
         self._reserve(end)
         pos = torch.arange(start, end, device=self.device) if positions is None else torch.tensor(positions, device=self.device)
@@ -206,17 +279,19 @@ class LeanLlama:
         if tree_mask is not None:
             mask = torch.ones(n, end, dtype=torch.bool, device=self.device)
             mask[:, start:] = tree_mask
-        elif n > 1:  # a chain: causal, offset by the cached prefix
+        elif n > 1 and start > 0:  # a chain after the cache: causal, offset by the cached prefix
             mask = torch.ones(n, end, dtype=torch.bool, device=self.device).tril(start)
+        # n > 1 from an empty cache (a prefill) is plain causal attention: no mask, the kernels' causal path
         ids_tensor = torch.tensor([ids], device=self.device)
-        logits = self._stack(self, ids_tensor, pos, mask, start, last_only)
+        logits, hidden = self._stack(self, ids_tensor, pos, mask, start, last_only)
         self.length = end
-        return logits
+        return (logits, hidden) if features else logits
 
     def _forward_stack(
         self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, start: int, last_only: bool
-    ) -> torch.Tensor:
-        """The transformer proper, writing the new keys and values at start..end of the cache."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The transformer proper, writing the new keys and values at start..end of the cache. Returns float32
+        logits and the last layer's hidden states (before the final norm) of every fed token."""
         n = ids.shape[1]
         end = start + n
         cos, sin = self.cos[pos][None, None], self.sin[pos][None, None]
@@ -233,18 +308,20 @@ class LeanLlama:
             self.k_cache[i, :, start:end] = k[0]
             self.v_cache[i, :, start:end] = v.view(n, self.n_kv, self.head_dim).transpose(0, 1)
             keys, values = self.k_cache[i : i + 1, :, :end], self.v_cache[i : i + 1, :, :end]
-            attn = self._attention(q, keys, values, mask)
+            attn = self._attention(q, keys, values, mask, causal=mask is None and n > 1)
             out = self._mm(attn.transpose(1, 2).reshape(1, n, q_size), w["wo"])
             x = x + (out if w["bo"] is None else out + w["bo"])
             h = _rms_norm(x, w["mlp_norm"], self.eps)
             gate, up = self._mm(h, w["w_gate_up"]).chunk(2, dim=-1)
             x = x + self._mm(F.silu(gate) * up, w["w_down"])
+        hidden = x[0]
         if last_only:
             x = x[:, -1:]
-        return self._mm(_rms_norm(x, self.final_norm, self.eps), self.lm_head)[0].float()
+        return self._mm(_rms_norm(x, self.final_norm, self.eps), self.lm_head)[0].float(), hidden
 
     def _attention(
-        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+        causal: bool = False,
     ) -> torch.Tensor:
         """[1, heads, n, head_dim] attention of the new queries over the cache.
 
@@ -252,10 +329,15 @@ class LeanLlama:
         precision (never bit-exact against transformers anyway) a one-token step on CPU runs a plain softmax
         attention over grouped queries instead: the fused kernel's setup costs more than the product itself
         there (0.6 ms of a 15 ms bfloat16 step for SmolLM2-135M); from a few queries on, the fused kernel wins.
+        On CUDA a mask together with enable_gqa sends SDPA to its slow math kernel, so masked (draft) forwards
+        repeat the shared key/value heads instead and keep the memory-efficient kernel.
         """
         n, group = q.shape[2], self.n_heads // self.n_kv
+        if mask is not None and q.device.type == "cuda" and group > 1:
+            keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         if n > 1 or q.dtype == torch.float32 or q.device.type != "cpu":
-            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=True)
         # queries of the heads sharing a key/value head become rows of one product: [1, n_kv, group * n, d]
         grouped = q.reshape(1, self.n_kv, group * n, self.head_dim) * self.head_dim**-0.5
         scores = (grouped @ keys.transpose(-1, -2)).float()  # one query sees the whole cache: no mask
@@ -302,6 +384,18 @@ class WeightFormat:
             return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
         return F.linear(x, weight)
 
+    def share(self, prepared: torch.Tensor, linears: list[torch.nn.Linear] | tuple) -> None:
+        """Re-point the linears' weights at views of `prepared` (their fused rows, in order), so the two copies
+        become one. oneDNN's packed layout cannot be viewed: there the model keeps its own weights."""
+        if self.name == "onednn":
+            return
+        rows = prepared if self.name == "stored" else prepared.t()
+        offset = 0
+        for linear in linears:
+            out = linear.weight.shape[0]
+            linear.weight = torch.nn.Parameter(rows[offset : offset + out], requires_grad=False)
+            offset += out
+
 
 def candidate_formats(weight: torch.Tensor) -> list[WeightFormat]:
     """The formats worth timing for this weight. They agree with F.linear up to float rounding (the order of a
@@ -335,12 +429,57 @@ def fastest_format(weight: torch.Tensor, repeats: int = 5) -> WeightFormat:
     return min(seconds, key=seconds.get)
 
 
+WEIGHT_CHOICES = ("auto", "fastest", "stored", "transposed", "onednn")
+
+
+def choose_format(model: PreTrainedModel, weights: str = "auto") -> WeightFormat:
+    """`auto`: float32 keeps transformers' own layout and kernel (F.linear), so its logits are transformers'
+    bit for bit, as `--dtype float32` promises; other dtypes take the fastest format. `fastest`: the format
+    timed fastest on this machine for this dtype and shape, measured ONCE and cached on disk (timing at every
+    load could pick differently between two loads, and so round differently). Or a format by name."""
+    if weights not in WEIGHT_CHOICES:
+        raise ConfigError(f"unknown weight format '{weights}': use one of {', '.join(WEIGHT_CHOICES)}")
+    if weights == "auto":
+        weights = "stored" if model.dtype == torch.float32 else "fastest"
+    if weights != "fastest":
+        return WeightFormat(weights)
+    return cached_fastest_format(model.lm_head.weight)
+
+
+def cached_fastest_format(weight: torch.Tensor) -> WeightFormat:
+    formats = candidate_formats(weight)
+    if len(formats) == 1:
+        return formats[0]
+    path = cache_dir() / "weight_formats.json"
+    key = (f"{_cpu_name()}-{torch.__version__}-{weight.dtype}-"
+           f"{tuple(weight.shape)}-threads{torch.get_num_threads()}")
+    table = json.loads(path.read_text()) if path.is_file() else {}
+    if key not in table:
+        table[key] = fastest_format(weight).name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(table, indent=1))
+        tmp.replace(path)
+    return WeightFormat(table[key])
+
+
 @functools.cache
 def compiled_stack():
     """One compiled layer stack per process, shared by every LeanLlama: torch.compile keeps a graph per shape
     family and model, and inductor caches its kernels on disk across processes. Dynamic shapes, so that cache
     lengths and draft sizes do not each trigger a recompilation."""
     return torch.compile(LeanLlama._forward_stack, dynamic=True)
+
+
+@functools.cache
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -356,10 +495,12 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos + rotated * sin
 
 
-def cached_lm(model: PreTrainedModel, lean: bool = True, compile: bool = False) -> LeanLlama | HFCachedLM:
+def cached_lm(
+    model: PreTrainedModel, lean: bool = True, compile: bool = False, weights: str = "auto"
+) -> LeanLlama | HFCachedLM:
     """The fastest backend that runs this model exactly (compiled on request: Llama-family models only)."""
     if lean and LeanLlama.supports(model):
-        return LeanLlama(model, compile=compile)
+        return LeanLlama(model, compile=compile, weights=weights)
     if compile:
         warnings.warn(f"--compile applies to the lean Llama-family forward; {model.config.model_type} runs eager",
                       stacklevel=2)

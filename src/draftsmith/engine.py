@@ -12,7 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from draftsmith.acceptance import SamplingConfig, accept_greedy, accept_sampling, processed_probs
 from draftsmith.adaptive import DraftLength
 from draftsmith.draft import Draft
-from draftsmith.drafters import Drafter
+from draftsmith.drafters import Drafter, Feedback
 from draftsmith.errors import ConfigError
 from draftsmith.models import encode_prompt, eos_token_ids
 from draftsmith.streaming import TextStream
@@ -127,9 +127,12 @@ class SpecEngine:
         stream = TextStream(self.tokenizer, config.stop, on_text) if self.tokenizer is not None else None
         stats = Stats(prompt_tokens=len(prompt_ids))
         start = time.perf_counter()
-        self.runner.prefill(prompt_ids)
+        wants_features = getattr(self.drafter, "needs_features", False)
+        prompt_features = self.runner.prefill(prompt_ids, features=wants_features)
         if self.drafter is not None:
             self.drafter.reset(prompt_ids, sampling, draft_generator)
+        if wants_features:
+            self.drafter.feedback(Feedback(prompt_features, prompt_ids[1:]))
         stats.prefill_s = time.perf_counter() - start
 
         context, new = list(prompt_ids), []
@@ -140,12 +143,17 @@ class SpecEngine:
             t0 = time.perf_counter()
             draft = self.drafter.propose(context, k) if k > 0 else Draft()
             t1 = time.perf_counter()
-            logits = self.runner.score(context[-1], draft)
+            logits = self.runner.score(context[-1], draft, features=wants_features)
+            if wants_features:
+                logits, features = logits
             if sampling.greedy:
                 path, next_token = accept_greedy(draft, logits)
             else:
                 path, next_token = accept_sampling(draft, processed_probs(logits, sampling), accept_generator)
             self.runner.commit(path)
+            if wants_features:
+                kept_rows = torch.tensor([0] + [node + 1 for node in path], device=features.device)
+                self.drafter.feedback(Feedback(features[kept_rows], [draft.tokens[i] for i in path] + [next_token], path))
             stats.draft_s += t1 - t0
             stats.verify_s += time.perf_counter() - t1
             stats.target_steps += 1

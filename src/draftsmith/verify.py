@@ -31,26 +31,36 @@ def tree_mask(draft: Draft) -> torch.Tensor:
 class TargetRunner:
     """Owns the target model and its KV cache for one request at a time."""
 
-    def __init__(self, model: PreTrainedModel, lean: bool = True, compile: bool = False):
+    def __init__(self, model: PreTrainedModel, lean: bool = True, compile: bool = False, weights: str = "auto"):
         self.model = model
-        self.lm = cached_lm(model, lean=lean, compile=compile)
+        self.lm = cached_lm(model, lean=lean, compile=compile, weights=weights)
         self.compile_s: float | None = getattr(self.lm, "compile_s", None)  # None: eager
         self.length = 0  # committed tokens in the cache
 
-    def prefill(self, prompt_ids: list[int], capacity: int = 0) -> None:
-        """Start a request: cache every prompt token but the last, which becomes the first root."""
-        self.lm.reset(capacity)
+    def prefill(self, prompt_ids: list[int], features: bool = False) -> torch.Tensor | None:
+        """Start a request: cache every prompt token but the last, which becomes the first root. With
+        `features`, return the last layer's hidden states of the cached tokens ([len - 1, hidden])."""
+        self.lm.reset()
+        hidden = None
         if len(prompt_ids) > 1:
-            self.lm.forward(prompt_ids[:-1], last_only=True)
+            out = self.lm.forward(prompt_ids[:-1], last_only=True, features=features)
+            hidden = out[1] if features else None
+        elif features:
+            hidden = torch.empty(0, self.model.config.hidden_size, dtype=self.model.dtype, device=self.model.device)
         self.length = len(prompt_ids) - 1
+        return hidden
 
-    def score(self, root_token: int, draft: Draft) -> torch.Tensor:
-        """Logits [1 + len(draft), vocab] for the root and every draft node, in one forward."""
+    def score(
+        self, root_token: int, draft: Draft, features: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits [1 + len(draft), vocab] for the root and every draft node, in one forward (with `features`,
+        also their hidden states [1 + len(draft), hidden])."""
         ids = [root_token, *draft.tokens]
         if draft.is_chain:
-            return self.lm.forward(ids)
+            return self.lm.forward(ids, features=features)
         positions = [self.length + depth for depth in (0, *draft.depths())]
-        return self.lm.forward(ids, positions=positions, tree_mask=tree_mask(draft).to(self.model.device))
+        mask = tree_mask(draft).to(self.model.device)
+        return self.lm.forward(ids, positions=positions, tree_mask=mask, features=features)
 
     def commit(self, path: list[int]) -> None:
         """Keep the root and the accepted nodes (in path order); drop every other entry of the last step."""

@@ -6,6 +6,7 @@ within a request; anything a drafter drafted beyond it was rejected, so it rolls
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -25,7 +26,31 @@ class Drafter(Protocol):
         """A new request starts with this prompt."""
 
     def propose(self, context: list[int], k: int) -> Draft:
-        """Up to k draft tokens continuing `context` (the committed tokens)."""
+        """Up to k draft tokens (for trees: nodes) continuing `context` (the committed tokens)."""
+
+
+@dataclass
+class Feedback:
+    """What the target just committed, for drafters that draft from the target's own features (heads, CTC).
+
+    After the prefill: the prompt's tokens but the last; after a step: the root and the accepted draft nodes.
+    `features[i]` is the target's last-layer hidden state (before its final norm) at the i-th committed position
+    and `next_tokens[i]` the token that follows it there, so `next_tokens[-1]` is the newest committed token
+    (the next root, whose features the target has not computed yet). `accepted` lists the draft's accepted
+    node ids (empty after the prefill)."""
+
+    features: torch.Tensor  # [m, hidden]
+    next_tokens: list[int]  # m tokens
+    accepted: list[int] = field(default_factory=list)
+
+
+class FeatureDrafter(Drafter, Protocol):
+    """A drafter that needs the target's features: the engine asks the target for them and hands them over
+    through one `feedback` call after the prefill and after every step, never by running the target again."""
+
+    needs_features: bool  # True
+
+    def feedback(self, step: Feedback) -> None: ...
 
 
 def build_drafter(spec: str, target: LoadedModel, **options) -> Drafter | None:
