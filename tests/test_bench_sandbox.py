@@ -160,3 +160,26 @@ def test_no_isolation_is_refused_unless_allowed(monkeypatch):
     assert "bwrap" in str(error.value) and "--allow-unsandboxed" in str(error.value)
     result = run_python("print('ran')\n", dataclasses.replace(FAST, allow_unisolated=True))
     assert result.passed and result.isolation == "none"
+
+
+def test_bwrap_command(monkeypatch, tmp_path):
+    # bwrap is not installed here: check the argv (it was run for real once, from the unpacked Debian package)
+    config = SandboxConfig(work_mb=8)
+    for euid in (1000, 0):
+        monkeypatch.setattr(os, "geteuid", lambda: euid)
+        argv = sandbox.bwrap_command(config, tmp_path, ["python", "-c", "pass"])
+        start = argv.index(next(a for a in argv if a.endswith("bwrap")))
+        assert (start > 0) == (euid == 0)  # as root, setpriv drops to 65534 before bwrap
+        if euid == 0:
+            assert argv[0].endswith("setpriv") and f"--reuid={sandbox.NOBODY}" in argv[:start]
+        args = argv[start:]
+        work = str(tmp_path / "work")
+        for option in ("--unshare-all", "--unshare-user", "--die-with-parent", "--new-session"):
+            assert option in args
+        assert args[args.index("--ro-bind") + 1 : args.index("--ro-bind") + 3] == ["/", "/"]
+        assert args[args.index("--remount-ro") + 1] == "/dev"
+        size, tmpfs = args.index("--size"), args.index("--tmpfs")
+        assert args[size + 1] == str(8 * 2**20) and size < tmpfs and args[tmpfs + 1] == work  # --size: next tmpfs
+        assert args[args.index("--chdir") + 1] == work and args[args.index("--uid") + 1] == str(sandbox.NOBODY)
+        assert args[args.index("--cap-drop") + 1] == "ALL"
+        assert args[args.index("--") + 1 :] == ["python", "-c", "pass"]

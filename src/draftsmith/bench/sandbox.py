@@ -273,25 +273,36 @@ def _python_argv(config: SandboxConfig, nonce_fd: int, report_fd: int) -> list[s
             str(report_fd), "1" if config.audit_hook else "0"]
 
 
+def _tool(name: str) -> str:
+    """The tool's full path as the harness finds it (the child's PATH is the minimal one)."""
+    return shutil.which(name) or name
+
+
+def _drop() -> list[str]:
+    """setpriv: become uid/gid 65534 for good (no groups, no capabilities, no gaining any through exec)."""
+    return [_tool("setpriv"), f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--inh-caps=-all",
+            "--bounding-set=-all", "--no-new-privs", "--"]
+
+
 def unshare_command(config: SandboxConfig, base: Path, program: list[str]) -> list[str]:
     """unshare (new namespaces, as root) -> the setup (read-only mounts, work tmpfs) -> setpriv (uid 65534)."""
-    drop = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--inh-caps=-all",
-            "--bounding-set=-all", "--no-new-privs", "--"]
     spec = {"reveal": _python_dirs(), "scratch": str(base), "work": str(base / "work"),
-            "work_bytes": config.work_mb * 2**20, "uid": NOBODY, "gid": NOBODY, "argv": drop + program}
-    return ["unshare", "--mount", "--pid", "--net", "--ipc", "--uts", "--fork", "--kill-child", "--mount-proc",
+            "work_bytes": config.work_mb * 2**20, "uid": NOBODY, "gid": NOBODY, "argv": _drop() + program}
+    return [_tool("unshare"), "--mount", "--pid", "--net", "--ipc", "--uts", "--fork", "--kill-child", "--mount-proc",
             "--", sys.executable, "-I", "-S", "-B", "-c", _SETUP, json.dumps(spec)]
 
 
 def bwrap_command(config: SandboxConfig, base: Path, program: list[str]) -> list[str]:
     """bubblewrap: the system read-only, a fresh /dev and /proc, the work dir a tmpfs, every namespace new.
 
-    bwrap is not installed where this was written: tests check this argv, and the probe runs it for real
-    before a machine with bwrap uses it.
+    As root, bwrap itself first drops to uid 65534 (setpriv): bwrap's --uid only renames the user inside its
+    user namespace, and the sandbox would still be uid 0 to the kernel (RLIMIT_NPROC ignored). Verified once
+    with bubblewrap 0.8.0 unpacked from the Debian package (not installed where this was written): the tests
+    check this argv, and the probe runs it for real before a machine with bwrap uses it.
     """
     work = str(base / "work")
-    return ["bwrap", "--unshare-all", "--unshare-user", "--die-with-parent", "--new-session",
-            "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+    return [*(_drop() if os.geteuid() == 0 else []), _tool("bwrap"), "--unshare-all", "--unshare-user", "--die-with-parent", "--new-session",
+            "--ro-bind", "/", "/", "--dev", "/dev", "--remount-ro", "/dev", "--proc", "/proc",  # /dev/shm too
             "--size", str(config.work_mb * 2**20), "--perms", "0700", "--tmpfs", work,  # --size/--perms: next tmpfs
             "--chdir", work, "--uid", str(NOBODY), "--gid", str(NOBODY), "--cap-drop", "ALL",
             "--", *program]
@@ -300,7 +311,8 @@ def bwrap_command(config: SandboxConfig, base: Path, program: list[str]) -> list
 _COMMANDS = {"unshare+setpriv": unshare_command, "bwrap": bwrap_command}
 _TOOLS = {"unshare+setpriv": ("unshare", "setpriv"), "bwrap": ("bwrap",)}
 
-# It must find itself unprivileged, unable to write anywhere but its work dir, and alone on its network.
+# It must find itself unprivileged, unable to write anywhere but its work dir or to start a process, and alone
+# on its network.
 _PROBE = """
 import os, socket
 assert os.getuid() != 0 and os.geteuid() != 0, "runs as root"
@@ -311,6 +323,14 @@ for d in ("/", "/tmp", "/dev/shm", os.path.dirname(os.getcwd())):
         continue
     raise AssertionError(f"could write in {d}")
 open("probe", "w").write("ok")
+try:
+    pid = os.fork()  # RLIMIT_NPROC=0 must hold: it does not for uid 0 outside a user namespace
+except OSError:
+    pass
+else:
+    if pid == 0:
+        os._exit(0)
+    raise AssertionError("may start processes")
 assert [name for _, name in socket.if_nameindex()] == ["lo"], "sees a network interface"
 """
 
