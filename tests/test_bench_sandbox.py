@@ -183,3 +183,17 @@ def test_bwrap_command(monkeypatch, tmp_path):
         assert args[args.index("--chdir") + 1] == work and args[args.index("--uid") + 1] == str(sandbox.NOBODY)
         assert args[args.index("--cap-drop") + 1] == "ALL"
         assert args[args.index("--") + 1 :] == ["python", "-c", "pass"]
+
+
+def test_each_humaneval_record_says_which_isolation_its_tests_had():
+    from draftsmith.bench.humaneval import load_problems
+    from draftsmith.bench.runner import Call, Output, make_records
+    from draftsmith.bench.workloads import Task
+
+    problem = load_problems(1)[0]
+    task = Task(problem.task_id, problem.prompt, problem=problem)
+    calls = [Call("plain", task.task_id, 0, Output([1, 2], 0.1, 2), None)]
+    record, = make_records(calls, [task], lambda ids: "    return False\n", sandbox=FAST)
+    assert record.passed is False and record.sandbox == ISOLATION
+    record, = make_records(calls, [task], lambda ids: "    return False\n", run_tests=False)
+    assert record.passed is None and record.sandbox is None

@@ -50,6 +50,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from draftsmith.errors import DraftsmithError
+
 Status = Literal["passed", "failed", "timeout", "memory", "blocked"]
 Isolation = Literal["bwrap", "unshare+setpriv", "none"]
 
@@ -60,7 +62,7 @@ TAIL_BYTES = 2000
 NOBODY = 65534  # uid and gid the program runs as
 
 
-class SandboxUnavailable(RuntimeError):
+class SandboxUnavailable(DraftsmithError):
     """No isolation works on this machine and running without it was not allowed."""
 
 
