@@ -47,11 +47,15 @@ def bench_command(
     seed: int = 0,
     pass_at_1: Annotated[bool, typer.Option("--pass-at-1/--no-pass-at-1",
                                             help="Run HumanEval tests (sandboxed) for pass@1.")] = True,
+    allow_unsandboxed: Annotated[bool, typer.Option(
+        help="Run HumanEval tests even where no isolation (bwrap, unshare+setpriv) works: only resource "
+             "limits and an audit hook then stand between model-written code and this machine.")] = False,
 ) -> None:
     """Benchmark methods on one model, interleaved per prompt: speed, tau, exactness, pass@1 or EM/ES."""
     run_and_show(BenchConfig(
         target=target, workload=workload, methods=split_methods(methods), limit=limit,
         max_new_tokens=max_new_tokens, device=device, dtype=dtype, seed=seed, pass_at_1=pass_at_1, out=out,
+        allow_unsandboxed=allow_unsandboxed,
     ))
 
 

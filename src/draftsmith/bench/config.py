@@ -91,6 +91,7 @@ class BenchConfig:
     dtype: str = "float32"
     seed: int = 0
     pass_at_1: bool = True  # run HumanEval tests in the sandbox after the timed loop
+    allow_unsandboxed: bool = False  # run them even where no isolation works (limits and audit hook only)
     out: str | None = None  # default: bench-results/<timestamp>
 
     def __post_init__(self) -> None:

@@ -30,6 +30,7 @@ class PromptRecord:
     output_tokens: list[int] | None = None  # to check exactness against the reference method
     exact: bool | None = None  # or the runner's own verdict, which wins over output_tokens
     passed: bool | None = None  # HumanEval
+    sandbox: str | None = None  # HumanEval: isolation of its test run ("unshare+setpriv", "bwrap", "none")
     exact_match: bool | None = None  # line completion
     edit_similarity: float | None = None
     completion: str | None = None  # the scored part of the generated text

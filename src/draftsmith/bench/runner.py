@@ -26,6 +26,7 @@ import torch
 from draftsmith.acceptance import SamplingConfig
 from draftsmith.bench.config import BASELINE, DEFAULT_K, PLAIN, BenchConfig, MethodSpec, parse_method
 from draftsmith.bench.report import MethodSummary, PromptRecord, summarize, write_report
+from draftsmith.bench.sandbox import SandboxConfig, available_isolation
 from draftsmith.bench.workloads import Score, Task, completion, load_tasks, score
 from draftsmith.drafters import build_drafter
 from draftsmith.engine import GenerationConfig, SpecEngine, Stats
@@ -191,7 +192,8 @@ def run_interleaved(
 
 
 def make_records(
-    calls: list[Call], tasks: list[Task], decode: Callable[[list[int]], str], run_tests: bool = True
+    calls: list[Call], tasks: list[Task], decode: Callable[[list[int]], str], run_tests: bool = True,
+    sandbox: SandboxConfig = SandboxConfig(),
 ) -> list[PromptRecord]:
     """One PromptRecord per call, with its output tokens (exactness is judged in `summarize`) and the task's
     scores. Each distinct completion of a task is scored once (HumanEval tests run in a sandboxed process)."""
@@ -202,14 +204,14 @@ def make_records(
         task, stats = by_id[c.task_id], c.output.stats or Stats()
         answer = completion(task, decode(c.output.tokens))
         if (c.task_id, answer) not in scores:
-            scores[c.task_id, answer] = score(task, answer, run_tests)
+            scores[c.task_id, answer] = score(task, answer, run_tests, sandbox)
         s = scores[c.task_id, answer]
         records.append(PromptRecord(
             method=c.method, prompt_id=c.task_id, new_tokens=len(c.output.tokens), seconds=c.output.seconds,
             target_steps=c.output.target_steps, proposed=stats.proposed, accepted=stats.accepted,
             draft_seconds=stats.draft_s, verify_seconds=stats.verify_s, peak_memory_mb=c.peak_memory_mb,
             output_tokens=c.output.tokens,
-            passed=s.passed, exact_match=s.exact_match, edit_similarity=s.edit_similarity,
+            passed=s.passed, sandbox=s.sandbox, exact_match=s.exact_match, edit_similarity=s.edit_similarity,
             completion=answer, position=c.position,
         ))
     return records
@@ -239,6 +241,10 @@ def report_notes(metadata: dict[str, Any]) -> str:
     if metadata.get("compile_seconds"):
         compiled = ", ".join(f"{name} {s:.0f} s" for name, s in metadata["compile_seconds"].items())
         notes += f" torch.compile time before the run (not in tok/s): {compiled}."
+    if metadata.get("sandbox"):
+        notes += f" HumanEval tests ran in the sandbox with isolation: {', '.join(metadata['sandbox'])}."
+        if "none" in metadata["sandbox"]:
+            notes += " (none: no namespaces and no uid change, allowed by --allow-unsandboxed.)"
     if metadata["truncated_prompts"]:
         notes += (" Prompts cut to their last tokens to fit the model's context: "
                   f"{', '.join(metadata['truncated_prompts'])}.")
@@ -321,6 +327,9 @@ def run_bench(
     tasks = (tasks if tasks is not None else load_tasks(config.workload, config.limit))[: config.limit]
     if not tasks:
         raise ConfigError(f"the workload '{config.workload}' has no tasks to run")
+    sandbox = SandboxConfig(allow_unisolated=config.allow_unsandboxed)
+    if config.pass_at_1 and any(t.problem is not None for t in tasks):
+        available_isolation(sandbox)  # SandboxUnavailable now, not after the whole decoding loop
     if target is None:
         with _status(console, f"loading {config.target}"):
             target = load_model(config.target, device=config.device, dtype=config.dtype)
@@ -356,13 +365,14 @@ def run_bench(
     reference = BASELINE if BASELINE in names else PLAIN if PLAIN in names else names[0]
     with _status(console, "scoring (HumanEval tests run in a sandboxed process)"):
         records = make_records(calls, tasks, lambda ids: target.tokenizer.decode(ids, skip_special_tokens=True),
-                               run_tests=config.pass_at_1)
+                               run_tests=config.pass_at_1, sandbox=sandbox)
     summaries = summarize(records, baseline=baseline, plain=PLAIN if PLAIN in names else None, reference=reference,
                           same_dtype_baseline=same_dtype_baseline)
     bandwidth = read_bandwidth_gb_s(target.device)
     floors = {d: weight_read_floor(t.model, bandwidth) for d, t in targets.items()}
     metadata = run_metadata(config, target, baseline=baseline, reference=reference,
                             warmup_prompt=tasks[0].task_id, truncated_prompts=truncated,
+                            sandbox=sorted({r.sandbox for r in records if r.sandbox}),
                             read_bandwidth_gb_s=bandwidth, weight_read_floor=floors,
                             compile_seconds={m.name: m.compile_s for m in methods if m.compile_s is not None})
     notes = report_notes(metadata)

@@ -1,16 +1,36 @@
-"""Run untrusted, model-written Python in a separate, limited process.
+"""Run untrusted, model-written Python in a separate, isolated, limited process.
 
 Layers, from the outside in:
-  - a fresh process group in its own network namespace when `unshare --net` works here (else skipped),
-    killed as a whole on a wall-clock timeout;
-  - `python -I -B` (ignores PYTHON* variables and user site, writes no bytecode), a minimal environment,
-    and a fresh temporary working directory, deleted afterwards;
-  - resource limits (address space, CPU seconds, file size, processes, open files, no core dumps);
-  - an audit hook, installed by a small bootstrap before the program runs, that refuses sockets, new
-    processes, signals, C calls through ctypes, raising the limits, and any write outside the working directory.
-The audit hook stops careless or buggy code, not a determined attacker who knows it is there (CPython
-audit hooks are not a security boundary); the namespace, the limits and the process boundary are the
-parts that hold regardless. The caller's process never executes the code, so it survives anything.
+  - isolation (`SandboxResult.isolation` says which one a run had):
+      * "unshare+setpriv" (as root): fresh mount, PID, network, IPC and UTS namespaces (`unshare`), the whole
+        file system remounted read-only, the work directory a size-limited tmpfs, then the program runs as
+        uid/gid 65534 with no capabilities, no supplementary groups and no_new_privs (`setpriv`);
+      * "bwrap" (bubblewrap; tried first when not root): the same plan through bwrap's own options. As root
+        bwrap would map the sandbox user back to uid 0 outside, where RLIMIT_NPROC does not apply, so as root
+        "unshare+setpriv" comes first;
+      * "none": only the layers below. Refused (SandboxUnavailable) unless `allow_unisolated=True`
+        (CLI: `--allow-unsandboxed`);
+    each kind is probed once per process by running a small program in it that must find itself unprivileged
+    and unable to write outside its work directory;
+  - a fresh process group, killed as a whole on a wall-clock timeout (and with it the PID namespace);
+  - `python -I -B`, a minimal environment, the program read from stdin (no file to find or rewrite);
+  - resource limits (address space, CPU seconds, file size, processes, open files, no core dumps); as an
+    unprivileged uid RLIMIT_NPROC=0 really forbids new processes, and the tmpfs caps all writes together;
+  - an audit hook that refuses sockets, new processes, signals, C calls through ctypes, raising the limits
+    and writes outside the work directory: it names what a careless program tried ("blocked"), it is not a
+    boundary (CPython audit hooks never are).
+
+How pass/fail is decided, and what a program can still forge: the harness writes a fresh nonce into a pipe
+and keeps the other end of a second, "report" pipe. Only after the program has run to its end without an
+error does the bootstrap read the nonce and write it to the report pipe; the run passes when the report pipe
+holds exactly that nonce and the exit status is 0. Stdout is only output, and the nonce is in no Python object
+while the program runs, so printing a marker, reading one from the caller's frame, exiting early with status
+0 or catching our errors never passes. But the program runs in the bootstrap's own process, so it can do
+anything the bootstrap can: a program written against this harness can read the nonce pipe itself, write the
+nonce to the report pipe and exit 0 (both descriptors are in its process; their numbers are in the
+bootstrap's frame). Nothing in-process can prevent that; a verdict the program cannot forge needs the tests'
+assertions to run outside it. So pass@1 is trustworthy for model-written code that is not trying to game
+this harness, and the isolation, not the verdict, is what protects the machine from code that is.
 """
 
 from __future__ import annotations
@@ -24,16 +44,26 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-Status = Literal["passed", "failed", "timeout", "memory", "blocked"]
+from draftsmith.errors import DraftsmithError
 
-EXIT_FAILED, EXIT_BLOCKED, EXIT_MEMORY = 1, 3, 4
+Status = Literal["passed", "failed", "timeout", "memory", "blocked"]
+Isolation = Literal["bwrap", "unshare+setpriv", "none"]
+
+EXIT_FAILED, EXIT_BLOCKED, EXIT_MEMORY, EXIT_SETUP = 1, 3, 4, 5
 BLOCKED_MARK = "sandbox: blocked"
+SETUP_MARK = "sandbox setup:"
 TAIL_BYTES = 2000
+NOBODY = 65534  # uid and gid the program runs as
+
+
+class SandboxUnavailable(DraftsmithError):
+    """No isolation works on this machine and running without it was not allowed."""
 
 
 @dataclass(frozen=True)
@@ -42,9 +72,12 @@ class SandboxConfig:
     memory_mb: int = 1024  # address space (RLIMIT_AS): allocations beyond it raise MemoryError
     cpu_s: int | None = None  # CPU seconds; None = the wall timeout rounded up, plus one
     max_file_mb: int = 16  # largest file the program may write (its stdout and stderr included)
-    max_processes: int = 0  # RLIMIT_NPROC: no new processes (root ignores it; the audit hook does not)
+    work_mb: int = 64  # all files in the work directory together (its tmpfs's size; isolated runs only)
+    max_processes: int = 0  # RLIMIT_NPROC: no new processes (holds because the program is not root)
     max_open_files: int = 64
-    network_namespace: bool = True  # use `unshare --net` when this machine allows it
+    isolation: Literal["auto", "bwrap", "unshare+setpriv"] = "auto"  # auto: the first kind that works here
+    allow_unisolated: bool = False  # without isolation, run anyway ("none") instead of raising
+    audit_hook: bool = True  # tests turn it off to show that the OS layers hold on their own
 
 
 @dataclass(frozen=True)
@@ -54,32 +87,36 @@ class SandboxResult:
     stdout: str  # tails of the program's output
     stderr: str
     seconds: float
+    isolation: Isolation = "none"
 
     @property
     def passed(self) -> bool:
         return self.status == "passed"
 
 
-# The bootstrap runs in the child as `python -I -B -c BOOTSTRAP workdir program limits`, reads a nonce from
-# stdin, sets the limits, installs the audit hook, then runs the program. Only a program that runs to its
-# end prints the nonce, so os._exit(0) or sys.exit() half way through never counts as a pass.
+# The bootstrap runs in the child as `python -I -B -c BOOTSTRAP limits nonce_fd report_fd audit`, reads the
+# program from stdin, sets the limits, installs the audit hook, then runs the program; only when it ran to its
+# end cleanly does it copy the nonce from nonce_fd to report_fd (see the module docstring).
 _BOOTSTRAP = f"EXIT_FAILED, EXIT_BLOCKED, EXIT_MEMORY = {EXIT_FAILED}, {EXIT_BLOCKED}, {EXIT_MEMORY}\n"
 _BOOTSTRAP += f"BLOCKED_MARK = {BLOCKED_MARK!r}\n"
 _BOOTSTRAP += r"""
-import json, os, sys, resource, traceback
+import json, linecache, os, sys, resource, traceback
 
 def _main():
-    work, program_path, limits = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-    nonce = sys.stdin.readline().strip()
-    with open(program_path, encoding="utf-8") as f:
-        code = compile(f.read(), program_path, "exec")
+    limits, nonce_fd, report_fd, audit = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    source = sys.stdin.read()
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    program_path = "program.py"
+    linecache.cache[program_path] = (len(source), None, source.splitlines(True), program_path)  # for tracebacks
+    code = compile(source, program_path, "exec")
+    del source
     for name, soft, hard in limits:
         resource.setrlimit(getattr(resource, name), (soft, hard))
 
     # Bound locally so that the program cannot swap them out from under the hook.
-    realpath, fsdecode, sep, devnull, write, exit_now = (
-        os.path.realpath, os.fsdecode, os.sep, os.devnull, os.write, os._exit)
-    root = realpath(work)
+    realpath, fsdecode, sep, devnull, write, read, exit_now = (
+        os.path.realpath, os.fsdecode, os.sep, os.devnull, os.write, os.read, os._exit)
+    root = realpath(os.getcwd())
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
     forbidden = frozenset({
         "socket.__new__", "socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg",
@@ -112,6 +149,8 @@ def _main():
         if event in forbidden:
             block(event, "")
         elif event == "open":
+            # The event has no dir_fd: a relative path opened against another directory passes here; the
+            # read-only mounts and the unprivileged uid are what stop that write.
             if args[2] & write_flags and not inside(args[0]):
                 block(event, f"{args[0]!r} for writing")
         elif event in path_events:
@@ -127,44 +166,212 @@ def _main():
             # ctypes itself may load (numpy imports it); looking up a C function (dlsym) may not
             block(event, repr(args[0]))
 
-    sys.addaudithook(hook)
+    if audit == "1":
+        sys.addaudithook(hook)
     sys.argv[:] = [program_path]
+    def leave(status):  # os._exit skips the interpreter's flush: what the program printed must come back
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        exit_now(status)
+
     try:
         exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
     except MemoryError:
         traceback.print_exc()
-        exit_now(EXIT_MEMORY)
+        leave(EXIT_MEMORY)
     except SystemExit as e:
         print(f"program called exit({e.code!r}) before it finished", file=sys.stderr)
-        exit_now(EXIT_BLOCKED if violations else EXIT_FAILED)
+        leave(EXIT_BLOCKED if violations else EXIT_FAILED)
     except BaseException:
         traceback.print_exc()
-        sys.stderr.flush()
-        exit_now(EXIT_BLOCKED if violations else EXIT_FAILED)
+        leave(EXIT_BLOCKED if violations else EXIT_FAILED)
     sys.stdout.flush()
     sys.stderr.flush()
     if violations:  # it caught our PermissionError and carried on: still not a clean run
         exit_now(EXIT_BLOCKED)
-    write(1, f"\n{nonce}\n".encode())
+    write(report_fd, read(nonce_fd, 64))
     exit_now(0)
 
 _main()
 """
 
+# The setup runs as root inside the fresh namespaces of "unshare+setpriv", before any untrusted code:
+# `python -I -S -c SETUP spec_json`. It makes the interpreter reachable for the unprivileged uid, remounts
+# everything read-only, mounts the work tmpfs, enters it and execs `setpriv ... python BOOTSTRAP`.
+_SETUP = f"SETUP_MARK, EXIT_SETUP = {SETUP_MARK!r}, {EXIT_SETUP}\n"
+_SETUP += r"""
+import ctypes, json, os, struct, sys
+
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MNT_DETACH = 1, 2, 4, 4096, 16384, 2
+libc = ctypes.CDLL(None, use_errno=True)
+
+def mount(source, target, fstype, flags, data=None):
+    enc = lambda s: None if s is None else os.fsencode(s)
+    if libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"mount {source} on {target}: {os.strerror(errno)}")
+
+def reveal(paths, scratch):
+    # A directory the unprivileged uid cannot search (e.g. /root, mode 0700, above a pyenv interpreter) is
+    # covered by a small tmpfs holding only bind mounts of the paths needed below it; the rest stays hidden.
+    by_top = {}
+    for path in paths:
+        parts = path.strip("/").split("/")
+        for i in range(1, len(parts)):
+            top = "/" + "/".join(parts[:i])
+            if not os.stat(top).st_mode & 0o001:
+                by_top.setdefault(top, []).append(path)
+                break
+    for n, (top, below) in enumerate(by_top.items()):
+        stash = os.path.join(scratch, f"reveal-{n}")
+        os.mkdir(stash)
+        mount(top, stash, None, MS_BIND | MS_REC)
+        mount("tmpfs", top, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
+        for path in below:
+            rel = os.path.relpath(path, top)
+            os.makedirs(os.path.join(top, rel), exist_ok=True)
+            mount(os.path.join(stash, rel), os.path.join(top, rel), None, MS_BIND | MS_REC)
+        libc.umount2(os.fsencode(stash), MNT_DETACH)
+
+def read_only_everywhere():
+    # mount_setattr(2) (Linux 5.12+) makes every mount read-only in one call; older kernels: one by one.
+    attr = struct.pack("QQQQ", 1, 0, 0, 0)  # MOUNT_ATTR_RDONLY
+    if libc.syscall(442, -100, b"/", 0x8000, ctypes.c_char_p(attr), len(attr)) == 0:  # AT_FDCWD, AT_RECURSIVE
+        return
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4].encode().decode("unicode_escape") for line in f]
+    for point in points:
+        flags = os.statvfs(point).f_flag & (MS_NOSUID | MS_NODEV | 8 | 1024 | 2048)  # keep nosuid/nodev/noexec/...
+        mount(None, point, None, 32 | MS_BIND | MS_RDONLY | flags)  # MS_REMOUNT
+
+try:
+    spec = json.loads(sys.argv[1])
+    os.umask(0o022)
+    reveal(spec["reveal"], spec["scratch"])
+    read_only_everywhere()
+    work = spec["work"]
+    mount("tmpfs", work, "tmpfs", MS_NOSUID | MS_NODEV,
+          f"size={spec['work_bytes']},mode=0700,uid={spec['uid']},gid={spec['gid']}")
+    os.chdir(work)  # the tmpfs, not the directory it covers
+    os.execvp(spec["argv"][0], spec["argv"])
+except Exception as e:
+    os.write(2, f"{SETUP_MARK} {e}\n".encode(errors="replace"))
+    os._exit(EXIT_SETUP)
+"""
+
+
+def _python_dirs() -> list[str]:
+    """What the unprivileged interpreter must reach: its executable's directory and its prefixes."""
+    dirs = {os.path.dirname(os.path.realpath(sys.executable)),
+            os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix)}
+    return sorted(d for d in dirs if not any(d.startswith(o + os.sep) for o in dirs))  # outermost only
+
+
+def _python_argv(config: SandboxConfig, nonce_fd: int, report_fd: int) -> list[str]:
+    return [sys.executable, "-I", "-B", "-c", _BOOTSTRAP, json.dumps(_limits(config)), str(nonce_fd),
+            str(report_fd), "1" if config.audit_hook else "0"]
+
+
+def _tool(name: str) -> str:
+    """The tool's full path as the harness finds it (the child's PATH is the minimal one)."""
+    return shutil.which(name) or name
+
+
+def _drop() -> list[str]:
+    """setpriv: become uid/gid 65534 for good (no groups, no capabilities, no gaining any through exec)."""
+    return [_tool("setpriv"), f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--inh-caps=-all",
+            "--bounding-set=-all", "--no-new-privs", "--"]
+
+
+def unshare_command(config: SandboxConfig, base: Path, program: list[str]) -> list[str]:
+    """unshare (new namespaces, as root) -> the setup (read-only mounts, work tmpfs) -> setpriv (uid 65534)."""
+    spec = {"reveal": _python_dirs(), "scratch": str(base), "work": str(base / "work"),
+            "work_bytes": config.work_mb * 2**20, "uid": NOBODY, "gid": NOBODY, "argv": _drop() + program}
+    return [_tool("unshare"), "--mount", "--pid", "--net", "--ipc", "--uts", "--fork", "--kill-child", "--mount-proc",
+            "--", sys.executable, "-I", "-S", "-B", "-c", _SETUP, json.dumps(spec)]
+
+
+def bwrap_command(config: SandboxConfig, base: Path, program: list[str]) -> list[str]:
+    """bubblewrap: the system read-only, a fresh /dev and /proc, the work dir a tmpfs, every namespace new.
+
+    As root, bwrap itself first drops to uid 65534 (setpriv): bwrap's --uid only renames the user inside its
+    user namespace, and the sandbox would still be uid 0 to the kernel (RLIMIT_NPROC ignored). Verified once
+    with bubblewrap 0.8.0 unpacked from the Debian package (not installed where this was written): the tests
+    check this argv, and the probe runs it for real before a machine with bwrap uses it.
+    """
+    work = str(base / "work")
+    return [*(_drop() if os.geteuid() == 0 else []), _tool("bwrap"), "--unshare-all", "--unshare-user", "--die-with-parent", "--new-session",
+            "--ro-bind", "/", "/", "--dev", "/dev", "--remount-ro", "/dev", "--proc", "/proc",  # /dev/shm too
+            "--size", str(config.work_mb * 2**20), "--perms", "0700", "--tmpfs", work,  # --size/--perms: next tmpfs
+            "--chdir", work, "--uid", str(NOBODY), "--gid", str(NOBODY), "--cap-drop", "ALL",
+            "--", *program]
+
+
+_COMMANDS = {"unshare+setpriv": unshare_command, "bwrap": bwrap_command}
+_TOOLS = {"unshare+setpriv": ("unshare", "setpriv"), "bwrap": ("bwrap",)}
+
+# It must find itself unprivileged, unable to write anywhere but its work dir or to start a process, and alone
+# on its network.
+_PROBE = """
+import os, socket
+assert os.getuid() != 0 and os.geteuid() != 0, "runs as root"
+for d in ("/", "/tmp", "/dev/shm", os.path.dirname(os.getcwd())):
+    try:
+        open(os.path.join(d, "draftsmith-sandbox-probe"), "w")
+    except OSError:
+        continue
+    raise AssertionError(f"could write in {d}")
+open("probe", "w").write("ok")
+try:
+    pid = os.fork()  # RLIMIT_NPROC=0 must hold: it does not for uid 0 outside a user namespace
+except OSError:
+    pass
+else:
+    if pid == 0:
+        os._exit(0)
+    raise AssertionError("may start processes")
+assert [name for _, name in socket.if_nameindex()] == ["lo"], "sees a network interface"
+"""
+
+
+def _order() -> tuple[Isolation, ...]:
+    # As root, bwrap maps its sandbox uid back to uid 0 outside (RLIMIT_NPROC and file owners as root), so
+    # the unshare path, which really changes the uid, comes first; otherwise bwrap is the tool made for this.
+    return ("unshare+setpriv", "bwrap") if os.geteuid() == 0 else ("bwrap", "unshare+setpriv")
+
 
 @functools.cache
-def network_namespace_prefix() -> tuple[str, ...]:
-    """The command prefix that runs a program without network on this machine, or () if none works."""
-    if shutil.which("unshare") is None:
-        return ()
-    for prefix in (("unshare", "--net"), ("unshare", "--user", "--map-root-user", "--net")):
-        try:
-            probe = subprocess.run([*prefix, "true"], capture_output=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            continue
-        if probe.returncode == 0:
-            return prefix
-    return ()
+def probe_isolation(kind: Isolation) -> str | None:
+    """None when `kind` works on this machine, else why not (checked once per process)."""
+    missing = [tool for tool in _TOOLS[kind] if shutil.which(tool) is None]
+    if missing:
+        return f"{kind}: {', '.join(missing)} not found on PATH"
+    if kind == "unshare+setpriv" and os.geteuid() != 0:
+        return f"{kind}: needs root (mounts and the uid change)"
+    result = _execute(_PROBE, SandboxConfig(timeout_s=20.0, audit_hook=False), kind)
+    return None if result.passed else f"{kind}: probe {result.status}: {result.message}"
+
+
+def available_isolation(config: SandboxConfig = SandboxConfig()) -> Isolation:
+    """The isolation a run with `config` gets here: the first kind that works, else "none" (if allowed, else
+    SandboxUnavailable says what is missing and how to opt out)."""
+    kinds = _order() if config.isolation == "auto" else (config.isolation,)
+    reasons = []
+    for kind in kinds:
+        reason = probe_isolation(kind)
+        if reason is None:
+            return kind
+        reasons.append(reason)
+    if config.allow_unisolated:
+        return "none"
+    raise SandboxUnavailable(
+        "no sandbox isolation works on this machine (" + "; ".join(reasons) + "). Install bubblewrap (bwrap), "
+        "or run as root where `unshare` and `setpriv` (util-linux) work; or accept running model-written code "
+        "with only resource limits and an audit hook: SandboxConfig(allow_unisolated=True), CLI "
+        "--allow-unsandboxed.")
 
 
 def _limits(config: SandboxConfig) -> list[tuple[str, int, int]]:
@@ -203,29 +410,47 @@ def _last_line(text: str) -> str:
     return lines[-1].strip() if lines else ""
 
 
+def _feed(stdin, data: bytes) -> None:
+    """Write the program to the child's stdin from a thread: a child that never reads cannot block us."""
+    def write() -> None:
+        try:
+            stdin.write(data)
+            stdin.close()
+        except OSError:
+            pass  # it died before reading: its exit status tells why
+    threading.Thread(target=write, daemon=True).start()
+
+
 def run_python(source: str, config: SandboxConfig = SandboxConfig()) -> SandboxResult:
-    """Run `source` as a Python program in the sandbox; it passes when it runs to its end without error."""
+    """Run `source` as a Python program in the sandbox; it passes when it runs to its end without error.
+
+    Raises SandboxUnavailable when no isolation works here and `config.allow_unisolated` is false.
+    """
+    return _execute(source, config, available_isolation(config))
+
+
+def _execute(source: str, config: SandboxConfig, isolation: Isolation) -> SandboxResult:
     base = Path(tempfile.mkdtemp(prefix="draftsmith-sandbox-"))
+    nonce_r, nonce_w = os.pipe()
+    report_r, report_w = os.pipe()
     try:
-        work = base / "work"  # the only place the program may write; its outputs and source live beside it
+        base.chmod(0o711)  # the unprivileged program may pass through to its work dir, not list or write here
+        work = base / "work"  # the program's cwd; isolated: a tmpfs mounted over it, gone with the namespace
         work.mkdir()
-        program = base / "program.py"
-        program.write_text(source, encoding="utf-8")
-        prefix = network_namespace_prefix() if config.network_namespace else ()
-        cmd = [*prefix, sys.executable, "-I", "-B", "-c", _BOOTSTRAP,
-               str(work), str(program), json.dumps(_limits(config))]
+        program = _python_argv(config, nonce_r, report_w)
+        cmd = _COMMANDS[isolation](config, base, program) if isolation != "none" else program
         env = {"PATH": "/usr/bin:/bin", "HOME": str(work), "TMPDIR": str(work), "LANG": "C.UTF-8"}
-        nonce = secrets.token_hex(16)
+        nonce = secrets.token_hex(16).encode()
+        os.write(nonce_w, nonce)  # fits the pipe's buffer; read only by a program that ran to its end
+        os.close(nonce_w)
         start = time.perf_counter()
         with (base / "stdout").open("wb") as out, (base / "stderr").open("wb") as err:
             proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=work, env=env,
-                                    start_new_session=True)
+                                    start_new_session=True, pass_fds=(nonce_r, report_w))
+            os.close(report_w)  # now only the child holds a write end: EOF once it is gone
+            report_w = -1
             try:
-                try:
-                    proc.stdin.write(f"{nonce}\n".encode())
-                    proc.stdin.close()
-                except OSError:
-                    pass  # it died before reading: its exit status tells why
+                _feed(proc.stdin, source.encode("utf-8"))
                 finished = _wait_without_reaping(proc.pid, config.timeout_s)
             finally:
                 try:
@@ -235,14 +460,23 @@ def run_python(source: str, config: SandboxConfig = SandboxConfig()) -> SandboxR
                 returncode = proc.wait()
         seconds = time.perf_counter() - start
         stdout, stderr = _tail(base / "stdout"), _tail(base / "stderr")
+        os.set_blocking(report_r, False)
+        try:
+            report = os.read(report_r, 256)
+        except BlockingIOError:  # a descendant still holds the write end and wrote nothing
+            report = b""
     finally:
+        for fd in (nonce_r, report_r, report_w):
+            if fd >= 0:
+                os.close(fd)
         shutil.rmtree(base, ignore_errors=True)
 
-    completed = stdout.endswith(f"\n{nonce}\n")
-    stdout = stdout.removesuffix(f"\n{nonce}\n")
     blocked_line = next((line for line in stderr.splitlines() if line.startswith(BLOCKED_MARK)), "")
+    setup_line = next((line for line in stderr.splitlines() if line.startswith(SETUP_MARK)), "")
     if not finished:
         status, message = "timeout", f"timed out after {config.timeout_s:g} s"
+    elif returncode == EXIT_SETUP and setup_line:
+        status, message = "failed", setup_line
     elif returncode == EXIT_BLOCKED or blocked_line:
         status, message = "blocked", blocked_line or _last_line(stderr)
     elif returncode == EXIT_MEMORY:
@@ -251,10 +485,10 @@ def run_python(source: str, config: SandboxConfig = SandboxConfig()) -> SandboxR
         status, message = "timeout", "CPU time limit exceeded"
     elif returncode == -signal.SIGXFSZ:
         status, message = "failed", f"wrote more than {config.max_file_mb} MB"
-    elif returncode == 0 and completed:
+    elif returncode == 0 and report == nonce:
         status, message = "passed", ""
     elif returncode == 0:
         status, message = "failed", "exited before the end of the program"
     else:
         status, message = "failed", _last_line(stderr) or f"exit status {returncode}"
-    return SandboxResult(status, message, stdout, stderr, seconds)
+    return SandboxResult(status, message, stdout, stderr, seconds, isolation)

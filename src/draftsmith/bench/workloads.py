@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from draftsmith.bench.humaneval import Problem, check_completion, load_problems, truncate_completion
 from draftsmith.bench.linecomplete import LineCase, LineCaseConfig, build_cases, cut_completion
 from draftsmith.bench.linecomplete import edit_similarity as _edit_similarity
+from draftsmith.bench.sandbox import SandboxConfig
 from draftsmith.bench.linecomplete import exact_match as _exact_match
 from draftsmith.errors import ConfigError
 
@@ -42,6 +43,7 @@ class Score:
     passed: bool | None = None
     exact_match: bool | None = None
     edit_similarity: float | None = None
+    sandbox: str | None = None  # HumanEval: the isolation its tests ran under ("unshare+setpriv", "bwrap", "none")
 
 
 def completion(task: Task, generated: str) -> str:
@@ -53,10 +55,13 @@ def completion(task: Task, generated: str) -> str:
     return generated
 
 
-def score(task: Task, answer: str, run_tests: bool = True) -> Score:
+def score(task: Task, answer: str, run_tests: bool = True, sandbox: SandboxConfig = SandboxConfig()) -> Score:
     """Score a completion; HumanEval tests run in a separate sandboxed process (only when run_tests)."""
     if task.problem is not None:
-        return Score(passed=check_completion(task.problem, answer).passed if run_tests else None)
+        if not run_tests:
+            return Score()
+        result = check_completion(task.problem, answer, sandbox)
+        return Score(passed=result.passed, sandbox=result.isolation)
     if task.case is not None:
         return Score(exact_match=_exact_match(answer, task.case.target),
                      edit_similarity=_edit_similarity(answer, task.case.target))
