@@ -1,0 +1,180 @@
+"""Feature heads: small networks that draft from the target's own last-layer features (EAGLE-style, Medusa).
+
+Both read the target's features (its last layer's hidden states, before the final norm) and decode through the
+target's FROZEN final norm and output head, optionally restricted to a reduced draft vocabulary (the most
+frequent target tokens of the training data): on a 135M target the 49k-row output head is a large share of a
+draft step. The frozen parts are never stored with a head; `TargetParts` takes them from the target at load.
+
+- EAGLE-style: fc(concat(feature_t, embed(token_t+1))) -> one Llama decoder layer -> predicted feature_t+1.
+  Run autoregressively (over a draft tree) with its own small KV cache.
+- Medusa: K residual blocks on feature_t; block j predicts token t+j+2 in one shot.
+
+A head folder holds `head.json` (HeadConfig) and `head.safetensors`; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import LlamaConfig, PreTrainedModel
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+from draftsmith.errors import IncompatibleDrafterError, ModelLoadError
+
+CONFIG_FILE, WEIGHTS_FILE = "head.json", "head.safetensors"
+HeadKind = Literal["eagle", "medusa"]
+
+
+@dataclass
+class HeadConfig:
+    kind: HeadKind
+    hidden_size: int  # the target's
+    vocab_size: int  # the target's output rows
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 4
+    head_dim: int = 64
+    intermediate_size: int = 1536
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 8192
+    draft_vocab: int = 0  # rows of the reduced draft vocabulary; 0 = the target's whole vocabulary
+    medusa_heads: int = 4
+    # Medusa's static tree: paths of per-head top-k ranks, chosen from held-out accuracy by the training command
+    medusa_paths: list[list[int]] = field(default_factory=list)
+    target: str = ""  # what it was trained for (informational; compatibility is checked on shapes)
+    training: dict = field(default_factory=dict)  # command, data, wall time: how it was made
+
+    @classmethod
+    def for_target(cls, kind: HeadKind, target: PreTrainedModel, **overrides) -> HeadConfig:
+        cfg = target.config
+        heads = cfg.num_attention_heads
+        return cls(
+            kind=kind, hidden_size=cfg.hidden_size, vocab_size=target.get_output_embeddings().weight.shape[0],
+            num_attention_heads=heads, num_key_value_heads=getattr(cfg, "num_key_value_heads", heads),
+            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+            intermediate_size=cfg.intermediate_size, rms_norm_eps=getattr(cfg, "rms_norm_eps", 1e-6),
+            rope_theta=_rope_theta(cfg), max_position_embeddings=cfg.max_position_embeddings, **overrides,
+        )
+
+    def layer_config(self) -> LlamaConfig:
+        config = LlamaConfig(
+            hidden_size=self.hidden_size, intermediate_size=self.intermediate_size, num_hidden_layers=1,
+            num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps, max_position_embeddings=self.max_position_embeddings,
+            vocab_size=self.vocab_size, rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+        )
+        config._attn_implementation = "sdpa"
+        return config
+
+
+def _rope_theta(config) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    if "rope_theta" in params:
+        return float(params["rope_theta"])
+    if isinstance(params.get("full_attention"), dict):  # per-layer-type parameters (Gemma 3)
+        return float(params["full_attention"].get("rope_theta", 10000.0))
+    return float(getattr(config, "rope_theta", 10000.0))
+
+
+class EagleHead(nn.Module):
+    def __init__(self, config: HeadConfig):
+        super().__init__()
+        self.config = config
+        hidden = config.hidden_size
+        self.fc = nn.Linear(2 * hidden, hidden)
+        layer_config = config.layer_config()
+        self.layer = LlamaDecoderLayer(layer_config, layer_idx=0)
+        self.rotary = LlamaRotaryEmbedding(layer_config)
+        self.register_buffer("draft_to_target", torch.arange(config.draft_vocab or config.vocab_size))
+
+    def forward(
+        self, features: torch.Tensor, token_embeds: torch.Tensor, positions: torch.Tensor,
+        attention_mask: torch.Tensor | None = None, cache=None,
+    ) -> torch.Tensor:
+        """Predicted next features [B, T, H] for pairs (feature_t, embedding of token_t+1) at `positions` (the
+        positions of tokens t+1). Without a mask the T pairs attend causally (training)."""
+        x = self.fc(torch.cat([features, token_embeds], dim=-1))
+        rope = self.rotary(x, positions)
+        return self.layer(x, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
+                          use_cache=cache is not None, position_embeddings=rope)
+
+
+class MedusaHeads(nn.Module):
+    def __init__(self, config: HeadConfig):
+        super().__init__()
+        self.config = config
+        hidden = config.hidden_size
+        self.blocks = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(config.medusa_heads))
+        for block in self.blocks:  # start as the identity: head j begins by predicting what the target does
+            nn.init.zeros_(block.weight)
+            nn.init.zeros_(block.bias)
+        self.register_buffer("draft_to_target", torch.arange(config.draft_vocab or config.vocab_size))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """[K, ..., H]: head j's feature, whose logits predict the token j + 2 positions after the feature's."""
+        return torch.stack([features + F.silu(block(features)) for block in self.blocks])
+
+
+class TargetParts(nn.Module):
+    """The target's frozen embedding, final norm and output head rows (the draft vocabulary's), shared by heads."""
+
+    def __init__(self, target: PreTrainedModel, draft_to_target: torch.Tensor):
+        super().__init__()
+        self.embed = target.get_input_embeddings()
+        self.norm = target.base_model.norm
+        rows = target.get_output_embeddings().weight.detach()
+        full = len(draft_to_target) == rows.shape[0] and bool((draft_to_target == torch.arange(rows.shape[0])).all())
+        self.head_rows = rows if full else rows[draft_to_target.to(rows.device)].clone()
+        self.draft_to_target = draft_to_target.to(rows.device)
+        self.full_vocab = full
+        for param in self.parameters():
+            param.requires_grad_(False)
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary logits of (predicted) features."""
+        return F.linear(self.norm(features), self.head_rows)
+
+    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        return draft_ids if self.full_vocab else self.draft_to_target[draft_ids]
+
+
+def build_head(config: HeadConfig) -> EagleHead | MedusaHeads:
+    return EagleHead(config) if config.kind == "eagle" else MedusaHeads(config)
+
+
+def save_head(head: EagleHead | MedusaHeads, folder: Path) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = {name: tensor.detach().contiguous().cpu() for name, tensor in head.state_dict().items()}
+    save_file(weights, str(folder / WEIGHTS_FILE))
+    (folder / CONFIG_FILE).write_text(json.dumps(asdict(head.config), indent=1))
+
+
+def load_head(folder: str | Path, target: PreTrainedModel | None = None) -> EagleHead | MedusaHeads:
+    """Load a head folder; with `target`, refuse a head trained for another hidden size or vocabulary."""
+    folder = Path(folder)
+    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    if not config_path.is_file() or not weights_path.is_file():
+        raise ModelLoadError(f"{folder} is not a head folder: it needs {CONFIG_FILE} and {WEIGHTS_FILE} "
+                             "(written by `draftsmith train heads`)")
+    config = HeadConfig(**json.loads(config_path.read_text()))
+    if target is not None:
+        rows = target.get_output_embeddings().weight.shape[0]
+        if (config.hidden_size, config.vocab_size) != (target.config.hidden_size, rows):
+            raise IncompatibleDrafterError(
+                f"the head in {folder} was trained for a target with hidden size {config.hidden_size} and "
+                f"{config.vocab_size} output rows ({config.target or 'unknown'}); this target has "
+                f"{target.config.hidden_size} and {rows}"
+            )
+    head = build_head(config)
+    head.load_state_dict(load_file(str(weights_path)))
+    if target is not None:
+        head.to(device=target.device, dtype=target.dtype)
+    return head.eval()
