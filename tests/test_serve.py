@@ -179,7 +179,8 @@ def test_full_queue_answers_429(model_dir):
         body = {"prompt": PROMPT, "max_tokens": 400, "temperature": 0, "stream": True}
         with httpx.Client(base_url=live.url, timeout=30) as http:
             with http.stream("POST", "/v1/completions", json=body) as running:
-                next(line for line in running.iter_lines() if line.startswith("data:"))  # the engine is busy
+                lines = running.iter_lines()  # kept: a dropped, half-read iterator closes the connection
+                next(line for line in lines if line.startswith("data:"))  # the engine is busy
                 with http.stream("POST", "/v1/completions", json=body) as queued:
                     assert queued.status_code == 200  # waits in the one queue slot
                     rejected = http.post("/v1/completions", json={**body, "stream": False})
