@@ -8,6 +8,7 @@ import json
 import logging
 import threading
 import time
+from types import SimpleNamespace
 
 import httpx
 import openai
@@ -18,7 +19,7 @@ from draftsmith.engine import GenerationConfig, SpecEngine
 from draftsmith.models import load_model
 from draftsmith.serve.limits import ServerLimits
 from draftsmith.serve.metrics import Metrics
-from draftsmith.serve.worker import Cancelled, EngineWorker, Job
+from draftsmith.serve.worker import Cancelled, EngineWorker, Job, QueueFull
 from serve_helpers import MODEL_NAME, LiveServer, greedy, reference_engine, save_tiny_model
 
 PROMPT = "def add(a, b):"
@@ -141,42 +142,49 @@ def test_a_job_that_emits_no_text_is_cancelled_mid_generation(model_dir):
         worker.stop()
 
 
-def test_a_cancelled_queued_job_is_told_and_never_run(model_dir):
-    loaded = load_model(str(model_dir))
+def test_a_cancelled_queued_job_is_told_and_never_run():
     started = threading.Event()
-    release = threading.Event()
 
     class Blocking:
-        max_context = None
+        """Runs until it is told to stop, as a long generation would."""
+
+        prompts: list[list[int]] = []
 
         def generate(self, prompt_ids, config, on_text=None, should_stop=None):
+            self.prompts.append(prompt_ids)
             started.set()
-            release.wait(10)
-            raise AssertionError("only the first job may run")
+            while not should_stop():
+                time.sleep(0.005)
+            return SimpleNamespace(finish_reason="cancelled")
 
-    worker = EngineWorker(Blocking(), queue_size=1, metrics=Metrics())
+    engine = Blocking()
+    worker = EngineWorker(engine, queue_size=1, metrics=Metrics())
     worker.start()
 
     async def run() -> None:
         first = Job([5], GenerationConfig(max_new_tokens=4))
         worker.submit(first)
-        await asyncio.to_thread(started.wait, 5)
-        queued = Job([5], GenerationConfig(max_new_tokens=4))
+        assert await asyncio.to_thread(started.wait, 5)
+        queued = Job([6], GenerationConfig(max_new_tokens=4))
         worker.submit(queued)
-        assert worker.waiting == 1
+        with pytest.raises(QueueFull):
+            worker.submit(Job([5], GenerationConfig(max_new_tokens=4)))
         queued.cancel()
         assert worker.waiting == 0
         with pytest.raises(Cancelled, match="queued"):
             async for _ in queued.texts():
                 pass
-        worker.submit(Job([5], GenerationConfig(max_new_tokens=4)))  # its slot is free
+        worker.submit(Job([7], GenerationConfig(max_new_tokens=4)))  # its slot is free
         first.cancel()
+        with pytest.raises(Cancelled):
+            async for _ in first.texts():
+                pass
 
     try:
         asyncio.run(run())
     finally:
-        worker.stop(timeout=0.1)
-        release.set()
+        worker.stop()
+    assert [6] not in engine.prompts  # the cancelled job never reached the engine
 
 
 # -- errors that are not the client's

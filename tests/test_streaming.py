@@ -32,6 +32,16 @@ def byte_tok() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
 
+@pytest.fixture(scope="module")
+def metaspace_tok() -> PreTrainedTokenizerFast:
+    """SentencePiece-style: spaces become '▁' on the following token, and a decode drops its leading one."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(prepend_scheme="first")
+    tok.train_from_iterator(CORPUS * 3, trainers.BpeTrainer(vocab_size=200, special_tokens=["<eos>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
 def decode(tok, ids: list[int]) -> str:
     return tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
@@ -52,16 +62,18 @@ def test_byte_tokenizer_splits_characters(byte_tok):
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_pieces_add_up_to_the_whole_decode(byte_tok, seed):
+@pytest.mark.parametrize("kind", ["byte_tok", "metaspace_tok"])
+def test_pieces_add_up_to_the_whole_decode(request, kind, seed):
+    tok = request.getfixturevalue(kind)
     rng = random.Random(seed)
     text = "".join(rng.choice(CORPUS) for _ in range(4))
-    ids = byte_tok(text).input_ids + [byte_tok.eos_token_id]
+    ids = tok(text).input_ids + [tok.eos_token_id]
     pieces: list[str] = []
-    stream = TextStream(byte_tok, on_text=pieces.append)
+    stream = TextStream(tok, on_text=pieces.append)
     for step in chunks(ids, rng):
         assert stream.push(step) is None
         assert "\ufffd" not in "".join(pieces)  # half a character is never emitted
-    assert stream.finish() == "".join(pieces) == decode(byte_tok, ids) == text
+    assert stream.finish() == "".join(pieces) == decode(tok, ids)
     assert len(pieces) > 1
 
 
