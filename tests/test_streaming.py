@@ -134,24 +134,43 @@ def test_a_stop_prefix_is_held_back_then_released(byte_tok):
     assert stream.finish() == "".join(pieces) == "x = 1\nreturn a"
 
 
+def counting(tok):
+    """The tokenizer, counting the ids it decodes."""
+
+    class Counting:
+        decoded = 0
+
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+        def decode(self, ids, **kwargs):
+            Counting.decoded += len(ids)
+            return tok.decode(ids, **kwargs)
+
+    return Counting()
+
+
 def test_decoding_work_is_linear_in_the_output(byte_tok):
     """Each step decodes a window of recent ids, not the whole output: the ids decoded in total grow
     linearly with the output (the old stream decoded all of it every step, about n**2 / 2)."""
-    decoded = 0
-    inner = byte_tok.decode
-
-    class Counting:
-        def __getattr__(self, name):
-            return getattr(byte_tok, name)
-
-        def decode(self, ids, **kwargs):
-            nonlocal decoded
-            decoded += len(ids)
-            return inner(ids, **kwargs)
-
     ids = byte_tok("".join(CORPUS) * 20).input_ids
-    stream = TextStream(Counting(), ["never appears"])
+    tok = counting(byte_tok)
+    stream = TextStream(tok, ["never appears"])
     for step in chunks(ids, random.Random(0), largest=4):
         stream.push(step)
     assert stream.finish() == decode(byte_tok, ids)
-    assert decoded < 12 * len(ids), (decoded, len(ids))
+    assert tok.decoded < 12 * len(ids), (tok.decoded, len(ids))
+
+
+def test_invalid_bytes_do_not_grow_the_window(byte_tok):
+    """A model that emits bytes that never form a character: every step's text ends in U+FFFD, yet the
+    window moves on, and the text still equals the whole decode."""
+    lone = next(i for i in range(len(byte_tok)) if decode(byte_tok, [i]) == "\ufffd")
+    ids = [lone] * 2000
+    tok = counting(byte_tok)
+    pieces: list[str] = []
+    stream = TextStream(tok, on_text=pieces.append)
+    for step in chunks(ids, random.Random(1), largest=3):
+        stream.push(step)
+    assert stream.finish() == "".join(pieces) == decode(byte_tok, ids)
+    assert tok.decoded < 40 * len(ids), (tok.decoded, len(ids))

@@ -19,6 +19,10 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 PARTIAL = "\ufffd"  # what decoding shows for the bytes of a character that is not complete yet
+# A character is at most 4 bytes, so a partial one spans at most 3 tokens: a window this far past `read`
+# that still ends in PARTIAL ends in bytes that are no character at all (a model emitting invalid UTF-8).
+# It moves on anyway, or it would grow without end and each step would decode all of it again.
+MAX_PENDING_TOKENS = 16
 
 
 @dataclass
@@ -91,11 +95,13 @@ class TextStream:
         """Text of the window not counted yet; moves the window on when its text ends in a whole character."""
         w = self._w
         window_text = self.decode(self.ids[w.prefix:])
-        complete = window_text if partial_ok else window_text.rstrip(PARTIAL)
+        moving_on = (partial_ok or not window_text.endswith(PARTIAL)
+                     or len(self.ids) - w.read > MAX_PENDING_TOKENS)
+        complete = window_text if moving_on else window_text.rstrip(PARTIAL)
         new = complete[len(w.prefix_text):]
         fresh = new[w.seen:]
         w.seen = max(w.seen, len(new))
-        if partial_ok or not window_text.endswith(PARTIAL):
+        if moving_on:
             w.prefix, w.read = w.read, len(self.ids)
             w.prefix_text = self.decode(self.ids[w.prefix:w.read])
             w.seen = 0
