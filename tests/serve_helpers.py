@@ -12,6 +12,7 @@ from draftsmith.drafters import build_drafter
 from draftsmith.engine import GenerationConfig, SpecEngine
 from draftsmith.models import load_model
 from draftsmith.serve import create_app
+from draftsmith.serve.limits import ServerLimits
 from tiny_models import char_tokenizer, tiny_llama
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -40,8 +41,9 @@ def greedy(max_tokens: int, stop: list[str] | None = None) -> GenerationConfig:
 
 
 class LiveServer:
-    def __init__(self, folder: Path, queue_size: int = 64):
-        self.app = create_app(load_model(str(folder)), "ngram", k=K, model_name=MODEL_NAME, queue_size=queue_size)
+    def __init__(self, folder: Path, queue_size: int = 64, limits: ServerLimits | None = None):
+        self.app = create_app(load_model(str(folder)), "ngram", k=K, model_name=MODEL_NAME, queue_size=queue_size,
+                              limits=limits)
         config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
                                 timeout_graceful_shutdown=5)
         self.server = uvicorn.Server(config)

@@ -179,7 +179,8 @@ def test_full_queue_answers_429(model_dir):
         body = {"prompt": PROMPT, "max_tokens": 400, "temperature": 0, "stream": True}
         with httpx.Client(base_url=live.url, timeout=30) as http:
             with http.stream("POST", "/v1/completions", json=body) as running:
-                next(line for line in running.iter_lines() if line.startswith("data:"))  # the engine is busy
+                lines = running.iter_lines()  # kept: a dropped, half-read iterator closes the connection
+                next(line for line in lines if line.startswith("data:"))  # the engine is busy
                 with http.stream("POST", "/v1/completions", json=body) as queued:
                     assert queued.status_code == 200  # waits in the one queue slot
                     rejected = http.post("/v1/completions", json={**body, "stream": False})
@@ -211,7 +212,7 @@ def test_serve_command_runs_a_server(model_dir, engine):
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
         command = [sys.executable, "-m", "draftsmith.cli", "serve", "--target", str(model_dir), "--port", str(port),
-                   "--model-name", MODEL_NAME, "--k", "4"]
+                   "--model-name", MODEL_NAME, "--k", "4", "--max-stop-strings", "1", "--max-body-bytes", "2000"]
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                    env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
         try:
@@ -223,6 +224,9 @@ def test_serve_command_runs_a_server(model_dir, engine):
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
             response = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=12, temperature=0)
             assert response.choices[0].text == engine.generate_text(PROMPT, greedy(12)).text
+            with pytest.raises(openai.BadRequestError, match="stop strings"):  # the limits' flags
+                client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=2, stop=["a", "b"])
+            assert probe.post(f"{url}/v1/completions", json={"prompt": "x" * 3000}).status_code == 413
         finally:
             process.terminate()
             process.wait(20)

@@ -2,15 +2,23 @@
 
 Handlers validate everything up front (so that a bad request gets a 4xx, never a broken stream), queue a
 job for the engine worker, then either collect its text or stream it as server-sent events.
+
+Errors the client caused say what was wrong (400, naming the parameter). Anything else is the server's
+fault and may carry paths or device errors: the client gets a generic message with the request id (also sent
+as X-Request-ID), and the log gets the detail under the same id. What one request may ask (body size,
+prompt length, stop strings, the default length) is capped by ServerLimits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from typing import TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,13 +31,15 @@ from draftsmith.drafters import build_drafter
 from draftsmith.engine import GenerationConfig, SpecEngine
 from draftsmith.errors import DraftsmithError
 from draftsmith.models import LoadedModel
+from draftsmith.serve.limits import ServerLimits
 from draftsmith.serve.metrics import Metrics
 from draftsmith.serve.schemas import (ChatRequest, ChatShape, CompletionRequest, CompletionShape,
                                       GenerationRequest, Shape)
-from draftsmith.serve.worker import Cancelled, EngineWorker, Job, QueueFull, Unavailable
+from draftsmith.serve.worker import (Cancelled, EngineWorker, GenerationFailed, Job, QueueFull, Unavailable,
+                                     new_request_id)
 
-COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the room left
-UNKNOWN_CONTEXT_MAX_TOKENS = 1024  # chat's default when the model does not say its context length
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class ApiError(Exception):
@@ -65,18 +75,91 @@ async def cancel_on_disconnect(request: Request, job: Job) -> AsyncIterator[None
         job.cancel()  # a no-op for a finished job; frees the slot of one nobody waits for any more
 
 
+class RequestGuard:
+    """The outermost layer of our own (pure ASGI, so that it sees the raw body): gives every request an id,
+    sent back as X-Request-ID; refuses a body over the cap with 413 before anything parses it; and turns an
+    exception that nothing else handled into a generic 500 naming the request id, with the detail (paths,
+    device errors) in the log only."""
+
+    def __init__(self, app, max_body_bytes: int, metrics: Metrics):
+        self.app, self.max_body_bytes, self.metrics = app, max_body_bytes, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = new_request_id()
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = False
+
+        async def send_with_id(message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        async def refuse(status: int, message: str, kind: str, code: str | None = None) -> None:
+            self.metrics.count("invalid" if status < 500 else "failed")
+            await JSONResponse(error_body(message, kind, code=code), status_code=status)(scope, receive, send_with_id)
+
+        too_large = f"the request body is over this server's limit of {self.max_body_bytes} bytes"
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:  # refused unread
+            await refuse(413, too_large, "invalid_request_error", "request_too_large")
+            return
+        # read the body here, counting, so that a chunked body without a length is capped too; the app
+        # then reads it from this buffer, and later receives (the disconnect) come from the server
+        parts, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left before sending its body
+                return
+            parts.append(message.get("body", b""))
+            size += len(parts[-1])
+            if size > self.max_body_bytes:
+                await refuse(413, too_large, "invalid_request_error", "request_too_large")
+                return
+            if not message.get("more_body", False):
+                break
+        buffered: dict | None = {"type": "http.request", "body": b"".join(parts), "more_body": False}
+
+        async def replay():
+            nonlocal buffered
+            if buffered is not None:
+                message, buffered = buffered, None
+                return message
+            return await receive()
+
+        try:
+            await self.app(scope, replay, send_with_id)
+        except Exception:
+            log.exception("request %s failed", request_id)
+            if started:  # mid-response: closing the connection is all that is left to do
+                return
+            await refuse(500, f"internal server error (request id {request_id})", "server_error")
+
+
 class Server:
     """The engine behind the routes: turns requests into validated jobs and jobs into responses."""
 
     def __init__(self, loaded: LoadedModel, drafter_spec: str, k: int, model_name: str, queue_size: int,
-                 adaptive: bool = False, compile: bool = False, **drafter_options):
+                 adaptive: bool = False, compile: bool = False, limits: ServerLimits | None = None,
+                 **drafter_options):
         GenerationConfig(k=k)  # refuse a bad k at start-up rather than at the first request
         self.loaded, self.k, self.adaptive, self.model_name = loaded, k, adaptive, model_name
+        self.limits = limits or ServerLimits()
         self.engine = SpecEngine(loaded.model, build_drafter(drafter_spec, loaded, **drafter_options),
                                  loaded.tokenizer, compile=compile)
         self.metrics = Metrics()
         self.worker = EngineWorker(self.engine, queue_size, self.metrics)
         self.created = int(time.time())
+        # tokenizing a long prompt takes a while: off the event loop, on one thread (a fast tokenizer's
+        # settings are not safe to change from two threads at once)
+        self.tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draftsmith-tokenize")
+
+    async def off_loop(self, fn: Callable[..., T], *args) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizing, fn, *args)
 
     # -- requests -> jobs
 
@@ -85,7 +168,18 @@ class Server:
             raise ApiError(404, f"The model '{name}' does not exist: this server serves "
                                 f"'{self.model_name}'", param="model", code="model_not_found")
 
-    def completion_ids(self, body: CompletionRequest) -> list[int]:
+    def check_prompt_chars(self, chars: int, param: str) -> None:
+        if chars > self.limits.max_prompt_chars:
+            raise ApiError(400, f"the prompt has {chars} characters; this server takes at most "
+                                f"{self.limits.max_prompt_chars}", param=param, code="prompt_too_long")
+
+    def check_prompt_tokens(self, ids: list[int], param: str) -> list[int]:
+        if len(ids) > self.limits.max_prompt_tokens:
+            raise ApiError(400, f"the prompt has {len(ids)} tokens; this server takes at most "
+                                f"{self.limits.max_prompt_tokens}", param=param, code="prompt_too_long")
+        return ids
+
+    async def completion_ids(self, body: CompletionRequest) -> list[int]:
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             if len(prompt) != 1:
@@ -95,32 +189,49 @@ class Server:
         if not prompt:
             raise ApiError(400, "the prompt is empty", param="prompt")
         if isinstance(prompt, str):
-            return self.loaded.encode(prompt)
+            self.check_prompt_chars(len(prompt), "prompt")
+            return self.check_prompt_tokens(await self.off_loop(self.loaded.encode, prompt), "prompt")
         vocab = self.loaded.model.get_input_embeddings().num_embeddings
         if any(not 0 <= t < vocab for t in prompt):
             raise ApiError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
-        return prompt
+        return self.check_prompt_tokens(prompt, "prompt")
 
-    def chat_ids(self, body: ChatRequest) -> list[int]:
+    async def chat_ids(self, body: ChatRequest) -> list[int]:
         tokenizer = self.loaded.tokenizer
         if not tokenizer.chat_template:
             raise ApiError(400, f"the model '{self.model_name}' has no chat template: use /v1/completions",
                            param="messages")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        self.check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
         try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = await self.off_loop(lambda: tokenizer.apply_chat_template(messages, tokenize=False,
+                                                                             add_generation_prompt=True))
         except TemplateError as e:  # templates raise on messages they refuse (roles out of order, ...)
             raise ApiError(400, f"the chat template refused the messages: {e}", param="messages") from None
-        return self.loaded.encode(text, templated=True)
+        return self.check_prompt_tokens(await self.off_loop(self.loaded.encode, text, True), "messages")
+
+    def check_stops(self, stops: list[str]) -> None:
+        """Many or long stop strings cost the stream time every step and make it hold back more text."""
+        limits = self.limits
+        if len(stops) > limits.max_stop_strings:
+            raise ApiError(400, f"{len(stops)} stop strings; this server takes at most {limits.max_stop_strings}",
+                           param="stop")
+        if any(len(s) > limits.max_stop_chars for s in stops):
+            raise ApiError(400, f"a stop string is longer than this server's limit of {limits.max_stop_chars} "
+                                f"characters", param="stop")
 
     def config(self, body: GenerationRequest, prompt_ids: list[int], max_tokens: int | None,
-               default_max_tokens: int | None) -> GenerationConfig:
+               default_max_tokens: int) -> GenerationConfig:
+        """`default_max_tokens` applies when the client gave none; it shrinks to the room the context leaves
+        (a client's own max_tokens is refused when it does not fit)."""
+        self.check_stops(body.stop_strings)
         context = self.engine.max_context
         room = context - len(prompt_ids) if context else None
         if room is not None and room < 1:
             raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens and fills the model's context of "
                                 f"{context} tokens", code="context_length_exceeded")
-        max_tokens = max_tokens or default_max_tokens or room or UNKNOWN_CONTEXT_MAX_TOKENS
+        if max_tokens is None:
+            max_tokens = default_max_tokens if room is None else min(default_max_tokens, room)
         if room is not None and max_tokens > room:
             raise ApiError(400, f"max_tokens is {max_tokens} but the model's context of {context} tokens leaves "
                                 f"{room} after the prompt's {len(prompt_ids)}", param="max_tokens",
@@ -157,13 +268,20 @@ class Server:
         async with cancel_on_disconnect(request, job):
             for chunk in shape.first_chunks():
                 yield sse(chunk)
+            # the status line is sent already: errors are reported in the stream, as OpenAI does
             try:
                 async for text in job.texts():
                     yield sse(shape.chunk(text))
             except Cancelled:
                 return  # the client is gone, or the server stops: nobody to tell
-            except Exception as e:  # the status line is sent already: report in the stream, as OpenAI does
-                yield sse(error_body(f"generation failed: {e}", "server_error"))
+            except DraftsmithError as e:  # the request's settings: the message is the client's to read
+                self.metrics.count("invalid")
+                yield sse(error_body(str(e), "invalid_request_error"))
+            except GenerationFailed as e:  # logged by the worker
+                yield sse(error_body(str(e), "server_error"))
+            except Exception:
+                log.exception("request %s failed while streaming", job.request_id)
+                yield sse(error_body(f"internal server error (request id {job.request_id})", "server_error"))
             else:
                 for chunk in shape.last_chunks(job.result, include_usage):
                     yield sse(chunk)
@@ -200,10 +318,14 @@ def add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         loc = [str(part) for part in shared[1:]]
         if error["type"] == "json_invalid":
             return reply(400, f"the body is not valid JSON: {error.get('ctx', {}).get('error', error['msg'])}")
+        if error["type"] == "model_attributes_type" and not loc:  # a list, a number, or a non-JSON content type
+            return reply(400, "the body must be a JSON object (sent with Content-Type: application/json)",
+                         code="invalid_body")
         if error["type"] == "missing":
             message = f"missing required parameter '{'.'.join(loc)}'" if loc else "the request needs a JSON body"
         else:
-            message = f"invalid '{'.'.join(loc)}': {error['msg']}" if loc else f"invalid body: {error['msg']}"
+            detail = error["msg"].removeprefix("Value error, ")  # pydantic's prefix for our validators' messages
+            message = f"invalid '{'.'.join(loc)}': {detail}" if loc else f"invalid body: {detail}"
         return reply(400, message, param=loc[0] if loc else None, code=error["type"])
 
     @app.exception_handler(DraftsmithError)
@@ -212,15 +334,20 @@ def add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, e: HTTPException) -> JSONResponse:
+        if e.status_code == 400 and e.detail == "There was an error parsing the body":  # FastAPI's, on bad bytes
+            return reply(400, "the body could not be parsed: send a JSON object encoded in UTF-8",
+                         code="invalid_body")
         return reply(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None)
 
     @app.exception_handler(Cancelled)
     async def cancelled(_: Request, e: Cancelled) -> JSONResponse:
         return reply(503, str(e), kind="server_error")
 
-    @app.exception_handler(Exception)
-    async def server_error(_: Request, e: Exception) -> JSONResponse:
-        return reply(500, f"generation failed: {e}", kind="server_error")
+    @app.exception_handler(GenerationFailed)
+    async def generation_failed(_: Request, e: GenerationFailed) -> JSONResponse:
+        return reply(500, str(e), kind="server_error")  # the detail is in the log, under the request id
+
+    # any other exception reaches RequestGuard: a generic 500, the detail logged
 
 
 def create_app(
@@ -231,35 +358,41 @@ def create_app(
     queue_size: int = 64,
     adaptive: bool = False,
     compile: bool = False,
+    limits: ServerLimits | None = None,
     **drafter_options,
 ) -> FastAPI:
     """An app serving `loaded` with speculative decoding; the engine worker runs while the app is up."""
-    server = Server(loaded, drafter_spec, k, model_name or loaded.name, queue_size, adaptive, compile,
+    server = Server(loaded, drafter_spec, k, model_name or loaded.name, queue_size, adaptive, compile, limits,
                     **drafter_options)
+    limits = server.limits
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         server.worker.start()
         yield
         await asyncio.to_thread(server.worker.stop)
+        server.tokenizing.shutdown(wait=False)
 
     app = FastAPI(title="draftsmith", lifespan=lifespan)
     app.state.server = server
     add_error_handlers(app, server.metrics)
+    app.add_middleware(RequestGuard, max_body_bytes=limits.max_body_bytes, metrics=server.metrics)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         server.check_model(body.model)
-        ids = server.completion_ids(body)
-        config = server.config(body, ids, body.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS)
-        return await server.respond(request, body, Job(ids, config), CompletionShape(server.model_name))
+        ids = await server.completion_ids(body)
+        config = server.config(body, ids, body.max_tokens, limits.completion_default_max_tokens)
+        job = Job(ids, config, request_id=request.state.request_id)
+        return await server.respond(request, body, job, CompletionShape(server.model_name))
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request) -> Response:
         server.check_model(body.model)
-        ids = server.chat_ids(body)
-        config = server.config(body, ids, body.max_completion_tokens or body.max_tokens, None)
-        return await server.respond(request, body, Job(ids, config), ChatShape(server.model_name))
+        ids = await server.chat_ids(body)
+        config = server.config(body, ids, body.max_completion_tokens or body.max_tokens, limits.default_max_tokens)
+        job = Job(ids, config, request_id=request.state.request_id)
+        return await server.respond(request, body, job, ChatShape(server.model_name))
 
     def model_card() -> dict:
         return {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "draftsmith"}

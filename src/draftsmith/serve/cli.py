@@ -8,6 +8,9 @@ import typer
 
 from draftsmith.cli_options import (Adaptive, Compile, Device, DraftTokens, Drafter, Dtype, NgramMax, Target,
                                    TrustRemoteCode)
+from draftsmith.serve.limits import ServerLimits
+
+DEFAULT_LIMITS = ServerLimits()
 
 
 def serve_command(
@@ -25,6 +28,19 @@ def serve_command(
     ngram_max: NgramMax = 4,
     compile: Compile = False,
     trust_remote_code: TrustRemoteCode = False,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest request body; larger ones get 413 unread.")]
+    = DEFAULT_LIMITS.max_body_bytes,
+    max_prompt_chars: Annotated[int, typer.Option(help="Longest prompt in characters (checked before tokenizing).")]
+    = DEFAULT_LIMITS.max_prompt_chars,
+    max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt in tokens.")]
+    = DEFAULT_LIMITS.max_prompt_tokens,
+    max_stop_strings: Annotated[int, typer.Option(help="Most stop strings one request may give.")]
+    = DEFAULT_LIMITS.max_stop_strings,
+    max_stop_chars: Annotated[int, typer.Option(help="Longest stop string in characters.")]
+    = DEFAULT_LIMITS.max_stop_chars,
+    default_max_tokens: Annotated[int, typer.Option(
+        help="Chat requests without max_tokens generate at most this many (and never past the context).")]
+    = DEFAULT_LIMITS.default_max_tokens,
 ) -> None:
     """Serve the OpenAI completions and chat API with speculative decoding (one request at a time)."""
     import uvicorn
@@ -32,9 +48,12 @@ def serve_command(
     from draftsmith.models import load_model
     from draftsmith.serve.app import create_app
 
+    limits = ServerLimits(max_body_bytes=max_body_bytes, max_prompt_chars=max_prompt_chars,
+                          max_prompt_tokens=max_prompt_tokens, max_stop_strings=max_stop_strings,
+                          max_stop_chars=max_stop_chars, default_max_tokens=default_max_tokens)
     loaded = load_model(target, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     app = create_app(loaded, drafter, k=k, model_name=model_name or target, queue_size=queue_size,
-                     adaptive=adaptive, compile=compile, max_n=ngram_max)
+                     adaptive=adaptive, compile=compile, limits=limits, max_n=ngram_max)
     compile_s = app.state.server.engine.runner.compile_s
     if compile_s is not None:
         typer.echo(f"compiled the target's forward in {compile_s:.1f} s", err=True)

@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from draftsmith.acceptance import MAX_SEED
 from draftsmith.engine import GenerationResult
 
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}  # engine -> OpenAI
@@ -43,6 +44,14 @@ class GenerationRequest(BaseModel):
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_in_range(cls, seed: int | None) -> int | None:
+        # checked here, not only by the engine: a 400 that names the field, before the job is queued
+        if seed is not None and not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"seed must be an integer in [0, 2**63 - 1], got {seed}")
+        return seed
 
     @field_validator("n")
     @classmethod
