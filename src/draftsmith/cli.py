@@ -120,8 +120,11 @@ _register_serve(app)
 from draftsmith.bench.cli import register as _register_bench  # noqa: E402
 from draftsmith.train.cli import register as _register_distill  # noqa: E402
 
+from draftsmith.train.heads_cli import train_app  # noqa: E402
+
 _register_bench(app)
 _register_distill(app)
+app.add_typer(train_app, name="train")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from draftsmith.errors import DraftsmithError
+
 ROOT = -1  # parent id of first-level nodes: the last committed token, fed to the target with the draft
+
+
+class DraftError(DraftsmithError):
+    """A drafter broke the Draft contract (a bug in the drafter, not bad user input)."""
 
 
 @dataclass
@@ -16,6 +22,21 @@ class Draft:
     parents: list[int] | None = None
     # probs[i] is the distribution node i was drawn from (sampling); None means the drafter is deterministic.
     probs: torch.Tensor | None = None
+
+    def check(self, budget: int | None = None) -> None:
+        """Refuse a malformed draft before the target sees it: parents before children, one distribution per
+        node, at most the budget of nodes."""
+        n = len(self.tokens)
+        if budget is not None and n > budget:
+            raise DraftError(f"the drafter proposed {n} nodes, more than the budget of {budget}")
+        if self.parents is not None:
+            if len(self.parents) != n:
+                raise DraftError(f"{n} draft tokens but {len(self.parents)} parents")
+            for node, parent in enumerate(self.parents):
+                if not ROOT <= parent < node:
+                    raise DraftError(f"node {node} has parent {parent}: parents must come before their children")
+        if self.probs is not None and (self.probs.dim() != 2 or self.probs.shape[0] != n):
+            raise DraftError(f"{n} draft tokens need {n} distributions, got probs of shape {tuple(self.probs.shape)}")
 
     def __len__(self) -> int:
         return len(self.tokens)

@@ -45,6 +45,8 @@ class Stats:
     prefill_s: float = 0.0
     draft_s: float = 0.0
     verify_s: float = 0.0  # target forward + acceptance + cache commit
+    draft_nodes: int = 0  # nodes verified (chains: tokens; trees: every node)
+    last_draft_s: float = field(default=0.0, repr=False)  # the latest step's drafting time
     total_s: float = 0.0
 
     @property
@@ -61,7 +63,9 @@ class Stats:
         return self.new_tokens / self.total_s if self.total_s else 0.0
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "tau": self.tau, "acceptance_rate": self.acceptance_rate,
+        stats = asdict(self)
+        stats.pop("last_draft_s")
+        return {**stats, "tau": self.tau, "acceptance_rate": self.acceptance_rate,
                 "tokens_per_s": self.tokens_per_s}
 
 
@@ -122,7 +126,12 @@ class SpecEngine:
         there with finish_reason "cancelled"."""
         self._check(prompt_ids, config)
         sampling = config.sampling
-        adaptive = self.adaptive_length(config.k) if config.adaptive and self.drafter is not None else None
+        sizes_itself = getattr(self.drafter, "sizes_itself", False)  # tree drafters size trees from the costs
+        if sizes_itself and getattr(self.drafter, "costs", None) is None:
+            self.drafter.costs = self.runner.costs()
+        adaptive = None
+        if config.adaptive and self.drafter is not None and not sizes_itself:
+            adaptive = self.adaptive_length(config.k)
         draft_generator, accept_generator = random_streams(sampling.seed, self.model.device)
         stream = TextStream(self.tokenizer, config.stop, on_text) if self.tokenizer is not None else None
         stats = Stats(prompt_tokens=len(prompt_ids))
@@ -140,27 +149,9 @@ class SpecEngine:
         while finish is None:
             budget = min(config.k, config.max_new_tokens - len(new) - 1) if self.drafter is not None else 0
             k = adaptive.next_k(budget) if adaptive is not None else budget
-            t0 = time.perf_counter()
-            draft = self.drafter.propose(context, k) if k > 0 else Draft()
-            t1 = time.perf_counter()
-            logits = self.runner.score(context[-1], draft, features=wants_features)
-            if wants_features:
-                logits, features = logits
-            if sampling.greedy:
-                path, next_token = accept_greedy(draft, logits)
-            else:
-                path, next_token = accept_sampling(draft, processed_probs(logits, sampling), accept_generator)
-            self.runner.commit(path)
-            if wants_features:
-                kept_rows = torch.tensor([0] + [node + 1 for node in path], device=features.device)
-                self.drafter.feedback(Feedback(features[kept_rows], [draft.tokens[i] for i in path] + [next_token], path))
-            stats.draft_s += t1 - t0
-            stats.verify_s += time.perf_counter() - t1
-            stats.target_steps += 1
-            stats.proposed += max(draft.depths(), default=0)
-            stats.accepted += len(path)
+            draft, path, next_token = self.step(context, k, sampling, accept_generator, stats)
             if adaptive is not None:
-                adaptive.update(len(draft), len(path), t1 - t0)
+                adaptive.update(len(draft), len(path), stats.last_draft_s)
 
             step_tokens = [draft.tokens[i] for i in path] + [next_token]
             step_tokens, finish = self._cut(step_tokens, config, len(new))
@@ -177,6 +168,37 @@ class SpecEngine:
         stats.total_s = time.perf_counter() - start
         text = stream.finish() if stream is not None else None
         return GenerationResult(tokens=new, text=text, finish_reason=finish, stats=stats)
+
+    def step(
+        self, context: list[int], k: int, sampling: SamplingConfig, generator: torch.Generator, stats: Stats
+    ) -> tuple[Draft, list[int], int]:
+        """One speculative step: draft (at most k nodes), score the draft in one target forward, accept,
+        commit the accepted path, tell a feature drafter what was kept. Returns the draft, the accepted node
+        ids and the correction / bonus token."""
+        wants_features = getattr(self.drafter, "needs_features", False)
+        t0 = time.perf_counter()
+        draft = self.drafter.propose(context, k) if k > 0 else Draft()
+        draft.check(budget=k)
+        t1 = time.perf_counter()
+        scored = self.runner.score(context[-1], draft, features=wants_features)
+        logits, features = scored if wants_features else (scored, None)
+        if sampling.greedy:
+            path, next_token = accept_greedy(draft, logits)
+        else:
+            path, next_token = accept_sampling(draft, processed_probs(logits, sampling), generator)
+        self.runner.commit(path)
+        t2 = time.perf_counter()
+        if wants_features:  # the drafter's own forward over what was kept counts as drafting
+            kept_rows = torch.tensor([0] + [node + 1 for node in path], device=features.device)
+            self.drafter.feedback(Feedback(features[kept_rows], [draft.tokens[i] for i in path] + [next_token], path))
+        stats.last_draft_s = (t1 - t0) + (time.perf_counter() - t2)
+        stats.draft_s += stats.last_draft_s
+        stats.verify_s += t2 - t1
+        stats.target_steps += 1
+        stats.proposed += max(draft.depths(), default=0)
+        stats.accepted += len(path)
+        stats.draft_nodes += len(draft)
+        return draft, path, next_token
 
     def _cut(self, tokens: list[int], config: GenerationConfig, produced: int) -> tuple[list[int], str | None]:
         """Truncate a step's tokens at EOS (kept) or at the max_new_tokens budget."""

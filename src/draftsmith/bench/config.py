@@ -1,7 +1,8 @@
 """What a benchmark run is asked to do: the method specs and the run's settings, checked before anything loads.
 
 A method spec names one way of decoding: ours (`plain`, `ngram[:k=8,min_n=1,max_n=4]`, `model:PATH[:k=4]`;
-`adaptive=1` lets the engine choose each step's draft length up to k) or
+`adaptive=1` lets the engine choose each step's draft length up to k; `eagle[:DIR][:k=32,depth=6,top_k=8]`
+and `medusa[:DIR][:k=32]`, feature heads drafting trees of at most k nodes, the shipped head without DIR) or
 transformers' generate on the same model (`hf-greedy`, `hf-prompt-lookup[:N]`, `hf-assisted:PATH`).
 A suffix `@DTYPE` (`@bf16`, `@fp32`, ...) runs the method on the target cast to that dtype; without it the
 method runs in the run's --dtype.
@@ -22,9 +23,10 @@ PLAIN = "plain"  # our loop without a drafter: its seconds per step set the boun
 DEFAULT_METHODS = ("hf-greedy", "hf-prompt-lookup:10", "plain", "ngram:k=8")
 # method kind -> the key=value options its spec accepts
 OPTIONS = {"plain": ("compile",), "ngram": ("k", "min_n", "max_n", "adaptive", "compile"),
-           "model": ("k", "adaptive", "compile"), "hf-greedy": (),
+           "model": ("k", "adaptive", "compile"), "eagle": ("k", "depth", "top_k", "compile"),
+           "medusa": ("k", "compile"), "hf-greedy": (),
            "hf-prompt-lookup": (), "hf-assisted": ()}
-DEFAULT_K = {"ngram": 8, "model": 4}
+DEFAULT_K = {"ngram": 8, "model": 4, "eagle": 32, "medusa": 32}  # heads: tree nodes, at most
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,9 @@ def _engine_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int, s
     k = options.pop("k", DEFAULT_K.get(spec.kind, 0))
     adaptive = bool(options.pop("adaptive", 0))
     compile = bool(options.pop("compile", 0))
-    drafter_spec = {"plain": "none", "ngram": "ngram", "model": f"model:{spec.arg}"}[spec.kind]
+    drafter_spec = {"plain": "none", "ngram": "ngram", "model": f"model:{spec.arg}"}.get(spec.kind)
+    if spec.kind in ("eagle", "medusa"):
+        drafter_spec = f"{spec.kind}:{spec.arg}" if spec.arg else spec.kind
     # token ids in and out, like HF generate: no tokenizer, so no incremental detokenizing inside the timing
     engine = SpecEngine(target.model, build_drafter(drafter_spec, target, **options), tokenizer=None, compile=compile)
     config = GenerationConfig(max_new_tokens=max_new_tokens, k=k, adaptive=adaptive, sampling=SamplingConfig(seed=seed))

@@ -7,6 +7,7 @@ within a request; anything a drafter drafted beyond it was rejected, so it rolls
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -14,6 +15,8 @@ import torch
 from draftsmith.acceptance import SamplingConfig
 from draftsmith.draft import Draft
 from draftsmith.errors import ConfigError
+
+SHIPPED_HEADS = Path(__file__).resolve().parent.parent / "shipped"  # heads trained for the embedded models
 
 if TYPE_CHECKING:
     from draftsmith.models import LoadedModel
@@ -71,4 +74,32 @@ def build_drafter(spec: str, target: LoadedModel, **options) -> Drafter | None:
         draft = load_model(path, device=str(target.device), dtype=str(target.dtype).removeprefix("torch."))
         check_same_vocabulary(target, draft)
         return ModelDrafter(draft.model)
-    raise ConfigError(f"unknown drafter '{spec}': use none, ngram or model:PATH")
+    kind, _, path = spec.partition(":")
+    if kind in ("eagle", "medusa"):
+        return _head_drafter(kind, path, target, options)
+    raise ConfigError(f"unknown drafter '{spec}': use none, ngram, model:PATH, eagle[:DIR] or medusa[:DIR]")
+
+
+def shipped_head(kind: str, target: LoadedModel) -> Path:
+    """The head shipped in the package for an embedded target (`--drafter eagle` with no folder)."""
+    folder = SHIPPED_HEADS / f"{target.name}-{kind}"
+    if not folder.is_dir():
+        shipped = sorted(p.name for p in SHIPPED_HEADS.glob("*")) if SHIPPED_HEADS.is_dir() else []
+        raise ConfigError(f"no {kind} head ships for target '{target.name}' (shipped: {', '.join(shipped) or 'none'}); "
+                          f"train one with `draftsmith train heads --kind {kind} --target {target.name} --out DIR` "
+                          f"and use --drafter {kind}:DIR")
+    return folder
+
+
+def _head_drafter(kind: str, path: str, target: LoadedModel, options: dict) -> Drafter:
+    from draftsmith.drafters.eagle import EagleDrafter, TreeConfig
+    from draftsmith.drafters.medusa import MedusaDrafter
+    from draftsmith.heads import load_head
+
+    head = load_head(Path(path) if path else shipped_head(kind, target), target.model)
+    if head.config.kind != kind:
+        raise ConfigError(f"{path} holds a {head.config.kind} head, not a {kind} head: use --drafter {head.config.kind}:{path}")
+    if kind == "eagle":
+        tree = TreeConfig(**{k: v for k, v in options.items() if k in ("depth", "top_k")})
+        return EagleDrafter(head, target.model, tree)
+    return MedusaDrafter(head, target.model)

@@ -1,0 +1,174 @@
+"""EAGLE-style drafting: a trained head predicts the target's next feature from (feature, next token), runs
+autoregressively over a dynamic tree (EAGLE-2), and the target verifies the whole tree in one forward.
+
+The head keeps its own KV cache over committed positions. After each step the engine's feedback brings the
+target's TRUE features of the kept tokens: the head drops its draft-tree entries and re-reads those, so its
+state never carries its own guesses past a step.
+
+Tree growth (EAGLE-2): from the root, expand level by level the `top_k` nodes of highest cumulative draft
+log-probability, each proposing its `top_k` best tokens, up to `depth` levels; then keep the n best nodes of
+the whole tree (prefix-closed, since a child never scores above its parent). n is chosen per step to maximise
+expected tokens per second: the expected accepted length of the best n nodes (the sum of their path
+probabilities, rescaled by how well recent predictions matched what was accepted) over the measured
+verification cost of n + 1 tokens. The tree is deterministic (top-k), so under sampling each node's draft
+distribution is a point mass and recursive rejection keeps the target's distribution exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from draftsmith.acceptance import SamplingConfig
+from draftsmith.adaptive import CostCurve
+from draftsmith.draft import ROOT, Draft
+from draftsmith.drafters import Feedback
+from draftsmith.errors import ConfigError
+from draftsmith.heads import EagleHead, TargetParts
+
+
+@dataclass
+class TreeConfig:
+    depth: int = 6  # levels drafted
+    top_k: int = 8  # nodes expanded per level, and children proposed per expanded node
+    memory: float = 0.9  # weight of the past in the calibration of predicted against accepted length
+
+    def __post_init__(self) -> None:
+        if self.depth < 1 or self.top_k < 1:
+            raise ConfigError(f"tree depth and top_k must be >= 1, got depth={self.depth}, top_k={self.top_k}")
+
+
+def best_tree_size(values: torch.Tensor, costs: CostCurve, budget: int, draft_seconds: float = 0.0) -> int:
+    """How many of the best nodes (values: their acceptance probabilities, sorted descending) to verify:
+    maximise (1 + sum of the kept values) / (cost of verifying them + drafting)."""
+    gains = 1 + torch.cumsum(values[:budget].double(), 0)
+    rates = [float(g) / (costs(n + 2) + draft_seconds) for n, g in enumerate(gains)]
+    best = max(range(len(rates)), key=rates.__getitem__, default=-1)
+    if best < 0 or 1 / (costs(1) + draft_seconds) >= rates[best]:
+        return 0
+    return best + 1
+
+
+class EagleDrafter:
+    name = "eagle"
+    needs_features = True
+    sizes_itself = True  # the engine gives the node budget; the tree's size comes from the costs
+
+    def __init__(self, head: EagleHead, target: PreTrainedModel, tree: TreeConfig | None = None):
+        self.head, self.tree = head, tree or TreeConfig()
+        self.parts = TargetParts(target, head.draft_to_target)
+        self.device, self.dtype = target.device, target.dtype
+        self.costs: CostCurve | None = None  # set by the engine
+        self.calibration = 1.0  # accepted / predicted length, running
+        self.reset([], SamplingConfig(), None)
+
+    def reset(self, prompt_ids: list[int], sampling: SamplingConfig, generator: torch.Generator | None) -> None:
+        self.cache = DynamicCache()
+        self.length = 0  # committed (feature, next token) pairs in the cache; pair j sits at position j + 1
+        self.root_feature: torch.Tensor | None = None  # predicted feature at the newest committed token
+        self.predicted_length = 0.0  # expected accepted length of the last proposed tree
+
+    @torch.inference_mode()
+    def _run(self, features: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor
+             ) -> torch.Tensor:
+        """Head forward of new pairs on top of its cache; allowed: [new, cached + new] bool."""
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+        mask = mask.masked_fill(~allowed, torch.finfo(self.dtype).min)[None, None]
+        embeds = self.parts.embed(tokens)[None]
+        return self.head(features[None].to(self.dtype), embeds, positions[None], mask, self.cache)[0]
+
+    def feedback(self, step: Feedback) -> None:
+        accepted = len(step.accepted)
+        if self.predicted_length:  # how well the tree's predicted length matched what was accepted
+            m = self.tree.memory
+            self.calibration = m * self.calibration + (1 - m) * min(2.0, (accepted + 0.5) / (self.predicted_length + 0.5))
+        extra = self.cache.get_seq_length() - self.length
+        if extra:
+            self.cache.crop(-extra)  # drop the draft tree's entries
+        n = len(step.next_tokens)
+        if n == 0:
+            return
+        tokens = torch.tensor(step.next_tokens, device=self.device)
+        positions = torch.arange(self.length + 1, self.length + 1 + n, device=self.device)
+        allowed = torch.ones(n, self.length + n, dtype=torch.bool, device=self.device).tril(self.length)
+        out = self._run(step.features, tokens, positions, allowed)
+        self.length += n
+        self.root_feature = out[-1]
+
+    @torch.inference_mode()
+    def propose(self, context: list[int], k: int) -> Draft:
+        if self.root_feature is None or k < 1:
+            return Draft()
+        top_k, base = self.tree.top_k, self.length  # base: the head's committed length
+        # every scored candidate: token (draft vocabulary), parent candidate (-1: root), cumulative log-prob
+        cand_tokens, cand_parents, cand_scores = [], [], []
+        in_cache: dict[int, int] = {}  # candidate -> its row in the head's cache (once expanded)
+        log_probs = self.parts.logits(self.root_feature[None]).float().log_softmax(-1)[0]
+        scores, tokens = log_probs.topk(min(top_k, log_probs.shape[-1]))
+        frontier = self._add(cand_tokens, cand_parents, cand_scores, tokens, torch.full_like(tokens, ROOT), scores)
+        parent_features = self.root_feature[None].expand(len(frontier), -1)
+        for level in range(1, self.tree.depth):
+            # feed the frontier: each node attends to the committed cache, its expanded ancestors and itself
+            rows = len(frontier)
+            allowed = torch.zeros(rows, self.cache.get_seq_length() + rows, dtype=torch.bool, device=self.device)
+            allowed[:, :base] = True
+            for i, node in enumerate(frontier):
+                ancestor = cand_parents[node]
+                while ancestor != ROOT:
+                    allowed[i, in_cache[ancestor]] = True
+                    ancestor = cand_parents[ancestor]
+                allowed[i, self.cache.get_seq_length() + i] = True
+            start = self.cache.get_seq_length()
+            for i, node in enumerate(frontier):
+                in_cache[node] = start + i
+            node_tokens = self.parts.to_target_ids(torch.tensor([cand_tokens[n] for n in frontier], device=self.device))
+            positions = torch.full((rows,), base + level, device=self.device)
+            out = self._run(parent_features, node_tokens, positions, allowed)
+            log_probs = self.parts.logits(out).float().log_softmax(-1)
+            child_scores, child_tokens = log_probs.topk(min(top_k, log_probs.shape[-1]), dim=-1)
+            parent_scores = torch.tensor([cand_scores[n] for n in frontier], device=self.device)
+            total = (child_scores + parent_scores[:, None]).flatten()
+            best = total.topk(min(top_k, total.numel())).indices  # expand only the best top_k children
+            parents = torch.tensor(frontier, device=self.device)[best // child_tokens.shape[1]]
+            frontier = self._add(cand_tokens, cand_parents, cand_scores, child_tokens.flatten()[best], parents, total[best])
+            parent_features = out[best // child_tokens.shape[1]]
+        return self._select(cand_tokens, cand_parents, cand_scores, k)
+
+    @staticmethod
+    def _add(tokens: list, parents: list, scores: list, new_tokens, new_parents, new_scores) -> list[int]:
+        first = len(tokens)
+        tokens += new_tokens.tolist()
+        parents += new_parents.tolist()
+        scores += new_scores.tolist()
+        return list(range(first, len(tokens)))
+
+    def _select(self, tokens: list[int], parents: list[int], scores: list[float], budget: int) -> Draft:
+        """The best nodes (a child never scores above its parent, so the set is prefix-closed), their number
+        chosen from the costs, ordered parents first."""
+        order = sorted(range(len(tokens)), key=lambda i: -scores[i])
+        values = torch.tensor([scores[i] for i in order]).exp() * self.calibration
+        n = best_tree_size(values, self.costs, budget) if self.costs is not None else min(budget, len(order))
+        kept = set(order[:n])
+        for node in list(kept):  # ties could break prefix-closure: keep every ancestor
+            while parents[node] != ROOT and parents[node] not in kept:
+                node = parents[node]
+                kept.add(node)
+        while len(kept) > budget:  # the budget is hard: drop the worst leaves
+            leaves = [i for i in kept if not any(parents[j] == i for j in kept)]
+            kept.discard(min(leaves, key=lambda i: scores[i]))
+        chosen = sorted(kept, key=lambda i: (self._depth(parents, i), -scores[i]))
+        index = {node: i for i, node in enumerate(chosen)}
+        self.predicted_length = float(values[: len(chosen)].sum())
+        draft_ids = self.parts.to_target_ids(torch.tensor([tokens[i] for i in chosen], dtype=torch.long,
+                                                          device=self.device))
+        return Draft(tokens=draft_ids.tolist(), parents=[index.get(parents[i], ROOT) if parents[i] != ROOT else ROOT
+                                                          for i in chosen])
+
+    @staticmethod
+    def _depth(parents: list[int], node: int) -> int:
+        depth = 1
+        while parents[node] != ROOT:
+            node, depth = parents[node], depth + 1
+        return depth

@@ -1,0 +1,66 @@
+"""Medusa drafting: K heads on the target's last feature propose the next K tokens in one shot; a static tree
+(paths of per-head ranks, chosen by the training command from each head's held-out top-k accuracy) arranges
+them for one verification forward.
+
+The last kept feature is that of the position before the root (the token the target just emitted), so head j
+proposes the token j + 1 places after the root: head 0 fills the tree's first level.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+from draftsmith.acceptance import SamplingConfig
+from draftsmith.draft import ROOT, Draft
+from draftsmith.drafters import Feedback
+from draftsmith.errors import ConfigError
+from draftsmith.heads import MedusaHeads, TargetParts
+
+
+def default_paths(heads: int, width: int = 4) -> list[list[int]]:
+    """A tree for an untuned head: `width` candidates at the first level, then the top choice of each head."""
+    return [[r] for r in range(width)] + [[0] * depth for depth in range(2, heads + 1)]
+
+
+class MedusaDrafter:
+    name = "medusa"
+    needs_features = True
+
+    def __init__(self, heads: MedusaHeads, target: PreTrainedModel, paths: list[list[int]] | None = None):
+        self.heads = heads
+        self.parts = TargetParts(target, heads.draft_to_target)
+        self.paths = paths or heads.config.medusa_paths or default_paths(heads.config.medusa_heads)
+        if any(len(p) > heads.config.medusa_heads for p in self.paths):
+            raise ConfigError(f"a Medusa tree path is deeper than the {heads.config.medusa_heads} heads")
+        known = {()}
+        for path in sorted(self.paths, key=len):  # prefix-closed, so every node's parent is in the tree
+            if tuple(path[:-1]) not in known:
+                raise ConfigError(f"Medusa tree path {path} has no parent path {path[:-1]} in the tree")
+            known.add(tuple(path))
+        self.paths = sorted(self.paths, key=lambda p: (len(p), p))
+        self.width = max(max(p) for p in self.paths) + 1
+        self.feature: torch.Tensor | None = None
+
+    def reset(self, prompt_ids: list[int], sampling: SamplingConfig, generator: torch.Generator | None) -> None:
+        self.feature = None
+
+    def feedback(self, step: Feedback) -> None:
+        if len(step.features):
+            self.feature = step.features[-1]
+
+    @torch.inference_mode()
+    def propose(self, context: list[int], k: int) -> Draft:
+        if self.feature is None or k < 1:
+            return Draft()
+        outputs = self.heads(self.feature[None])[:, 0]  # [K, H]
+        ranked = self.parts.logits(outputs).topk(self.width, dim=-1).indices  # [K, width]
+        candidates = self.parts.to_target_ids(ranked).tolist()
+        paths = self.paths[:k]  # sorted by depth, so any prefix of the list is prefix-closed
+        node_of = {(): ROOT}
+        tokens, parents = [], []
+        for path in paths:
+            node_of[tuple(path)] = len(tokens)
+            tokens.append(candidates[len(path) - 1][path[-1]])
+            parents.append(node_of[tuple(path[:-1])])
+        return Draft(tokens=tokens, parents=parents)

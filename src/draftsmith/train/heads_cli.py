@@ -1,0 +1,79 @@
+"""`draftsmith train heads`: build (or reuse) the target's feature shards, then train a head on them."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from draftsmith.errors import ConfigError
+
+train_app = typer.Typer(no_args_is_help=True, help="Train drafters that need the target: feature heads, ...")
+
+
+@train_app.command("heads")
+def heads_command(
+    kind: Annotated[str, typer.Option(help="eagle (one decoder layer, tree drafting) or medusa (K heads, static tree).")]
+    = "eagle",
+    target: Annotated[str, typer.Option(help="HF hub id, local folder, .gguf file or embedded alias.")] = "smollm2",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the head, checkpoints and logs.")]
+    = Path("runs/eagle"),
+    data: Annotated[Optional[Path], typer.Option(help="Feature shards folder (built there if missing, reused "
+                                                      "if present); default: OUT/../features-TARGET.")] = None,
+    corpus: Annotated[Optional[Path], typer.Option(help="Folder of source files or .jsonl; default: the "
+                                                        "installed Python standard library.")] = None,
+    sequences: Annotated[int, typer.Option(help="Training sequences (features computed once).")] = 768,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 160,
+    self_distill: Annotated[float, typer.Option(help="Share of sequences that are the target's own greedy "
+                                                     "continuations of code prompts (the rest: code as is).")] = 0.5,
+    data_dtype: Annotated[str, typer.Option(help="dtype the target computes features in (the dtype you decode "
+                                                 "in: auto = bf16 where fast).")] = "auto",
+    draft_vocab: Annotated[int, typer.Option(help="Draft from the N most frequent training tokens (0 = all).")]
+    = 8192,
+    medusa_heads: int = 4,
+    medusa_tree_nodes: Annotated[int, typer.Option(help="Nodes of Medusa's static tree.")] = 32,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 1500,
+    batch_size: int = 16,
+    grad_accum: int = 1,
+    lr: float = 1e-3,
+    warmup: int = 50,
+    noise: Annotated[float, typer.Option(help="EAGLE input noise, in units of the features' RMS.")] = 0.1,
+    w_ce: Annotated[float, typer.Option(help="Weight of the soft cross-entropy (EAGLE; regression weighs 1).")] = 0.1,
+    eval_every: int = 250,
+    checkpoint_every: int = 250,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its latest checkpoint.")] = False,
+    seed: int = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    trust_remote_code: bool = False,
+) -> None:
+    """Train an EAGLE-style or Medusa head for a target; `--drafter eagle:OUT` (or medusa:OUT) then uses it."""
+    from draftsmith.models import load_model
+    from draftsmith.train.features import FeatureDataConfig, build_feature_shards
+    from draftsmith.train.heads import HeadTrainConfig, train_head
+    from draftsmith.train.trainer import TrainConfig
+
+    if corpus is not None and not corpus.exists():
+        raise ConfigError(f"corpus not found: {corpus} (give a folder of source files or a .jsonl file)")
+    data_config = FeatureDataConfig(corpus=str(corpus) if corpus else None, sequences=sequences, seq_len=seq_len,
+                                    self_distill=self_distill, seed=seed)
+    head_config = HeadTrainConfig(kind=kind, draft_vocab=draft_vocab, medusa_heads=medusa_heads,
+                                  medusa_tree_nodes=medusa_tree_nodes, noise=noise, w_ce=w_ce)
+    train = TrainConfig(out_dir=out, max_steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+                        warmup_steps=warmup, device=device, seed=seed, eval_every=eval_every,
+                        checkpoint_every=checkpoint_every, resume=resume)
+    shards = data or out.parent / f"features-{Path(target).name}"
+    loaded = load_model(target, device="cuda" if device == "cuda" else "cpu", dtype=data_dtype,
+                        trust_remote_code=trust_remote_code)
+    started = time.perf_counter()
+    build_feature_shards(loaded.model, loaded.tokenizer, data_config, shards)
+    data_seconds = time.perf_counter() - started
+    head_config.extra = {"command": shlex.join(["draftsmith", *sys.argv[1:]]), "data": str(shards),
+                         "corpus": str(corpus) if corpus else "python stdlib", "self_distill": self_distill,
+                         "data_seconds": round(data_seconds, 1)}
+    _, info = train_head(loaded.model, shards, head_config, train, target_name=target)
+    typer.echo(f"{kind} head saved in {out}: held-out {info['heldout']}, trained in {info['train_seconds']:.0f} s "
+               f"(features {data_seconds:.0f} s)")
