@@ -117,6 +117,10 @@ from draftsmith.serve.cli import register as _register_serve  # noqa: E402
 
 _register_serve(app)
 
+from draftsmith.export_cli import register as _register_export  # noqa: E402
+
+_register_export(app)
+
 from draftsmith.bench.cli import register as _register_bench  # noqa: E402
 from draftsmith.train.cli import register as _register_distill  # noqa: E402
 
