@@ -266,12 +266,14 @@ class LeanLlama:
         `features`, also the last layer's hidden states [n, hidden] (every row, before the final norm)."""
         n, start = len(ids), self.length
         if tree_mask is None and n > PREFILL_CHUNK:  # long prompts: bounded activations and masks
-            hidden = []
+            logits, hidden = [], []
             for offset in range(0, n, PREFILL_CHUNK):
                 chunk = ids[offset : offset + PREFILL_CHUNK]
-                out = self.forward(chunk, last_only=last_only or offset + len(chunk) < n, features=features)
-                hidden.append(out[1]) if features else None
-            return (out[0], torch.cat(hidden)) if features else out
+                out = self.forward(chunk, last_only=last_only and offset + len(chunk) < n, features=True)
+                logits.append(out[0])
+                hidden.append(out[1])
+            logits = logits[-1][-1:] if last_only else torch.cat(logits)
+            return (logits, torch.cat(hidden)) if features else logits
         end = start + n
         self._reserve(end)
         pos = torch.arange(start, end, device=self.device) if positions is None else torch.tensor(positions, device=self.device)

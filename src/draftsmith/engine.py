@@ -98,9 +98,10 @@ class SpecEngine:
         tokenizer: PreTrainedTokenizerBase | None = None,
         lean: bool = True,  # our own Llama-family forward over a static cache; False: transformers' forward
         compile: bool = False,  # torch.compile the lean forward (once per process; its time is runner.compile_s)
+        weights: str = "auto",  # the lean forward's weight layout (cached_lm.choose_format)
     ):
         self.model, self.drafter, self.tokenizer = model, drafter, tokenizer
-        self.runner = TargetRunner(model, lean=lean, compile=compile)
+        self.runner = TargetRunner(model, lean=lean, compile=compile, weights=weights)
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.max_context = getattr(model.config, "max_position_embeddings", None)
 

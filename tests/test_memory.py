@@ -1,0 +1,77 @@
+"""The lean backend holds a model's weights once, shares them between engines, grows its cache on demand,
+prefills in chunks through the causal kernel path, and picks its weight layout once per machine."""
+
+from __future__ import annotations
+
+import torch
+
+import draftsmith.cached_lm as cached_lm_module
+from draftsmith.cached_lm import CACHE_BLOCK, LeanLlama, WeightFormat, choose_format, lean_weights
+from draftsmith.drafters.ngram import NgramDrafter
+from draftsmith.engine import GenerationConfig, SpecEngine
+from tiny_models import hf_greedy, tiny_llama
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def test_engines_on_one_target_share_its_lean_weights():
+    target = tiny_llama(seed=2)
+    first, second = SpecEngine(target, NgramDrafter()), SpecEngine(target)
+    assert first.runner.lm.layers is second.runner.lm.layers
+    assert first.runner.lm.k_cache is not second.runner.lm.k_cache or first.runner.lm.k_cache.numel() == 0
+
+
+def test_stored_layout_leaves_one_copy_of_each_weight():
+    """The model's own q/k/v and gate/up parameters become views of the fused tensors the lean forward reads."""
+    target = tiny_llama(seed=2)
+    shared = lean_weights(target, "stored")
+    attn, mlp = target.model.layers[0].self_attn, target.model.layers[0].mlp
+    fused_qkv, fused_gate_up = shared.layers[0]["wqkv"], shared.layers[0]["w_gate_up"]
+    for linear in (attn.q_proj, attn.k_proj, attn.v_proj):
+        assert _storage(linear.weight) == _storage(fused_qkv)
+    for linear in (mlp.gate_proj, mlp.up_proj):
+        assert _storage(linear.weight) == _storage(fused_gate_up)
+    # transformers' forward through the views is unchanged: it still equals the lean forward's greedy tokens
+    engine = SpecEngine(target, NgramDrafter(), weights="stored")
+    prompt = [5, 9, 14, 3]
+    assert engine.generate(prompt, GenerationConfig(max_new_tokens=20, k=4)).tokens == hf_greedy(target, prompt, 20)
+
+
+def test_float32_keeps_transformers_layout_and_other_dtypes_take_the_cached_fastest(monkeypatch):
+    target = tiny_llama(seed=2)
+    assert choose_format(target) == WeightFormat("stored")
+    timed = []
+    real = cached_lm_module.fastest_format
+    monkeypatch.setattr(cached_lm_module, "fastest_format", lambda w: timed.append(1) or real(w))
+    bf16 = tiny_llama(seed=3).to(torch.bfloat16)
+    first = choose_format(bf16)
+    again = choose_format(tiny_llama(seed=4).to(torch.bfloat16))  # another load, same machine, dtype and shape
+    assert first == again and len(timed) == 1  # measured once, then read from the cache
+
+
+def test_cache_grows_on_demand_geometrically():
+    target = tiny_llama(seed=2)
+    lm = LeanLlama(target)
+    lm.reset()
+    lm.forward([3] * 10)
+    assert lm.k_cache.shape[2] == CACHE_BLOCK  # not prompt + max_new_tokens up front
+    lm.forward([4] * CACHE_BLOCK)
+    assert lm.k_cache.shape[2] == 2 * CACHE_BLOCK
+
+
+def test_chunked_prefill_through_the_causal_path_is_exact(monkeypatch):
+    monkeypatch.setattr(cached_lm_module, "PREFILL_CHUNK", 8)
+    target = tiny_llama(seed=5)
+    prompt = [(7 * i) % 90 + 2 for i in range(37)]  # 36 tokens prefilled: four full chunks and a partial one
+    engine = SpecEngine(target, NgramDrafter())
+    assert engine.generate(prompt, GenerationConfig(max_new_tokens=24, k=4)).tokens == hf_greedy(target, prompt, 24)
+    lm = LeanLlama(target)
+    lm.reset()
+    logits, features = lm.forward(prompt, features=True)
+    with torch.no_grad():
+        reference = target(torch.tensor([prompt]), output_hidden_states=True)
+    assert features.shape == (len(prompt), target.config.hidden_size)
+    assert torch.allclose(logits, reference.logits[0], atol=1e-4)  # chunks add in another order: rounding only
+    assert torch.equal(logits.argmax(-1), reference.logits[0].argmax(-1))
