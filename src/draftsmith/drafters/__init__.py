@@ -45,5 +45,6 @@ def build_drafter(spec: str, target: LoadedModel, **options) -> Drafter | None:
             raise ConfigError("give the draft model after 'model:', e.g. model:runs/student")
         draft = load_model(path, device=str(target.device), dtype=str(target.dtype).removeprefix("torch."))
         check_same_vocabulary(target, draft)
-        return ModelDrafter(draft.model)
+        # a draft model with more logits than the target must not draft ids the target cannot embed
+        return ModelDrafter(draft.model, vocab_size=target.model.get_output_embeddings().weight.shape[0])
     raise ConfigError(f"unknown drafter '{spec}': use none, ngram or model:PATH")
