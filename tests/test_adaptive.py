@@ -89,6 +89,18 @@ def test_draft_cost_is_learnt_without_start_up_bias_and_shortens_drafts():
     assert length.next_k(16) < 16
 
 
+def test_a_fixed_draft_cost_ignores_measured_times():
+    """With the drafter's cost given, the draft lengths depend on acceptances alone, not on timings."""
+    choices = []
+    for seconds in (1e-6, 1.0):
+        length = DraftLength(FLAT, max_k=16, prior=0.9, draft_cost=0.0005)
+        for accepted in (3, 8, 1, 8):
+            length.update(proposed=8, accepted=accepted, draft_seconds=seconds)
+        assert length.draft_cost == 0.0005
+        choices.append(length.next_k(16))
+    assert choices[0] == choices[1]
+
+
 class RecordingDrafter:
     """Wraps a drafter and records, for every call, the tokens generated so far, the length asked for and the
     length returned."""

@@ -95,8 +95,12 @@ class DraftLength:
     """
 
     def __init__(
-        self, costs: CostCurve, max_k: int, prior: float = 0.6, memory: float = 0.9, prior_trials: float = 2.0
+        self, costs: CostCurve, max_k: int, prior: float = 0.6, memory: float = 0.9, prior_trials: float = 2.0,
+        draft_cost: float | None = None,
     ):
+        """`draft_cost`: seconds per drafted token, fixed (e.g. calibrated once, like `costs`); None learns it
+        from the measured draft times, which makes the draft lengths, and so a seeded request's random draws,
+        depend on the machine's load."""
         if not 0 <= prior <= 1:
             raise ValueError(f"prior must be a probability, got {prior}")
         self.costs, self.max_k, self.memory = costs, max_k, memory
@@ -106,6 +110,7 @@ class DraftLength:
         self.trials = prior_trials
         self.draft_seconds = self.drafted = 0.0  # discounted sums too: no start-up bias towards zero cost
         self.timed_steps = 0
+        self.fixed_draft_cost = draft_cost
 
     @property
     def acceptance(self) -> float:
@@ -115,6 +120,8 @@ class DraftLength:
     @property
     def draft_cost(self) -> float:
         """Seconds per drafted token (0 until a second step drafted something)."""
+        if self.fixed_draft_cost is not None:
+            return self.fixed_draft_cost
         return self.draft_seconds / self.drafted if self.drafted > 0 else 0.0
 
     def next_k(self, budget: int) -> int:
