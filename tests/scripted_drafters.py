@@ -42,3 +42,39 @@ class TreeOracleDrafter(OracleDrafter):
             parents += [parent, parent]
             parent = len(tokens) - 1  # the true node continues
         return Draft(tokens=tokens, parents=parents)
+
+
+class SampledTreeDrafter:
+    """A sampling tree drafter with a known q: q(next | last token) is a fixed random table, peaked so that
+    siblings often repeat. Level d holds widths[d] children, drawn i.i.d. from q, under each of the first
+    `expand` nodes of level d - 1; every node carries the q it was drawn from."""
+
+    name = "sampled-tree"
+
+    def __init__(self, vocab: int, widths: tuple[int, ...] = (3, 2, 2), expand: int = 2, seed: int = 0,
+                 sharpness: float = 2.0):
+        table_generator = torch.Generator().manual_seed(seed)
+        self.q = (torch.randn(vocab, vocab, generator=table_generator) * sharpness).softmax(-1)
+        self.widths, self.expand = widths, expand
+        self.generator = torch.Generator().manual_seed(0)
+        self.duplicate_siblings = 0  # how many proposals had two siblings with the same token
+
+    def reset(self, prompt_ids: list[int], sampling: SamplingConfig, generator: torch.Generator) -> None:
+        self.generator = generator
+
+    def propose(self, context: list[int], k: int) -> Draft:
+        tokens: list[int] = []
+        parents: list[int] = []
+        frontier = [(ROOT, context[-1])]  # (node, its token) whose children the next level draws
+        for width in self.widths[:k]:  # depth never beyond k, the engine's budget
+            level = []
+            for node, last in frontier[: self.expand]:
+                siblings = torch.multinomial(self.q[last], width, replacement=True, generator=self.generator)
+                for token in siblings.tolist():
+                    tokens.append(token)
+                    parents.append(node)
+                    level.append((len(tokens) - 1, token))
+                self.duplicate_siblings += len(set(siblings.tolist())) < width
+            frontier = level
+        probs = torch.stack([self.q[context[-1] if p == ROOT else tokens[p]] for p in parents]) if tokens else None
+        return Draft(tokens=tokens, parents=parents, probs=probs)

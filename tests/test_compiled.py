@@ -86,6 +86,31 @@ def test_every_weight_format_multiplies_like_f_linear(dtype, tolerance, tokens):
         assert torch.allclose(product.double(), exact, rtol=tolerance, atol=tolerance * 10), fmt
 
 
-def test_the_fastest_format_is_one_of_the_candidates():
+@pytest.mark.parametrize("fast", ["stored", "transposed"])
+def test_the_fastest_format_is_the_one_that_multiplies_fastest(monkeypatch, fast):
+    """Every format but `fast` is made slow: the choice must follow the timings, whatever the machine."""
+    import time
+
     weight = torch.randn(256, 64)
-    assert cached_lm_module.fastest_format(weight) in candidate_formats(weight)
+    multiply = WeightFormat.multiply
+
+    def timed_multiply(self, x, prepared):
+        if self.name != fast:
+            time.sleep(2e-3)
+        return multiply(self, x, prepared)
+
+    monkeypatch.setattr(WeightFormat, "multiply", timed_multiply)
+    assert cached_lm_module.fastest_format(weight) == WeightFormat(fast)
+
+
+def test_a_format_without_a_kernel_is_skipped(monkeypatch):
+    weight = torch.randn(256, 64)
+    prepare = WeightFormat.prepare
+
+    def no_kernel_but_stored(self, w):
+        if self.name != "stored":
+            raise RuntimeError("no kernel for this format in this torch build")
+        return prepare(self, w)
+
+    monkeypatch.setattr(WeightFormat, "prepare", no_kernel_but_stored)
+    assert cached_lm_module.fastest_format(weight) == WeightFormat("stored")

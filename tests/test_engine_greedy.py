@@ -69,6 +69,27 @@ def test_rollback_after_full_partial_and_no_acceptance(target, tok, wrong_at):
         assert result.stats.tau == pytest.approx(3.0, abs=0.5)
 
 
+@pytest.mark.parametrize("k", [1, 4])
+def test_fully_accepted_drafts_are_exact_and_take_k_plus_1_tokens_a_step(target, tok, k):
+    """The target drafting for itself: every draft accepted, each step ends with the bonus token."""
+    ids = tok(PROMPTS[0]).input_ids
+    result = SpecEngine(target, ModelDrafter(target), tok).generate(ids, GenerationConfig(max_new_tokens=NEW, k=k))
+    assert result.tokens == hf_greedy(target, ids, NEW)
+    assert result.stats.acceptance_rate == 1.0
+    assert result.stats.target_steps == -(-NEW // (k + 1))
+
+
+@pytest.mark.parametrize("wrong_at", [set(), {0}])
+def test_k1_with_every_draft_accepted_or_none(target, tok, wrong_at):
+    ids = tok(PROMPTS[3]).input_ids
+    reference = hf_greedy(target, ids, NEW)
+    drafter = OracleDrafter(reference, len(ids), wrong_at=wrong_at, vocab=target.config.vocab_size)
+    result = SpecEngine(target, drafter, tok).generate(ids, GenerationConfig(max_new_tokens=NEW, k=1))
+    assert result.tokens == reference
+    assert result.stats.accepted == (0 if wrong_at else result.stats.proposed)
+    assert result.stats.target_steps == (NEW if wrong_at else NEW // 2)
+
+
 def test_eos_inside_a_drafted_block(tok):
     target = tiny_llama(seed=3)
     ids = tok(PROMPTS[0]).input_ids

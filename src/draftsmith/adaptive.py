@@ -86,12 +86,43 @@ def calibrated_costs(model: torch.nn.Module, lm, backend: str, refresh: bool = F
 
 
 class DraftLength:
-    """Per-step draft length from the cost curve and an exponential average of the acceptance probability."""
+    """Per-step draft length from the cost curve and a running estimate of the acceptance probability.
 
-    def __init__(self, costs: CostCurve, max_k: int, prior: float = 0.6, memory: float = 0.8):
+    The estimate is a ratio of discounted sums, accepted tokens over trials (accepted tokens plus the one
+    rejected token, if any): the maximum-likelihood estimate for acceptances that stop at the first rejection.
+    Averaging each step's own ratio instead would read a true rate of 0.5 as about 0.3, as a step's ratio is
+    at most accepted / (accepted + 1). The prior enters as `prior_trials` pseudo-trials at rate `prior`.
+    """
+
+    def __init__(
+        self, costs: CostCurve, max_k: int, prior: float = 0.6, memory: float = 0.9, prior_trials: float = 2.0,
+        draft_cost: float | None = None,
+    ):
+        """`draft_cost`: seconds per drafted token, fixed (e.g. calibrated once, like `costs`); None learns it
+        from the measured draft times, which makes the draft lengths, and so a seeded request's random draws,
+        depend on the machine's load."""
+        if not 0 <= prior <= 1:
+            raise ValueError(f"prior must be a probability, got {prior}")
         self.costs, self.max_k, self.memory = costs, max_k, memory
-        self.acceptance = prior  # probability that the next drafted token is accepted, given the previous was
-        self.draft_cost = 0.0  # seconds per drafted token
+        self.prior, self.prior_trials = prior, prior_trials
+        # discounted sums: each step's counts weigh `memory` times less than the next step's
+        self.accepted = prior * prior_trials
+        self.trials = prior_trials
+        self.draft_seconds = self.drafted = 0.0  # discounted sums too: no start-up bias towards zero cost
+        self.timed_steps = 0
+        self.fixed_draft_cost = draft_cost
+
+    @property
+    def acceptance(self) -> float:
+        """Estimated probability that the next drafted token is accepted, given the previous one was."""
+        return self.accepted / self.trials if self.trials > 0 else self.prior
+
+    @property
+    def draft_cost(self) -> float:
+        """Seconds per drafted token (0 until a second step drafted something)."""
+        if self.fixed_draft_cost is not None:
+            return self.fixed_draft_cost
+        return self.draft_seconds / self.drafted if self.drafted > 0 else 0.0
 
     def next_k(self, budget: int) -> int:
         a = min(self.acceptance, 0.99)
@@ -102,12 +133,18 @@ class DraftLength:
                 best_k, best_rate = k, rate
         return best_k
 
-    def update(self, proposed: int, accepted: int, draft_seconds: float, prior: float = 0.6) -> None:
-        if proposed == 0:  # nothing drafted: drift back towards the prior so drafting gets tried again
-            self.acceptance = self.memory * self.acceptance + (1 - self.memory) * prior
+    def update(self, proposed: int, accepted: int, draft_seconds: float) -> None:
+        m = self.memory
+        if proposed == 0:
+            # nothing drafted, nothing observed: the evidence fades back towards the prior's pseudo-counts,
+            # so that drafting gets tried again once the old, poor acceptances are forgotten
+            self.accepted = m * self.accepted + (1 - m) * self.prior * self.prior_trials
+            self.trials = m * self.trials + (1 - m) * self.prior_trials
             return
         # accepted tokens are successes; the first rejected one, if any, is the one failure of this step
-        trials = accepted + (1 if accepted < proposed else 0)
-        observed = accepted / trials
-        self.acceptance = self.memory * self.acceptance + (1 - self.memory) * observed
-        self.draft_cost = self.memory * self.draft_cost + (1 - self.memory) * draft_seconds / proposed
+        self.accepted = m * self.accepted + accepted
+        self.trials = m * self.trials + accepted + (1 if accepted < proposed else 0)
+        self.timed_steps += 1
+        if self.timed_steps > 1:  # a request's first draft also feeds the prompt to the drafter: not a per-token cost
+            self.draft_seconds = m * self.draft_seconds + draft_seconds
+            self.drafted = m * self.drafted + proposed

@@ -73,7 +73,8 @@ def build_drafter(spec: str, target: LoadedModel, **options) -> Drafter | None:
             raise ConfigError("give the draft model after 'model:', e.g. model:runs/student")
         draft = load_model(path, device=str(target.device), dtype=str(target.dtype).removeprefix("torch."))
         check_same_vocabulary(target, draft)
-        return ModelDrafter(draft.model)
+        # a draft model with more logits than the target must not draft ids the target cannot embed
+        return ModelDrafter(draft.model, vocab_size=target.model.get_output_embeddings().weight.shape[0])
     kind, _, path = spec.partition(":")
     if kind in ("eagle", "medusa"):
         return _head_drafter(kind, path, target, options)

@@ -1,4 +1,8 @@
-"""A smaller causal LM with the target's tokenizer drafts k tokens autoregressively over its own KV cache."""
+"""A smaller causal LM with the target's tokenizer drafts k tokens autoregressively over its own KV cache.
+
+The draft model may differ from the target in two ways that must not crash a request: more output logits (a
+vocabulary padded further than the target's), which are cut to the target's ids, and a shorter context, past
+which it stops drafting (the target then decodes alone)."""
 
 from __future__ import annotations
 
@@ -13,8 +17,13 @@ from draftsmith.draft import Draft
 class ModelDrafter:
     name = "model"
 
-    def __init__(self, model: PreTrainedModel):
+    def __init__(self, model: PreTrainedModel, vocab_size: int | None = None):
+        """`vocab_size`: the target's number of logits; the draft's logits beyond it are ids the target cannot
+        embed, so they are never drafted. None: use all of the draft model's logits."""
         self.model = model
+        self.vocab_size = vocab_size
+        # positions the draft model can encode; None where its config sets no limit
+        self.max_positions: int | None = getattr(model.config, "max_position_embeddings", None)
         self.sampling = SamplingConfig()
         self.generator: torch.Generator | None = None
         self.lm = cached_lm(model)
@@ -28,7 +37,10 @@ class ModelDrafter:
 
     @torch.inference_mode()
     def propose(self, context: list[int], k: int) -> Draft:
-        if k == 0:
+        if self.max_positions is not None:
+            # drafting token i feeds the token before it at position len(context) + i - 1
+            k = min(k, self.max_positions - len(context) + 1)
+        if k <= 0:
             return Draft()
         # roll back to the longest cached prefix of the context (drafted tokens beyond it were rejected),
         # keeping at least one token to feed so that there are logits to draft from
@@ -52,7 +64,7 @@ class ModelDrafter:
 
     def _forward(self, ids: list[int]) -> torch.Tensor:
         self.cached.extend(ids)
-        return self.lm.forward(ids, last_only=True)[-1]
+        return self.lm.forward(ids, last_only=True)[-1, : self.vocab_size]
 
 
 def _common_prefix(a: list[int], b: list[int], start: int = 0) -> int:
