@@ -106,9 +106,11 @@ class SpecEngine:
         self.max_context = getattr(model.config, "max_position_embeddings", None)
 
     def adaptive_length(self, max_k: int) -> DraftLength:
-        """Fresh adaptive state for one request (the cost curve is measured once per machine): a request's
-        draft lengths, and so its random draws, never depend on what ran before it."""
-        return DraftLength(self.runner.costs(), max_k)
+        """Fresh adaptive state for one request, from costs measured once per machine (the target's forward, and
+        the drafter's where it offers `cost_per_token`): a request's draft lengths, and so its random draws,
+        depend neither on what ran before it nor on the machine's load."""
+        calibrated = getattr(self.drafter, "cost_per_token", None)  # else learnt from measured draft times
+        return DraftLength(self.runner.costs(), max_k, draft_cost=calibrated() if calibrated else None)
 
     def generate_text(
         self, prompt: str, config: GenerationConfig, on_text: Callable[[str], None] | None = None,
@@ -152,7 +154,7 @@ class SpecEngine:
             k = adaptive.next_k(budget) if adaptive is not None else budget
             draft, path, next_token = self.step(context, k, sampling, accept_generator, stats)
             if adaptive is not None:
-                adaptive.update(len(draft), len(path), stats.last_draft_s)
+                adaptive.update(max(draft.depths(), default=0), len(path), stats.last_draft_s)
 
             step_tokens = [draft.tokens[i] for i in path] + [next_token]
             step_tokens, finish = self._cut(step_tokens, config, len(new))

@@ -30,6 +30,16 @@ class ModelDrafter:
         self.cached: list[int] = []  # the tokens whose keys/values are in self.cache
         self.synced = 0  # length of the last context seen: those tokens are committed, never re-checked
 
+    def cost_per_token(self) -> float:
+        """Seconds per drafted token: this model's one-token forward, measured once per machine (cached) like
+        the target's costs, so the adaptive draft length, and with it a seeded request's random draws, never
+        follows the machine's momentary load."""
+        from draftsmith.adaptive import calibrated_costs
+        from draftsmith.cached_lm import LeanLlama
+
+        backend = "lean" if isinstance(self.lm, LeanLlama) else "hf"
+        return calibrated_costs(self.model, self.lm, backend)(1)
+
     def reset(self, prompt_ids: list[int], sampling: SamplingConfig, generator: torch.Generator) -> None:
         self.sampling, self.generator = sampling, generator
         self.lm.reset(len(prompt_ids) + 256)

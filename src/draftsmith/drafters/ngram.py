@@ -26,6 +26,9 @@ class NgramDrafter:
         self.indexed = 0  # context tokens whose n-grams are in the index
         self.follower: dict[tuple[int, ...], int] = {}  # n-gram -> index of the token after its first occurrence
 
+    def cost_per_token(self) -> float:
+        return 0.0  # a dictionary lookup: nothing next to a forward pass
+
     def reset(self, prompt_ids: list[int], sampling: SamplingConfig, generator: torch.Generator) -> None:
         self.indexed, self.follower = 0, {}
 
