@@ -14,6 +14,7 @@ A head folder holds `head.json` (HeadConfig) and `head.safetensors`; nothing is 
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,11 +53,11 @@ class HeadConfig:
     training: dict = field(default_factory=dict)  # command, data, wall time: how it was made
 
     @classmethod
-    def for_target(cls, kind: HeadKind, target: PreTrainedModel, **overrides) -> HeadConfig:
-        cfg = target.config
+    def for_target(cls, kind: HeadKind, model: PreTrainedModel, **overrides) -> HeadConfig:
+        cfg = model.config
         heads = cfg.num_attention_heads
         return cls(
-            kind=kind, hidden_size=cfg.hidden_size, vocab_size=target.get_output_embeddings().weight.shape[0],
+            kind=kind, hidden_size=cfg.hidden_size, vocab_size=model.get_output_embeddings().weight.shape[0],
             num_attention_heads=heads, num_key_value_heads=getattr(cfg, "num_key_value_heads", heads),
             head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
             intermediate_size=cfg.intermediate_size, rms_norm_eps=getattr(cfg, "rms_norm_eps", 1e-6),
@@ -125,11 +126,14 @@ class MedusaHeads(nn.Module):
 class TargetParts(nn.Module):
     """The target's frozen embedding, final norm and output head rows (the draft vocabulary's), shared by heads."""
 
-    def __init__(self, target: PreTrainedModel, draft_to_target: torch.Tensor):
+    def __init__(self, target: PreTrainedModel, draft_to_target: torch.Tensor, dtype: torch.dtype | None = None):
+        """`dtype`: copies of the parts in that dtype (training in fp32 beside a bf16 target); None shares them."""
         super().__init__()
         self.embed = target.get_input_embeddings()
         self.norm = target.base_model.norm
-        rows = target.get_output_embeddings().weight.detach()
+        if dtype is not None and dtype != target.dtype:
+            self.embed, self.norm = copy.deepcopy(self.embed).to(dtype), copy.deepcopy(self.norm).to(dtype)
+        rows = target.get_output_embeddings().weight.detach().to(dtype or target.dtype)
         full = len(draft_to_target) == rows.shape[0] and bool((draft_to_target == torch.arange(rows.shape[0])).all())
         self.head_rows = rows if full else rows[draft_to_target.to(rows.device)].clone()
         self.draft_to_target = draft_to_target.to(rows.device)

@@ -171,8 +171,7 @@ def train_head(
                                    medusa_heads=cfg.medusa_heads, target=target_name)
     head = build_head(config)
     head.draft_to_target.copy_(draft_ids)
-    target = target.float()  # the frozen parts run in fp32 during training
-    parts = TargetParts(target, head.draft_to_target)
+    parts = TargetParts(target, head.draft_to_target, dtype=torch.float32)  # frozen parts in fp32, like the head
     scale = float(data.features[: min(len(data), 256)].float().pow(2).mean().sqrt())
     model = HeadWithTarget(head, parts, scale)
     loss = eagle_loss if cfg.kind == "eagle" else medusa_loss

@@ -1,0 +1,144 @@
+"""Training feature heads on a tiny target: shards are built once (and resumed), the loss falls, a killed run
+resumes to identical weights, the Medusa tree is chosen from measured accuracy, and the trained folder drafts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from draftsmith.engine import GenerationConfig, SpecEngine
+from draftsmith.errors import ConfigError
+from draftsmith.heads import load_head
+from draftsmith.train.features import FeatureDataConfig, FeatureShards, build_feature_shards
+from draftsmith.train.heads import HeadTrainConfig, static_tree, train_head
+from draftsmith.train.trainer import TrainConfig, list_checkpoints
+from tiny_models import char_tokenizer, hf_greedy, tiny_llama
+
+DATA = FeatureDataConfig(sequences=16, heldout_sequences=8, seq_len=24, prompt_tokens=8, shard_size=8,
+                         self_distill=0.5, heldout_percent=25)
+
+
+class PowerCut(Exception):
+    pass
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: OpenMP threads only fight over the cores
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_llama(seed=6).requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, target):
+    corpus = tmp_path_factory.mktemp("corpus")
+    for i in range(16):
+        body = "\n".join(f"    x{j} = x{j - 1} + {i * j % 7}" for j in range(1, 10))
+        (corpus / f"mod_{i}.py").write_text(f"def f{i}(x0):\n{body}\n    return x9\n")
+    folder = tmp_path_factory.mktemp("features")
+    config = FeatureDataConfig(**{**DATA.__dict__, "corpus": str(corpus)})
+    build_feature_shards(target, char_tokenizer(), config, folder, progress=False)
+    return folder, config
+
+
+def train(out_dir, **overrides) -> TrainConfig:
+    settings = dict(out_dir=out_dir, max_steps=40, batch_size=4, lr=3e-3, warmup_steps=2, log_every=5,
+                    eval_every=0, checkpoint_every=0, progress=False, device="cpu")
+    return TrainConfig(**{**settings, **overrides})
+
+
+def test_shards_hold_features_and_resume_without_redoing_work(shards, target, monkeypatch):
+    folder, config = shards
+    data = FeatureShards(folder)
+    assert data.features.shape == (16, 24, target.config.hidden_size) and data.ids.shape == (16, 24)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert len(manifest["done"]) == 3  # two train shards and one held-out
+    # a second call finds every shard done: nothing is generated or computed again
+    import draftsmith.train.features as features
+
+    monkeypatch.setattr(features, "_write_shard", lambda *a: pytest.fail("a finished shard was rebuilt"))
+    build_feature_shards(target, char_tokenizer(), config, folder, progress=False)
+    other = FeatureDataConfig(**{**config.__dict__, "seq_len": 32})
+    with pytest.raises(ConfigError, match="other settings"):
+        build_feature_shards(target, char_tokenizer(), other, folder, progress=False)
+
+
+@pytest.mark.parametrize("kind", ["eagle", "medusa"])
+def test_a_tiny_head_learns_and_its_folder_drafts_exactly(shards, target, tmp_path, kind):
+    folder, _ = shards
+    losses = []
+    import draftsmith.train.heads as heads_module
+
+    loss = heads_module.eagle_loss if kind == "eagle" else heads_module.medusa_loss
+
+    def recording(model, batch, cfg):
+        value, metrics = loss(model, batch, cfg)
+        losses.append(float(value.detach()))
+        return value, metrics
+
+    setattr(heads_module, f"{kind}_loss", recording)
+    try:
+        head, info = train_head(target, folder, HeadTrainConfig(kind=kind, draft_vocab=0, medusa_heads=2,
+                                                                 medusa_tree_nodes=6, noise=0.0),
+                                  train(tmp_path, lr=1e-2, max_steps=60))
+    finally:
+        setattr(heads_module, f"{kind}_loss", loss)
+    assert sum(losses[-5:]) < 0.9 * sum(losses[:5]), losses
+    loaded = load_head(tmp_path, target)
+    if kind == "medusa":
+        assert len(loaded.config.medusa_paths) == 6
+    from draftsmith.drafters import build_drafter
+    from draftsmith.models import LoadedModel
+
+    drafter = build_drafter(f"{kind}:{tmp_path}", LoadedModel(target, char_tokenizer(), "tiny"))
+    prompt = char_tokenizer()("def f3(x0):\n    x1").input_ids
+    result = SpecEngine(target, drafter).generate(prompt, GenerationConfig(max_new_tokens=30, k=8))
+    assert result.tokens == hf_greedy(target, prompt, 30)
+
+
+def test_resume_after_a_kill_gives_identical_head_weights(shards, target, tmp_path):
+    folder, _ = shards
+    import draftsmith.train.heads as heads_module
+
+    real = heads_module.eagle_loss
+    settings = dict(max_steps=8, checkpoint_every=3, batch_size=2, grad_accum=2)
+
+    def run(out_dir, resume=False, crash_at_call=None):
+        calls = 0
+
+        def maybe_crash(model, batch, cfg):
+            nonlocal calls
+            calls += 1
+            if calls == crash_at_call:
+                raise PowerCut
+            return real(model, batch, cfg)
+
+        heads_module.eagle_loss = maybe_crash
+        try:  # noise on: the RNG state must be restored too, not only weights and data position
+            head, _ = train_head(target, folder, HeadTrainConfig(kind="eagle", draft_vocab=20, noise=0.2),
+                                 train(out_dir, resume=resume, **settings))
+        finally:
+            heads_module.eagle_loss = real
+        return head.state_dict()
+
+    reference = run(tmp_path / "straight")
+    with pytest.raises(PowerCut):
+        run(tmp_path / "cut", crash_at_call=2 * 4 + 2)  # in step 5, after the step-3 checkpoint
+    assert [p.name for p in list_checkpoints(tmp_path / "cut" / "checkpoints")] == ["step-0000003"]
+    resumed = run(tmp_path / "cut", resume=True)
+    for name, weight in reference.items():
+        assert torch.equal(weight, resumed[name]), name
+
+
+def test_static_tree_takes_the_most_probable_paths():
+    accuracy = torch.tensor([[0.6, 0.2, 0.1], [0.5, 0.3, 0.1]])
+    # path values: [0] .6, [1] .2, [0,0] .3, [0,1] .18, [2] .1, [1,0] .1, ...
+    assert static_tree(accuracy, 4) == [[0], [1], [0, 0], [0, 1]]
