@@ -58,8 +58,10 @@ def measure_costs(lm, vocab_size: int, sizes=CALIBRATION_SIZES, repeats: int = 5
         tokens = torch.randint(vocab_size, (n,), generator=generator).tolist()
         times = []
         for _ in range(repeats + 1):  # the first run warms up this shape
+            _synchronize(lm)
             start = time.perf_counter()
             lm.forward(tokens)
+            _synchronize(lm)  # CUDA runs asynchronously: time the work, not its launch
             times.append(time.perf_counter() - start)
             lm.truncate(CALIBRATION_CONTEXT)
         seconds.append(statistics.median(times[1:]))
@@ -67,6 +69,12 @@ def measure_costs(lm, vocab_size: int, sizes=CALIBRATION_SIZES, repeats: int = 5
     for i in range(1, len(seconds)):
         seconds[i] = max(seconds[i], seconds[i - 1])
     return CostCurve(list(sizes), seconds)
+
+
+def _synchronize(lm) -> None:
+    device = getattr(lm, "device", None) or lm.model.device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def calibrated_costs(model: torch.nn.Module, lm, backend: str, refresh: bool = False) -> CostCurve:

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from draftsmith.cli_options import (Adaptive, Compile, Device, DraftTokens, Drafter, Dtype, NgramMax, Target,
-                                   TrustRemoteCode)
+                                   TrustRemoteCode, Weights)
 from draftsmith.errors import DraftsmithError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Lossless speculative decoding for code LLMs.")
@@ -48,6 +48,7 @@ def generate(
     dtype: Dtype = "auto",
     ngram_max: NgramMax = 4,
     compile: Compile = False,
+    weights: Weights = "auto",
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Generate a continuation, streaming it, then print the speculative statistics."""
@@ -67,7 +68,7 @@ def generate(
         prompt = loaded.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                       add_generation_prompt=True)
     with console.status("compiling the target's forward (once per process)") if compile else nullcontext():
-        engine = SpecEngine(loaded.model, draft, loaded.tokenizer, compile=compile)
+        engine = SpecEngine(loaded.model, draft, loaded.tokenizer, compile=compile, weights=weights)
     if compile:
         compile_s = engine.runner.compile_s
         console.print(f"compiled in {compile_s:.1f} s" if compile_s is not None else "compiling failed: eager")

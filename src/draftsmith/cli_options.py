@@ -6,7 +6,10 @@ import typer
 
 Target = Annotated[str, typer.Option(help="HF hub id, local folder, .gguf file, or an embedded alias: "
                                           "'smollm2' (the default), 'gemma3'.")]
-Drafter = Annotated[str, typer.Option(help="none | ngram | model:PATH (draft LM with the target's tokenizer).")]
+Drafter = Annotated[str, typer.Option(help="none | ngram | model:PATH (draft LM with the target's tokenizer) | "
+                                           "eagle[:DIR] | medusa[:DIR] (feature heads; the shipped one without DIR).")]
+Weights = Annotated[str, typer.Option(help="Lean forward's weight layout: auto (fp32: transformers' own, bit-faithful; "
+                                           "else the fastest), fastest, stored, transposed, onednn.")]
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
 Dtype = Annotated[str, typer.Option(help="auto (bf16 where the hardware has fast bf16, else fp32), float32 "
                                          "(bit-exact fp32 greedy), bfloat16 or float16.")]

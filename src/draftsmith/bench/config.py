@@ -2,7 +2,8 @@
 
 A method spec names one way of decoding: ours (`plain`, `ngram[:k=8,min_n=1,max_n=4]`, `model:PATH[:k=4]`;
 `adaptive=1` lets the engine choose each step's draft length up to k; `eagle[:DIR][:k=32,depth=6,top_k=8]`
-and `medusa[:DIR][:k=32]`, feature heads drafting trees of at most k nodes, the shipped head without DIR) or
+and `medusa[:DIR][:k=32]`, feature heads drafting trees of at most k nodes, the shipped head without DIR;
+`fast=1`: the fastest weight layout, not transformers' own, in fp32) or
 transformers' generate on the same model (`hf-greedy`, `hf-prompt-lookup[:N]`, `hf-assisted:PATH`).
 A suffix `@DTYPE` (`@bf16`, `@fp32`, ...) runs the method on the target cast to that dtype; without it the
 method runs in the run's --dtype.
@@ -22,9 +23,9 @@ BASELINE = "hf-greedy"  # speedups are measured against it, exactness against it
 PLAIN = "plain"  # our loop without a drafter: its seconds per step set the bound
 DEFAULT_METHODS = ("hf-greedy", "hf-prompt-lookup:10", "plain", "ngram:k=8")
 # method kind -> the key=value options its spec accepts
-OPTIONS = {"plain": ("compile",), "ngram": ("k", "min_n", "max_n", "adaptive", "compile"),
-           "model": ("k", "adaptive", "compile"), "eagle": ("k", "depth", "top_k", "compile"),
-           "medusa": ("k", "compile"), "hf-greedy": (),
+OPTIONS = {"plain": ("compile", "fast"), "ngram": ("k", "min_n", "max_n", "adaptive", "compile", "fast"),
+           "model": ("k", "adaptive", "compile", "fast"), "eagle": ("k", "depth", "top_k", "compile", "fast"),
+           "medusa": ("k", "compile", "fast"), "hf-greedy": (),
            "hf-prompt-lookup": (), "hf-assisted": ()}
 DEFAULT_K = {"ngram": 8, "model": 4, "eagle": 32, "medusa": 32}  # heads: tree nodes, at most
 

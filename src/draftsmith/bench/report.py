@@ -24,6 +24,7 @@ class PromptRecord:
     target_steps: int  # target forward passes after prefill
     proposed: int = 0  # draft tokens proposed (trees: on the chosen depth)
     accepted: int = 0
+    draft_nodes: int = 0  # nodes verified, every branch of a tree included
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
     peak_memory_mb: float | None = None
@@ -47,6 +48,7 @@ class MethodSummary:
     target_steps: int
     tau: float | None  # generated tokens / target steps (plain decoding: 1)
     acceptance: float | None  # accepted / proposed draft tokens
+    nodes_per_step: float | None  # draft nodes verified per target step (a tree's every branch)
     draft_share: float | None  # fractions of the generation time spent drafting and verifying
     verify_share: float | None
     draft_ms_per_step: float | None  # measured cost of drafting / verifying, per target step
@@ -163,6 +165,7 @@ def summarize(
             target_steps=steps,
             tau=tau,
             acceptance=_ratio(sum(r.accepted for r in recs), proposed),
+            nodes_per_step=_ratio(sum(r.draft_nodes for r in recs), steps) if timed_split else None,
             draft_share=_ratio(draft_s, seconds) if timed_split else None,
             verify_share=_ratio(verify_s, seconds) if timed_split else None,
             draft_ms_per_step=_ratio(1000 * draft_s, steps) if timed_split else None,
@@ -188,7 +191,8 @@ COLUMNS = [
     ("method", "method", "{}"), ("prompts", "prompts", "{}"), ("tok/s", "tokens_per_s", "{:.1f}"),
     ("speedup", "speedup", "{:.2f}x"), ("speedup (mean/prompt)", "speedup_per_prompt", "{:.2f}x"),
     ("vs HF greedy same dtype", "speedup_same_dtype", "{:.2f}x"),
-    ("tau", "tau", "{:.2f}"), ("acceptance", "acceptance", "{:.1%}"), ("draft", "draft_share", "{:.0%}"),
+    ("tau", "tau", "{:.2f}"), ("acceptance", "acceptance", "{:.1%}"), ("nodes/step", "nodes_per_step", "{:.1f}"),
+    ("draft", "draft_share", "{:.0%}"),
     ("verify", "verify_share", "{:.0%}"), ("draft ms/step", "draft_ms_per_step", "{:.1f}"),
     ("verify ms/step", "verify_ms_per_step", "{:.1f}"), ("bound", "bound", "{:.2f}x"),
     ("efficiency", "efficiency", "{:.0%}"),

@@ -81,7 +81,9 @@ def _engine_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int, s
     if spec.kind in ("eagle", "medusa"):
         drafter_spec = f"{spec.kind}:{spec.arg}" if spec.arg else spec.kind
     # token ids in and out, like HF generate: no tokenizer, so no incremental detokenizing inside the timing
-    engine = SpecEngine(target.model, build_drafter(drafter_spec, target, **options), tokenizer=None, compile=compile)
+    weights = "fastest" if options.pop("fast", 0) else "auto"
+    engine = SpecEngine(target.model, build_drafter(drafter_spec, target, **options), tokenizer=None, compile=compile,
+                        weights=weights)
     config = GenerationConfig(max_new_tokens=max_new_tokens, k=k, adaptive=adaptive, sampling=SamplingConfig(seed=seed))
 
     def generate(ids: list[int]) -> Output:
@@ -211,7 +213,8 @@ def make_records(
         records.append(PromptRecord(
             method=c.method, prompt_id=c.task_id, new_tokens=len(c.output.tokens), seconds=c.output.seconds,
             target_steps=c.output.target_steps, proposed=stats.proposed, accepted=stats.accepted,
-            draft_seconds=stats.draft_s, verify_seconds=stats.verify_s, peak_memory_mb=c.peak_memory_mb,
+            draft_seconds=stats.draft_s, verify_seconds=stats.verify_s, draft_nodes=stats.draft_nodes,
+            peak_memory_mb=c.peak_memory_mb,
             output_tokens=c.output.tokens,
             passed=s.passed, sandbox=s.sandbox, exact_match=s.exact_match, edit_similarity=s.edit_similarity,
             completion=answer, position=c.position,
