@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 
 from draftsmith.bench.config import DEFAULT_METHODS, BenchConfig, split_methods
+from draftsmith.bench.workloads import WORKLOADS
 from draftsmith.bench.report import markdown_table
 from draftsmith.cli_options import Device, Dtype, Target
 
@@ -33,8 +34,10 @@ def run_and_show(config: BenchConfig, console: Console | None = None) -> BenchRe
 
 def bench_command(
     target: Target = "smollm2",
-    workload: Annotated[str, typer.Option(help="humaneval | lines | blocks (line/block completion on code).")]
-    = "humaneval",
+    workload: Annotated[str, typer.Option(
+        help=f"{' | '.join(WORKLOADS)}: HumanEval's bare prompts, or (instruct, for chat models) a request to "
+             "complete the function through the chat template, the reply's code block tested; line/block "
+             "completion on code.")] = "humaneval",
     methods: Annotated[str, typer.Option(
         help="Comma list: hf-greedy, hf-prompt-lookup:N, hf-assisted:PATH, plain, ngram[:k=8,adaptive=1], "
              "model:PATH[:k=4]; add @bf16 (or @fp32) to run a method in that dtype."

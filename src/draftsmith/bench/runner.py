@@ -27,7 +27,7 @@ from draftsmith.acceptance import SamplingConfig
 from draftsmith.bench.config import BASELINE, DEFAULT_K, PLAIN, BenchConfig, MethodSpec, parse_method
 from draftsmith.bench.report import MethodSummary, PromptRecord, summarize, write_report
 from draftsmith.bench.sandbox import SandboxConfig, available_isolation
-from draftsmith.bench.workloads import Score, Task, completion, load_tasks, score
+from draftsmith.bench.workloads import INSTRUCT, Score, Task, completion, load_tasks, prompt_ids, score
 from draftsmith.drafters import build_drafter
 from draftsmith.engine import GenerationConfig, SpecEngine, Stats
 from draftsmith.errors import ConfigError
@@ -246,6 +246,10 @@ def report_notes(metadata: dict[str, Any]) -> str:
     if metadata.get("compile_seconds"):
         compiled = ", ".join(f"{name} {s:.0f} s" for name, s in metadata["compile_seconds"].items())
         notes += f" torch.compile time before the run (not in tok/s): {compiled}."
+    if metadata.get("workload") == INSTRUCT:
+        notes += (" Instruct form: each prompt is the chat template over a request to complete the function; "
+                  "pass@1 tests the reply's first Python code block (the whole reply without one), after the "
+                  "prompt's imports and helpers when it defines the function, else as the body after the prompt.")
     if metadata.get("sandbox"):
         notes += f" HumanEval tests ran in the sandbox with isolation: {', '.join(metadata['sandbox'])}."
         if "none" in metadata["sandbox"]:
@@ -338,6 +342,14 @@ def run_bench(
     if target is None:
         with _status(console, f"loading {config.target}"):
             target = load_model(config.target, device=config.device, dtype=config.dtype)
+    # prompts first: a workload this tokenizer cannot serve (no chat template) stops before methods compile
+    prompts, truncated = [], []
+    for t in tasks:
+        ids = prompt_ids(t, target.tokenizer)
+        fitted = fit_prompt(ids, target.model, config.max_new_tokens)
+        prompts.append((t.task_id, fitted))
+        if len(fitted) < len(ids):
+            truncated.append(t.task_id)
     run_dtype = str(target.dtype).removeprefix("torch.")
     dtype_of = {s.name: s.dtype or run_dtype for s in specs}
     with _status(console, "building methods"):
@@ -345,13 +357,6 @@ def run_bench(
         methods = [build_method(s, targets[dtype_of[s.name]], config.max_new_tokens, config.seed) for s in specs]
     hf_greedy_in = {dtype_of[s.name]: s.name for s in specs if s.kind == "hf-greedy"}
     same_dtype_baseline = {s.name: hf_greedy_in[dtype_of[s.name]] for s in specs if dtype_of[s.name] in hf_greedy_in}
-    prompts, truncated = [], []
-    for t in tasks:
-        ids = target.encode(t.prompt)
-        fitted = fit_prompt(ids, target.model, config.max_new_tokens)
-        prompts.append((t.task_id, fitted))
-        if len(fitted) < len(ids):
-            truncated.append(t.task_id)
 
     torch.manual_seed(config.seed)
     if console is not None:

@@ -1,21 +1,34 @@
 """Benchmark workloads: the prompts a run decodes, and how each generated text is scored.
 
-HumanEval tasks are scored by pass@1 in the sandbox; line/block completion tasks by exact match and edit
-similarity against the held-out line. A task with neither (a plain prompt) is timed only.
+HumanEval tasks are scored by pass@1 in the sandbox, in two forms: `humaneval` decodes the bare prompt and
+tests the function body that follows it; `humaneval-instruct` (for chat models) puts a request to complete the
+function through the tokenizer's chat template and tests the code of the reply (see bench/humaneval.py).
+Line/block completion tasks are scored by exact match and edit similarity against the held-out line. A task
+with neither (a plain prompt) is timed only.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from draftsmith.bench.humaneval import Problem, check_completion, load_problems, truncate_completion
+from draftsmith.bench.humaneval import (
+    Problem,
+    check_completion,
+    check_instruct,
+    extract_code,
+    instruct_message,
+    load_problems,
+    truncate_completion,
+)
 from draftsmith.bench.linecomplete import LineCase, LineCaseConfig, build_cases, cut_completion
 from draftsmith.bench.linecomplete import edit_similarity as _edit_similarity
 from draftsmith.bench.sandbox import SandboxConfig
 from draftsmith.bench.linecomplete import exact_match as _exact_match
 from draftsmith.errors import ConfigError
 
-WORKLOADS = ("humaneval", "lines", "blocks")
+INSTRUCT = "humaneval-instruct"
+WORKLOADS = ("humaneval", INSTRUCT, "lines", "blocks")
 
 
 @dataclass(frozen=True)
@@ -25,17 +38,39 @@ class Task:
     problem: Problem | None = None  # HumanEval: scored by pass@1
     case: LineCase | None = None  # line completion: scored by EM / ES
     mode: str = "line"  # line completion: "line" or "block"
+    chat: bool = False  # prompt is a user message for the chat template; the reply's code block is scored
 
 
 def load_tasks(workload: str, limit: int) -> list[Task]:
-    """The first `limit` HumanEval problems, or `limit` line ("lines") / block ("blocks") completion cases."""
+    """The first `limit` HumanEval problems (raw or instruct form), or `limit` line ("lines") / block ("blocks")
+    completion cases."""
     if workload == "humaneval":
         return [Task(p.task_id, p.prompt, problem=p) for p in load_problems(limit)]
+    if workload == INSTRUCT:
+        return [Task(p.task_id, instruct_message(p), problem=p, chat=True) for p in load_problems(limit)]
     if workload in ("lines", "blocks"):
         mode = "line" if workload == "lines" else "block"
         cases = build_cases(LineCaseConfig(num_cases=limit, mode=mode))
         return [Task(c.case_id, c.context, case=c, mode=mode) for c in cases]
     raise ConfigError(f"unknown workload '{workload}': use {', '.join(WORKLOADS)}")
+
+
+def prompt_text(task: Task, tokenizer: Any) -> str:
+    """The text the model sees: the prompt itself, or a chat task's message through the chat template."""
+    if not task.chat:
+        return task.prompt
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"the workload '{INSTRUCT}' needs a tokenizer with a chat template, and this model's "
+                          "has none: use --workload humaneval (the bare prompts) for a base model")
+    return tokenizer.apply_chat_template([{"role": "user", "content": task.prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def prompt_ids(task: Task, tokenizer: Any) -> list[int]:
+    """The prompt's token ids; a templated prompt already holds its BOS, so the tokenizer adds none."""
+    from draftsmith.models import encode_prompt  # torch loads only when a run starts, not for `--help`
+
+    return encode_prompt(tokenizer, prompt_text(task, tokenizer), templated=task.chat)
 
 
 @dataclass(frozen=True)
@@ -48,6 +83,8 @@ class Score:
 
 def completion(task: Task, generated: str) -> str:
     """The part of a generated text that answers the task (what is scored)."""
+    if task.problem is not None and task.chat:
+        return extract_code(generated)
     if task.problem is not None:
         return truncate_completion(generated)
     if task.case is not None:
@@ -60,7 +97,8 @@ def score(task: Task, answer: str, run_tests: bool = True, sandbox: SandboxConfi
     if task.problem is not None:
         if not run_tests:
             return Score()
-        result = check_completion(task.problem, answer, sandbox)
+        check = check_instruct if task.chat else check_completion
+        result = check(task.problem, answer, sandbox)
         return Score(passed=result.passed, sandbox=result.isolation)
     if task.case is not None:
         return Score(exact_match=_exact_match(answer, task.case.target),
