@@ -135,7 +135,7 @@ def test_method_specs():
 @pytest.mark.parametrize("kwargs, message", [
     ({"limit": 0}, "limit must be >= 1"),
     ({"workload": "poetry"}, "unknown workload 'poetry'"),
-    ({"methods": ["plain", "eagle"]}, "unknown method 'eagle'"),
+    ({"methods": ["plain", "lookahead"]}, "unknown method 'lookahead'"),
     ({"methods": ["ngram:q=3"]}, "bad option 'q=3'"),
     ({"methods": ["ngram:k=0"]}, "k must be >= 1"),
     ({"methods": ["model"]}, "needs a draft model"),
