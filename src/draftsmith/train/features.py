@@ -118,7 +118,7 @@ def build_feature_shards(
         manifest = {"settings": settings, "done": []}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     plan = [("train", i) for i in range(config.sequences // config.shard_size)]
-    plan += [("heldout", i) for i in range(max(1, config.heldout_sequences // config.shard_size))]
+    plan += [("heldout", i) for i in range(config.heldout_sequences // config.shard_size)]
     todo = [(split, i) for split, i in plan if f"{split}/{i}" not in manifest["done"]]
     docs = {split: load_corpus(config.corpus, split=split, heldout_percent=config.heldout_percent)
             for split in {s for s, _ in todo}}
@@ -145,10 +145,12 @@ def build_feature_shards(
 class FeatureShards(Dataset):
     """Every sequence of a split, in memory: {"input_ids": [T], "features": [T, H] float32}."""
 
-    def __init__(self, folder: Path, split: str = "train"):
-        paths = sorted((Path(folder) / split).glob("shard-*.safetensors"))
+    def __init__(self, folders: Path | list[Path], split: str = "train"):
+        folders = [Path(f) for f in (folders if isinstance(folders, list) else [folders])]
+        paths = sorted(p for folder in folders for p in (folder / split).glob("shard-*.safetensors"))
         if not paths:
-            raise ConfigError(f"no {split} feature shards in {folder}: run `draftsmith train heads` to build them")
+            raise ConfigError(f"no {split} feature shards in {', '.join(map(str, folders))}: "
+                              "run `draftsmith train heads` to build them")
         shards = [load_file(str(p)) for p in paths]
         self.ids = torch.cat([s["input_ids"] for s in shards]).long()
         self.features = torch.cat([s["features"] for s in shards])

@@ -159,12 +159,15 @@ def draft_vocabulary(data: FeatureShards, vocab_size: int, size: int) -> tuple[t
 
 
 def train_head(
-    target: PreTrainedModel, shards: Path, cfg: HeadTrainConfig, train: TrainConfig, target_name: str = ""
+    target: PreTrainedModel, shards: Path | list[Path], cfg: HeadTrainConfig, train: TrainConfig,
+    target_name: str = "",
 ) -> tuple[EagleHead | MedusaHeads, dict]:
-    """Train a head on the shards in `shards` and save it (with its config) in train.out_dir."""
+    """Train a head on the training shards of every folder in `shards` (held out: the first folder's) and save
+    it (with its config) in train.out_dir."""
     started = time.perf_counter()
     trainer = Trainer(train)  # seeds first: the head's initialisation is reproducible
-    data, heldout = FeatureShards(shards, "train"), FeatureShards(shards, "heldout")
+    folders = shards if isinstance(shards, list) else [shards]
+    data, heldout = FeatureShards(folders, "train"), FeatureShards(folders[0], "heldout")
     rows = target.get_output_embeddings().weight.shape[0]
     draft_ids, coverage = draft_vocabulary(data, rows, cfg.draft_vocab)
     config = HeadConfig.for_target(cfg.kind, target, draft_vocab=len(draft_ids) if cfg.draft_vocab else 0,

@@ -30,13 +30,16 @@ def heads_command(
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 160,
     self_distill: Annotated[float, typer.Option(help="Share of sequences that are the target's own greedy "
                                                      "continuations of code prompts (the rest: code as is).")] = 0.5,
+    code_sequences: Annotated[int, typer.Option(help="More teacher-forced code sequences, in a second shard "
+                                                     "folder (DATA-code): cheap, since nothing is generated; "
+                                                     "0: none.")] = 2560,
     data_dtype: Annotated[str, typer.Option(help="dtype the target computes features in (the dtype you decode "
                                                  "in: auto = bf16 where fast).")] = "auto",
     draft_vocab: Annotated[int, typer.Option(help="Draft from the N most frequent training tokens (0 = all).")]
     = 8192,
     medusa_heads: int = 4,
     medusa_tree_nodes: Annotated[int, typer.Option(help="Nodes of Medusa's static tree.")] = 32,
-    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 1500,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 1200,
     batch_size: int = 16,
     grad_accum: int = 1,
     lr: float = 1e-3,
@@ -70,10 +73,17 @@ def heads_command(
                         trust_remote_code=trust_remote_code)
     started = time.perf_counter()
     build_feature_shards(loaded.model, loaded.tokenizer, data_config, shards)
+    folders = [shards]
+    if code_sequences:
+        code_config = FeatureDataConfig(corpus=data_config.corpus, sequences=code_sequences, heldout_sequences=0,
+                                        seq_len=seq_len, self_distill=0.0, seed=seed + 1)
+        folders.append(build_feature_shards(loaded.model, loaded.tokenizer, code_config,
+                                            shards.with_name(shards.name + "-code")))
     data_seconds = time.perf_counter() - started
-    head_config.extra = {"command": shlex.join(["draftsmith", *sys.argv[1:]]), "data": str(shards),
+    head_config.extra = {"command": shlex.join(["draftsmith", *sys.argv[1:]]), "data": [str(f) for f in folders],
                          "corpus": str(corpus) if corpus else "python stdlib", "self_distill": self_distill,
+                         "code_sequences": code_sequences,
                          "data_seconds": round(data_seconds, 1)}
-    _, info = train_head(loaded.model, shards, head_config, train, target_name=target)
+    _, info = train_head(loaded.model, folders, head_config, train, target_name=target)
     typer.echo(f"{kind} head saved in {out}: held-out {info['heldout']}, trained in {info['train_seconds']:.0f} s "
                f"(features {data_seconds:.0f} s)")
