@@ -21,7 +21,7 @@ from draftsmith.paths import cache_dir
 
 CALIBRATION_SIZES = (1, 2, 4, 8, 12, 16, 24, 32)
 CALIBRATION_CONTEXT = 200
-COST_MODEL_VERSION = 3  # part of the cache key: bump when a backend's forward changes, so costs are re-measured
+COST_MODEL_VERSION = 4  # part of the cache key: bump when a backend's forward changes, so costs are re-measured
 
 
 @dataclass

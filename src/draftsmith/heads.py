@@ -127,19 +127,25 @@ class TargetParts(nn.Module):
     """The target's frozen embedding, final norm and output head rows (the draft vocabulary's), shared by heads."""
 
     def __init__(self, target: PreTrainedModel, draft_to_target: torch.Tensor, dtype: torch.dtype | None = None):
-        """`dtype`: copies of the parts in that dtype (training in fp32 beside a bf16 target); None shares them."""
+        """`dtype`: the head's dtype, when it differs from the target's (fp32 training; fp32 drafting on CPUs,
+        where small bf16 products are slow): the norm and the head rows are copied into it, the (large)
+        embedding stays shared and only the rows looked up are cast."""
         super().__init__()
+        self.dtype = dtype or target.dtype
         self.embed = target.get_input_embeddings()
         self.norm = target.base_model.norm
-        if dtype is not None and dtype != target.dtype:
-            self.embed, self.norm = copy.deepcopy(self.embed).to(dtype), copy.deepcopy(self.norm).to(dtype)
-        rows = target.get_output_embeddings().weight.detach().to(dtype or target.dtype)
+        if self.dtype != target.dtype:
+            self.norm = copy.deepcopy(self.norm).to(self.dtype)
+        rows = target.get_output_embeddings().weight.detach()
         full = len(draft_to_target) == rows.shape[0] and bool((draft_to_target == torch.arange(rows.shape[0])).all())
-        self.head_rows = rows if full else rows[draft_to_target.to(rows.device)].clone()
+        self.head_rows = rows.to(self.dtype) if full else rows[draft_to_target.to(rows.device)].to(self.dtype)
         self.draft_to_target = draft_to_target.to(rows.device)
         self.full_vocab = full
         for param in self.parameters():
             param.requires_grad_(False)
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(ids).to(self.dtype)
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """Draft-vocabulary logits of (predicted) features."""
@@ -161,6 +167,12 @@ def save_head(head: EagleHead | MedusaHeads, folder: Path) -> None:
     (folder / CONFIG_FILE).write_text(json.dumps(asdict(head.config), indent=1))
 
 
+def head_dtype(target: PreTrainedModel) -> torch.dtype:
+    """The dtype a head drafts in: the target's, except on CPU, where bf16/fp16 products of a head's small
+    matrices run several times slower than fp32 ones (no packed low-precision kernels behind F.linear)."""
+    return torch.float32 if target.device.type == "cpu" else target.dtype
+
+
 def load_head(folder: str | Path, target: PreTrainedModel | None = None) -> EagleHead | MedusaHeads:
     """Load a head folder; with `target`, refuse a head trained for another hidden size or vocabulary."""
     folder = Path(folder)
@@ -180,5 +192,5 @@ def load_head(folder: str | Path, target: PreTrainedModel | None = None) -> Eagl
     head = build_head(config)
     head.load_state_dict(load_file(str(weights_path)))
     if target is not None:
-        head.to(device=target.device, dtype=target.dtype)
+        head.to(device=target.device, dtype=head_dtype(target))
     return head.eval()

@@ -58,8 +58,8 @@ class EagleDrafter:
 
     def __init__(self, head: EagleHead, target: PreTrainedModel, tree: TreeConfig | None = None):
         self.head, self.tree = head, tree or TreeConfig()
-        self.parts = TargetParts(target, head.draft_to_target)
-        self.device, self.dtype = target.device, target.dtype
+        self.device, self.dtype = target.device, next(head.parameters()).dtype
+        self.parts = TargetParts(target, head.draft_to_target, dtype=self.dtype)
         self.costs: CostCurve | None = None  # set by the engine
         self.calibration = 1.0  # accepted / predicted length, running
         self.reset([], SamplingConfig(), None)
@@ -76,7 +76,7 @@ class EagleDrafter:
         """Head forward of new pairs on top of its cache; allowed: [new, cached + new] bool."""
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
         mask = mask.masked_fill(~allowed, torch.finfo(self.dtype).min)[None, None]
-        embeds = self.parts.embed(tokens)[None]
+        embeds = self.parts.embed_tokens(tokens)[None]
         return self.head(features[None].to(self.dtype), embeds, positions[None], mask, self.cache)[0]
 
     def feedback(self, step: Feedback) -> None:

@@ -29,7 +29,7 @@ class MedusaDrafter:
 
     def __init__(self, heads: MedusaHeads, target: PreTrainedModel, paths: list[list[int]] | None = None):
         self.heads = heads
-        self.parts = TargetParts(target, heads.draft_to_target)
+        self.parts = TargetParts(target, heads.draft_to_target, dtype=next(heads.parameters()).dtype)
         self.paths = paths or heads.config.medusa_paths or default_paths(heads.config.medusa_heads)
         if any(len(p) > heads.config.medusa_heads for p in self.paths):
             raise ConfigError(f"a Medusa tree path is deeper than the {heads.config.medusa_heads} heads")
@@ -53,7 +53,7 @@ class MedusaDrafter:
     def propose(self, context: list[int], k: int) -> Draft:
         if self.feature is None or k < 1:
             return Draft()
-        outputs = self.heads(self.feature[None])[:, 0]  # [K, H]
+        outputs = self.heads(self.feature[None].to(self.parts.dtype))[:, 0]  # [K, H]
         ranked = self.parts.logits(outputs).topk(self.width, dim=-1).indices  # [K, width]
         candidates = self.parts.to_target_ids(ranked).tolist()
         paths = self.paths[:k]  # sorted by depth, so any prefix of the list is prefix-closed

@@ -69,7 +69,7 @@ def eagle_loss(model: HeadWithTarget, batch: Batch, cfg: HeadTrainConfig) -> tup
     if model.training and cfg.noise:
         inputs = inputs + torch.randn_like(inputs) * cfg.noise * model.feature_scale
     positions = torch.arange(1, ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
-    predicted = model.head(inputs, model.parts.embed(ids[:, 1:]), positions)
+    predicted = model.head(inputs, model.parts.embed_tokens(ids[:, 1:]), positions)
     regression = F.smooth_l1_loss(predicted / model.feature_scale, following / model.feature_scale)
     p = model.target_probs(following)
     log_q = model.parts.logits(predicted).float().log_softmax(-1)
