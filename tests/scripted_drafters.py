@@ -66,7 +66,7 @@ class SampledTreeDrafter:
         tokens: list[int] = []
         parents: list[int] = []
         frontier = [(ROOT, context[-1])]  # (node, its token) whose children the next level draws
-        for width in self.widths[:k]:  # depth never beyond k, the engine's budget
+        for width in self.widths:
             level = []
             for node, last in frontier[: self.expand]:
                 siblings = torch.multinomial(self.q[last], width, replacement=True, generator=self.generator)
@@ -76,5 +76,6 @@ class SampledTreeDrafter:
                     level.append((len(tokens) - 1, token))
                 self.duplicate_siblings += len(set(siblings.tolist())) < width
             frontier = level
+        tokens, parents = tokens[:k], parents[:k]  # the engine's budget counts nodes (breadth-first: still a tree)
         probs = torch.stack([self.q[context[-1] if p == ROOT else tokens[p]] for p in parents]) if tokens else None
         return Draft(tokens=tokens, parents=parents, probs=probs)

@@ -39,7 +39,8 @@ def test_stored_layout_leaves_one_copy_of_each_weight():
     assert engine.generate(prompt, GenerationConfig(max_new_tokens=20, k=4)).tokens == hf_greedy(target, prompt, 20)
 
 
-def test_float32_keeps_transformers_layout_and_other_dtypes_take_the_cached_fastest(monkeypatch):
+def test_float32_keeps_transformers_layout_and_other_dtypes_take_the_cached_fastest(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # a machine that has measured nothing yet
     target = tiny_llama(seed=2)
     assert choose_format(target) == WeightFormat("stored")
     timed = []

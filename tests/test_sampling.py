@@ -195,7 +195,7 @@ def test_sampled_tree_with_duplicate_siblings_matches_target_distribution(small_
     cfg = SamplingConfig(temperature=1.0)
     drafter = SampledTreeDrafter(VOCAB, widths=(3, 2, 2), seed=4)
     expected = exact_joint(small_target, PROMPT, cfg)
-    counts, stats = sampled_joint(SpecEngine(small_target, drafter), PROMPT, cfg, n=1200, k=3)
+    counts, stats = sampled_joint(SpecEngine(small_target, drafter), PROMPT, cfg, n=1200, k=32)
     assert drafter.duplicate_siblings > 100  # the case under test really happens
     assert 0 < stats.accepted < stats.proposed  # drafts partly accepted: rejections and acceptances both
     assert chi_square_pvalue(counts, expected) > ALPHA
