@@ -6,7 +6,8 @@ target's TRUE features of the kept tokens: the head drops its draft-tree entries
 state never carries its own guesses past a step.
 
 Tree growth (EAGLE-2): from the root, expand level by level the `top_k` nodes of highest cumulative draft
-log-probability, each proposing its `top_k` best tokens, up to `depth` levels; then keep the n best nodes of
+log-probability, each proposing its `top_k` best tokens, up to `depth` levels (default 3 x 4, measured: see
+TreeConfig); then keep the n best nodes of
 the whole tree (prefix-closed, since a child never scores above its parent). n is chosen per step to maximise
 expected tokens per second: the expected accepted length of the best n nodes (the sum of their path
 probabilities, rescaled by how well recent predictions matched what was accepted) over the measured
@@ -31,8 +32,10 @@ from draftsmith.heads import EagleHead, TargetParts
 
 @dataclass
 class TreeConfig:
-    depth: int = 6  # levels drafted
-    top_k: int = 8  # nodes expanded per level, and children proposed per expanded node
+    # 3 levels of 4: on the shipped SmolLM2 head (bf16, 40 HumanEval prompts, one run) 34.8 tok/s against 25.0
+    # for EAGLE-2's 6 of 8, at almost the same tau (1.70 vs 1.75): each level's drafting costs ~5.5 ms here
+    depth: int = 3  # levels drafted
+    top_k: int = 4  # nodes expanded per level, and children proposed per expanded node
     memory: float = 0.9  # weight of the past in the calibration of predicted against accepted length
 
     def __post_init__(self) -> None:
