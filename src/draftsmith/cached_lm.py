@@ -269,10 +269,10 @@ class LeanLlama:
             logits, hidden = [], []
             for offset in range(0, n, PREFILL_CHUNK):
                 chunk = ids[offset : offset + PREFILL_CHUNK]
-                out = self.forward(chunk, last_only=last_only and offset + len(chunk) < n, features=True)
+                out = self.forward(chunk, last_only=last_only, features=True)
                 logits.append(out[0])
                 hidden.append(out[1])
-            logits = logits[-1][-1:] if last_only else torch.cat(logits)
+            logits = logits[-1] if last_only else torch.cat(logits)  # last_only: only the final row is needed
             return (logits, torch.cat(hidden)) if features else logits
         end = start + n
         self._reserve(end)

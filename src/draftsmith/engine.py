@@ -105,6 +105,11 @@ class SpecEngine:
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.max_context = getattr(model.config, "max_position_embeddings", None)
 
+    @property
+    def wants_features(self) -> bool:
+        """The drafter drafts from the target's features: scoring returns them and the drafter gets feedback."""
+        return getattr(self.drafter, "needs_features", False)
+
     def adaptive_length(self, max_k: int) -> DraftLength:
         """Fresh adaptive state for one request, from costs measured once per machine (the target's forward, and
         the drafter's where it offers `cost_per_token`): a request's draft lengths, and so its random draws,
@@ -139,7 +144,7 @@ class SpecEngine:
         stream = TextStream(self.tokenizer, config.stop, on_text) if self.tokenizer is not None else None
         stats = Stats(prompt_tokens=len(prompt_ids))
         start = time.perf_counter()
-        wants_features = getattr(self.drafter, "needs_features", False)
+        wants_features = self.wants_features
         prompt_features = self.runner.prefill(prompt_ids, features=wants_features)
         if self.drafter is not None:
             self.drafter.reset(prompt_ids, sampling, draft_generator)
@@ -178,7 +183,7 @@ class SpecEngine:
         """One speculative step: draft (at most k nodes), score the draft in one target forward, accept,
         commit the accepted path, tell a feature drafter what was kept. Returns the draft, the accepted node
         ids and the correction / bonus token."""
-        wants_features = getattr(self.drafter, "needs_features", False)
+        wants_features = self.wants_features
         t0 = time.perf_counter()
         draft = self.drafter.propose(context, k) if k > 0 else Draft()
         draft.check(budget=k)

@@ -36,6 +36,7 @@ class TargetRunner:
         self.lm = cached_lm(model, lean=lean, compile=compile, weights=weights)
         self.compile_s: float | None = getattr(self.lm, "compile_s", None)  # None: eager
         self.length = 0  # committed tokens in the cache
+        self._costs: CostCurve | None = None
 
     def prefill(self, prompt_ids: list[int], features: bool = False) -> torch.Tensor | None:
         """Start a request: cache every prompt token but the last, which becomes the first root. With
@@ -69,8 +70,12 @@ class TargetRunner:
         self.length += len(keep)
 
     def costs(self) -> CostCurve:
-        """This target's forward cost by number of tokens fed (measured once per machine, then cached)."""
+        """This target's forward cost by number of tokens fed (measured once per machine, cached on disk, read
+        once per runner)."""
+        if self._costs is not None:
+            return self._costs
         backend = "lean" if isinstance(self.lm, LeanLlama) else "hf"
         if self.compile_s is not None:
             backend += "-compiled"
-        return calibrated_costs(self.model, self.lm, backend)
+        self._costs = calibrated_costs(self.model, self.lm, backend)
+        return self._costs

@@ -27,6 +27,7 @@ class ModelDrafter:
         self.sampling = SamplingConfig()
         self.generator: torch.Generator | None = None
         self.lm = cached_lm(model)
+        self._cost_per_token: float | None = None
         self.cached: list[int] = []  # the tokens whose keys/values are in self.cache
         self.synced = 0  # length of the last context seen: those tokens are committed, never re-checked
 
@@ -37,8 +38,10 @@ class ModelDrafter:
         from draftsmith.adaptive import calibrated_costs
         from draftsmith.cached_lm import LeanLlama
 
-        backend = "lean" if isinstance(self.lm, LeanLlama) else "hf"
-        return calibrated_costs(self.model, self.lm, backend)(1)
+        if self._cost_per_token is None:  # read once per drafter, not per request
+            backend = "lean" if isinstance(self.lm, LeanLlama) else "hf"
+            self._cost_per_token = calibrated_costs(self.model, self.lm, backend)(1)
+        return self._cost_per_token
 
     def reset(self, prompt_ids: list[int], sampling: SamplingConfig, generator: torch.Generator) -> None:
         self.sampling, self.generator = sampling, generator
