@@ -42,8 +42,7 @@ class CostCurve:
 def calibration_key(model: torch.nn.Module, backend: str) -> str:
     config = json.dumps(model.config.to_dict(), sort_keys=True, default=str)
     digest = hashlib.sha1(config.encode()).hexdigest()[:12]
-    device = next(model.parameters()).device
-    return f"v{COST_MODEL_VERSION}-{digest}-{device}-{model.dtype}-{backend}-threads{torch.get_num_threads()}"
+    return f"v{COST_MODEL_VERSION}-{digest}-{model.device}-{model.dtype}-{backend}-threads{torch.get_num_threads()}"
 
 
 @torch.no_grad()

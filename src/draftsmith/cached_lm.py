@@ -505,7 +505,10 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 def cached_lm(
     model: PreTrainedModel, lean: bool = True, compile: bool = False, weights: str = "auto"
 ) -> LeanLlama | HFCachedLM:
-    """The fastest backend that runs this model exactly (compiled on request: Llama-family models only)."""
+    """The fastest backend that runs this model exactly (compiled on request: Llama-family models only); a
+    model llama.cpp loaded gets its llama.cpp context."""
+    if hasattr(model, "new_cached_lm"):
+        return model.new_cached_lm()
     if lean and LeanLlama.supports(model):
         return LeanLlama(model, compile=compile, weights=weights)
     if compile:

@@ -10,8 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from draftsmith.cli_options import (Adaptive, Compile, Device, DraftTokens, Drafter, Dtype, NgramMax, Target,
-                                   TrustRemoteCode, Weights)
+from draftsmith.cli_options import (Adaptive, Backend, Compile, Device, DraftTokens, Drafter, Dtype, NgramMax,
+                                   Target, TrustRemoteCode, Weights)
 from draftsmith.errors import DraftsmithError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Lossless speculative decoding for code LLMs.")
@@ -49,6 +49,7 @@ def generate(
     ngram_max: NgramMax = 4,
     compile: Compile = False,
     weights: Weights = "auto",
+    backend: Backend = "torch",
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Generate a continuation, streaming it, then print the speculative statistics."""
@@ -62,7 +63,7 @@ def generate(
     if not prompt:
         raise DraftsmithError("the prompt is empty: give at least one character of text")
     with console.status(f"loading {target}"):
-        loaded = load_model(target, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        loaded = load_model(target, device=device, dtype=dtype, trust_remote_code=trust_remote_code, backend=backend)
         draft = build_drafter(drafter, loaded, max_n=ngram_max)
     if chat:
         prompt = loaded.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,

@@ -45,7 +45,6 @@ CONFIG_FILE, WEIGHTS_FILE, DRAFT_VOCAB_FILE = "config.json", "model.safetensors"
 MODEL_TYPE = "eagle"
 # the hub ids a serving engine loads for our embedded aliases (we run them from GGUF files)
 VERIFIER_IDS = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct", "gemma3": "google/gemma-3-270m"}
-FORMATS = ("speculators",)
 
 
 def export_speculators(

@@ -126,17 +126,26 @@ def _locate(spec: str) -> tuple[str, dict]:
     return spec, {}  # a hub id
 
 
+BACKENDS = ("torch", "llamacpp")
+
+
 def load_model(
     spec: str = DEFAULT_TARGET,
     device: str = "cpu",
     dtype: str = "float32",
     trust_remote_code: bool = False,
+    backend: str = "torch",
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer, in eval mode, on `device` in `dtype`."""
-    torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
+    """Load a causal LM and its tokenizer, in eval mode, on `device` in `dtype`. With backend "llamacpp" the
+    spec must be a GGUF file (or an embedded alias), which llama.cpp runs as it is: `dtype` is the file's."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend '{backend}': use {' or '.join(BACKENDS)}")
     location, extra = _locate(spec)
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    if backend == "llamacpp":
+        return _load_llamacpp(spec, location, extra, device)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code, **extra)
         model = AutoModelForCausalLM.from_pretrained(
@@ -150,6 +159,35 @@ def load_model(
     model.to(torch_device).eval()
     model.generation_config.pad_token_id = model.generation_config.pad_token_id or tokenizer.pad_token_id
     return LoadedModel(model=model, tokenizer=tokenizer, name=spec)
+
+
+def _load_llamacpp(spec: str, location: str, extra: dict, device: str) -> LoadedModel:
+    from transformers import AutoConfig
+
+    from draftsmith.llamacpp import load_llamacpp_model
+
+    if "gguf_file" not in extra:
+        raise ConfigError(f"the llama.cpp backend runs GGUF files; '{spec}' is not one (write one with "
+                          "`draftsmith export --format gguf`)")
+    if device not in ("cpu", "auto"):
+        raise ConfigError(f"the llama.cpp backend runs on the CPU here; device '{device}' is not supported")
+    tokenizer = AutoTokenizer.from_pretrained(location, **extra)
+    config = AutoConfig.from_pretrained(location, **extra)
+    model = load_llamacpp_model(Path(location) / extra["gguf_file"], config)
+    model.generation_config.pad_token_id = model.generation_config.pad_token_id or tokenizer.pad_token_id
+    return LoadedModel(model=model, tokenizer=tokenizer, name=spec)
+
+
+def gguf_path(spec: str) -> Path | None:
+    """The GGUF file a model spec names (an embedded alias or a .gguf path), else None."""
+    location, extra = _locate(spec)
+    return Path(location) / extra["gguf_file"] if "gguf_file" in extra else None
+
+
+def logit_rows(model) -> int:
+    """How many logits the model outputs per token (its output head's rows, or llama.cpp's vocabulary)."""
+    n_vocab = getattr(model, "n_vocab", None)
+    return n_vocab if n_vocab is not None else model.get_output_embeddings().weight.shape[0]
 
 
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None) -> set[int]:
@@ -172,8 +210,7 @@ def check_same_vocabulary(target: LoadedModel, drafter: LoadedModel) -> None:
             f"({len(draft_vocab)} vs {len(target_vocab)} tokens, {differing} target tokens differ): "
             "a token-level drafter must use the target's tokenizer"
         )
-    target_rows = target.model.get_output_embeddings().weight.shape[0]
-    draft_rows = drafter.model.get_output_embeddings().weight.shape[0]
+    target_rows, draft_rows = logit_rows(target.model), logit_rows(drafter.model)
     if draft_rows < len(target_vocab):
         raise IncompatibleDrafterError(
             f"drafter '{drafter.name}' has {draft_rows} output logits but the tokenizer has {len(target_vocab)} tokens"

@@ -74,7 +74,12 @@ class TargetRunner:
         once per runner)."""
         if self._costs is not None:
             return self._costs
-        backend = "lean" if isinstance(self.lm, LeanLlama) else "hf"
+        if isinstance(self.lm, LeanLlama):
+            backend = "lean"
+        elif getattr(self.model, "weight_type", None):
+            backend = f"llamacpp-{self.model.weight_type}"
+        else:
+            backend = "hf"
         if self.compile_s is not None:
             backend += "-compiled"
         self._costs = calibrated_costs(self.model, self.lm, backend)

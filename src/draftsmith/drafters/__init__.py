@@ -66,7 +66,7 @@ def build_drafter(spec: str, target: LoadedModel, **options) -> Drafter | None:
         return NgramDrafter(**{k: v for k, v in options.items() if k in ("min_n", "max_n")})
     if spec.startswith("model:"):
         from draftsmith.drafters.model import ModelDrafter
-        from draftsmith.models import check_same_vocabulary, load_model
+        from draftsmith.models import check_same_vocabulary, load_model, logit_rows
 
         path = spec.removeprefix("model:")
         if not path:
@@ -74,7 +74,7 @@ def build_drafter(spec: str, target: LoadedModel, **options) -> Drafter | None:
         draft = load_model(path, device=str(target.device), dtype=str(target.dtype).removeprefix("torch."))
         check_same_vocabulary(target, draft)
         # a draft model with more logits than the target must not draft ids the target cannot embed
-        return ModelDrafter(draft.model, vocab_size=target.model.get_output_embeddings().weight.shape[0])
+        return ModelDrafter(draft.model, vocab_size=logit_rows(target.model))
     kind, _, path = spec.partition(":")
     if kind in ("eagle", "medusa"):
         return _head_drafter(kind, path, target, options)

@@ -30,7 +30,7 @@ from draftsmith.acceptance import SamplingConfig
 from draftsmith.drafters import build_drafter
 from draftsmith.engine import GenerationConfig, SpecEngine
 from draftsmith.errors import DraftsmithError
-from draftsmith.models import LoadedModel
+from draftsmith.models import LoadedModel, logit_rows
 from draftsmith.serve.limits import ServerLimits
 from draftsmith.serve.metrics import Metrics
 from draftsmith.serve.schemas import (ChatRequest, ChatShape, CompletionRequest, CompletionShape,
@@ -191,7 +191,7 @@ class Server:
         if isinstance(prompt, str):
             self.check_prompt_chars(len(prompt), "prompt")
             return self.check_prompt_tokens(await self.off_loop(self.loaded.encode, prompt), "prompt")
-        vocab = self.loaded.model.get_input_embeddings().num_embeddings
+        vocab = logit_rows(self.loaded.model)
         if any(not 0 <= t < vocab for t in prompt):
             raise ApiError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
         return self.check_prompt_tokens(prompt, "prompt")

@@ -6,8 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from draftsmith.cli_options import (Adaptive, Compile, Device, DraftTokens, Drafter, Dtype, NgramMax, Target,
-                                   TrustRemoteCode)
+from draftsmith.cli_options import (Adaptive, Backend, Compile, Device, DraftTokens, Drafter, Dtype, NgramMax,
+                                   Target, TrustRemoteCode)
 from draftsmith.serve.limits import ServerLimits
 
 DEFAULT_LIMITS = ServerLimits()
@@ -27,6 +27,7 @@ def serve_command(
     = None,
     ngram_max: NgramMax = 4,
     compile: Compile = False,
+    backend: Backend = "torch",
     trust_remote_code: TrustRemoteCode = False,
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body; larger ones get 413 unread.")]
     = DEFAULT_LIMITS.max_body_bytes,
@@ -51,7 +52,7 @@ def serve_command(
     limits = ServerLimits(max_body_bytes=max_body_bytes, max_prompt_chars=max_prompt_chars,
                           max_prompt_tokens=max_prompt_tokens, max_stop_strings=max_stop_strings,
                           max_stop_chars=max_stop_chars, default_max_tokens=default_max_tokens)
-    loaded = load_model(target, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    loaded = load_model(target, device=device, dtype=dtype, trust_remote_code=trust_remote_code, backend=backend)
     app = create_app(loaded, drafter, k=k, model_name=model_name or target, queue_size=queue_size,
                      adaptive=adaptive, compile=compile, limits=limits, max_n=ngram_max)
     compile_s = app.state.server.engine.runner.compile_s
