@@ -201,3 +201,13 @@ def test_methods_in_another_dtype_are_compared_within_their_dtype(saved_target, 
     assert floors["bfloat16"]["floor_tokens_per_s"] == pytest.approx(2 * floors["float32"]["floor_tokens_per_s"])
     assert "Weight-read floor" in result.notes
     assert "its agreement with greedy decoding in the same dtype" in result.notes  # and why it can be < 100%
+
+
+def test_without_the_llamacpp_extra_its_methods_say_how_to_install_it(target, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp now raises ImportError
+    for spec in ("llamacpp", "llamacpp-lookup:4", "plain:llamacpp=1"):
+        with pytest.raises(ConfigError, match=r"pip install \"draftsmith\[llamacpp\]\""):
+            build_method(spec, LoadedModel(target.model, target.tokenizer, "smollm2"), NEW)
+    config = BenchConfig(target="tiny", workload="lines", methods=["plain"], limit=1, max_new_tokens=4,
+                         out=str(tmp_path / "out"))
+    assert run_bench(config, target=target, tasks=[line_task(0)]).summaries[0].method == "plain"

@@ -136,3 +136,26 @@ def test_limits_and_features_give_clear_errors(target, tmp_path):
         load_model(str(folder), backend="llamacpp")
     with pytest.raises(ConfigError, match="unknown backend"):
         load_model("smollm2", backend="vllm")
+
+
+def test_bench_runs_llamacpp_peers_and_our_methods_on_the_llamacpp_backend(torch_model, target, tmp_path):
+    """In one interleaved run: llama.cpp's own greedy and prompt lookup, and our plain / n-gram loop with llama.cpp
+    scoring, all on the same F32 file: every one gives llama.cpp's greedy tokens."""
+    from draftsmith.bench.config import BenchConfig
+    from draftsmith.bench.runner import run_bench
+    from draftsmith.bench.workloads import Task
+    from draftsmith.models import LoadedModel
+
+    loaded = LoadedModel(torch_model, target.tokenizer, str(target.model.path))
+    methods = ["plain", "llamacpp", "llamacpp-lookup:4", "plain:llamacpp=1", "ngram:k=4,llamacpp=1"]
+    tasks = [Task(f"t{i}", text) for i, text in enumerate(["def add(a, b):\n    return a + b\n\ndef add(",
+                                                            "for i in range(10):\n    print(i)\n"])]
+    config = BenchConfig(target=loaded.name, workload="lines", methods=methods, limit=2, max_new_tokens=12,
+                         pass_at_1=False, out=str(tmp_path / "out"))
+    result = run_bench(config, target=loaded, tasks=tasks)
+    by_method = {}
+    for record in result.records:
+        by_method.setdefault(record.method, {})[record.prompt_id] = record.output_tokens
+    for method in methods[2:]:
+        assert by_method[method] == by_method["llamacpp"], method
+    assert all(len(tokens) == 12 for tokens in by_method["llamacpp"].values())

@@ -40,7 +40,9 @@ def bench_command(
              "completion on code.")] = "humaneval",
     methods: Annotated[str, typer.Option(
         help="Comma list: hf-greedy, hf-prompt-lookup:N, hf-assisted:PATH, plain, ngram[:k=8,adaptive=1], "
-             "model:PATH[:k=4]; add @bf16 (or @fp32) to run a method in that dtype."
+             "model:PATH[:k=4], eagle, medusa; llama.cpp peers llamacpp[:FILE], llamacpp-lookup:N, "
+             "llama-server[:TYPE][:n=N,m=M] (pip install 'draftsmith[llamacpp]'); llamacpp=1 runs one of ours on "
+             "the llama.cpp backend; add @bf16 (or @fp32) to run a method in that dtype."
     )] = ",".join(DEFAULT_METHODS),
     limit: Annotated[int, typer.Option(help="Prompts to run; the first also serves as an untimed warm-up.")] = 20,
     max_new_tokens: int = 128,
@@ -53,12 +55,14 @@ def bench_command(
     allow_unsandboxed: Annotated[bool, typer.Option(
         help="Run HumanEval tests even where no isolation (bwrap, unshare+setpriv) works: only resource "
              "limits and an audit hook then stand between model-written code and this machine.")] = False,
+    llama_server: Annotated[Optional[str], typer.Option(
+        help="A llama-server binary (built from llama.cpp) for the llama-server methods.")] = None,
 ) -> None:
     """Benchmark methods on one model, interleaved per prompt: speed, tau, exactness, pass@1 or EM/ES."""
     run_and_show(BenchConfig(
         target=target, workload=workload, methods=split_methods(methods), limit=limit,
         max_new_tokens=max_new_tokens, device=device, dtype=dtype, seed=seed, pass_at_1=pass_at_1, out=out,
-        allow_unsandboxed=allow_unsandboxed,
+        allow_unsandboxed=allow_unsandboxed, llama_server=llama_server,
     ))
 
 

@@ -4,7 +4,9 @@ A method spec names one way of decoding: ours (`plain`, `ngram[:k=8,min_n=1,max_
 `adaptive=1` lets the engine choose each step's draft length up to k; `eagle[:DIR][:k=32,depth=6,top_k=8]`
 and `medusa[:DIR][:k=32]`, feature heads drafting trees of at most k nodes, the shipped head without DIR;
 `fast=1`: the fastest weight layout, not transformers' own, in fp32) or
-transformers' generate on the same model (`hf-greedy`, `hf-prompt-lookup[:N]`, `hf-assisted:PATH`).
+transformers' generate on the same model (`hf-greedy`, `hf-prompt-lookup[:N]`, `hf-assisted:PATH`), or
+llama.cpp's own decoding (`llamacpp[:FILE]`, `llamacpp-lookup[:N]`, `llama-server[:TYPE][:n=N,m=M]`; see
+bench/peers.py). `llamacpp=1` runs one of ours (plain, ngram, model) with llama.cpp as the target backend.
 A suffix `@DTYPE` (`@bf16`, `@fp32`, ...) runs the method on the target cast to that dtype; without it the
 method runs in the run's --dtype.
 """
@@ -23,10 +25,13 @@ BASELINE = "hf-greedy"  # speedups are measured against it, exactness against it
 PLAIN = "plain"  # our loop without a drafter: its seconds per step set the bound
 DEFAULT_METHODS = ("hf-greedy", "hf-prompt-lookup:10", "plain", "ngram:k=8")
 # method kind -> the key=value options its spec accepts
-OPTIONS = {"plain": ("compile", "fast"), "ngram": ("k", "min_n", "max_n", "adaptive", "compile", "fast"),
-           "model": ("k", "adaptive", "compile", "fast"), "eagle": ("k", "depth", "top_k", "compile", "fast"),
+OPTIONS = {"plain": ("compile", "fast", "llamacpp"),
+           "ngram": ("k", "min_n", "max_n", "adaptive", "compile", "fast", "llamacpp"),
+           "model": ("k", "adaptive", "compile", "fast", "llamacpp"), "eagle": ("k", "depth", "top_k", "compile", "fast"),
            "medusa": ("k", "compile", "fast"), "hf-greedy": (),
-           "hf-prompt-lookup": (), "hf-assisted": ()}
+           "hf-prompt-lookup": (), "hf-assisted": (),
+           "llamacpp": (), "llamacpp-lookup": (), "llama-server": ("n", "m", "draft_max")}
+PEERS = ("llamacpp", "llamacpp-lookup", "llama-server")  # llama.cpp's own decoding (bench/peers.py)
 DEFAULT_K = {"ngram": 8, "model": 4, "eagle": 32, "medusa": 32}  # heads: tree nodes, at most
 
 
@@ -62,8 +67,8 @@ def parse_method(spec: str) -> MethodSpec:
         options[key] = int(value)
     if kind in ("model", "hf-assisted") and not arg:
         raise ConfigError(f"method '{spec}' needs a draft model: {kind}:PATH")
-    if kind == "hf-prompt-lookup" and arg is not None and not arg.isdigit():
-        raise ConfigError(f"method '{spec}': give the number of draft tokens, e.g. hf-prompt-lookup:10")
+    if kind in ("hf-prompt-lookup", "llamacpp-lookup") and arg is not None and not arg.isdigit():
+        raise ConfigError(f"method '{spec}': give the number of draft tokens, e.g. {kind}:10")
     if kind in ("plain", "ngram", "hf-greedy") and arg:
         raise ConfigError(f"method '{spec}' takes no argument after '{kind}:' (only key=value options)")
     if options.get("k", 1) < 1:
@@ -95,6 +100,7 @@ class BenchConfig:
     seed: int = 0
     pass_at_1: bool = True  # run HumanEval tests in the sandbox after the timed loop
     allow_unsandboxed: bool = False  # run them even where no isolation works (limits and audit hook only)
+    llama_server: str | None = None  # a llama-server binary, for the llama-server methods
     out: str | None = None  # default: bench-results/<timestamp>
 
     def __post_init__(self) -> None:

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from draftsmith.acceptance import SamplingConfig
-from draftsmith.bench.config import BASELINE, DEFAULT_K, PLAIN, BenchConfig, MethodSpec, parse_method
+from draftsmith.bench.config import BASELINE, DEFAULT_K, PEERS, PLAIN, BenchConfig, MethodSpec, parse_method
+from draftsmith.bench.peers import llamacpp_method, server_method
 from draftsmith.bench.report import MethodSummary, PromptRecord, summarize, write_report
 from draftsmith.bench.sandbox import SandboxConfig, available_isolation
 from draftsmith.bench.workloads import INSTRUCT, Score, Task, completion, load_tasks, prompt_ids, score
@@ -65,6 +66,7 @@ class Method:
     name: str
     generate: Callable[[list[int]], Output]
     compile_s: float | None = None  # seconds torch.compile took before the run, for compiled methods
+    close: Callable[[], None] | None = None  # releases what the method holds outside this process (a server)
 
 
 def _sync(device: torch.device) -> None:
@@ -82,6 +84,13 @@ def _engine_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int, s
         drafter_spec = f"{spec.kind}:{spec.arg}" if spec.arg else spec.kind
     # token ids in and out, like HF generate: no tokenizer, so no incremental detokenizing inside the timing
     weights = "fastest" if options.pop("fast", 0) else "auto"
+    if options.pop("llamacpp", 0):  # our loop and drafter, llama.cpp scoring: the same weights as a GGUF
+        from draftsmith.bench.peers import run_gguf
+        from draftsmith.llamacpp import llama_cpp_module, load_llamacpp_model
+
+        llama_cpp_module()  # not installed: say how, before writing a GGUF for it
+        model = load_llamacpp_model(run_gguf(target), target.model.config)
+        target = LoadedModel(model=model, tokenizer=target.tokenizer, name=target.name)
     engine = SpecEngine(target.model, build_drafter(drafter_spec, target, **options), tokenizer=None, compile=compile,
                         weights=weights)
     config = GenerationConfig(max_new_tokens=max_new_tokens, k=k, adaptive=adaptive, sampling=SamplingConfig(seed=seed))
@@ -123,11 +132,17 @@ def _hf_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int) -> Me
     return Method(spec.name, generate)
 
 
-def build_method(spec: MethodSpec | str, target: LoadedModel, max_new_tokens: int, seed: int = 0) -> Method:
-    """A callable method on `target`: our engine (plain / a drafter) or transformers' generate."""
+def build_method(
+    spec: MethodSpec | str, target: LoadedModel, max_new_tokens: int, seed: int = 0, llama_server: str | None = None
+) -> Method:
+    """A callable method on `target`: our engine (plain / a drafter), transformers' generate, or llama.cpp's."""
     spec = parse_method(spec) if isinstance(spec, str) else spec
     if spec.kind.startswith("hf-"):
         return _hf_method(spec, target, max_new_tokens)
+    if spec.kind == "llama-server":
+        return server_method(spec, target, max_new_tokens, llama_server)
+    if spec.kind in PEERS:
+        return llamacpp_method(spec, target, max_new_tokens)
     return _engine_method(spec, target, max_new_tokens, seed)
 
 
@@ -352,23 +367,21 @@ def run_bench(
             truncated.append(t.task_id)
     run_dtype = str(target.dtype).removeprefix("torch.")
     dtype_of = {s.name: s.dtype or run_dtype for s in specs}
-    with _status(console, "building methods"):
-        targets = {d: target if d == run_dtype else cast(target, d) for d in set(dtype_of.values())}
-        methods = [build_method(s, targets[dtype_of[s.name]], config.max_new_tokens, config.seed) for s in specs]
+    methods: list[Method] = []
+    try:
+        with _status(console, "building methods"):
+            targets = {d: target if d == run_dtype else cast(target, d) for d in set(dtype_of.values())}
+            for s in specs:
+                methods.append(build_method(s, targets[dtype_of[s.name]], config.max_new_tokens, config.seed,
+                                            config.llama_server))
+        calls = _decode_all(methods, prompts, target.device, console, config.seed)
+    finally:
+        for method in methods:
+            if method.close is not None:
+                method.close()
     hf_greedy_in = {dtype_of[s.name]: s.name for s in specs if s.kind == "hf-greedy"}
     same_dtype_baseline = {s.name: hf_greedy_in[dtype_of[s.name]] for s in specs if dtype_of[s.name] in hf_greedy_in}
 
-    torch.manual_seed(config.seed)
-    if console is not None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        columns = (TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        with Progress(*columns, console=console) as bar:
-            job = bar.add_task("decoding", total=(len(prompts) + 1) * len(methods))
-            calls = run_interleaved(methods, prompts, target.device,
-                                    lambda what, done: bar.update(job, description=what, advance=int(done)))
-    else:
-        calls = run_interleaved(methods, prompts, target.device)
 
     names = [m.name for m in methods]
     baseline = BASELINE if BASELINE in names else names[0]
@@ -388,6 +401,21 @@ def run_bench(
     notes = report_notes(metadata)
     out = Path(config.out or f"bench-results/{datetime.now():%Y%m%d-%H%M%S}")
     return BenchResult(records, summaries, metadata, notes, write_report(out, records, summaries, metadata, notes))
+
+
+def _decode_all(
+    methods: list[Method], prompts: list[tuple[str, list[int]]], device: torch.device, console: Any, seed: int
+) -> list[Call]:
+    torch.manual_seed(seed)
+    if console is None:
+        return run_interleaved(methods, prompts, device)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console) as bar:
+        job = bar.add_task("decoding", total=(len(prompts) + 1) * len(methods))
+        return run_interleaved(methods, prompts, device,
+                               lambda what, done: bar.update(job, description=what, advance=int(done)))
 
 
 def _status(console: Any, message: str):
