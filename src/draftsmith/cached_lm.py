@@ -197,6 +197,8 @@ class LeanLlama:
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.eps = cfg.rms_norm_eps
+        # float32 runs transformers' own operations (bit-exact logits); lower precisions fuse small operations
+        self.exact = model.dtype == torch.float32
         shared = lean_weights(model, weights)
         self.weights = shared.format
         self.embed, self.final_norm, self.lm_head, self.layers = shared.embed, shared.final_norm, shared.lm_head, shared.layers
@@ -285,41 +287,54 @@ class LeanLlama:
             mask = torch.ones(n, end, dtype=torch.bool, device=self.device).tril(start)
         # n > 1 from an empty cache (a prefill) is plain causal attention: no mask, the kernels' causal path
         ids_tensor = torch.tensor([ids], device=self.device)
-        logits, hidden = self._stack(self, ids_tensor, pos, mask, start, last_only)
+        causal = mask is None and n > 1  # decided here, outside a compiled stack: a plain bool, not a symbol
+        # eager: inference mode skips autograd's bookkeeping on every operation (~7% of a bf16 step); a compiled
+        # stack must be able to write into the cache tensors, which only no_grad allows
+        with torch.inference_mode() if self._stack is LeanLlama._forward_stack else contextlib.nullcontext():
+            logits, hidden = self._stack(self, ids_tensor, pos, mask, start, last_only, causal)
         self.length = end
         return (logits, hidden) if features else logits
 
     def _forward_stack(
-        self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, start: int, last_only: bool
+        self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, start: int, last_only: bool,
+        causal: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The transformer proper, writing the new keys and values at start..end of the cache. Returns float32
         logits and the last layer's hidden states (before the final norm) of every fed token."""
         n = ids.shape[1]
         end = start + n
         cos, sin = self.cos[pos][None, None], self.sin[pos][None, None]
+        if not self.exact:  # the rotation's sign folded into sin: rotate_half(x) * sin = swap_halves(x) * signed
+            sin = torch.cat((-sin[..., : self.head_dim // 2], sin[..., self.head_dim // 2 :]), dim=-1)
+        norm = _rms_norm if self.exact else _fused_rms_norm
         x = F.embedding(ids, self.embed)
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         for i, w in enumerate(self.layers):
-            h = _rms_norm(x, w["attn_norm"], self.eps)
+            h = norm(x, w["attn_norm"], self.eps)
             qkv = self._mm(h, w["wqkv"])
             if w["bqkv"] is not None:
                 qkv = qkv + w["bqkv"]
-            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-            q = _rope(q.view(1, n, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
-            k = _rope(k.view(1, n, self.n_kv, self.head_dim).transpose(1, 2), cos, sin)
+            if self.exact:  # transformers' own operations, so float32 logits match it bit for bit
+                q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+                q = _rope(q.view(1, n, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
+                k = _rope(k.view(1, n, self.n_kv, self.head_dim).transpose(1, 2), cos, sin)
+            else:  # queries and keys rotated together: 3 operations a layer instead of 10
+                qk, v = qkv.split([q_size + kv_size, kv_size], dim=-1)
+                qk = _swapped_rope(qk.view(1, n, self.n_heads + self.n_kv, self.head_dim).transpose(1, 2), cos, sin)
+                q, k = qk[:, : self.n_heads], qk[:, self.n_heads :]
             self.k_cache[i, :, start:end] = k[0]
             self.v_cache[i, :, start:end] = v.view(n, self.n_kv, self.head_dim).transpose(0, 1)
             keys, values = self.k_cache[i : i + 1, :, :end], self.v_cache[i : i + 1, :, :end]
-            attn = self._attention(q, keys, values, mask, causal=mask is None and n > 1)
+            attn = self._attention(q, keys, values, mask, causal)
             out = self._mm(attn.transpose(1, 2).reshape(1, n, q_size), w["wo"])
             x = x + (out if w["bo"] is None else out + w["bo"])
-            h = _rms_norm(x, w["mlp_norm"], self.eps)
+            h = norm(x, w["mlp_norm"], self.eps)
             gate, up = self._mm(h, w["w_gate_up"]).chunk(2, dim=-1)
             x = x + self._mm(F.silu(gate) * up, w["w_down"])
         hidden = x[0]
         if last_only:
             x = x[:, -1:]
-        return self._mm(_rms_norm(x, self.final_norm, self.eps), self.lm_head)[0].float(), hidden
+        return self._mm(norm(x, self.final_norm, self.eps), self.lm_head)[0].float(), hidden
 
     def _attention(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
@@ -372,24 +387,42 @@ class WeightFormat:
 
     name: str
 
-    def prepare(self, weight: torch.Tensor) -> torch.Tensor:
+    @property
+    def lossy(self) -> bool:
+        """Weight-only quantized: a different model, never chosen unless asked for by name."""
+        return self.name in QUANTIZED
+
+    def prepare(self, weight: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if self.name == "transposed":
             return weight.t().contiguous()
         if self.name == "onednn":
             return torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+        if self.name == "int8":
+            return _int8_weight(weight)
+        if self.name == "int4":
+            return _int4_weight(weight)
         return weight
 
-    def multiply(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def multiply(self, x: torch.Tensor, weight) -> torch.Tensor:
         if self.name == "transposed":
             return x @ weight
         if self.name == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+        if self.name == "int8":
+            rows = x.reshape(-1, x.shape[-1])
+            return torch.ops.aten._weight_int8pack_mm(rows, *weight).view(*x.shape[:-1], -1)
+        if self.name == "int4":
+            rows = x.reshape(-1, x.shape[-1])
+            packed, scales_and_zeros = weight
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, packed, INT4_GROUP, scales_and_zeros)
+            return out.view(*x.shape[:-1], -1)
         return F.linear(x, weight)
 
     def share(self, prepared: torch.Tensor, linears: list[torch.nn.Linear] | tuple) -> None:
         """Re-point the linears' weights at views of `prepared` (their fused rows, in order), so the two copies
-        become one. oneDNN's packed layout cannot be viewed: there the model keeps its own weights."""
-        if self.name == "onednn":
+        become one. oneDNN's packed layout and quantized weights cannot be viewed: there the model keeps its
+        own weights."""
+        if self.name == "onednn" or self.lossy:
             return
         rows = prepared if self.name == "stored" else prepared.t()
         offset = 0
@@ -397,6 +430,34 @@ class WeightFormat:
             out = linear.weight.shape[0]
             linear.weight = torch.nn.Parameter(rows[offset : offset + out], requires_grad=False)
             offset += out
+
+
+QUANTIZED = ("int8", "int4")
+INT4_GROUP = 32  # weights per scale and zero point, as in llama.cpp's Q4_1 blocks
+
+
+def _int8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output row, for aten's _weight_int8pack_mm."""
+    w = weight.float()
+    scales = (w.abs().amax(1) / 127).clamp(min=1e-12)
+    quantized = (w / scales[:, None]).round().clamp(-128, 127).to(torch.int8)
+    return quantized, scales.to(weight.dtype)
+
+
+def _int4_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 in groups of INT4_GROUP along the input (minimum and step per group, like Q4_1), packed
+    for aten's _weight_int4pack_mm_for_cpu, which reads w = (q - 8) * scale + zero."""
+    rows, columns = weight.shape
+    if columns % INT4_GROUP or rows % 16:
+        raise ConfigError(f"int4 weights need input sizes divisible by {INT4_GROUP} and output sizes by 16 "
+                          f"(aten's packing), got {rows} x {columns}: use int8 or another format")
+    groups = weight.float().reshape(rows, columns // INT4_GROUP, INT4_GROUP)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    scale = ((high - low) / 15).clamp(min=1e-12)
+    quantized = ((groups - low) / scale).round().clamp(0, 15).to(torch.int32).reshape(rows, columns)
+    zero = low + 8 * scale
+    scales_and_zeros = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous().to(weight.dtype)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(quantized, 1), scales_and_zeros
 
 
 def candidate_formats(weight: torch.Tensor) -> list[WeightFormat]:
@@ -436,18 +497,22 @@ def fastest_format(weight: torch.Tensor, rounds: int = 7, repeats: int = 3) -> W
     return min(best, key=best.get)
 
 
-WEIGHT_CHOICES = ("auto", "fastest", "stored", "transposed", "onednn")
+WEIGHT_CHOICES = ("auto", "fastest", "stored", "transposed", "onednn", *QUANTIZED)
 
 
 def choose_format(model: PreTrainedModel, weights: str = "auto") -> WeightFormat:
     """`auto`: float32 keeps transformers' own layout and kernel (F.linear), so its logits are transformers'
     bit for bit, as `--dtype float32` promises; other dtypes take the fastest format. `fastest`: the format
     timed fastest on this machine for this dtype and shape, measured ONCE and cached on disk (timing at every
-    load could pick differently between two loads, and so round differently). Or a format by name."""
+    load could pick differently between two loads, and so round differently). Or a format by name: `int8` and
+    `int4` quantize the weights (lossy: another model, whose greedy output is compared, never promised equal;
+    never chosen unless named)."""
     if weights not in WEIGHT_CHOICES:
         raise ConfigError(f"unknown weight format '{weights}': use one of {', '.join(WEIGHT_CHOICES)}")
     if weights == "auto":
         weights = "stored" if model.dtype == torch.float32 else "fastest"
+    if weights in QUANTIZED and model.device.type != "cpu":
+        raise ConfigError(f"{weights} weights use aten's CPU kernels; on {model.device.type} use another format")
     if weights != "fastest":
         return WeightFormat(weights)
     return cached_fastest_format(model.lm_head.weight)
@@ -494,6 +559,16 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
+
+
+def _fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # one fused kernel instead of seven operations; rounds differently from transformers: below float32 only
+    return F.rms_norm(x, weight.shape, weight, eps)
+
+
+def _swapped_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
+    return torch.addcmul(x * cos, swapped, signed_sin)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@
 A method spec names one way of decoding: ours (`plain`, `ngram[:k=8,min_n=1,max_n=4]`, `model:PATH[:k=4]`;
 `adaptive=1` lets the engine choose each step's draft length up to k; `eagle[:DIR][:k=32,depth=6,top_k=8]`
 and `medusa[:DIR][:k=32]`, feature heads drafting trees of at most k nodes, the shipped head without DIR;
-`fast=1`: the fastest weight layout, not transformers' own, in fp32) or
+`fast=1`: the fastest weight layout, not transformers' own, in fp32; `quant=4` / `quant=8`: int4 / int8
+weight-only quantized target, lossy) or
 transformers' generate on the same model (`hf-greedy`, `hf-prompt-lookup[:N]`, `hf-assisted:PATH`), or
 llama.cpp's own decoding (`llamacpp[:FILE]`, `llamacpp-lookup[:N]`, `llama-server[:TYPE][:n=N,m=M]`; see
 bench/peers.py). `llamacpp=1` runs one of ours (plain, ngram, model) with llama.cpp as the target backend.
@@ -25,9 +26,9 @@ BASELINE = "hf-greedy"  # speedups are measured against it, exactness against it
 PLAIN = "plain"  # our loop without a drafter: its seconds per step set the bound
 DEFAULT_METHODS = ("hf-greedy", "hf-prompt-lookup:10", "plain", "ngram:k=8")
 # method kind -> the key=value options its spec accepts
-OPTIONS = {"plain": ("compile", "fast", "llamacpp"),
-           "ngram": ("k", "min_n", "max_n", "adaptive", "compile", "fast", "llamacpp"),
-           "model": ("k", "adaptive", "compile", "fast", "llamacpp"), "eagle": ("k", "depth", "top_k", "compile", "fast"),
+OPTIONS = {"plain": ("compile", "fast", "quant", "llamacpp"),
+           "ngram": ("k", "min_n", "max_n", "adaptive", "compile", "fast", "quant", "llamacpp"),
+           "model": ("k", "adaptive", "compile", "fast", "quant", "llamacpp"), "eagle": ("k", "depth", "top_k", "compile", "fast"),
            "medusa": ("k", "compile", "fast"), "hf-greedy": (),
            "hf-prompt-lookup": (), "hf-assisted": (),
            "llamacpp": (), "llamacpp-lookup": (), "llama-server": ("n", "m", "draft_max")}
@@ -71,6 +72,8 @@ def parse_method(spec: str) -> MethodSpec:
         raise ConfigError(f"method '{spec}': give the number of draft tokens, e.g. {kind}:10")
     if kind in ("plain", "ngram", "hf-greedy") and arg:
         raise ConfigError(f"method '{spec}' takes no argument after '{kind}:' (only key=value options)")
+    if options.get("quant", 4) not in (4, 8):
+        raise ConfigError(f"method '{spec}': quant=4 or quant=8 (int4 / int8 weights of the lean forward)")
     if options.get("k", 1) < 1:
         raise ConfigError(f"method '{spec}': k must be >= 1 (use 'plain' for no drafting)")
     return MethodSpec(spec, kind, arg, options, DTYPE_NAMES.get(dtype))

@@ -84,6 +84,9 @@ def _engine_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int, s
         drafter_spec = f"{spec.kind}:{spec.arg}" if spec.arg else spec.kind
     # token ids in and out, like HF generate: no tokenizer, so no incremental detokenizing inside the timing
     weights = "fastest" if options.pop("fast", 0) else "auto"
+    quant = options.pop("quant", 0)
+    if quant:
+        weights = f"int{quant}"
     if options.pop("llamacpp", 0):  # our loop and drafter, llama.cpp scoring: the same weights as a GGUF
         from draftsmith.bench.peers import run_gguf
         from draftsmith.llamacpp import llama_cpp_module, load_llamacpp_model
