@@ -134,6 +134,8 @@ def test_limits_and_features_give_clear_errors(target, tmp_path):
     (folder / "config.json").write_text("{}")
     with pytest.raises(ConfigError, match="runs GGUF files"):
         load_model(str(folder), backend="llamacpp")
+    with pytest.raises(ConfigError, match="GGUF file's own weights"):
+        SpecEngine(target.model, None, weights="int4")
     with pytest.raises(ConfigError, match="unknown backend"):
         load_model("smollm2", backend="vllm")
 

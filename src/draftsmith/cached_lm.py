@@ -583,6 +583,9 @@ def cached_lm(
     """The fastest backend that runs this model exactly (compiled on request: Llama-family models only); a
     model llama.cpp loaded gets its llama.cpp context."""
     if hasattr(model, "new_cached_lm"):
+        if compile or weights != "auto":
+            raise ConfigError("--compile and --weights apply to the lean torch forward; the llama.cpp backend runs "
+                              "the GGUF file's own weights (write another with `draftsmith export --format gguf`)")
         return model.new_cached_lm()
     if lean and LeanLlama.supports(model):
         return LeanLlama(model, compile=compile, weights=weights)

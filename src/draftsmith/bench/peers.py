@@ -30,6 +30,7 @@ from draftsmith.paths import cache_dir
 
 GGUF_DTYPE = {torch.float32: "f32", torch.bfloat16: "bf16"}
 SERVER_START_S = 120
+LOOKUP_CONTEXT = 2048  # tokens of context for llama-cpp-python's prompt lookup (see llamacpp_method)
 
 
 def run_gguf(target: LoadedModel) -> Path:
@@ -73,8 +74,15 @@ def llamacpp_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int):
         draft = LlamaPromptLookupDecoding(num_pred_tokens=int(spec.arg or 10))
     path = method_gguf(spec, target)
     context = target.model.config.max_position_embeddings
+    options = {}
+    if draft is not None:
+        # llama-cpp-python keeps every row's logits when it drafts, but sizes that array by the logits_all it
+        # was given: without saying logits_all=True it holds n_batch rows and fails past 512 tokens. Those rows
+        # cost n_ctx x vocab floats, hence a context capped at LOOKUP_CONTEXT.
+        context = min(context, LOOKUP_CONTEXT)
+        options["logits_all"] = True
     llm = llama_cpp.Llama(str(path), n_ctx=context, n_threads=torch.get_num_threads(), draft_model=draft,
-                          verbose=False)
+                          verbose=False, **options)
     stop = eos_token_ids(target.model, target.tokenizer)
     evals = [0]
     plain_eval = llm.eval
