@@ -211,3 +211,34 @@ def test_without_the_llamacpp_extra_its_methods_say_how_to_install_it(target, mo
     config = BenchConfig(target="tiny", workload="lines", methods=["plain"], limit=1, max_new_tokens=4,
                          out=str(tmp_path / "out"))
     assert run_bench(config, target=target, tasks=[line_task(0)]).summaries[0].method == "plain"
+
+
+def test_a_method_that_fails_midway_is_reported_and_the_others_run_on(target, tmp_path, monkeypatch):
+    import draftsmith.bench.runner as runner
+
+    build = runner.build_method
+
+    def flaky(spec, *args, **kwargs):
+        method = build(spec, *args, **kwargs)
+        if method.name != "ngram:k=4":
+            return method
+        calls = [0]
+        plain_generate = method.generate
+
+        def generate(ids):
+            calls[0] += 1
+            if calls[0] == 3:
+                raise RuntimeError("peer library bug")
+            return plain_generate(ids)
+
+        return Method(method.name, generate)
+
+    monkeypatch.setattr(runner, "build_method", flaky)
+    config = BenchConfig(target="tiny", workload="lines", methods=METHODS, limit=3, max_new_tokens=4,
+                         out=str(tmp_path / "out"))
+    result = run_bench(config, target=target, tasks=[line_task(i) for i in range(3)])
+    assert {s.method for s in result.summaries} == {"hf-greedy", "plain"}
+    assert all(r.method != "ngram:k=4" for r in result.records)
+    assert len([r for r in result.records if r.method == "plain"]) == 3
+    assert "ngram:k=4 on" in result.notes and "peer library bug" in result.notes
+    assert "peer library bug" in result.metadata["failed_methods"]["ngram:k=4"]

@@ -31,7 +31,7 @@ from draftsmith.bench.sandbox import SandboxConfig, available_isolation
 from draftsmith.bench.workloads import INSTRUCT, Score, Task, completion, load_tasks, prompt_ids, score
 from draftsmith.drafters import build_drafter
 from draftsmith.engine import GenerationConfig, SpecEngine, Stats
-from draftsmith.errors import ConfigError
+from draftsmith.errors import ConfigError, DraftsmithError
 from draftsmith.models import LoadedModel, load_model
 
 MEMORY_NOTE = {
@@ -192,25 +192,38 @@ def run_interleaved(
     prompts: list[tuple[str, list[int]]],
     device: torch.device = torch.device("cpu"),
     progress: Callable[[str, bool], None] | None = None,
+    failures: dict[str, str] | None = None,
 ) -> list[Call]:
     """Warm up every method on the first prompt (dropped), then run every prompt through every method in a
-    rotating order. `progress(description, finished)` is called before and after each call."""
+    rotating order. `progress(description, finished)` is called before and after each call.
+
+    With `failures`, a method that raises is recorded there (prompt and error), leaves the rotation and loses
+    its calls, so that one broken method does not cost the others' hour of measurements; without, it raises."""
     calls = []
     schedule = [(-1, prompts[0])] + list(enumerate(prompts))
     for index, (task_id, ids) in schedule:
-        for position, method in enumerate(methods if index < 0 else method_order(methods, index)):
+        running = [m for m in methods if failures is None or m.name not in failures]
+        if not running:
+            break
+        for position, method in enumerate(running if index < 0 else method_order(running, index)):
             what = f"{method.name} on {task_id}" + (" (warm-up)" if index < 0 else "")
             if progress:
                 progress(what, False)
             gc.collect()  # outside the timing: no method pays for another's garbage
             measured = reset_peak_memory(device)
-            output = method.generate(ids)
+            try:
+                output = method.generate(ids)
+            except Exception as e:  # any method's failure, ours or a peer library's
+                if failures is None:
+                    raise
+                failures[method.name] = f"on {task_id}: {type(e).__name__}: {e}".splitlines()[0]
+                continue
             peak = peak_memory_mb(device) if measured else None
             if index >= 0:
                 calls.append(Call(method.name, task_id, position, output, peak))
             if progress:
                 progress(what, True)
-    return calls
+    return [c for c in calls if failures is None or c.method not in failures]
 
 
 def make_records(
@@ -272,6 +285,9 @@ def report_notes(metadata: dict[str, Any]) -> str:
         notes += f" HumanEval tests ran in the sandbox with isolation: {', '.join(metadata['sandbox'])}."
         if "none" in metadata["sandbox"]:
             notes += " (none: no namespaces and no uid change, allowed by --allow-unsandboxed.)"
+    if metadata.get("failed_methods"):
+        failed = "; ".join(f"{name} {why}" for name, why in metadata["failed_methods"].items())
+        notes += f" FAILED, left out of the table (the others ran on): {failed}."
     if metadata["truncated_prompts"]:
         notes += (" Prompts cut to their last tokens to fit the model's context: "
                   f"{', '.join(metadata['truncated_prompts'])}.")
@@ -377,16 +393,17 @@ def run_bench(
             for s in specs:
                 methods.append(build_method(s, targets[dtype_of[s.name]], config.max_new_tokens, config.seed,
                                             config.llama_server))
-        calls = _decode_all(methods, prompts, target.device, console, config.seed)
+        failures: dict[str, str] = {}
+        calls = _decode_all(methods, prompts, target.device, console, config.seed, failures)
     finally:
         for method in methods:
             if method.close is not None:
                 method.close()
     hf_greedy_in = {dtype_of[s.name]: s.name for s in specs if s.kind == "hf-greedy"}
     same_dtype_baseline = {s.name: hf_greedy_in[dtype_of[s.name]] for s in specs if dtype_of[s.name] in hf_greedy_in}
-
-
-    names = [m.name for m in methods]
+    names = [m.name for m in methods if m.name not in failures]
+    if not names:
+        raise DraftsmithError("every method failed: " + "; ".join(f"{m} {why}" for m, why in failures.items()))
     baseline = BASELINE if BASELINE in names else names[0]
     reference = BASELINE if BASELINE in names else PLAIN if PLAIN in names else names[0]
     with _status(console, "scoring (HumanEval tests run in a sandboxed process)"):
@@ -400,25 +417,27 @@ def run_bench(
                             warmup_prompt=tasks[0].task_id, truncated_prompts=truncated,
                             sandbox=sorted({r.sandbox for r in records if r.sandbox}),
                             read_bandwidth_gb_s=bandwidth, weight_read_floor=floors,
-                            compile_seconds={m.name: m.compile_s for m in methods if m.compile_s is not None})
+                            compile_seconds={m.name: m.compile_s for m in methods if m.compile_s is not None},
+                            failed_methods=failures)
     notes = report_notes(metadata)
     out = Path(config.out or f"bench-results/{datetime.now():%Y%m%d-%H%M%S}")
     return BenchResult(records, summaries, metadata, notes, write_report(out, records, summaries, metadata, notes))
 
 
 def _decode_all(
-    methods: list[Method], prompts: list[tuple[str, list[int]]], device: torch.device, console: Any, seed: int
+    methods: list[Method], prompts: list[tuple[str, list[int]]], device: torch.device, console: Any, seed: int,
+    failures: dict[str, str],
 ) -> list[Call]:
     torch.manual_seed(seed)
     if console is None:
-        return run_interleaved(methods, prompts, device)
+        return run_interleaved(methods, prompts, device, failures=failures)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = (TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console) as bar:
         job = bar.add_task("decoding", total=(len(prompts) + 1) * len(methods))
         return run_interleaved(methods, prompts, device,
-                               lambda what, done: bar.update(job, description=what, advance=int(done)))
+                               lambda what, done: bar.update(job, description=what, advance=int(done)), failures)
 
 
 def _status(console: Any, message: str):
