@@ -203,6 +203,9 @@ class LeanLlama:
         self.weights = shared.format
         self.embed, self.final_norm, self.lm_head, self.layers = shared.embed, shared.final_norm, shared.lm_head, shared.layers
         self.cos, self.sin = shared.cos, shared.sin
+        if not self.exact:  # the rotation's sign folded into sin once: rotate_half(x) * sin = swap_halves(x) * this
+            half = self.head_dim // 2
+            self.sin = torch.cat((-self.sin[..., :half], self.sin[..., half:]), dim=-1)
         self.k_cache = self.v_cache = torch.empty(0)
         self.length = 0
         self._stack = LeanLlama._forward_stack
@@ -297,15 +300,13 @@ class LeanLlama:
 
     def _forward_stack(
         self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, start: int, last_only: bool,
-        causal: bool = False,
+        causal: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The transformer proper, writing the new keys and values at start..end of the cache. Returns float32
         logits and the last layer's hidden states (before the final norm) of every fed token."""
         n = ids.shape[1]
         end = start + n
-        cos, sin = self.cos[pos][None, None], self.sin[pos][None, None]
-        if not self.exact:  # the rotation's sign folded into sin: rotate_half(x) * sin = swap_halves(x) * signed
-            sin = torch.cat((-sin[..., : self.head_dim // 2], sin[..., self.head_dim // 2 :]), dim=-1)
+        cos, sin = self.cos[pos][None, None], self.sin[pos][None, None]  # sin is sign-folded unless exact
         norm = _rms_norm if self.exact else _fused_rms_norm
         x = F.embedding(ids, self.embed)
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim

@@ -47,14 +47,6 @@ def llama_cpp_module():
     return llama_cpp
 
 
-def available() -> bool:
-    try:
-        llama_cpp_module()
-    except ConfigError:
-        return False
-    return True
-
-
 @functools.cache
 def _quiet_logs(llama_cpp) -> None:
     """llama.cpp logs every load to stderr; pass its errors and warnings to Python logging instead."""
@@ -118,12 +110,6 @@ def _file_type(path: Path) -> int:
 
     field_ = gguf.GGUFReader(path).fields.get("general.file_type")
     return int(field_.contents()) if field_ is not None else -1
-
-
-def load_llamacpp_model(gguf_file: Path, config: PretrainedConfig) -> LlamaCppModel:
-    if not gguf_file.is_file():
-        raise ModelLoadError(f"GGUF file not found: {gguf_file}")
-    return LlamaCppModel(gguf_file, config)
 
 
 class LlamaCppLM:

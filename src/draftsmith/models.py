@@ -164,7 +164,7 @@ def load_model(
 def _load_llamacpp(spec: str, location: str, extra: dict, device: str) -> LoadedModel:
     from transformers import AutoConfig
 
-    from draftsmith.llamacpp import load_llamacpp_model
+    from draftsmith.llamacpp import LlamaCppModel
 
     if "gguf_file" not in extra:
         raise ConfigError(f"the llama.cpp backend runs GGUF files; '{spec}' is not one (write one with "
@@ -173,7 +173,7 @@ def _load_llamacpp(spec: str, location: str, extra: dict, device: str) -> Loaded
         raise ConfigError(f"the llama.cpp backend runs on the CPU here; device '{device}' is not supported")
     tokenizer = AutoTokenizer.from_pretrained(location, **extra)
     config = AutoConfig.from_pretrained(location, **extra)
-    model = load_llamacpp_model(Path(location) / extra["gguf_file"], config)
+    model = LlamaCppModel(Path(location) / extra["gguf_file"], config)  # _locate checked that it exists
     model.generation_config.pad_token_id = model.generation_config.pad_token_id or tokenizer.pad_token_id
     return LoadedModel(model=model, tokenizer=tokenizer, name=spec)
 

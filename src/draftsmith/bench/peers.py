@@ -130,8 +130,14 @@ def server_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int, bi
         command += [flags[key], str(value)]
     log = cache_dir() / "llama-server.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    atexit.register(process.terminate)
+    with log.open("w") as log_file:  # the child keeps its own copy of the descriptor
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+
+    def stop_server() -> None:
+        process.terminate()
+        process.wait()
+
+    atexit.register(stop_server)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + SERVER_START_S
     while True:
@@ -142,7 +148,7 @@ def server_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int, bi
         except (urllib.error.URLError, ConnectionError):
             pass
         if process.poll() is not None or time.monotonic() > deadline:
-            process.terminate()
+            stop_server()
             raise ConfigError(f"llama-server did not start (exit {process.poll()}); its log: {log}")
         time.sleep(0.5)
     stop = eos_token_ids(target.model, target.tokenizer)
@@ -164,4 +170,4 @@ def server_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int, bi
         steps = timings.get("predicted_n", len(tokens)) - timings.get("draft_n_accepted", 0)
         return Output(tokens, seconds, max(steps, 1))
 
-    return Method(spec.name, generate, close=process.terminate)
+    return Method(spec.name, generate, close=stop_server)

@@ -89,10 +89,10 @@ def _engine_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int, s
         weights = f"int{quant}"
     if options.pop("llamacpp", 0):  # our loop and drafter, llama.cpp scoring: the same weights as a GGUF
         from draftsmith.bench.peers import run_gguf
-        from draftsmith.llamacpp import llama_cpp_module, load_llamacpp_model
+        from draftsmith.llamacpp import LlamaCppModel, llama_cpp_module
 
         llama_cpp_module()  # not installed: say how, before writing a GGUF for it
-        model = load_llamacpp_model(run_gguf(target), target.model.config)
+        model = LlamaCppModel(run_gguf(target), target.model.config)
         target = LoadedModel(model=model, tokenizer=target.tokenizer, name=target.name)
     engine = SpecEngine(target.model, build_drafter(drafter_spec, target, **options), tokenizer=None, compile=compile,
                         weights=weights)
