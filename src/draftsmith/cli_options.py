@@ -9,7 +9,8 @@ Target = Annotated[str, typer.Option(help="HF hub id, local folder, .gguf file, 
 Drafter = Annotated[str, typer.Option(help="none | ngram | model:PATH (draft LM with the target's tokenizer) | "
                                            "eagle[:DIR] | medusa[:DIR] (feature heads; the shipped one without DIR).")]
 Weights = Annotated[str, typer.Option(help="Lean forward's weight layout: auto (fp32: transformers' own, bit-faithful; "
-                                           "else the fastest), fastest, stored, transposed, onednn.")]
+                                           "else the fastest), fastest, stored, transposed, onednn; int8 / int4: "
+                                           "quantized weights, lossy, CPU only.")]
 Backend = Annotated[str, typer.Option(help="torch (our lean Llama-family forward, else transformers') or llamacpp "
                                            "(a GGUF file run by llama.cpp, our drafters and acceptance on top; "
                                            "pip install 'draftsmith[llamacpp]').")]
