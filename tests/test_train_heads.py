@@ -79,8 +79,8 @@ def test_a_tiny_head_learns_and_its_folder_drafts_exactly(shards, target, tmp_pa
 
     loss = heads_module.eagle_loss if kind == "eagle" else heads_module.medusa_loss
 
-    def recording(model, batch, cfg):
-        value, metrics = loss(model, batch, cfg)
+    def recording(model, batch, cfg, **options):
+        value, metrics = loss(model, batch, cfg, **options)
         losses.append(float(value.detach()))
         return value, metrics
 
@@ -114,12 +114,12 @@ def test_resume_after_a_kill_gives_identical_head_weights(shards, target, tmp_pa
     def run(out_dir, resume=False, crash_at_call=None):
         calls = 0
 
-        def maybe_crash(model, batch, cfg):
+        def maybe_crash(model, batch, cfg, **options):
             nonlocal calls
             calls += 1
             if calls == crash_at_call:
                 raise PowerCut
-            return real(model, batch, cfg)
+            return real(model, batch, cfg, **options)
 
         heads_module.eagle_loss = maybe_crash
         try:  # noise on: the RNG state must be restored too, not only weights and data position
@@ -142,3 +142,41 @@ def test_static_tree_takes_the_most_probable_paths():
     accuracy = torch.tensor([[0.6, 0.2, 0.1], [0.5, 0.3, 0.1]])
     # path values: [0] .6, [1] .2, [0,0] .3, [0,1] .18, [2] .1, [1,0] .1, ...
     assert static_tree(accuracy, 4) == [[0], [1], [0, 0], [0, 1]]
+
+
+def test_unrolled_training_steps_see_what_a_tree_node_sees_at_decode_time(target):
+    """Step d of the training-time test, at anchor a, equals the head run as the drafter runs it: the true pairs
+    0..a in its cache, then its own predictions one node per level, each attending the cache and its ancestors."""
+    from draftsmith.heads import HeadConfig, TargetParts, build_head
+    from draftsmith.train.heads import unrolled_features
+    from transformers import DynamicCache
+
+    torch.manual_seed(0)
+    head = build_head(HeadConfig.for_target("eagle", target)).eval()
+    parts = TargetParts(target, head.draft_to_target, dtype=torch.float32)
+    ids = torch.randint(0, target.config.vocab_size, (2, 12))
+    features = torch.randn(2, 12, target.config.hidden_size)
+    with torch.no_grad():
+        steps = unrolled_features(head, parts, ids, features[:, :-1], steps=3)
+        for row in range(2):
+            for anchor in (0, 4, 8):
+                cache = DynamicCache()
+                n = anchor + 1  # true pairs 0..anchor at positions 1..anchor+1, causal
+                out = head(features[row : row + 1, :n], parts.embed_tokens(ids[row : row + 1, 1 : n + 1]),
+                           torch.arange(1, n + 1)[None], None, cache)
+                assert torch.allclose(out[0, -1], steps[0][row, anchor], atol=1e-5)
+                previous = out[:, -1:]
+                for depth in (2, 3):
+                    token = ids[row : row + 1, anchor + depth : anchor + depth + 1]
+                    previous = head(previous, parts.embed_tokens(token), torch.tensor([[anchor + depth]]),
+                                    None, cache)  # one query: it sees the whole cache (true pairs + its path)
+                    assert torch.allclose(previous[0, 0], steps[depth - 1][row, anchor], atol=1e-5), (anchor, depth)
+
+
+def test_an_unrolled_head_learns_its_later_steps(shards, target, tmp_path):
+    folder, _ = shards
+    head, info = train_head(target, folder, HeadTrainConfig(kind="eagle", draft_vocab=0, noise=0.0, unroll=3),
+                            train(tmp_path, lr=1e-2, max_steps=60))
+    assert set(info["heldout"]) == {"top1", "top1_step2", "top1_step3"}
+    with pytest.raises(ConfigError, match="unroll"):
+        HeadTrainConfig(unroll=0)

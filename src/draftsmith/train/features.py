@@ -40,7 +40,7 @@ class FeatureDataConfig:
     seq_len: int = 160  # tokens per sequence
     self_distill: float = 0.5  # share of sequences that are the target's own continuations
     prompt_tokens: int = 64  # prompt length of a self-distillation sequence (the rest is generated)
-    shard_size: int = 64  # sequences per shard (and per generation batch)
+    shard_size: int = 64  # sequences per shard (and per generation batch: larger on a GPU)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -117,8 +117,10 @@ def build_feature_shards(
     else:
         manifest = {"settings": settings, "done": []}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    # held-out shards are never larger than the held-out set (a large --shard-size is for batching on GPUs)
+    sizes = {"train": config.shard_size, "heldout": min(config.shard_size, config.heldout_sequences)}
     plan = [("train", i) for i in range(config.sequences // config.shard_size)]
-    plan += [("heldout", i) for i in range(config.heldout_sequences // config.shard_size)]
+    plan += [("heldout", i) for i in range(config.heldout_sequences // max(1, sizes["heldout"]))]
     todo = [(split, i) for split, i in plan if f"{split}/{i}" not in manifest["done"]]
     docs = {split: load_corpus(config.corpus, split=split, heldout_percent=config.heldout_percent)
             for split in {s for s, _ in todo}}
@@ -128,9 +130,9 @@ def build_feature_shards(
         for split, index in todo:
             # each shard's sequences are a pure function of (seed, split, index): resuming redoes nothing
             rng = random.Random(f"{config.seed}-{split}-{index}")
-            n_generated = round(config.shard_size * config.self_distill)
+            n_generated = round(sizes[split] * config.self_distill)
             windows = _windows(docs[split], tokenizer, config.seq_len, rng)
-            rows = [next(windows) for _ in range(config.shard_size - n_generated)]
+            rows = [next(windows) for _ in range(sizes[split] - n_generated)]
             if n_generated:
                 prompts = [w[: config.prompt_tokens] for w in (next(windows) for _ in range(n_generated))]
                 rows += _continue(target, prompts, config.seq_len - config.prompt_tokens, pad)

@@ -4,7 +4,10 @@ Losses, per real position, as in the papers:
 - EAGLE: SmoothL1 between the predicted and the target's next feature (in units of the features' RMS) plus
   w_ce * soft cross-entropy between the target's next-token distribution and the head's (both over the draft
   vocabulary, through the target's frozen norm and output head). Training inputs get Gaussian noise, since at
-  decode time the head reads its own (imperfect) predicted features after the first level.
+  decode time the head reads its own (imperfect) predicted features after the first level. With `unroll` > 1
+  the head is also trained as it drafts (EAGLE-3's training-time test): step d reads its own step d-1
+  prediction, attending to the true pairs up to its anchor and its own earlier steps there, exactly the
+  attention of a depth-d tree node at decode time; step d's loss weighs 0.8^(d-1).
 - Medusa: head j's soft cross-entropy against the target's distribution j + 1 positions ahead, heads
   weighted 0.8^j (later heads are harder and matter less: a path dies at its first miss).
 Held-out evaluation reports top-1 agreement with the target; for Medusa also each head's top-k accuracy, from
@@ -22,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 
 from draftsmith.errors import ConfigError
 from draftsmith.heads import EagleHead, HeadConfig, HeadKind, MedusaHeads, TargetParts, build_head, save_head
@@ -41,6 +44,8 @@ class HeadTrainConfig:
     w_regression: float = 1.0
     w_ce: float = 0.1
     noise: float = 0.1  # std of Gaussian input noise, in units of the features' RMS
+    unroll: int = 1  # training-time test: steps the head is trained on its own predictions (1 = EAGLE-1)
+    eval_unroll: int = 3  # held-out agreement is reported for this many drafting steps
     eval_sequences: int = 64
     extra: dict = field(default_factory=dict)  # recorded in the head's config (command, data, ...)
 
@@ -49,6 +54,8 @@ class HeadTrainConfig:
             raise ConfigError(f"head kind must be eagle or medusa, got {self.kind!r}")
         if self.draft_vocab < 0 or self.medusa_heads < 1 or self.medusa_tree_nodes < 1:
             raise ConfigError("draft_vocab >= 0, medusa_heads >= 1 and medusa_tree_nodes >= 1 are required")
+        if self.unroll < 1 or self.eval_unroll < 1:
+            raise ConfigError(f"unroll and eval_unroll must be >= 1, got {self.unroll} and {self.eval_unroll}")
 
 
 class HeadWithTarget(nn.Module):
@@ -63,20 +70,50 @@ class HeadWithTarget(nn.Module):
             return self.parts.logits(features).float().softmax(-1)
 
 
-def eagle_loss(model: HeadWithTarget, batch: Batch, cfg: HeadTrainConfig) -> tuple[torch.Tensor, dict]:
+def unrolled_mask(anchors: int, step: int, device: torch.device) -> torch.Tensor:
+    """[anchors, step * anchors] bool: at step d (1-based) the query of anchor a sees step 1's keys of anchors
+    0..a (the true pairs) and its own keys of steps 2..d (the draft path above that anchor)."""
+    eye = torch.eye(anchors, dtype=torch.bool, device=device)
+    causal = torch.ones(anchors, anchors, dtype=torch.bool, device=device).tril()
+    return torch.cat([causal] + [eye] * (step - 1), dim=1)
+
+
+def unrolled_features(head: EagleHead, parts: TargetParts, ids: torch.Tensor, inputs: torch.Tensor, steps: int
+                      ) -> list[torch.Tensor]:
+    """The head's predicted features [B, T-1, H] for drafting steps 1..steps. Step 1: pair a = (feature a,
+    token a+1) at position a+1 predicts feature a+1. Step d: anchor a reads its step d-1 prediction with
+    token a+d at position a+d and predicts feature a+d (the last anchors' rows, past the data, are padding)."""
+    length = ids.shape[1] - 1
+    positions = torch.arange(1, ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
+    cache = DynamicCache() if steps > 1 else None
+    outputs = []
+    for step in range(1, min(steps, length) + 1):
+        mask = None if step == 1 else unrolled_mask(length, step, ids.device)[None, None]
+        tokens = F.pad(ids[:, step : step + length], (0, step - 1))
+        inputs = head(inputs, parts.embed_tokens(tokens), positions + step - 1, mask, cache)
+        outputs.append(inputs)
+    return outputs
+
+
+def eagle_loss(model: HeadWithTarget, batch: Batch, cfg: HeadTrainConfig, unroll: int | None = None
+               ) -> tuple[torch.Tensor, dict]:
     ids, features = batch["input_ids"], batch["features"]
-    inputs, following = features[:, :-1], features[:, 1:]
+    inputs = features[:, :-1]
     if model.training and cfg.noise:
         inputs = inputs + torch.randn_like(inputs) * cfg.noise * model.feature_scale
-    positions = torch.arange(1, ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
-    predicted = model.head(inputs, model.parts.embed_tokens(ids[:, 1:]), positions)
-    regression = F.smooth_l1_loss(predicted / model.feature_scale, following / model.feature_scale)
-    p = model.target_probs(following)
-    log_q = model.parts.logits(predicted).float().log_softmax(-1)
-    ce = -(p * log_q).sum(-1).mean()
-    accuracy = (log_q.argmax(-1) == p.argmax(-1)).float().mean()
-    return cfg.w_regression * regression + cfg.w_ce * ce, {"regression": regression.detach(), "ce": ce.detach(),
-                                                           "top1": accuracy}
+    total, metrics = features.new_zeros(()), {}
+    for step, predicted in enumerate(unrolled_features(model.head, model.parts, ids, inputs, unroll or cfg.unroll), 1):
+        span = ids.shape[1] - step  # anchors whose target feature a + step exists
+        following = features[:, step : step + span]
+        regression = F.smooth_l1_loss(predicted[:, :span] / model.feature_scale, following / model.feature_scale)
+        p = model.target_probs(following)
+        log_q = model.parts.logits(predicted[:, :span]).float().log_softmax(-1)
+        ce = -(p * log_q).sum(-1).mean()
+        total = total + 0.8 ** (step - 1) * (cfg.w_regression * regression + cfg.w_ce * ce)
+        suffix = "" if step == 1 else f"_step{step}"
+        metrics.update({f"regression{suffix}": regression.detach(), f"ce{suffix}": ce.detach(),
+                        f"top1{suffix}": (log_q.argmax(-1) == p.argmax(-1)).float().mean()})
+    return total, metrics
 
 
 def medusa_loss(model: HeadWithTarget, batch: Batch, cfg: HeadTrainConfig) -> tuple[torch.Tensor, dict]:
@@ -135,13 +172,13 @@ class HeldoutAgreement:
 
     def __call__(self, model: HeadWithTarget) -> dict[str, float]:
         device = next(model.head.parameters()).device
-        loss_fn = eagle_loss if self.cfg.kind == "eagle" else medusa_loss
         sums: dict[str, float] = {}
         batches = 0
         for start in range(0, len(self.data), 16):
             batch = {"input_ids": self.data.ids[start : start + 16].to(device),
                      "features": self.data.features[start : start + 16].to(device, torch.float32)}
-            _, metrics = loss_fn(model, batch, self.cfg)
+            _, metrics = (eagle_loss(model, batch, self.cfg, unroll=self.cfg.eval_unroll) if self.cfg.kind == "eagle"
+                          else medusa_loss(model, batch, self.cfg))
             for name, value in metrics.items():
                 if name.startswith("top1"):
                     sums[name] = sums.get(name, 0.0) + float(value)

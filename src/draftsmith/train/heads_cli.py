@@ -33,6 +33,8 @@ def heads_command(
     code_sequences: Annotated[int, typer.Option(help="More teacher-forced code sequences, in a second shard "
                                                      "folder (DATA-code): cheap, since nothing is generated; "
                                                      "0: none.")] = 2560,
+    shard_size: Annotated[int, typer.Option(help="Sequences per feature shard and per generation batch (a GPU "
+                                                 "takes 1024).")] = 64,
     data_dtype: Annotated[str, typer.Option(help="dtype the target computes features in (the dtype you decode "
                                                  "in: auto = bf16 where fast).")] = "auto",
     draft_vocab: Annotated[int, typer.Option(help="Draft from the N most frequent training tokens (0 = all).")]
@@ -45,6 +47,8 @@ def heads_command(
     lr: float = 1e-3,
     warmup: int = 50,
     noise: Annotated[float, typer.Option(help="EAGLE input noise, in units of the features' RMS.")] = 0.1,
+    unroll: Annotated[int, typer.Option(help="EAGLE training-time test: drafting steps trained on the head's own "
+                                             "predictions (1 = EAGLE-1's single step).")] = 1,
     w_ce: Annotated[float, typer.Option(help="Weight of the soft cross-entropy (EAGLE; regression weighs 1).")] = 0.1,
     eval_every: int = 250,
     checkpoint_every: int = 250,
@@ -62,12 +66,13 @@ def heads_command(
     if corpus is not None and not corpus.exists():
         raise ConfigError(f"corpus not found: {corpus} (give a folder of source files or a .jsonl file)")
     data_config = FeatureDataConfig(corpus=str(corpus) if corpus else None, sequences=sequences, seq_len=seq_len,
-                                    self_distill=self_distill, seed=seed)
+                                    self_distill=self_distill, shard_size=shard_size, seed=seed)
     head_config = HeadTrainConfig(kind=kind, draft_vocab=draft_vocab, medusa_heads=medusa_heads,
-                                  medusa_tree_nodes=medusa_tree_nodes, noise=noise, w_ce=w_ce)
+                                  medusa_tree_nodes=medusa_tree_nodes, noise=noise, w_ce=w_ce, unroll=unroll)
     train = TrainConfig(out_dir=out, max_steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                         warmup_steps=warmup, device=device, seed=seed, eval_every=eval_every,
-                        checkpoint_every=checkpoint_every, resume=resume)
+                        checkpoint_every=checkpoint_every, resume=resume,
+                        progress=sys.stdout.isatty())  # a log file gets a plain line per log step instead
     shards = data or out.parent / f"features-{Path(target).name}"
     loaded = load_model(target, device="cuda" if device == "cuda" else "cpu", dtype=data_dtype,
                         trust_remote_code=trust_remote_code)
@@ -76,7 +81,7 @@ def heads_command(
     folders = [shards]
     if code_sequences:
         code_config = FeatureDataConfig(corpus=data_config.corpus, sequences=code_sequences, heldout_sequences=0,
-                                        seq_len=seq_len, self_distill=0.0, seed=seed + 1)
+                                        seq_len=seq_len, self_distill=0.0, shard_size=shard_size, seed=seed + 1)
         folders.append(build_feature_shards(loaded.model, loaded.tokenizer, code_config,
                                             shards.with_name(shards.name + "-code")))
     data_seconds = time.perf_counter() - started
