@@ -134,25 +134,7 @@ class LeanWeights:
     def build(cls, model: PreTrainedModel, fmt: WeightFormat) -> LeanWeights:
         inner, layout = model.model, fmt.prepare
         tied = model.lm_head.weight is inner.embed_tokens.weight
-        layers = []
-        for layer in inner.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            qkv, gate_up = (attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)
-            entry = dict(
-                attn_norm=layer.input_layernorm.weight,
-                wqkv=layout(torch.cat([p.weight for p in qkv])),
-                bqkv=torch.cat([p.bias for p in qkv]) if attn.q_proj.bias is not None else None,
-                wo=layout(attn.o_proj.weight),
-                bo=attn.o_proj.bias,  # Llama's attention_bias covers o_proj too; Qwen2's does not
-                mlp_norm=layer.post_attention_layernorm.weight,
-                w_gate_up=layout(torch.cat([p.weight for p in gate_up])),
-                w_down=layout(mlp.down_proj.weight),
-            )
-            fmt.share(entry["wqkv"], qkv)
-            fmt.share(entry["wo"], [attn.o_proj])
-            fmt.share(entry["w_gate_up"], gate_up)
-            fmt.share(entry["w_down"], [mlp.down_proj])
-            layers.append(entry)
+        layers = [lean_layer(layer, fmt) for layer in inner.layers]
         lm_head = layout(model.lm_head.weight)
         if not tied:  # a tied head is the embedding, which F.embedding needs in its stored layout
             fmt.share(lm_head, [model.lm_head])
@@ -161,6 +143,28 @@ class LeanWeights:
         positions = torch.arange(model.config.max_position_embeddings, device=model.device)[None]
         cos, sin = inner.rotary_emb(probe, positions)
         return cls(fmt, inner.embed_tokens.weight, inner.norm.weight, lm_head, layers, cos[0], sin[0])
+
+
+@torch.no_grad()
+def lean_layer(layer: torch.nn.Module, fmt: WeightFormat) -> dict:
+    """A Llama decoder layer's weights as the lean forward multiplies them (q/k/v and gate/up fused)."""
+    attn, mlp, layout = layer.self_attn, layer.mlp, fmt.prepare
+    qkv, gate_up = (attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)
+    entry = dict(
+        attn_norm=layer.input_layernorm.weight,
+        wqkv=layout(torch.cat([p.weight for p in qkv])),
+        bqkv=torch.cat([p.bias for p in qkv]) if attn.q_proj.bias is not None else None,
+        wo=layout(attn.o_proj.weight),
+        bo=attn.o_proj.bias,  # Llama's attention_bias covers o_proj too; Qwen2's does not
+        mlp_norm=layer.post_attention_layernorm.weight,
+        w_gate_up=layout(torch.cat([p.weight for p in gate_up])),
+        w_down=layout(mlp.down_proj.weight),
+    )
+    fmt.share(entry["wqkv"], qkv)
+    fmt.share(entry["wo"], [attn.o_proj])
+    fmt.share(entry["w_gate_up"], gate_up)
+    fmt.share(entry["w_down"], [mlp.down_proj])
+    return entry
 
 
 _LEAN_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {format name: LeanWeights}
@@ -190,58 +194,22 @@ def last_hidden_states(model: PreTrainedModel):
         handle.remove()
 
 
-class LeanLlama:
-    def __init__(self, model: PreTrainedModel, compile: bool = False, weights: str = "auto"):
-        cfg = model.config
-        self.model, self.device, self.dtype = model, model.device, model.dtype
-        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.eps = cfg.rms_norm_eps
+class LeanLayers:
+    """Llama decoder layers (lean weight entries) over a preallocated KV cache of their own: the part of the lean
+    forward that a target and an EAGLE head's single layer share. Rolling back is moving `length`."""
+
+    def __init__(self, layers: list[dict], fmt: WeightFormat, cos: torch.Tensor, sin: torch.Tensor, n_heads: int,
+                 n_kv: int, head_dim: int, eps: float, dtype: torch.dtype, device: torch.device):
+        self.layers, self.weights, self.cos, self.sin = layers, fmt, cos, sin
+        self.n_heads, self.n_kv, self.head_dim, self.eps = n_heads, n_kv, head_dim, eps
+        self.dtype, self.device = dtype, device
         # float32 runs transformers' own operations (bit-exact logits); lower precisions fuse small operations
-        self.exact = model.dtype == torch.float32
-        shared = lean_weights(model, weights)
-        self.weights = shared.format
-        self.embed, self.final_norm, self.lm_head, self.layers = shared.embed, shared.final_norm, shared.lm_head, shared.layers
-        self.cos, self.sin = shared.cos, shared.sin
+        self.exact = dtype == torch.float32
         if not self.exact:  # the rotation's sign folded into sin once: rotate_half(x) * sin = swap_halves(x) * this
             half = self.head_dim // 2
             self.sin = torch.cat((-self.sin[..., :half], self.sin[..., half:]), dim=-1)
         self.k_cache = self.v_cache = torch.empty(0)
         self.length = 0
-        self._stack = LeanLlama._forward_stack
-        self.compile_s: float | None = None  # seconds spent compiling, when compiled
-        if compile:
-            self._compile()
-
-    def _compile(self) -> None:
-        """Compile the layer stack for the three shapes a request uses (prefill, one-token step, draft
-        verification), timing it; if the compiler fails, say why and stay eager."""
-        start = time.perf_counter()
-        self._stack = compiled_stack()
-        try:
-            self.reset(8)
-            self.forward([0, 0, 0], last_only=True)  # prefill
-            self.forward([0])  # a step without draft
-            self.forward([0, 0, 0])  # a step that verifies a draft (sizes past 2 share this graph)
-        except Exception as e:  # torch.compile raises many types: no C++ compiler, unsupported op, ...
-            warnings.warn(f"torch.compile failed, running eager instead: {type(e).__name__}: {e}".splitlines()[0],
-                          stacklevel=2)
-            self._stack = LeanLlama._forward_stack
-            return
-        finally:
-            self.reset(0)
-        self.compile_s = time.perf_counter() - start
-
-    @staticmethod
-    def supports(model: PreTrainedModel) -> bool:
-        cfg = model.config
-        return (
-            cfg.model_type in LEAN_MODEL_TYPES
-            and getattr(cfg, "hidden_act", "silu") == "silu"
-            and not getattr(cfg, "mlp_bias", False)
-            and not getattr(cfg, "sliding_window", None)
-            and getattr(cfg, "pretraining_tp", 1) == 1
-        )
 
     def reset(self, capacity: int = 0) -> None:
         self.length = 0
@@ -262,53 +230,25 @@ class LeanLlama:
             v_new[:, :, : self.length] = self.v_cache[:, :, : self.length]
         self.k_cache, self.v_cache = k_new, v_new
 
-    @torch.no_grad()  # not inference_mode: a compiled forward must be able to write into the cache tensors
-    def forward(
-        self, ids: list[int], positions: list[int] | None = None, tree_mask: torch.Tensor | None = None,
-        last_only: bool = False, features: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Float32 logits [n, vocab] (or [1, vocab] with last_only) for tokens fed after the cache; with
-        `features`, also the last layer's hidden states [n, hidden] (every row, before the final norm)."""
-        n, start = len(ids), self.length
-        if tree_mask is None and n > PREFILL_CHUNK:  # long prompts: bounded activations and masks
-            logits, hidden = [], []
-            for offset in range(0, n, PREFILL_CHUNK):
-                chunk = ids[offset : offset + PREFILL_CHUNK]
-                out = self.forward(chunk, last_only=last_only, features=True)
-                logits.append(out[0])
-                hidden.append(out[1])
-            logits = logits[-1] if last_only else torch.cat(logits)  # last_only: only the final row is needed
-            return (logits, torch.cat(hidden)) if features else logits
+    @staticmethod
+    def attention_mask(n: int, start: int, tree_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+        """[n, start + n] bool for n tokens fed after `start` cached ones (None: none needed)."""
         end = start + n
-        self._reserve(end)
-        pos = torch.arange(start, end, device=self.device) if positions is None else torch.tensor(positions, device=self.device)
-        mask = None
         if tree_mask is not None:
-            mask = torch.ones(n, end, dtype=torch.bool, device=self.device)
+            mask = torch.ones(n, end, dtype=torch.bool, device=device)
             mask[:, start:] = tree_mask
-        elif n > 1 and start > 0:  # a chain after the cache: causal, offset by the cached prefix
-            mask = torch.ones(n, end, dtype=torch.bool, device=self.device).tril(start)
-        # n > 1 from an empty cache (a prefill) is plain causal attention: no mask, the kernels' causal path
-        ids_tensor = torch.tensor([ids], device=self.device)
-        causal = mask is None and n > 1  # decided here, outside a compiled stack: a plain bool, not a symbol
-        # eager: inference mode skips autograd's bookkeeping on every operation (~7% of a bf16 step); a compiled
-        # stack must be able to write into the cache tensors, which only no_grad allows
-        with torch.inference_mode() if self._stack is LeanLlama._forward_stack else contextlib.nullcontext():
-            logits, hidden = self._stack(self, ids_tensor, pos, mask, start, last_only, causal)
-        self.length = end
-        return (logits, hidden) if features else logits
+            return mask
+        if n > 1 and start > 0:  # a chain after the cache: causal, offset by the cached prefix
+            return torch.ones(n, end, dtype=torch.bool, device=device).tril(start)
+        return None  # n > 1 from an empty cache (a prefill) is plain causal attention: the kernels' causal path
 
-    def _forward_stack(
-        self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, start: int, last_only: bool,
-        causal: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The transformer proper, writing the new keys and values at start..end of the cache. Returns float32
-        logits and the last layer's hidden states (before the final norm) of every fed token."""
-        n = ids.shape[1]
+    def decoder_layers(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, start: int,
+                       causal: bool) -> torch.Tensor:
+        """x [1, n, hidden] through every layer, writing the new keys and values at start..start+n."""
+        n = x.shape[1]
         end = start + n
         cos, sin = self.cos[pos][None, None], self.sin[pos][None, None]  # sin is sign-folded unless exact
         norm = _rms_norm if self.exact else _fused_rms_norm
-        x = F.embedding(ids, self.embed)
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         for i, w in enumerate(self.layers):
             h = norm(x, w["attn_norm"], self.eps)
@@ -332,10 +272,7 @@ class LeanLlama:
             h = norm(x, w["mlp_norm"], self.eps)
             gate, up = self._mm(h, w["w_gate_up"]).chunk(2, dim=-1)
             x = x + self._mm(F.silu(gate) * up, w["w_down"])
-        hidden = x[0]
-        if last_only:
-            x = x[:, -1:]
-        return self._mm(norm(x, self.final_norm, self.eps), self.lm_head)[0].float(), hidden
+        return x
 
     def _attention(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
@@ -376,6 +313,94 @@ class LeanLlama:
 
     def truncate(self, length: int) -> None:
         self.length = length  # entries past the length are dead: the next forward overwrites them
+
+
+class LeanLlama(LeanLayers):
+    def __init__(self, model: PreTrainedModel, compile: bool = False, weights: str = "auto"):
+        cfg = model.config
+        shared = lean_weights(model, weights)
+        super().__init__(shared.layers, shared.format, shared.cos, shared.sin, cfg.num_attention_heads,
+                         cfg.num_key_value_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+                         cfg.rms_norm_eps, model.dtype, model.device)
+        self.model = model
+        self.embed, self.final_norm, self.lm_head = shared.embed, shared.final_norm, shared.lm_head
+        self._stack = LeanLlama._forward_stack
+        self.compile_s: float | None = None  # seconds spent compiling, when compiled
+        if compile:
+            self._compile()
+
+    def _compile(self) -> None:
+        """Compile the layer stack for the three shapes a request uses (prefill, one-token step, draft
+        verification), timing it; if the compiler fails, say why and stay eager."""
+        start = time.perf_counter()
+        self._stack = compiled_stack()
+        try:
+            self.reset(8)
+            self.forward([0, 0, 0], last_only=True)  # prefill
+            self.forward([0])  # a step without draft
+            self.forward([0, 0, 0])  # a step that verifies a draft (sizes past 2 share this graph)
+        except Exception as e:  # torch.compile raises many types: no C++ compiler, unsupported op, ...
+            warnings.warn(f"torch.compile failed, running eager instead: {type(e).__name__}: {e}".splitlines()[0],
+                          stacklevel=2)
+            self._stack = LeanLlama._forward_stack
+            return
+        finally:
+            self.reset(0)
+        self.compile_s = time.perf_counter() - start
+
+    @staticmethod
+    def supports(model: PreTrainedModel) -> bool:
+        cfg = model.config
+        return (
+            cfg.model_type in LEAN_MODEL_TYPES
+            and getattr(cfg, "hidden_act", "silu") == "silu"
+            and not getattr(cfg, "mlp_bias", False)
+            and not getattr(cfg, "sliding_window", None)
+            and getattr(cfg, "pretraining_tp", 1) == 1
+        )
+
+    @torch.no_grad()  # not inference_mode: a compiled forward must be able to write into the cache tensors
+    def forward(
+        self, ids: list[int], positions: list[int] | None = None, tree_mask: torch.Tensor | None = None,
+        last_only: bool = False, features: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Float32 logits [n, vocab] (or [1, vocab] with last_only) for tokens fed after the cache; with
+        `features`, also the last layer's hidden states [n, hidden] (every row, before the final norm)."""
+        n, start = len(ids), self.length
+        if tree_mask is None and n > PREFILL_CHUNK:  # long prompts: bounded activations and masks
+            logits, hidden = [], []
+            for offset in range(0, n, PREFILL_CHUNK):
+                chunk = ids[offset : offset + PREFILL_CHUNK]
+                out = self.forward(chunk, last_only=last_only, features=True)
+                logits.append(out[0])
+                hidden.append(out[1])
+            logits = logits[-1] if last_only else torch.cat(logits)  # last_only: only the final row is needed
+            return (logits, torch.cat(hidden)) if features else logits
+        end = start + n
+        self._reserve(end)
+        pos = torch.arange(start, end, device=self.device) if positions is None else torch.tensor(positions, device=self.device)
+        mask = self.attention_mask(n, start, tree_mask, self.device)
+        ids_tensor = torch.tensor([ids], device=self.device)
+        causal = mask is None and n > 1  # decided here, outside a compiled stack: a plain bool, not a symbol
+        # eager: inference mode skips autograd's bookkeeping on every operation (~7% of a bf16 step); a compiled
+        # stack must be able to write into the cache tensors, which only no_grad allows
+        with torch.inference_mode() if self._stack is LeanLlama._forward_stack else contextlib.nullcontext():
+            logits, hidden = self._stack(self, ids_tensor, pos, mask, start, last_only, causal)
+        self.length = end
+        return (logits, hidden) if features else logits
+
+    def _forward_stack(
+        self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, start: int, last_only: bool,
+        causal: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The transformer proper, writing the new keys and values at start..end of the cache. Returns float32
+        logits and the last layer's hidden states (before the final norm) of every fed token."""
+        x = self.decoder_layers(F.embedding(ids, self.embed), pos, mask, start, causal)
+        hidden = x[0]
+        if last_only:
+            x = x[:, -1:]
+        norm = _rms_norm if self.exact else _fused_rms_norm
+        return self._mm(norm(x, self.final_norm, self.eps), self.lm_head)[0].float(), hidden
 
 
 @dataclass(frozen=True)

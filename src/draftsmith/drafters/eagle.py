@@ -3,7 +3,9 @@ autoregressively over a dynamic tree (EAGLE-2), and the target verifies the whol
 
 The head keeps its own KV cache over committed positions. After each step the engine's feedback brings the
 target's TRUE features of the kept tokens: the head drops its draft-tree entries and re-reads those, so its
-state never carries its own guesses past a step.
+state never carries its own guesses past a step. At decode time the head's layer runs through the lean forward
+(`LeanLayers`: a preallocated cache, fused products in the fastest weight format), not transformers' module:
+each tree level is one small product chain, where module overhead and slow fp32 kernels dominated.
 
 Tree growth (EAGLE-2): from the root, expand level by level the `top_k` nodes of highest cumulative draft
 log-probability, each proposing its `top_k` best tokens, up to `depth` levels (default 3 x 4, measured: see
@@ -20,10 +22,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
 from draftsmith.acceptance import SamplingConfig
 from draftsmith.adaptive import CostCurve
+from draftsmith.cached_lm import LeanLayers, cached_fastest_format, lean_layer
 from draftsmith.draft import ROOT, Draft
 from draftsmith.drafters import Feedback
 from draftsmith.errors import ConfigError
@@ -32,9 +35,9 @@ from draftsmith.heads import EagleHead, TargetParts
 
 @dataclass
 class TreeConfig:
-    # 3 levels of 4: on the shipped SmolLM2 head (bf16, 40 HumanEval prompts, one run) 34.8 tok/s against 25.0
-    # for EAGLE-2's 6 of 8, at almost the same tau (1.70 vs 1.75): each level's drafting costs ~5.5 ms here
-    depth: int = 3  # levels drafted
+    # 5 levels of 4: the shipped SmolLM2 head (bf16, 8 HumanEval prompts, one run) reached tau 3.01 at 77 tok/s,
+    # 3 levels 2.76 at 80, EAGLE-2's 6 of 8 3.02 at 72: a level costs ~1.7 ms here, verifying a node ~1 ms
+    depth: int = 5  # levels drafted
     top_k: int = 4  # nodes expanded per level, and children proposed per expanded node
     memory: float = 0.9  # weight of the past in the calibration of predicted against accepted length
 
@@ -63,12 +66,15 @@ class EagleDrafter:
         self.head, self.tree = head, tree or TreeConfig()
         self.device, self.dtype = target.device, next(head.parameters()).dtype
         self.parts = TargetParts(target, head.draft_to_target, dtype=self.dtype)
+        self.layers = lean_head(head, self.parts.head_rows)
+        fmt = self.layers.weights
+        self.fc_weight, self.head_rows = fmt.prepare(head.fc.weight.detach()), fmt.prepare(self.parts.head_rows)
         self.costs: CostCurve | None = None  # set by the engine
         self.calibration = 1.0  # accepted / predicted length, running
         self.reset([], SamplingConfig(), None)
 
     def reset(self, prompt_ids: list[int], sampling: SamplingConfig, generator: torch.Generator | None) -> None:
-        self.cache = DynamicCache()
+        self.layers.reset(0)
         self.length = 0  # committed (feature, next token) pairs in the cache; pair j sits at position j + 1
         self.root_feature: torch.Tensor | None = None  # predicted feature at the newest committed token
         self.predicted_length = 0.0  # expected accepted length of the last proposed tree
@@ -77,19 +83,24 @@ class EagleDrafter:
     def _run(self, features: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor
              ) -> torch.Tensor:
         """Head forward of new pairs on top of its cache; allowed: [new, cached + new] bool."""
-        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
-        mask = mask.masked_fill(~allowed, torch.finfo(self.dtype).min)[None, None]
-        embeds = self.parts.embed_tokens(tokens)[None]
-        return self.head(features[None].to(self.dtype), embeds, positions[None], mask, self.cache)[0]
+        start, n = self.layers.length, len(tokens)
+        self.layers._reserve(start + n)
+        pairs = torch.cat([features.to(self.dtype), self.parts.embed_tokens(tokens)], dim=-1)[None]
+        x = self.layers.weights.multiply(pairs, self.fc_weight) + self.head.fc.bias
+        out = self.layers.decoder_layers(x, positions, allowed, start, causal=False)
+        self.layers.length = start + n
+        return out[0]
+
+    def _logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary logits, the target's frozen norm and output rows in the head's weight format."""
+        return self.layers.weights.multiply(self.parts.norm(features), self.head_rows)
 
     def feedback(self, step: Feedback) -> None:
         accepted = len(step.accepted)
         if self.predicted_length:  # how well the tree's predicted length matched what was accepted
             m = self.tree.memory
             self.calibration = m * self.calibration + (1 - m) * min(2.0, (accepted + 0.5) / (self.predicted_length + 0.5))
-        extra = self.cache.get_seq_length() - self.length
-        if extra:
-            self.cache.crop(-extra)  # drop the draft tree's entries
+        self.layers.truncate(self.length)  # drop the draft tree's entries
         n = len(step.next_tokens)
         if n == 0:
             return
@@ -108,28 +119,28 @@ class EagleDrafter:
         # every scored candidate: token (draft vocabulary), parent candidate (-1: root), cumulative log-prob
         cand_tokens, cand_parents, cand_scores = [], [], []
         in_cache: dict[int, int] = {}  # candidate -> its row in the head's cache (once expanded)
-        log_probs = self.parts.logits(self.root_feature[None]).float().log_softmax(-1)[0]
+        log_probs = self._logits(self.root_feature[None]).float().log_softmax(-1)[0]
         scores, tokens = log_probs.topk(min(top_k, log_probs.shape[-1]))
         frontier = self._add(cand_tokens, cand_parents, cand_scores, tokens, torch.full_like(tokens, ROOT), scores)
         parent_features = self.root_feature[None].expand(len(frontier), -1)
         for level in range(1, self.tree.depth):
             # feed the frontier: each node attends to the committed cache, its expanded ancestors and itself
             rows = len(frontier)
-            allowed = torch.zeros(rows, self.cache.get_seq_length() + rows, dtype=torch.bool, device=self.device)
+            allowed = torch.zeros(rows, self.layers.length + rows, dtype=torch.bool, device=self.device)
             allowed[:, :base] = True
             for i, node in enumerate(frontier):
                 ancestor = cand_parents[node]
                 while ancestor != ROOT:
                     allowed[i, in_cache[ancestor]] = True
                     ancestor = cand_parents[ancestor]
-                allowed[i, self.cache.get_seq_length() + i] = True
-            start = self.cache.get_seq_length()
+                allowed[i, self.layers.length + i] = True
+            start = self.layers.length
             for i, node in enumerate(frontier):
                 in_cache[node] = start + i
             node_tokens = self.parts.to_target_ids(torch.tensor([cand_tokens[n] for n in frontier], device=self.device))
             positions = torch.full((rows,), base + level, device=self.device)
             out = self._run(parent_features, node_tokens, positions, allowed)
-            log_probs = self.parts.logits(out).float().log_softmax(-1)
+            log_probs = self._logits(out).float().log_softmax(-1)
             child_scores, child_tokens = log_probs.topk(min(top_k, log_probs.shape[-1]), dim=-1)
             parent_scores = torch.tensor([cand_scores[n] for n in frontier], device=self.device)
             total = (child_scores + parent_scores[:, None]).flatten()
@@ -175,3 +186,15 @@ class EagleDrafter:
         while parents[node] != ROOT:
             node, depth = parents[node], depth + 1
         return depth
+
+
+@torch.no_grad()
+def lean_head(head: EagleHead, head_rows: torch.Tensor) -> LeanLayers:
+    """The head's decoder layer as lean layers over a cache of its own, in the weight format that multiplies the
+    draft vocabulary's output rows (the largest product of a tree level) fastest here."""
+    cfg, weight = head.config, head.fc.weight
+    fmt = cached_fastest_format(head_rows)
+    positions = torch.arange(cfg.max_position_embeddings, device=weight.device)[None]
+    cos, sin = head.rotary(weight[:1, :1], positions)
+    return LeanLayers([lean_layer(head.layer, fmt)], fmt, cos[0], sin[0], cfg.num_attention_heads,
+                      cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps, weight.dtype, weight.device)
