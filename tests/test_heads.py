@@ -223,3 +223,34 @@ def test_the_lean_head_computes_what_the_trained_module_computes(target, dtype):
                                    drafter.parts.logits(module_nodes).float(), **tolerance)
     finally:
         target.to(torch.float32)
+
+
+def test_the_lookup_chain_grafted_on_a_tree_is_exact_and_accepted(target):
+    """eagle+ngram: the n-gram chain joins the head's tree where they agree and branches off where they do not,
+    siblings stay distinct, the node budget holds, and greedy output stays the target's."""
+    from draftsmith.drafters.merged import TreeWithLookup
+    from draftsmith.drafters.ngram import NgramDrafter
+
+    prompt = [7, 8, 9, 10, 11, 12] * 4 + [7, 8]
+    merged = TreeWithLookup(eagle(target, depth=2, top_k=2), NgramDrafter(), max_chain=6)
+    merged.reset(prompt, SamplingConfig(), None)
+    merged.tree.root_feature = torch.zeros(target.config.hidden_size)  # as after a prefill's feedback
+    merged.tree.costs = FLAT
+    draft = merged.propose(prompt, 32)
+    draft.check(32)
+    tree_nodes = merged.tree_nodes
+    chain = NgramDrafter().propose(prompt, 6).tokens
+    assert chain == [9, 10, 11, 12, 7, 8]
+    path, node = [], -1  # the chain is a root path of the merged draft
+    for token in chain:
+        node = next(i for i, (t, p) in enumerate(zip(draft.tokens, draft.parent_ids())) if t == token and p == node)
+        path.append(node)
+    assert len(draft) == tree_nodes + sum(1 for i in path if i >= tree_nodes)  # shared nodes are not repeated
+    siblings = draft.children()
+    assert all(len({draft.tokens[c] for c in kids}) == len(kids) for kids in siblings.values())
+    for k in (3, 32):  # a budget smaller than the tree cuts the chain, never the contract
+        assert len(merged.propose(prompt, k)) <= k
+    engine = SpecEngine(target, TreeWithLookup(eagle(target, depth=3, top_k=2), NgramDrafter(), max_chain=8))
+    for p in (prompt, PROMPTS[0]):
+        result = engine.generate(p, GenerationConfig(max_new_tokens=NEW, k=24))
+        assert result.tokens == hf_greedy(target, p, NEW)

@@ -28,7 +28,7 @@ DEFAULT_METHODS = ("hf-greedy", "hf-prompt-lookup:10", "plain", "ngram:k=8")
 # method kind -> the key=value options its spec accepts
 OPTIONS = {"plain": ("compile", "fast", "quant", "llamacpp"),
            "ngram": ("k", "min_n", "max_n", "adaptive", "compile", "fast", "quant", "llamacpp"),
-           "model": ("k", "adaptive", "compile", "fast", "quant", "llamacpp"), "eagle": ("k", "depth", "top_k", "compile", "fast"),
+           "model": ("k", "adaptive", "compile", "fast", "quant", "llamacpp"), "eagle": ("k", "depth", "top_k", "lookup", "compile", "fast"),
            "medusa": ("k", "compile", "fast"), "hf-greedy": (),
            "hf-prompt-lookup": (), "hf-assisted": (),
            "llamacpp": (), "llamacpp-lookup": (), "llama-server": ("n", "m", "draft_max")}

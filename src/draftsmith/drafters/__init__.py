@@ -76,9 +76,12 @@ def build_drafter(spec: str, target: LoadedModel, **options) -> Drafter | None:
         # a draft model with more logits than the target must not draft ids the target cannot embed
         return ModelDrafter(draft.model, vocab_size=logit_rows(target.model))
     kind, _, path = spec.partition(":")
+    if kind == "eagle+ngram":  # the head's tree with prompt lookup's chain grafted on
+        kind, options = "eagle", {"lookup": 8, **options}
     if kind in ("eagle", "medusa"):
         return _head_drafter(kind, path, target, options)
-    raise ConfigError(f"unknown drafter '{spec}': use none, ngram, model:PATH, eagle[:DIR] or medusa[:DIR]")
+    raise ConfigError(f"unknown drafter '{spec}': use none, ngram, model:PATH, eagle[:DIR], eagle+ngram[:DIR] or "
+                      "medusa[:DIR]")
 
 
 def shipped_head(kind: str, target: LoadedModel) -> Path:
@@ -102,5 +105,12 @@ def _head_drafter(kind: str, path: str, target: LoadedModel, options: dict) -> D
         raise ConfigError(f"{path} holds a {head.config.kind} head, not a {kind} head: use --drafter {head.config.kind}:{path}")
     if kind == "eagle":
         tree = TreeConfig(**{k: v for k, v in options.items() if k in ("depth", "top_k")})
-        return EagleDrafter(head, target.model, tree)
+        drafter = EagleDrafter(head, target.model, tree)
+        if options.get("lookup"):
+            from draftsmith.drafters.merged import TreeWithLookup
+            from draftsmith.drafters.ngram import NgramDrafter
+
+            lookup = NgramDrafter(**{k: v for k, v in options.items() if k in ("min_n", "max_n")})
+            return TreeWithLookup(drafter, lookup, max_chain=options["lookup"])
+        return drafter
     return MedusaDrafter(head, target.model)
