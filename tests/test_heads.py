@@ -185,44 +185,41 @@ def test_head_folders_round_trip_and_refuse_other_targets(tmp_path, target):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_lean_head_computes_what_the_trained_module_computes(target, dtype):
+def test_the_lean_head_computes_what_the_trained_module_computes(dtype):
     """Exactness cannot catch a broken drafter (verification repairs every draft), so the decode-time head (lean
     layers over its own cache, products in the fastest format) is checked against the module training runs: a
     chain of committed pairs, then a tree level whose nodes see the cache, one ancestor and themselves."""
     from transformers import DynamicCache
 
-    drafter = eagle(target.to(dtype))
-    head = drafter.head.to(dtype)
-    try:
-        drafter = EagleDrafter(head, target)  # rebuilt in this dtype
-        torch.manual_seed(1)
-        n, hidden = 6, target.config.hidden_size
-        features, tokens = torch.randn(n, hidden, dtype=dtype), torch.randint(0, target.config.vocab_size, (n,))
-        chain = torch.ones(n, n, dtype=torch.bool).tril()
-        lean = drafter._run(features, tokens, torch.arange(1, n + 1), chain)
-        cache = DynamicCache()
-        with torch.no_grad():
-            module = head(features[None], drafter.parts.embed_tokens(tokens)[None], torch.arange(1, n + 1)[None],
-                          None, cache)[0]
-        tolerance = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
-        torch.testing.assert_close(lean, module, **tolerance)
-        # a level of 3 nodes: nodes 0 and 1 have the committed pair 5 as parent, node 2 also sees node 0's row
-        allowed = torch.zeros(3, n + 3, dtype=torch.bool)
-        allowed[:, :n] = True
-        allowed[torch.arange(3), n + torch.arange(3)] = True
-        allowed[2, n] = True
-        node_features = torch.randn(3, hidden, dtype=dtype)
-        node_tokens = torch.randint(0, target.config.vocab_size, (3,))
-        lean_nodes = drafter._run(node_features, node_tokens, torch.full((3,), n + 1), allowed)
-        additive = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-        with torch.no_grad():
-            module_nodes = head(node_features[None], drafter.parts.embed_tokens(node_tokens)[None],
-                                torch.full((1, 3), n + 1), additive[None, None], cache)[0]
-        torch.testing.assert_close(lean_nodes, module_nodes, **tolerance)
-        torch.testing.assert_close(drafter._logits(lean_nodes).float(),
-                                   drafter.parts.logits(module_nodes).float(), **tolerance)
-    finally:
-        target.to(torch.float32)
+    target = tiny_llama(seed=4).to(dtype)  # its own copy: casting the shared one would round its weights
+    head = eagle(target).head.to(dtype)
+    drafter = EagleDrafter(head, target)
+    torch.manual_seed(1)
+    n, hidden = 6, target.config.hidden_size
+    features, tokens = torch.randn(n, hidden, dtype=dtype), torch.randint(0, target.config.vocab_size, (n,))
+    chain = torch.ones(n, n, dtype=torch.bool).tril()
+    lean = drafter._run(features, tokens, torch.arange(1, n + 1), chain)
+    cache = DynamicCache()
+    with torch.no_grad():
+        module = head(features[None], drafter.parts.embed_tokens(tokens)[None], torch.arange(1, n + 1)[None],
+                      None, cache)[0]
+    tolerance = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
+    torch.testing.assert_close(lean, module, **tolerance)
+    # a level of 3 nodes: nodes 0 and 1 have the committed pair 5 as parent, node 2 also sees node 0's row
+    allowed = torch.zeros(3, n + 3, dtype=torch.bool)
+    allowed[:, :n] = True
+    allowed[torch.arange(3), n + torch.arange(3)] = True
+    allowed[2, n] = True
+    node_features = torch.randn(3, hidden, dtype=dtype)
+    node_tokens = torch.randint(0, target.config.vocab_size, (3,))
+    lean_nodes = drafter._run(node_features, node_tokens, torch.full((3,), n + 1), allowed)
+    additive = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    with torch.no_grad():
+        module_nodes = head(node_features[None], drafter.parts.embed_tokens(node_tokens)[None],
+                            torch.full((1, 3), n + 1), additive[None, None], cache)[0]
+    torch.testing.assert_close(lean_nodes, module_nodes, **tolerance)
+    torch.testing.assert_close(drafter._logits(lean_nodes).float(),
+                               drafter.parts.logits(module_nodes).float(), **tolerance)
 
 
 def test_the_lookup_chain_grafted_on_a_tree_is_exact_and_accepted(target):
