@@ -251,3 +251,17 @@ def test_the_lookup_chain_grafted_on_a_tree_is_exact_and_accepted(target):
     for p in (prompt, PROMPTS[0]):
         result = engine.generate(p, GenerationConfig(max_new_tokens=NEW, k=24))
         assert result.tokens == hf_greedy(target, p, NEW)
+
+
+def test_auto_picks_the_shipped_head_with_lookup_only_where_it_can_run(target):
+    from types import SimpleNamespace
+
+    from draftsmith.drafters import build_drafter, default_drafter
+    from draftsmith.drafters.ngram import NgramDrafter
+    from draftsmith.models import LoadedModel
+
+    assert default_drafter(LoadedModel(target, None, "smollm2")) == "eagle+ngram"  # a head ships for it
+    assert default_drafter(LoadedModel(target, None, "tiny")) == "ngram"  # none ships for this one
+    llamacpp = SimpleNamespace(new_cached_lm=lambda: None)  # llama.cpp hands over no features
+    assert default_drafter(LoadedModel(llamacpp, None, "smollm2")) == "ngram"
+    assert isinstance(build_drafter("auto", LoadedModel(target, None, "tiny")), NgramDrafter)

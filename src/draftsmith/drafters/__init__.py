@@ -56,10 +56,22 @@ class FeatureDrafter(Drafter, Protocol):
     def feedback(self, step: Feedback) -> None: ...
 
 
+def default_drafter(target: LoadedModel) -> str:
+    """What `auto` picks: the shipped EAGLE head's tree with prompt lookup grafted on, where a head ships for the
+    target and its backend hands features over (the fastest lossless drafter measured: README), else prompt
+    lookup."""
+    has_head = (SHIPPED_HEADS / f"{target.name}-eagle").is_dir()
+    gives_features = not hasattr(target.model, "new_cached_lm")  # the llama.cpp backend returns logits only
+    return "eagle+ngram" if has_head and gives_features else "ngram"
+
+
 def build_drafter(spec: str, target: LoadedModel, **options) -> Drafter | None:
-    """`none`, `ngram`, or `model:PATH` (a smaller causal LM with the target's tokenizer)."""
+    """`auto`, `none`, `ngram`, `model:PATH` (a smaller causal LM with the target's tokenizer), `eagle[:DIR]`,
+    `eagle+ngram[:DIR]` or `medusa[:DIR]`."""
     if spec in ("none", "", None):
         return None
+    if spec == "auto":
+        spec = default_drafter(target)
     if spec == "ngram":
         from draftsmith.drafters.ngram import NgramDrafter
 
@@ -80,8 +92,8 @@ def build_drafter(spec: str, target: LoadedModel, **options) -> Drafter | None:
         kind, options = "eagle", {"lookup": 8, **options}
     if kind in ("eagle", "medusa"):
         return _head_drafter(kind, path, target, options)
-    raise ConfigError(f"unknown drafter '{spec}': use none, ngram, model:PATH, eagle[:DIR], eagle+ngram[:DIR] or "
-                      "medusa[:DIR]")
+    raise ConfigError(f"unknown drafter '{spec}': use auto, none, ngram, model:PATH, eagle[:DIR], "
+                      "eagle+ngram[:DIR] or medusa[:DIR]")
 
 
 def shipped_head(kind: str, target: LoadedModel) -> Path:
