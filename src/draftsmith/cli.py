@@ -34,7 +34,7 @@ def stats_table(name: str, s: dict, title: str) -> Table:
 def generate(
     prompt: Annotated[str, typer.Argument(help="Text to continue.")],
     target: Target = "smollm2",
-    drafter: Drafter = "ngram",
+    drafter: Drafter = "auto",
     k: DraftTokens = 16,
     adaptive: Adaptive = True,
     max_new_tokens: int = 128,

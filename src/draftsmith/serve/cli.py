@@ -15,7 +15,7 @@ DEFAULT_LIMITS = ServerLimits()
 
 def serve_command(
     target: Target = "smollm2",
-    drafter: Drafter = "ngram",
+    drafter: Drafter = "auto",
     k: DraftTokens = 16,
     adaptive: Adaptive = True,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
