@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from draftsmith.acceptance import SamplingConfig
-from draftsmith.adaptive import CostCurve
+from draftsmith.adaptive import CostCurve, best_tree_size
 from draftsmith.draft import Draft, DraftError
-from draftsmith.drafters.eagle import EagleDrafter, TreeConfig, best_tree_size
+from draftsmith.drafters.eagle import EagleDrafter, TreeConfig
 from draftsmith.drafters.medusa import MedusaDrafter
 from draftsmith.engine import GenerationConfig, SpecEngine
 from draftsmith.errors import IncompatibleDrafterError

@@ -155,3 +155,14 @@ class DraftLength:
         if self.timed_steps > 1:  # a request's first draft also feeds the prompt to the drafter: not a per-token cost
             self.draft_seconds = m * self.draft_seconds + draft_seconds
             self.drafted = m * self.drafted + proposed
+
+
+def best_tree_size(values: torch.Tensor, costs: CostCurve, budget: int, draft_seconds: float = 0.0) -> int:
+    """How many of the best nodes (values: their acceptance probabilities, sorted descending) to verify:
+    maximise (1 + sum of the kept values) / (cost of verifying them + drafting)."""
+    gains = 1 + torch.cumsum(values[:budget].double(), 0)
+    rates = [float(g) / (costs(n + 2) + draft_seconds) for n, g in enumerate(gains)]
+    best = max(range(len(rates)), key=rates.__getitem__, default=-1)
+    if best < 0 or 1 / (costs(1) + draft_seconds) >= rates[best]:
+        return 0
+    return best + 1

@@ -242,6 +242,15 @@ class LeanLayers:
             return torch.ones(n, end, dtype=torch.bool, device=device).tril(start)
         return None  # n > 1 from an empty cache (a prefill) is plain causal attention: the kernels' causal path
 
+    def append(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Run x [1, n, hidden] after the cached entries under `mask` ([n, length + n] bool) and keep its keys
+        and values: the entry point for callers that bring their own inputs (an EAGLE head's fused pairs)."""
+        start = self.length
+        self._reserve(start + x.shape[1])
+        out = self.decoder_layers(x, pos, mask, start, causal=False)
+        self.length = start + x.shape[1]
+        return out
+
     def decoder_layers(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, start: int,
                        causal: bool) -> torch.Tensor:
         """x [1, n, hidden] through every layer, writing the new keys and values at start..start+n."""

@@ -26,11 +26,11 @@ def demo_config(target: str = "smollm2", prompts: int = DEMO_PROMPTS, max_new_to
                 k: int = 16, device: str = "cpu", dtype: str = "float32") -> BenchConfig:
     from draftsmith.models import has_fast_bf16, resolve_device
 
-    from draftsmith.drafters import SHIPPED_HEADS
+    from draftsmith.drafters import shipped_head_folder
 
     with_bf16 = has_fast_bf16(resolve_device(device)) and dtype == "float32"
     return BenchConfig(target=target, workload="humaneval", limit=prompts, max_new_tokens=max_new_tokens,
-                       methods=demo_methods(k, with_bf16, (SHIPPED_HEADS / f"{target}-eagle").is_dir()),
+                       methods=demo_methods(k, with_bf16, shipped_head_folder(target, "eagle").is_dir()),
                        device=device, dtype=dtype, pass_at_1=True)
 
 

@@ -60,7 +60,7 @@ def default_drafter(target: LoadedModel) -> str:
     """What `auto` picks: the shipped EAGLE head's tree with prompt lookup grafted on, where a head ships for the
     target and its backend hands features over (the fastest lossless drafter measured: README), else prompt
     lookup."""
-    has_head = (SHIPPED_HEADS / f"{target.name}-eagle").is_dir()
+    has_head = shipped_head_folder(target.name, "eagle").is_dir()
     gives_features = not hasattr(target.model, "new_cached_lm")  # the llama.cpp backend returns logits only
     return "eagle+ngram" if has_head and gives_features else "ngram"
 
@@ -96,9 +96,14 @@ def build_drafter(spec: str, target: LoadedModel, **options) -> Drafter | None:
                       "eagle+ngram[:DIR] or medusa[:DIR]")
 
 
+def shipped_head_folder(target_name: str, kind: str) -> Path:
+    """Where the package keeps the `kind` head trained for an embedded target (it may not exist)."""
+    return SHIPPED_HEADS / f"{target_name}-{kind}"
+
+
 def shipped_head(kind: str, target: LoadedModel) -> Path:
     """The head shipped in the package for an embedded target (`--drafter eagle` with no folder)."""
-    folder = SHIPPED_HEADS / f"{target.name}-{kind}"
+    folder = shipped_head_folder(target.name, kind)
     if not folder.is_dir():
         shipped = sorted(p.name for p in SHIPPED_HEADS.glob("*")) if SHIPPED_HEADS.is_dir() else []
         raise ConfigError(f"no {kind} head ships for target '{target.name}' (shipped: {', '.join(shipped) or 'none'}); "

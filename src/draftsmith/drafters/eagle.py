@@ -25,7 +25,7 @@ import torch
 from transformers import PreTrainedModel
 
 from draftsmith.acceptance import SamplingConfig
-from draftsmith.adaptive import CostCurve
+from draftsmith.adaptive import CostCurve, best_tree_size
 from draftsmith.cached_lm import LeanLayers, cached_fastest_format, lean_layer
 from draftsmith.draft import ROOT, Draft
 from draftsmith.drafters import Feedback
@@ -44,17 +44,6 @@ class TreeConfig:
     def __post_init__(self) -> None:
         if self.depth < 1 or self.top_k < 1:
             raise ConfigError(f"tree depth and top_k must be >= 1, got depth={self.depth}, top_k={self.top_k}")
-
-
-def best_tree_size(values: torch.Tensor, costs: CostCurve, budget: int, draft_seconds: float = 0.0) -> int:
-    """How many of the best nodes (values: their acceptance probabilities, sorted descending) to verify:
-    maximise (1 + sum of the kept values) / (cost of verifying them + drafting)."""
-    gains = 1 + torch.cumsum(values[:budget].double(), 0)
-    rates = [float(g) / (costs(n + 2) + draft_seconds) for n, g in enumerate(gains)]
-    best = max(range(len(rates)), key=rates.__getitem__, default=-1)
-    if best < 0 or 1 / (costs(1) + draft_seconds) >= rates[best]:
-        return 0
-    return best + 1
 
 
 class EagleDrafter:
@@ -83,13 +72,9 @@ class EagleDrafter:
     def _run(self, features: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor
              ) -> torch.Tensor:
         """Head forward of new pairs on top of its cache; allowed: [new, cached + new] bool."""
-        start, n = self.layers.length, len(tokens)
-        self.layers._reserve(start + n)
         pairs = torch.cat([features.to(self.dtype), self.parts.embed_tokens(tokens)], dim=-1)[None]
         x = self.layers.weights.multiply(pairs, self.fc_weight) + self.head.fc.bias
-        out = self.layers.decoder_layers(x, positions, allowed, start, causal=False)
-        self.layers.length = start + n
-        return out[0]
+        return self.layers.append(x, positions, allowed)[0]
 
     def _logits(self, features: torch.Tensor) -> torch.Tensor:
         """Draft-vocabulary logits, the target's frozen norm and output rows in the head's weight format."""

@@ -12,14 +12,15 @@ curve as for EAGLE trees: a 32-node tree costs twice a one-token step in bf16 on
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers import PreTrainedModel
 
 from draftsmith.acceptance import SamplingConfig
-from draftsmith.adaptive import CostCurve
+from draftsmith.adaptive import CostCurve, best_tree_size
 from draftsmith.draft import ROOT, Draft
 from draftsmith.drafters import Feedback
-from draftsmith.drafters.eagle import best_tree_size
 from draftsmith.errors import ConfigError
 from draftsmith.heads import MedusaHeads, TargetParts
 
@@ -84,5 +85,5 @@ def _path_probability(path: list[int], accuracy: list[list[float]] | None) -> fl
     """Estimated chance that the target accepts the whole path: the product of head j's held-out accuracy at
     the path's rank j (Medusa's independence estimate). Without measurements: shallower and lower ranks first."""
     if accuracy is None:
-        return float(torch.tensor([0.5 / (1 + rank) for rank in path]).prod())
-    return float(torch.tensor([accuracy[depth][rank] for depth, rank in enumerate(path)]).prod())
+        return math.prod(0.5 / (1 + rank) for rank in path)
+    return math.prod(accuracy[depth][rank] for depth, rank in enumerate(path))
