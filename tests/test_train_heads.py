@@ -71,13 +71,13 @@ def test_shards_hold_features_and_resume_without_redoing_work(shards, target, mo
         build_feature_shards(target, char_tokenizer(), other, folder, progress=False)
 
 
-@pytest.mark.parametrize("kind", ["eagle", "medusa"])
+@pytest.mark.parametrize("kind", ["eagle", "medusa", "ctc"])
 def test_a_tiny_head_learns_and_its_folder_drafts_exactly(shards, target, tmp_path, kind):
     folder, _ = shards
     losses = []
     import draftsmith.train.heads as heads_module
 
-    loss = heads_module.eagle_loss if kind == "eagle" else heads_module.medusa_loss
+    loss = getattr(heads_module, f"{kind}_loss")
 
     def recording(model, batch, cfg, **options):
         value, metrics = loss(model, batch, cfg, **options)
@@ -87,7 +87,7 @@ def test_a_tiny_head_learns_and_its_folder_drafts_exactly(shards, target, tmp_pa
     setattr(heads_module, f"{kind}_loss", recording)
     try:
         head, info = train_head(target, folder, HeadTrainConfig(kind=kind, draft_vocab=0, medusa_heads=2,
-                                                                 medusa_tree_nodes=6, noise=0.0),
+                                                                 medusa_tree_nodes=6, noise=0.0, w_ctc=1.0),
                                   train(tmp_path, lr=1e-2, max_steps=60))
     finally:
         setattr(heads_module, f"{kind}_loss", loss)
@@ -95,6 +95,9 @@ def test_a_tiny_head_learns_and_its_folder_drafts_exactly(shards, target, tmp_pa
     loaded = load_head(tmp_path, target)
     if kind == "medusa":
         assert len(loaded.config.medusa_paths) == 6
+    if kind == "ctc":  # held-out: the best alignments spell part of the target's next tokens, blanks included
+        assert loaded.config.ctc_frames == 6 and 0 < info["heldout"]["ctc_prefix"] <= 3
+        assert 0 < info["heldout"]["ctc_blank_rate"] < 1
     from draftsmith.drafters import build_drafter
     from draftsmith.models import LoadedModel
 

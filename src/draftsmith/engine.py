@@ -46,6 +46,8 @@ class Stats:
     draft_s: float = 0.0
     verify_s: float = 0.0  # target forward + acceptance + cache commit
     draft_nodes: int = 0  # nodes verified (chains: tokens; trees: every node)
+    accepted_lengths: list[int] = field(default_factory=list)  # [n]: steps that accepted n draft tokens
+    drafter: dict[str, float] = field(default_factory=dict)  # the drafter's own statistics, where it keeps some
     last_draft_s: float = field(default=0.0, repr=False)  # the latest step's drafting time
     total_s: float = 0.0
 
@@ -174,6 +176,9 @@ class SpecEngine:
 
         stats.new_tokens = len(new)
         stats.total_s = time.perf_counter() - start
+        drafter_statistics = getattr(self.drafter, "statistics", None)
+        if drafter_statistics is not None:
+            stats.drafter = drafter_statistics()
         text = stream.finish() if stream is not None else None
         return GenerationResult(tokens=new, text=text, finish_reason=finish, stats=stats)
 
@@ -205,6 +210,8 @@ class SpecEngine:
         stats.target_steps += 1
         stats.proposed += max(draft.depths(), default=0)
         stats.accepted += len(path)
+        stats.accepted_lengths += [0] * (len(path) + 1 - len(stats.accepted_lengths))
+        stats.accepted_lengths[len(path)] += 1
         stats.draft_nodes += len(draft)
         return draft, path, next_token
 

@@ -1,4 +1,4 @@
-"""Feature heads: small networks that draft from the target's own last-layer features (EAGLE-style, Medusa).
+"""Feature heads: small networks that draft from the target's own last-layer features (EAGLE-style, Medusa, CTC).
 
 Both read the target's features (its last layer's hidden states, before the final norm) and decode through the
 target's FROZEN final norm and output head, optionally restricted to a reduced draft vocabulary (the most
@@ -8,6 +8,11 @@ draft step. The frozen parts are never stored with a head; `TargetParts` takes t
 - EAGLE-style: fc(concat(feature_t, embed(token_t+1))) -> one Llama decoder layer -> predicted feature_t+1.
   Run autoregressively (over a draft tree) with its own small KV cache.
 - Medusa: K residual blocks on feature_t; block j predicts token t+j+2 in one shot.
+- CTC (the CTC drafter, arXiv 2412.00061): the EAGLE-style head, plus F "frames" per step: the newest pair's
+  fused input plus a learned embedding per frame, run through the same decoder layer in one call (each frame
+  attends to the committed pairs and the frames before it), decoded through the frozen norm and output rows
+  plus one blank logit. Trained with a CTC loss against the target's next L tokens, so a step's frames spell
+  out several future tokens with blanks and repeats, collapsed CTC-style into candidates.
 
 A head folder holds `head.json` (HeadConfig) and `head.safetensors`; nothing is unpickled.
 """
@@ -27,10 +32,11 @@ from torch import nn
 from transformers import LlamaConfig, PreTrainedModel
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-from draftsmith.errors import IncompatibleDrafterError, ModelLoadError
+from draftsmith.errors import ConfigError, IncompatibleDrafterError, ModelLoadError
 
 CONFIG_FILE, WEIGHTS_FILE = "head.json", "head.safetensors"
-HeadKind = Literal["eagle", "medusa"]
+HeadKind = Literal["eagle", "medusa", "ctc"]
+HEAD_KINDS = ("eagle", "medusa", "ctc")
 
 
 @dataclass
@@ -49,6 +55,8 @@ class HeadConfig:
     medusa_heads: int = 4
     # Medusa's static tree: paths of per-head top-k ranks, chosen from held-out accuracy by the training command
     medusa_paths: list[list[int]] = field(default_factory=list)
+    ctc_frames: int = 6  # CTC: frames per step (upstream: 6 frames for 3 labels)
+    ctc_labels: int = 3  # CTC: future tokens the frames are trained to spell out
     target: str = ""  # what it was trained for (informational; compatibility is checked on shapes)
     training: dict = field(default_factory=dict)  # command, data, wall time: how it was made
 
@@ -101,10 +109,37 @@ class EagleHead(nn.Module):
     ) -> torch.Tensor:
         """Predicted next features [B, T, H] for pairs (feature_t, embedding of token_t+1) at `positions` (the
         positions of tokens t+1). Without a mask the T pairs attend causally (training)."""
-        x = self.fc(torch.cat([features, token_embeds], dim=-1))
+        return self.decode(self.fc(torch.cat([features, token_embeds], dim=-1)), positions, attention_mask, cache)
+
+    def decode(self, x: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               cache=None) -> torch.Tensor:
+        """The decoder layer over fused inputs x [B, T, H] at `positions`."""
         rope = self.rotary(x, positions)
         return self.layer(x, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
                           use_cache=cache is not None, position_embeddings=rope)
+
+
+class CtcHead(EagleHead):
+    """The EAGLE-style head plus F frames per step and a blank logit (the CTC drafter)."""
+
+    def __init__(self, config: HeadConfig):
+        super().__init__(config)
+        if config.ctc_frames < 1 or config.ctc_labels < 1:
+            raise ConfigError(f"a CTC head needs frames >= 1 and labels >= 1, got {config.ctc_frames} and "
+                              f"{config.ctc_labels}")
+        hidden = config.hidden_size
+        self.frame_embeddings = nn.Parameter(torch.randn(config.ctc_frames, hidden) * 0.02)
+        # the blank's logit: one more output row over the normed frame state (the real rows stay the target's)
+        self.blank_weight = nn.Parameter(torch.zeros(hidden))
+        self.blank_bias = nn.Parameter(torch.zeros(()))
+
+    def frame_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., H] fused pair inputs -> [..., F, H] frame inputs."""
+        return x[..., None, :] + self.frame_embeddings.to(x.dtype)
+
+    def blank_logit(self, normed: torch.Tensor) -> torch.Tensor:
+        """[..., 1] blank logits of normed frame states."""
+        return (normed @ self.blank_weight.to(normed.dtype) + self.blank_bias.to(normed.dtype))[..., None]
 
 
 class MedusaHeads(nn.Module):
@@ -156,7 +191,9 @@ class TargetParts(nn.Module):
 
 
 def build_head(config: HeadConfig) -> EagleHead | MedusaHeads:
-    return EagleHead(config) if config.kind == "eagle" else MedusaHeads(config)
+    if config.kind not in HEAD_KINDS:
+        raise ConfigError(f"unknown head kind {config.kind!r}: use {', '.join(HEAD_KINDS)}")
+    return {"eagle": EagleHead, "medusa": MedusaHeads, "ctc": CtcHead}[config.kind](config)
 
 
 def save_head(head: EagleHead | MedusaHeads, folder: Path) -> None:
@@ -168,7 +205,7 @@ def save_head(head: EagleHead | MedusaHeads, folder: Path) -> None:
 
 
 def head_dtype(target: PreTrainedModel, kind: HeadKind) -> torch.dtype:
-    """The dtype a head drafts in: the target's. An EAGLE head drafts through the lean forward, whose packed
+    """The dtype a head drafts in: the target's. An EAGLE (or CTC) head drafts through the lean forward, whose packed
     products are fastest in bf16 (SmolLM2's head, one tree level of 4 nodes: 0.8 ms in bf16 against 5 ms in
     fp32 on a 2-core AVX-512 CPU). Medusa's blocks go through F.linear, which on CPUs runs small bf16/fp16
     products several times slower than fp32 ones: there it stays fp32."""

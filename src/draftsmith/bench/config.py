@@ -2,7 +2,8 @@
 
 A method spec names one way of decoding: ours (`plain`, `ngram[:k=8,min_n=1,max_n=4]`, `model:PATH[:k=4]`;
 `adaptive=1` lets the engine choose each step's draft length up to k; `eagle[:DIR][:k=32,depth=6,top_k=8]`
-and `medusa[:DIR][:k=32]`, feature heads drafting trees of at most k nodes, the shipped head without DIR;
+`medusa[:DIR][:k=32]` and `ctc[:DIR][:k=32,top_k=4,beams=16]`, feature heads drafting trees of at most k nodes,
+the shipped head without DIR;
 `fast=1`: the fastest weight layout, not transformers' own, in fp32; `quant=4` / `quant=8`: int4 / int8
 weight-only quantized target, lossy) or
 transformers' generate on the same model (`hf-greedy`, `hf-prompt-lookup[:N]`, `hf-assisted:PATH`), or
@@ -29,11 +30,11 @@ DEFAULT_METHODS = ("hf-greedy", "hf-prompt-lookup:10", "plain", "ngram:k=8")
 OPTIONS = {"plain": ("compile", "fast", "quant", "llamacpp"),
            "ngram": ("k", "min_n", "max_n", "adaptive", "compile", "fast", "quant", "llamacpp"),
            "model": ("k", "adaptive", "compile", "fast", "quant", "llamacpp"), "eagle": ("k", "depth", "top_k", "lookup", "compile", "fast"),
-           "medusa": ("k", "compile", "fast"), "hf-greedy": (),
+           "medusa": ("k", "compile", "fast"), "ctc": ("k", "top_k", "beams", "compile", "fast"), "hf-greedy": (),
            "hf-prompt-lookup": (), "hf-assisted": (),
            "llamacpp": (), "llamacpp-lookup": (), "llama-server": ("n", "m", "draft_max")}
 PEERS = ("llamacpp", "llamacpp-lookup", "llama-server")  # llama.cpp's own decoding (bench/peers.py)
-DEFAULT_K = {"ngram": 8, "model": 4, "eagle": 32, "medusa": 32}  # heads: tree nodes, at most
+DEFAULT_K = {"ngram": 8, "model": 4, "eagle": 32, "medusa": 32, "ctc": 32}  # heads: tree nodes, at most
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,8 @@ class PromptRecord:
     proposed: int = 0  # draft tokens proposed (trees: on the chosen depth)
     accepted: int = 0
     draft_nodes: int = 0  # nodes verified, every branch of a tree included
+    accepted_lengths: list[int] | None = None  # [n]: target steps that accepted n draft tokens
+    drafter_stats: dict[str, float] | None = None  # the drafter's own statistics (CTC: blank rate, ...)
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
     peak_memory_mb: float | None = None
@@ -65,6 +67,34 @@ class MethodSummary:
     exact_match: float | None = None
     edit_similarity: float | None = None
     peak_memory_mb: float | None = None
+    # [d-1]: share of target steps that accepted at least d draft tokens
+    acceptance_by_depth: list[float] | None = None
+    drafter_stats: dict[str, float] | None = None  # the drafter's statistics, averaged over steps
+
+
+def acceptance_by_depth(recs: list[PromptRecord], depths: int = 6) -> list[float] | None:
+    """[d-1]: the share of target steps that accepted at least d draft tokens, d = 1..depths."""
+    histogram: list[int] = []
+    for r in recs:
+        for n, count in enumerate(r.accepted_lengths or []):
+            histogram += [0] * (n + 1 - len(histogram))
+            histogram[n] += count
+    steps = sum(histogram)
+    if not steps or len(histogram) < 2:
+        return None
+    return [sum(histogram[d:]) / steps for d in range(1, depths + 1)]
+
+
+def mean_drafter_stats(recs: list[PromptRecord]) -> dict[str, float] | None:
+    """Each drafter statistic averaged over the method's target steps (prompts weighted by their steps)."""
+    weighted: dict[str, float] = {}
+    steps = 0
+    for r in recs:
+        if r.drafter_stats:
+            steps += r.target_steps
+            for name, value in r.drafter_stats.items():
+                weighted[name] = weighted.get(name, 0.0) + value * r.target_steps
+    return {name: value / steps for name, value in weighted.items()} if steps else None
 
 
 def _ratio(num: float, den: float) -> float | None:
@@ -182,6 +212,8 @@ def summarize(
             exact_match=_mean(r.exact_match for r in recs),
             edit_similarity=_mean(r.edit_similarity for r in recs),
             peak_memory_mb=max(memories) if memories else None,
+            acceptance_by_depth=acceptance_by_depth(recs),
+            drafter_stats=mean_drafter_stats(recs),
         ))
     return summaries
 
@@ -191,7 +223,8 @@ COLUMNS = [
     ("method", "method", "{}"), ("prompts", "prompts", "{}"), ("tok/s", "tokens_per_s", "{:.1f}"),
     ("speedup", "speedup", "{:.2f}x"), ("speedup (mean/prompt)", "speedup_per_prompt", "{:.2f}x"),
     ("vs HF greedy same dtype", "speedup_same_dtype", "{:.2f}x"),
-    ("tau", "tau", "{:.2f}"), ("acceptance", "acceptance", "{:.1%}"), ("nodes/step", "nodes_per_step", "{:.1f}"),
+    ("tau", "tau", "{:.2f}"), ("acceptance", "acceptance", "{:.1%}"),
+    ("steps accepting >= 1/2/3/4/5/6", "acceptance_by_depth", "{:.0%}"), ("nodes/step", "nodes_per_step", "{:.1f}"),
     ("draft", "draft_share", "{:.0%}"),
     ("verify", "verify_share", "{:.0%}"), ("draft ms/step", "draft_ms_per_step", "{:.1f}"),
     ("verify ms/step", "verify_ms_per_step", "{:.1f}"), ("bound", "bound", "{:.2f}x"),
@@ -205,8 +238,13 @@ def markdown_table(summaries: list[MethodSummary]) -> str:
     cols = [c for c in COLUMNS if any(getattr(s, c[1]) is not None for s in summaries)]
     lines = ["| " + " | ".join(h for h, _, _ in cols) + " |", "|" + "---|" * len(cols)]
     for s in summaries:
-        cells = [("-" if (v := getattr(s, a)) is None else fmt.format(v)) for _, a, fmt in cols]
+        cells = [("-" if (v := getattr(s, a)) is None else
+                  "/".join(map(fmt.format, v)) if isinstance(v, list) else fmt.format(v)) for _, a, fmt in cols]
         lines.append("| " + " | ".join(cells) + " |")
+    for s in summaries:
+        if s.drafter_stats:
+            shown = ", ".join(f"{name} {value:.3g}" for name, value in s.drafter_stats.items())
+            lines.append(f"\n{s.method}: {shown}")
     for s in summaries:
         if s.mismatches:
             lines.append(f"\n{s.method}: output differs from the reference on {', '.join(s.mismatches)}")

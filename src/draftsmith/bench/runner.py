@@ -80,7 +80,7 @@ def _engine_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int, s
     adaptive = bool(options.pop("adaptive", 0))
     compile = bool(options.pop("compile", 0))
     drafter_spec = {"plain": "none", "ngram": "ngram", "model": f"model:{spec.arg}"}.get(spec.kind)
-    if spec.kind in ("eagle", "medusa"):
+    if spec.kind in ("eagle", "medusa", "ctc"):
         drafter_spec = f"{spec.kind}:{spec.arg}" if spec.arg else spec.kind
     # token ids in and out, like HF generate: no tokenizer, so no incremental detokenizing inside the timing
     weights = "fastest" if options.pop("fast", 0) else "auto"
@@ -245,6 +245,7 @@ def make_records(
             method=c.method, prompt_id=c.task_id, new_tokens=len(c.output.tokens), seconds=c.output.seconds,
             target_steps=c.output.target_steps, proposed=stats.proposed, accepted=stats.accepted,
             draft_seconds=stats.draft_s, verify_seconds=stats.verify_s, draft_nodes=stats.draft_nodes,
+            accepted_lengths=stats.accepted_lengths or None, drafter_stats=stats.drafter or None,
             peak_memory_mb=c.peak_memory_mb,
             output_tokens=c.output.tokens,
             passed=s.passed, sandbox=s.sandbox, exact_match=s.exact_match, edit_similarity=s.edit_similarity,

@@ -67,7 +67,7 @@ def default_drafter(target: LoadedModel) -> str:
 
 def build_drafter(spec: str, target: LoadedModel, **options) -> Drafter | None:
     """`auto`, `none`, `ngram`, `model:PATH` (a smaller causal LM with the target's tokenizer), `eagle[:DIR]`,
-    `eagle+ngram[:DIR]` or `medusa[:DIR]`."""
+    `eagle+ngram[:DIR]`, `medusa[:DIR]` or `ctc[:DIR]`."""
     if spec in ("none", "", None):
         return None
     if spec == "auto":
@@ -90,10 +90,10 @@ def build_drafter(spec: str, target: LoadedModel, **options) -> Drafter | None:
     kind, _, path = spec.partition(":")
     if kind == "eagle+ngram":  # the head's tree with prompt lookup's chain grafted on
         kind, options = "eagle", {"lookup": 8, **options}
-    if kind in ("eagle", "medusa"):
+    if kind in ("eagle", "medusa", "ctc"):
         return _head_drafter(kind, path, target, options)
     raise ConfigError(f"unknown drafter '{spec}': use auto, none, ngram, model:PATH, eagle[:DIR], "
-                      "eagle+ngram[:DIR] or medusa[:DIR]")
+                      "eagle+ngram[:DIR], medusa[:DIR] or ctc[:DIR]")
 
 
 def shipped_head_folder(target_name: str, kind: str) -> Path:
@@ -113,6 +113,7 @@ def shipped_head(kind: str, target: LoadedModel) -> Path:
 
 
 def _head_drafter(kind: str, path: str, target: LoadedModel, options: dict) -> Drafter:
+    from draftsmith.drafters.ctc import CtcDrafter, CtcSearch
     from draftsmith.drafters.eagle import EagleDrafter, TreeConfig
     from draftsmith.drafters.medusa import MedusaDrafter
     from draftsmith.heads import load_head
@@ -130,4 +131,6 @@ def _head_drafter(kind: str, path: str, target: LoadedModel, options: dict) -> D
             lookup = NgramDrafter(**{k: v for k, v in options.items() if k in ("min_n", "max_n")})
             return TreeWithLookup(drafter, lookup, max_chain=options["lookup"])
         return drafter
+    if kind == "ctc":
+        return CtcDrafter(head, target.model, CtcSearch(**{k: v for k, v in options.items() if k in ("top_k", "beams")}))
     return MedusaDrafter(head, target.model)

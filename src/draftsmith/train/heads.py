@@ -10,6 +10,10 @@ Losses, per real position, as in the papers:
   attention of a depth-d tree node at decode time; step d's loss weighs 0.8^(d-1).
 - Medusa: head j's soft cross-entropy against the target's distribution j + 1 positions ahead, heads
   weighted 0.8^j (later heads are harder and matter less: a path dies at its first miss).
+- CTC: EAGLE's regression and soft cross-entropy on the pairs, plus w_ctc * CTC loss of each anchor's F frames
+  (frame f attends to the pairs up to its anchor and the anchor's frames before it, as at decode time) against
+  the target's next L argmax tokens, with a blank that is one past the draft vocabulary, never a real token.
+  Upstream's weights by default: regression 1, cross-entropy 0.1, CTC 0.01.
 Held-out evaluation reports top-1 agreement with the target; for Medusa also each head's top-k accuracy, from
 which the static tree is chosen (the paths of highest estimated acceptance probability).
 """
@@ -28,7 +32,9 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
 from draftsmith.errors import ConfigError
-from draftsmith.heads import EagleHead, HeadConfig, HeadKind, MedusaHeads, TargetParts, build_head, save_head
+from draftsmith.drafters.ctc import ctc_collapse
+from draftsmith.heads import (HEAD_KINDS, CtcHead, EagleHead, HeadConfig, HeadKind, MedusaHeads, TargetParts, build_head,
+                              save_head)
 from draftsmith.train.features import FeatureShards
 from draftsmith.train.trainer import Batch, TrainConfig, Trainer
 
@@ -45,13 +51,22 @@ class HeadTrainConfig:
     w_ce: float = 0.1
     noise: float = 0.1  # std of Gaussian input noise, in units of the features' RMS
     unroll: int = 1  # training-time test: steps the head is trained on its own predictions (1 = EAGLE-1)
+    w_ctc: float = 0.01  # CTC: weight of the CTC term (upstream's)
+    ctc_labels: int = 3  # CTC: future tokens the frames spell out
+    ctc_frames: int = 0  # CTC: frames per step; 0 = 2 x ctc_labels (upstream: 6 frames for 3 labels)
     eval_unroll: int = 3  # held-out agreement is reported for this many drafting steps
     eval_sequences: int = 64
     extra: dict = field(default_factory=dict)  # recorded in the head's config (command, data, ...)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("eagle", "medusa"):
-            raise ConfigError(f"head kind must be eagle or medusa, got {self.kind!r}")
+        if self.kind not in HEAD_KINDS:
+            raise ConfigError(f"head kind must be one of {', '.join(HEAD_KINDS)}, got {self.kind!r}")
+        self.ctc_frames = self.ctc_frames or 2 * self.ctc_labels
+        if self.ctc_labels < 1 or self.ctc_frames < self.ctc_labels:
+            raise ConfigError(f"CTC needs labels >= 1 and at least as many frames as labels, got {self.ctc_labels} "
+                              f"labels and {self.ctc_frames} frames")
+        if min(self.w_regression, self.w_ce, self.w_ctc) < 0:
+            raise ConfigError("loss weights must be >= 0")
         if self.draft_vocab < 0 or self.medusa_heads < 1 or self.medusa_tree_nodes < 1:
             raise ConfigError("draft_vocab >= 0, medusa_heads >= 1 and medusa_tree_nodes >= 1 are required")
         if self.unroll < 1 or self.eval_unroll < 1:
@@ -116,6 +131,78 @@ def eagle_loss(model: HeadWithTarget, batch: Batch, cfg: HeadTrainConfig, unroll
     return total, metrics
 
 
+def frame_mask(anchors: int, pairs: int, frames: int, device: torch.device) -> torch.Tensor:
+    """[frames * anchors, pairs + frames * anchors] bool, rows frame-major (row f * anchors + a): frame f of
+    anchor a sees the pairs 0..a and frames 0..f of its own anchor, as the drafter's frames do at decode time."""
+    anchor = torch.arange(anchors, device=device)
+    sees_pairs = (torch.arange(pairs, device=device)[None] <= anchor[:, None]).repeat(frames, 1)
+    earlier = torch.ones(frames, frames, device=device).tril()
+    sees_frames = torch.kron(earlier, torch.eye(anchors, device=device)).bool()
+    return torch.cat([sees_pairs, sees_frames], dim=1)
+
+
+def ctc_frame_log_probs(head: CtcHead, parts: TargetParts, x: torch.Tensor, positions: torch.Tensor, cache,
+                        anchors: int) -> torch.Tensor:
+    """[F, B * anchors, draft vocabulary + 1] log-probabilities of the frames of the first `anchors` pairs, whose
+    fused inputs are x [B, pairs, H] at `positions`, over a cache holding the pairs."""
+    batch, pairs, hidden = x.shape
+    frames = head.config.ctc_frames
+    inputs = head.frame_inputs(x[:, :anchors]).transpose(1, 2).reshape(batch, frames * anchors, hidden)
+    offsets = torch.arange(1, frames + 1, device=x.device)
+    frame_positions = (positions[:, :anchors, None] + offsets).transpose(1, 2).reshape(batch, frames * anchors)
+    mask = frame_mask(anchors, pairs, frames, x.device)[None, None]
+    normed = parts.norm(head.decode(inputs, frame_positions, mask, cache))
+    logits = torch.cat([F.linear(normed, parts.head_rows), head.blank_logit(normed)], dim=-1).float()
+    vocab = logits.shape[-1]
+    return logits.log_softmax(-1).view(batch, frames, anchors, vocab).transpose(0, 1).reshape(frames, -1, vocab)
+
+
+def ctc_loss(model: HeadWithTarget, batch: Batch, cfg: HeadTrainConfig) -> tuple[torch.Tensor, dict]:
+    head, parts = model.head, model.parts
+    ids, features = batch["input_ids"], batch["features"]
+    labels_per_anchor = head.config.ctc_labels
+    anchors = ids.shape[1] - 1 - labels_per_anchor  # anchor a's labels: the target's argmax at features a+1..a+L
+    if anchors < 1:
+        raise ConfigError(f"sequences of {ids.shape[1]} tokens are too short for {labels_per_anchor} CTC labels")
+    inputs = features[:, :-1]
+    if model.training and cfg.noise:
+        inputs = inputs + torch.randn_like(inputs) * cfg.noise * model.feature_scale
+    x = head.fc(torch.cat([inputs, parts.embed_tokens(ids[:, 1:])], dim=-1))
+    positions = torch.arange(1, ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
+    cache = DynamicCache()
+    predicted = head.decode(x, positions, None, cache)  # the pairs: EAGLE's losses
+    following = features[:, 1:]
+    regression = F.smooth_l1_loss(predicted / model.feature_scale, following / model.feature_scale)
+    p = model.target_probs(following)
+    log_q = parts.logits(predicted).float().log_softmax(-1)
+    ce = -(p * log_q).sum(-1).mean()
+
+    log_probs = ctc_frame_log_probs(head, parts, x, positions, cache, anchors)
+    labels = p.argmax(-1).unfold(1, labels_per_anchor, 1)[:, :anchors].reshape(-1, labels_per_anchor)
+    blank = log_probs.shape[-1] - 1
+    frames = log_probs.shape[0]
+    ctc = F.ctc_loss(log_probs, labels, torch.full((labels.shape[0],), frames, dtype=torch.long),
+                     torch.full((labels.shape[0],), labels_per_anchor, dtype=torch.long), blank=blank,
+                     reduction="mean", zero_infinity=True)
+    total = cfg.w_regression * regression + cfg.w_ce * ce + cfg.w_ctc * ctc
+    best = log_probs.argmax(-1)  # [F, N]: each frame's best entry
+    metrics = {"regression": regression.detach(), "ce": ce.detach(), "ctc": ctc.detach(),
+               "top1": (log_q.argmax(-1) == p.argmax(-1)).float().mean(),
+               "ctc_blank_rate": (best == blank).float().mean()}
+    if not model.training:  # held-out: how much of the label sequence the best alignment's collapse spells
+        matched = sum(_common_prefix(ctc_collapse(alignment, blank), want)
+                      for alignment, want in zip(best.T.tolist(), labels.tolist()))
+        metrics["ctc_prefix"] = torch.tensor(matched / labels.shape[0])
+    return total, metrics
+
+
+def _common_prefix(a, b) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 def medusa_loss(model: HeadWithTarget, batch: Batch, cfg: HeadTrainConfig) -> tuple[torch.Tensor, dict]:
     features = batch["features"]
     outputs = model.head(features)  # [K, B, T, H]
@@ -177,10 +264,12 @@ class HeldoutAgreement:
         for start in range(0, len(self.data), 16):
             batch = {"input_ids": self.data.ids[start : start + 16].to(device),
                      "features": self.data.features[start : start + 16].to(device, torch.float32)}
-            _, metrics = (eagle_loss(model, batch, self.cfg, unroll=self.cfg.eval_unroll) if self.cfg.kind == "eagle"
-                          else medusa_loss(model, batch, self.cfg))
+            if self.cfg.kind == "eagle":
+                _, metrics = eagle_loss(model, batch, self.cfg, unroll=self.cfg.eval_unroll)
+            else:
+                _, metrics = (ctc_loss if self.cfg.kind == "ctc" else medusa_loss)(model, batch, self.cfg)
             for name, value in metrics.items():
-                if name.startswith("top1"):
+                if name.startswith(("top1", "ctc")):
                     sums[name] = sums.get(name, 0.0) + float(value)
             batches += 1
         return {name: value / batches for name, value in sums.items()}
@@ -208,13 +297,14 @@ def train_head(
     rows = target.get_output_embeddings().weight.shape[0]
     draft_ids, coverage = draft_vocabulary(data, rows, cfg.draft_vocab)
     config = HeadConfig.for_target(cfg.kind, target, draft_vocab=len(draft_ids) if cfg.draft_vocab else 0,
-                                   medusa_heads=cfg.medusa_heads, target=target_name)
+                                   medusa_heads=cfg.medusa_heads, ctc_frames=cfg.ctc_frames,
+                                   ctc_labels=cfg.ctc_labels, target=target_name)
     head = build_head(config)
     head.draft_to_target.copy_(draft_ids)
     parts = TargetParts(target, head.draft_to_target, dtype=torch.float32)  # frozen parts in fp32, like the head
     scale = float(data.features[: min(len(data), 256)].float().pow(2).mean().sqrt())
     model = HeadWithTarget(head, parts, scale)
-    loss = eagle_loss if cfg.kind == "eagle" else medusa_loss
+    loss = {"eagle": eagle_loss, "medusa": medusa_loss, "ctc": ctc_loss}[cfg.kind]
     evaluate = HeldoutAgreement(heldout, cfg)
     result = trainer.fit(model, data, lambda m, b: loss(m, b, cfg), evaluate)
     if cfg.kind == "medusa":

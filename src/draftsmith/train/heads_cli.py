@@ -17,7 +17,8 @@ train_app = typer.Typer(no_args_is_help=True, help="Train drafters that need the
 
 @train_app.command("heads")
 def heads_command(
-    kind: Annotated[str, typer.Option(help="eagle (one decoder layer, tree drafting) or medusa (K heads, static tree).")]
+    kind: Annotated[str, typer.Option(help="eagle (one decoder layer, tree drafting), medusa (K heads, static tree) "
+                                           "or ctc (the EAGLE layer with CTC-trained frames, collapsed into a tree).")]
     = "eagle",
     target: Annotated[str, typer.Option(help="HF hub id, local folder, .gguf file or embedded alias.")] = "smollm2",
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the head, checkpoints and logs.")]
@@ -49,7 +50,13 @@ def heads_command(
     noise: Annotated[float, typer.Option(help="EAGLE input noise, in units of the features' RMS.")] = 0.1,
     unroll: Annotated[int, typer.Option(help="EAGLE training-time test: drafting steps trained on the head's own "
                                              "predictions (1 = EAGLE-1's single step).")] = 1,
-    w_ce: Annotated[float, typer.Option(help="Weight of the soft cross-entropy (EAGLE; regression weighs 1).")] = 0.1,
+    w_regression: Annotated[float, typer.Option(help="Weight of the feature regression (EAGLE, CTC).")] = 1.0,
+    w_ce: Annotated[float, typer.Option(help="Weight of the soft cross-entropy (EAGLE, CTC).")] = 0.1,
+    w_ctc: Annotated[float, typer.Option(help="Weight of the CTC loss (CTC heads; upstream's 0.01).")] = 0.01,
+    ctc_labels: Annotated[int, typer.Option(help="CTC: future tokens each step's frames are trained to spell.")] = 3,
+    ctc_frames: Annotated[int, typer.Option(help="CTC: frames per step (0 = 2 x --ctc-labels).")] = 0,
+    max_minutes: Annotated[float, typer.Option(help="Stop training at this wall time (evaluated and saved as at "
+                                                    "the last step); 0 = run all --steps.")] = 0.0,
     eval_every: int = 250,
     checkpoint_every: int = 250,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its latest checkpoint.")] = False,
@@ -68,8 +75,11 @@ def heads_command(
     data_config = FeatureDataConfig(corpus=str(corpus) if corpus else None, sequences=sequences, seq_len=seq_len,
                                     self_distill=self_distill, shard_size=shard_size, seed=seed)
     head_config = HeadTrainConfig(kind=kind, draft_vocab=draft_vocab, medusa_heads=medusa_heads,
-                                  medusa_tree_nodes=medusa_tree_nodes, noise=noise, w_ce=w_ce, unroll=unroll)
-    train = TrainConfig(out_dir=out, max_steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+                                  medusa_tree_nodes=medusa_tree_nodes, noise=noise, w_regression=w_regression,
+                                  w_ce=w_ce, w_ctc=w_ctc, ctc_labels=ctc_labels, ctc_frames=ctc_frames,
+                                  unroll=unroll)
+    train = TrainConfig(out_dir=out, max_steps=steps, max_minutes=max_minutes, batch_size=batch_size,
+                        grad_accum=grad_accum, lr=lr,
                         warmup_steps=warmup, device=device, seed=seed, eval_every=eval_every,
                         checkpoint_every=checkpoint_every, resume=resume,
                         progress=sys.stdout.isatty())  # a log file gets a plain line per log step instead

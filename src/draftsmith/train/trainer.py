@@ -64,6 +64,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: bool = False
     progress: bool = True  # rich progress bar; False prints a plain line per log step
+    max_minutes: float = 0.0  # wall-time budget of this run: stop (evaluate, checkpoint) at it; 0 = none
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
@@ -79,6 +80,8 @@ class TrainConfig:
             raise ConfigError(f"learning rate must be a positive number, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.max_minutes < 0:
+            raise ConfigError(f"max_minutes must be 0 (no limit) or more, got {self.max_minutes}")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ConfigError("grad_clip and weight_decay must be 0 or more")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -200,8 +203,10 @@ class Trainer:
         writer, progress, task = self._open_logs(step)
         sums: dict[str, torch.Tensor] = {}
         count, t0 = 0, time.perf_counter()
+        deadline = t0 + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
+        last = step >= cfg.max_steps
         model.train()
-        while step < cfg.max_steps:
+        while not last:
             for micro in range(cfg.grad_accum):
                 batch = {k: v.to(acc.device) for k, v in stream.batch(step * cfg.grad_accum + micro).items()}
                 # gradients are all-reduced across processes only on the step's last micro-batch
@@ -218,7 +223,7 @@ class Trainer:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            last = step == cfg.max_steps
+            last = step >= cfg.max_steps or self._out_of_time(deadline)
 
             if step % cfg.log_every == 0 or last:
                 names = list(sums)
@@ -250,6 +255,13 @@ class Trainer:
         if writer is not None:
             writer.close()
         return result
+
+    def _out_of_time(self, deadline: float) -> bool:
+        """Past the wall-time budget, on any process (so that every process stops at the same step)."""
+        if deadline == math.inf:
+            return False
+        late = torch.tensor(float(time.perf_counter() >= deadline), device=self.accelerator.device)
+        return bool(self.accelerator.reduce(late, reduction="sum") > 0)
 
     # ---- checkpoints -------------------------------------------------------------------------------
 

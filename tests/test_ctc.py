@@ -1,0 +1,211 @@
+"""The CTC drafter: the collapse, the candidate tree built from collapsed alignments (each node scored as its own
+chain), the decode-time frames against the training computation, greedy exactness on both backends, and the
+sampling distribution over its trees."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from draftsmith.acceptance import SamplingConfig
+from draftsmith.adaptive import CostCurve
+from draftsmith.draft import ROOT
+from draftsmith.drafters import Feedback
+from draftsmith.drafters.ctc import CtcDrafter, CtcSearch, best_alignments, collapsed_tree, ctc_collapse
+from draftsmith.engine import GenerationConfig, SpecEngine
+from draftsmith.heads import CtcHead, HeadConfig, TargetParts
+from draftsmith.train.heads import ctc_frame_log_probs
+from draftsmith.verify import TargetRunner
+from test_heads import _two_token_distribution
+from tiny_models import hf_greedy, tiny_llama
+
+FLAT = CostCurve([1, 64], [1.0, 1.0])  # verification costs the same for any size: trees take the whole budget
+PROMPTS = [[5, 17, 33, 8, 21, 40, 9], [60, 2, 2, 71, 14], [3]]
+NEW = 40
+B = 99  # a blank id in the collapse tests
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_llama(seed=4)
+
+
+def ctc_head(target, seed: int = 0, draft_vocab: int = 0) -> CtcHead:
+    torch.manual_seed(seed)
+    head = CtcHead(HeadConfig.for_target("ctc", target, draft_vocab=draft_vocab))
+    with torch.no_grad():  # a random blank row, so that blanks take part in the search
+        head.blank_weight.normal_(std=0.5)
+        head.frame_embeddings.normal_(std=1.0)
+    if draft_vocab:
+        head.draft_to_target.copy_(torch.randperm(target.config.vocab_size)[:draft_vocab].sort().values)
+    return head.eval()
+
+
+def ctc(target, seed: int = 0, draft_vocab: int = 0, **search) -> CtcDrafter:
+    drafter = CtcDrafter(ctc_head(target, seed, draft_vocab), target, CtcSearch(**search))
+    drafter.costs = FLAT
+    return drafter
+
+
+def test_the_collapse_merges_repeats_then_drops_blanks():
+    assert ctc_collapse([5, 5, B, 5, 7, 7], B) == (5, 5, 7)  # a blank separates a real repeat
+    assert ctc_collapse([5, 5, 5, 5, 5, 5], B) == (5,)
+    assert ctc_collapse([B, B, B, B], B) == ()  # all-blank frames: nothing
+    assert ctc_collapse([B, 3, B, B, 3, 3], B) == (3, 3)
+    assert ctc_collapse([1, 2, 3, 4, 5, 6], B) == (1, 2, 3, 4, 5, 6)
+    assert ctc_collapse([2, B, 2, B, 2, B], B) == (2, 2, 2)
+
+
+def test_alignments_come_from_each_frames_top_entries_best_first():
+    log_probs = torch.tensor([[0.0, -1.0, -5.0], [-2.0, 0.0, -3.0], [-0.5, -9.0, 0.0]])
+    found = best_alignments(log_probs, top_k=2, beams=3)
+    assert [a for a, _ in found] == [(0, 1, 2), (0, 1, 0), (1, 1, 2)]  # (1, 1, 0) and (0, 0, *) fall off
+    assert [s for _, s in found] == pytest.approx([0.0, -0.5, -1.0])
+    # every alignment's score is the sum of its entries
+    for alignment, score in best_alignments(log_probs, top_k=3, beams=27):
+        assert score == pytest.approx(sum(float(log_probs[f, e]) for f, e in enumerate(alignment)))
+
+
+def test_collapsed_candidates_merge_into_a_deduplicated_prefix_tree():
+    import math
+
+    alignments = [((4, 4, B), math.log(0.4)), ((4, B, 4), math.log(0.2)), ((B, 4, 6), math.log(0.15)),
+                  ((4, 6, 6), math.log(0.1)), ((B, B, B), math.log(0.1)), ((8, B, B), math.log(0.05))]
+    tokens, parents, scores = collapsed_tree(alignments, B)
+    nodes = {}  # collapsed prefix -> (value, parent prefix)
+    for i, token in enumerate(tokens):
+        prefix = (token,) if parents[i] == ROOT else (*_prefix(tokens, parents, parents[i]), token)
+        nodes[prefix] = math.exp(scores[i])
+    assert nodes == pytest.approx({(4,): 0.85, (4, 4): 0.2, (4, 6): 0.25, (8,): 0.05})
+    assert all(p < i for i, p in enumerate(parents))  # parents first
+    assert len(set(zip(tokens, parents))) == len(tokens)  # siblings distinct
+
+
+def _prefix(tokens, parents, node):
+    path = []
+    while node != ROOT:
+        path.insert(0, tokens[node])
+        node = parents[node]
+    return tuple(path)
+
+
+def _after_prefill(drafter: CtcDrafter, runner: TargetRunner, prompt: list[int]) -> None:
+    features = runner.prefill(prompt, features=True)
+    drafter.reset(prompt, SamplingConfig(), None)
+    drafter.feedback(Feedback(features, prompt[1:]))
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_every_node_of_a_collapsed_tree_is_scored_as_its_own_chain(target, lean):
+    """The check that catches upstream's misalignment: the verifier's logits for each node of a tree built
+    from collapsed candidates equal those of the node's root-to-node chain fed alone."""
+    drafter = ctc(target, draft_vocab=40, top_k=4, beams=24)
+    runner = TargetRunner(target, lean=lean)
+    prompt = PROMPTS[0]
+    _after_prefill(drafter, runner, prompt)
+    draft = drafter.propose(prompt, 24)
+    draft.check(24)
+    assert len(draft) >= 6 and max(draft.depths()) >= 3 and len(draft.children()[ROOT]) >= 2  # a real tree
+    logits = runner.score(prompt[-1], draft, features=True)[0]
+    for node in range(len(draft)):
+        path = list(_prefix(draft.tokens, draft.parent_ids(), node))
+        with torch.no_grad():
+            chain = target(torch.tensor([prompt + path])).logits[0, -1]
+        torch.testing.assert_close(logits[node + 1], chain, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("draft_vocab", [0, 30])
+def test_decode_time_frames_compute_what_training_computes(target, draft_vocab):
+    """The drafter's frames (lean layers over its cache, one call per step) against the training computation
+    (all anchors' frames at once under the frame mask): same positions, same attention, same blank."""
+    head = ctc_head(target, seed=2, draft_vocab=draft_vocab)
+    parts = TargetParts(target, head.draft_to_target, dtype=torch.float32)
+    torch.manual_seed(3)
+    n, hidden = 7, target.config.hidden_size
+    features, tokens = torch.randn(n, hidden), torch.randint(0, target.config.vocab_size, (n,))
+    with torch.no_grad():
+        x = head.fc(torch.cat([features, parts.embed_tokens(tokens)], dim=-1))[None]
+        positions = torch.arange(1, n + 1)[None]
+        cache = DynamicCache()
+        head.decode(x, positions, None, cache)
+        training = ctc_frame_log_probs(head, parts, x, positions, cache, anchors=n)  # [F, n, V + 1]
+    assert training.shape[-1] == (draft_vocab or target.config.vocab_size) + 1
+    for anchor in (2, n - 1):
+        drafter = CtcDrafter(head, target)
+        drafter.reset([], SamplingConfig(), None)
+        drafter.feedback(Feedback(features[: anchor + 1], tokens[: anchor + 1].tolist()))
+        torch.testing.assert_close(drafter.frame_log_probs(), training[:, anchor], rtol=1e-4, atol=1e-4)
+
+
+class OracleCtc(CtcDrafter):
+    """Frames that spell the target's own next three greedy tokens as "a _ b _ c _" (a test oracle computed with
+    the target), everything else random: candidates get accepted, and siblings disagree."""
+
+    def __init__(self, target, **search):
+        super().__init__(ctc_head(target), target, CtcSearch(**search))
+        self.target, self.costs = target, FLAT
+
+    def propose(self, context, k):
+        self.context = context
+        return super().propose(context, k)
+
+    def frame_log_probs(self):
+        with torch.no_grad():
+            ids = torch.tensor([self.context])  # an explicit mask: generate would mask the pad id (0) out
+            greedy = self.target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+        want = greedy[0, len(self.context) :].tolist()
+        generator = torch.Generator().manual_seed(len(self.context))
+        logits = torch.randn(6, self.blank + 1, generator=generator)
+        for frame, entry in enumerate([want[0], self.blank, *want[1:2], self.blank, *want[2:3], self.blank]):
+            logits[frame, entry] += 10.0
+        return logits.log_softmax(-1)
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_ctc_drafting_is_exact_against_hf_greedy(target, lean):
+    for make in (lambda: ctc(target, top_k=3, beams=12), lambda: ctc(target, draft_vocab=40),
+                 lambda: OracleCtc(target)):
+        engine = SpecEngine(target, make(), lean=lean)
+        for prompt in PROMPTS:
+            for k in (1, 3, 24):
+                result = engine.generate(prompt, GenerationConfig(max_new_tokens=NEW, k=k))
+                assert result.tokens == hf_greedy(target, prompt, NEW), (prompt, k)
+                if isinstance(engine.drafter, OracleCtc) and k == 24:
+                    assert result.stats.tau > 2.5  # the oracle's collapsed candidates are accepted
+                    assert result.stats.drafter["ctc_blank_rate"] == pytest.approx(0.5)
+
+
+def test_eos_and_max_new_tokens_inside_a_ctc_tree(target):
+    reference = hf_greedy(target, PROMPTS[0], NEW)
+    model = tiny_llama(seed=4, eos_token_id=reference[13])
+    expected = hf_greedy(model, PROMPTS[0], NEW)
+    assert len(expected) < NEW
+    result = SpecEngine(model, OracleCtc(model)).generate(PROMPTS[0], GenerationConfig(max_new_tokens=NEW, k=16))
+    assert result.tokens == expected and result.finish_reason == "eos"
+    for new in (7, 8, 9):  # the budget ends inside an accepted path
+        result = SpecEngine(target, OracleCtc(target)).generate(PROMPTS[0], GenerationConfig(max_new_tokens=new, k=16))
+        assert result.tokens == reference[:new] and result.finish_reason == "length"
+
+
+def test_sampling_over_ctc_trees_keeps_the_target_distribution(target):
+    """Chi-square on the first two sampled tokens: collapsed nodes are point masses, distinct among siblings, so
+    recursive rejection keeps the target's joint distribution."""
+    from scipy.stats import chisquare
+
+    prompt, samples = PROMPTS[1], 2000
+    sampling = dict(temperature=1.0, top_k=6)
+    engine = SpecEngine(target, OracleCtc(target))
+    counts: dict[tuple[int, int], int] = {}
+    accepted = 0
+    for seed in range(samples):
+        out = engine.generate(prompt, GenerationConfig(max_new_tokens=2, k=8, sampling=SamplingConfig(seed=seed, **sampling)))
+        counts[tuple(out.tokens)] = counts.get(tuple(out.tokens), 0) + 1
+        accepted += out.stats.accepted
+    assert accepted > samples // 10  # drafts get accepted: the test covers the accept path, not only residuals
+    expected = _two_token_distribution(target, prompt, SamplingConfig(**sampling))
+    assert set(counts) <= set(expected)
+    keep = [p for p in sorted(expected, key=expected.get, reverse=True) if expected[p] * samples >= 5]
+    observed = [counts.get(p, 0) for p in keep] + [samples - sum(counts.get(p, 0) for p in keep)]
+    probs = [expected[p] for p in keep] + [1 - sum(expected[p] for p in keep)]
+    assert chisquare(observed, [p * samples for p in probs]).pvalue > 1e-3
