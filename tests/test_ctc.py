@@ -12,7 +12,7 @@ from draftsmith.acceptance import SamplingConfig
 from draftsmith.adaptive import CostCurve
 from draftsmith.draft import ROOT
 from draftsmith.drafters import Feedback
-from draftsmith.drafters.ctc import CtcDrafter, CtcSearch, best_alignments, collapsed_tree, ctc_collapse
+from draftsmith.drafters.ctc import CtcDrafter, CtcSearch, candidate_tree, ctc_collapse, prefix_beam_search
 from draftsmith.engine import GenerationConfig, SpecEngine
 from draftsmith.heads import CtcHead, HeadConfig, TargetParts
 from draftsmith.train.heads import ctc_frame_log_probs
@@ -57,27 +57,47 @@ def test_the_collapse_merges_repeats_then_drops_blanks():
     assert ctc_collapse([2, B, 2, B, 2, B], B) == (2, 2, 2)
 
 
-def test_alignments_come_from_each_frames_top_entries_best_first():
-    log_probs = torch.tensor([[0.0, -1.0, -5.0], [-2.0, 0.0, -3.0], [-0.5, -9.0, 0.0]])
-    found = best_alignments(log_probs, top_k=2, beams=3)
-    assert [a for a, _ in found] == [(0, 1, 2), (0, 1, 0), (1, 1, 2)]  # (1, 1, 0) and (0, 0, *) fall off
-    assert [s for _, s in found] == pytest.approx([0.0, -0.5, -1.0])
-    # every alignment's score is the sum of its entries
-    for alignment, score in best_alignments(log_probs, top_k=3, beams=27):
-        assert score == pytest.approx(sum(float(log_probs[f, e]) for f, e in enumerate(alignment)))
+def test_prefix_beam_search_sums_every_alignment_of_a_candidate():
+    """With every entry allowed and room for every candidate, each collapsed candidate's probability is the sum
+    over all alignments that collapse to it (enumerated by brute force here)."""
+    import itertools
+
+    torch.manual_seed(0)
+    log_probs = torch.randn(4, 4).log_softmax(-1)  # 4 frames, tokens 0..2, the blank 3
+    expected: dict[tuple[int, ...], float] = {}
+    for alignment in itertools.product(range(4), repeat=4):
+        candidate = ctc_collapse(alignment, 3)
+        p = float(sum(log_probs[f, e] for f, e in enumerate(alignment)).exp())
+        expected[candidate] = expected.get(candidate, 0.0) + p
+    expected.pop(())  # the empty candidate drafts nothing
+    found = prefix_beam_search(log_probs, top_k=3, beams=1000)
+    assert found.keys() == expected.keys()
+    for candidate, p in expected.items():
+        assert found[candidate] == pytest.approx(p, rel=1e-5), candidate
+
+
+def test_prefix_beam_search_keeps_repeats_apart_only_across_a_blank():
+    blank = 2
+    frames = torch.tensor([[0.9, 0.0, 0.1], [0.9, 0.0, 0.1], [0.0, 0.0, 1.0]]).clamp(min=1e-9).log()
+    found = prefix_beam_search(frames, top_k=1, beams=8)  # "0 0 _", "0 _ _" -> (0,); "_ 0 _" too
+    assert _likely(found) == pytest.approx({(0,): 0.9 * 0.9 + 0.9 * 0.1 + 0.1 * 0.9})
+    frames = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]).clamp(min=1e-9).log()
+    assert _likely(prefix_beam_search(frames, top_k=1, beams=8)) == pytest.approx({(0, 0): 1.0})  # "0 _ 0"
+    # only the most probable candidates survive a narrow beam
+    narrow = prefix_beam_search(torch.randn(5, 7).log_softmax(-1), top_k=3, beams=2)
+    assert 1 <= len(narrow) <= 2
+
+
+def _likely(candidates: dict) -> dict:
+    return {c: p for c, p in candidates.items() if p > 1e-6}
 
 
 def test_collapsed_candidates_merge_into_a_deduplicated_prefix_tree():
     import math
 
-    alignments = [((4, 4, B), math.log(0.4)), ((4, B, 4), math.log(0.2)), ((B, 4, 6), math.log(0.15)),
-                  ((4, 6, 6), math.log(0.1)), ((B, B, B), math.log(0.1)), ((8, B, B), math.log(0.05))]
-    tokens, parents, scores = collapsed_tree(alignments, B)
-    nodes = {}  # collapsed prefix -> (value, parent prefix)
-    for i, token in enumerate(tokens):
-        prefix = (token,) if parents[i] == ROOT else (*_prefix(tokens, parents, parents[i]), token)
-        nodes[prefix] = math.exp(scores[i])
-    assert nodes == pytest.approx({(4,): 0.85, (4, 4): 0.2, (4, 6): 0.25, (8,): 0.05})
+    tokens, parents, scores = candidate_tree({(4,): 0.3, (4, 4): 0.2, (4, 6): 0.25, (8,): 0.05})
+    nodes = {_prefix(tokens, parents, i): math.exp(scores[i]) for i in range(len(tokens))}
+    assert nodes == pytest.approx({(4,): 0.75, (4, 4): 0.2, (4, 6): 0.25, (8,): 0.05})
     assert all(p < i for i, p in enumerate(parents))  # parents first
     assert len(set(zip(tokens, parents))) == len(tokens)  # siblings distinct
 
@@ -125,11 +145,10 @@ def test_decode_time_frames_compute_what_training_computes(target, draft_vocab):
     n, hidden = 7, target.config.hidden_size
     features, tokens = torch.randn(n, hidden), torch.randint(0, target.config.vocab_size, (n,))
     with torch.no_grad():
-        x = head.fc(torch.cat([features, parts.embed_tokens(tokens)], dim=-1))[None]
         positions = torch.arange(1, n + 1)[None]
         cache = DynamicCache()
-        head.decode(x, positions, None, cache)
-        training = ctc_frame_log_probs(head, parts, x, positions, cache, anchors=n)  # [F, n, V + 1]
+        predicted = head(features[None], parts.embed_tokens(tokens)[None], positions, None, cache)
+        training = ctc_frame_log_probs(head, parts, predicted, positions, cache)[:, 0]  # [F, n, V + 1]
     assert training.shape[-1] == (draft_vocab or target.config.vocab_size) + 1
     for anchor in (2, n - 1):
         drafter = CtcDrafter(head, target)

@@ -8,12 +8,12 @@ draft step. The frozen parts are never stored with a head; `TargetParts` takes t
 - EAGLE-style: fc(concat(feature_t, embed(token_t+1))) -> one Llama decoder layer -> predicted feature_t+1.
   Run autoregressively (over a draft tree) with its own small KV cache.
 - Medusa: K residual blocks on feature_t; block j predicts token t+j+2 in one shot.
-- CTC (the CTC drafter, arXiv 2412.00061): the EAGLE-style head, plus F "frames" per step: the newest pair's
-  fused input plus a learned embedding per frame, run through the same decoder layer in one call (each frame
-  attends to the committed pairs and the frames before it), decoded through the frozen norm and output rows
-  plus one blank logit. Trained with a CTC loss against the target's next L tokens, so a step's frames spell
-  out several future tokens with blanks and repeats, collapsed CTC-style into candidates.
-
+- CTC (the CTC drafter, arXiv 2412.00061): the EAGLE-style head, plus F "frames" per step. Frame f runs the
+  same decoder layer on fc(concat(frame f-1's output, a learned frame embedding)), frame 0 reading the newest
+  pair's predicted feature: a chain in feature space that feeds back no token (so none has to be chosen, nor a
+  blank fed), each frame attending to the committed pairs and the frames before it. Frames decode through the
+  frozen norm and output rows plus one blank logit, and are trained with a CTC loss against the target's next
+  L tokens, so a step's frames spell several future tokens with blanks and repeats, collapsed CTC-style.
 A head folder holds `head.json` (HeadConfig) and `head.safetensors`; nothing is unpickled.
 """
 
@@ -128,14 +128,16 @@ class CtcHead(EagleHead):
             raise ConfigError(f"a CTC head needs frames >= 1 and labels >= 1, got {config.ctc_frames} and "
                               f"{config.ctc_labels}")
         hidden = config.hidden_size
+        # frame f's stand-in for the next token's embedding, which a frame does not have
         self.frame_embeddings = nn.Parameter(torch.randn(config.ctc_frames, hidden) * 0.02)
         # the blank's logit: one more output row over the normed frame state (the real rows stay the target's)
         self.blank_weight = nn.Parameter(torch.zeros(hidden))
         self.blank_bias = nn.Parameter(torch.zeros(()))
 
-    def frame_inputs(self, x: torch.Tensor) -> torch.Tensor:
-        """[..., H] fused pair inputs -> [..., F, H] frame inputs."""
-        return x[..., None, :] + self.frame_embeddings.to(x.dtype)
+    def frame_input(self, previous: torch.Tensor, frame: int) -> torch.Tensor:
+        """[..., H]: frame `frame`'s fused input, from the previous frame's output (frame 0: the pair's)."""
+        slot = self.frame_embeddings[frame].to(previous.dtype).expand_as(previous)
+        return self.fc(torch.cat([previous, slot], dim=-1))
 
     def blank_logit(self, normed: torch.Tensor) -> torch.Tensor:
         """[..., 1] blank logits of normed frame states."""

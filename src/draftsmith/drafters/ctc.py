@@ -1,15 +1,17 @@
 """The CTC drafter (Wen et al., "Speculative Decoding with CTC-based Draft Model", arXiv 2412.00061).
 
 A CTC head (heads.CtcHead) keeps the EAGLE-style head's cache of the target's true features; each step it runs
-its F frames in ONE call of its decoder layer (each frame attends to the committed pairs and the frames before
-it) and reads, per frame, a distribution over the draft vocabulary plus a blank. Then:
+its F frames, a chain in feature space from the newest pair's predicted feature (one row per layer call, each
+frame attending to the committed pairs and the frames before it), and reads, per frame, a distribution over
+the draft vocabulary plus a blank. Then:
 
-1. candidate alignments: a beam over the frames from each frame's top-k entries (blank included), scored by
-   the sum of their log-probabilities;
-2. CTC collapse of each alignment: repeats merged, then blanks dropped ("a a _ a b" -> "a a b");
-3. a de-duplicated prefix tree of the collapsed candidates, each node valued by the summed probability of the
-   alignments that pass through it (several alignments collapse to one candidate);
-4. the best n nodes (a node never values more than its parent, so the set is prefix-closed), n from the
+1. candidates: CTC prefix beam search over the frames, alignments drawn from each frame's top-k tokens and the
+   blank, each alignment CTC-collapsed as it grows (repeats merged, then blanks dropped: "a a _ a b" -> "a a b")
+   and every alignment that collapses to the same candidate summed into its probability; the most probable
+   candidates are kept after each frame;
+2. a de-duplicated prefix tree of the collapsed candidates, each node valued by the summed probability of the
+   candidates that start with its path;
+3. the best n nodes (a node never values more than its parent, so the set is prefix-closed), n from the
    measured verification cost as for EAGLE trees. The tree's mask and positions are built by the verifier
    from the collapsed tree's own parents and depths, so each node is scored as its own chain would be
    (upstream gathered verification logits with indices edited in place after the collapse, and its positions
@@ -37,8 +39,8 @@ from draftsmith.heads import CtcHead
 
 @dataclass
 class CtcSearch:
-    top_k: int = 4  # entries per frame a candidate alignment may take (blank included)
-    beams: int = 16  # candidate alignments kept over the frames
+    top_k: int = 4  # tokens per frame an alignment may take (besides the blank)
+    beams: int = 16  # collapsed candidates kept after each frame
 
     def __post_init__(self) -> None:
         if self.top_k < 1 or self.beams < 1:
@@ -56,34 +58,43 @@ def ctc_collapse(alignment: list[int] | tuple[int, ...], blank: int) -> tuple[in
     return tuple(out)
 
 
-def best_alignments(log_probs: torch.Tensor, top_k: int, beams: int) -> list[tuple[tuple[int, ...], float]]:
-    """The `beams` most probable frame-by-frame paths through each frame's top_k entries: [(alignment, log p)],
-    best first. log_probs: [frames, entries]."""
-    values, entries = log_probs.topk(min(top_k, log_probs.shape[-1]), dim=-1)
-    scores = values[0][:beams]
-    paths = entries[0][:beams, None]
-    for frame in range(1, log_probs.shape[0]):
-        total = (scores[:, None] + values[frame][None]).flatten()
-        best = total.topk(min(beams, total.numel())).indices
-        width = values.shape[1]
-        paths = torch.cat([paths[best // width], entries[frame][best % width, None]], dim=1)
-        scores = total[best]
-    return list(zip(map(tuple, paths.tolist()), scores.tolist()))
+def prefix_beam_search(log_probs: torch.Tensor, top_k: int, beams: int) -> dict[tuple[int, ...], float]:
+    """CTC prefix beam search over the frames: {collapsed candidate: probability}, the probability of each summed
+    over every alignment (drawn from each frame's top_k entries and the blank) that collapses to it; the `beams`
+    most probable candidates are kept after each frame. log_probs: [frames, entries], the blank last."""
+    blank = log_probs.shape[-1] - 1
+    probs = log_probs.float().exp()
+    entries = log_probs[:, :blank].topk(min(top_k, blank), dim=-1).indices.tolist()
+    probs, blank_probs = probs.tolist(), probs[:, blank].tolist()
+    # candidate -> (probability of its alignments ending in a blank, ... ending in its last token)
+    found: dict[tuple[int, ...], tuple[float, float]] = {(): (1.0, 0.0)}
+    for frame, tokens in enumerate(entries):
+        grown: dict[tuple[int, ...], list[float]] = {}
+        for prefix, (ends_blank, ends_token) in found.items():
+            total = ends_blank + ends_token
+            grown.setdefault(prefix, [0.0, 0.0])[0] += total * blank_probs[frame]
+            for token in tokens:
+                p = probs[frame][token]
+                if prefix and token == prefix[-1]:  # a repeat merges unless a blank separates it
+                    grown[prefix][1] += ends_token * p
+                    grown.setdefault(prefix + (token,), [0.0, 0.0])[1] += ends_blank * p
+                else:
+                    grown.setdefault(prefix + (token,), [0.0, 0.0])[1] += total * p
+        kept = sorted(grown.items(), key=lambda item: -sum(item[1]))[:beams]
+        found = {prefix: (b, t) for prefix, (b, t) in kept}
+    return {prefix: b + t for prefix, (b, t) in found.items() if prefix and b + t > 0}
 
 
-def collapsed_tree(alignments: list[tuple[tuple[int, ...], float]], blank: int
-                   ) -> tuple[list[int], list[int], list[float]]:
-    """Collapse each alignment and merge the results into a prefix tree: (tokens, parents, log values), a node's
-    value the summed probability of the alignments whose collapse passes through it. Parents come first."""
+def candidate_tree(candidates: dict[tuple[int, ...], float]) -> tuple[list[int], list[int], list[float]]:
+    """A de-duplicated prefix tree of collapsed candidates: (tokens, parents, log values), a node's value the
+    summed probability of the candidates that start with its path (so never above its parent's). Parents first."""
     node_of: dict[tuple[int, ...], int] = {}
     tokens: list[int] = []
     parents: list[int] = []
     mass: list[float] = []
-    for alignment, log_p in alignments:
-        collapsed = ctc_collapse(alignment, blank)
-        p = math.exp(log_p)
-        for depth in range(1, len(collapsed) + 1):
-            prefix = collapsed[:depth]
+    for candidate, p in sorted(candidates.items(), key=lambda item: len(item[0])):
+        for depth in range(1, len(candidate) + 1):
+            prefix = candidate[:depth]
             node = node_of.get(prefix)
             if node is None:
                 node = node_of[prefix] = len(tokens)
@@ -108,36 +119,29 @@ class CtcDrafter(EagleDrafter):
 
     def reset(self, prompt_ids: list[int], sampling: SamplingConfig, generator: torch.Generator | None) -> None:
         super().reset(prompt_ids, sampling, generator)
-        self.root_input: torch.Tensor | None = None  # the newest pair's fused input, which the frames extend
         self.counts = {"steps": 0, "frames": 0, "blank_frames": 0, "collapsed_tokens": 0}
-
-    @torch.inference_mode()
-    def _run(self, features: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor
-             ) -> torch.Tensor:
-        x = self._fuse(features, tokens)
-        self.root_input = x[0, -1]
-        return self.layers.append(x, positions, allowed)[0]
 
     @torch.inference_mode()
     def frame_log_probs(self) -> torch.Tensor:
         """[F, draft vocabulary + 1] log-probabilities of this step's frames (the blank last)."""
-        frames, base = len(self.frame_embeddings), self.length
-        x = self.root_input + self.frame_embeddings
-        positions = torch.arange(base + 1, base + 1 + frames, device=self.device)
-        allowed = torch.ones(frames, base + frames, dtype=torch.bool, device=self.device).tril(base)
-        out = self.layers.append(x[None], positions, allowed)[0]
-        logits = self.layers.weights.multiply(self.parts.norm(out), self.frame_rows).float()
+        previous, base, outputs = self.root_feature, self.length, []
+        for frame, slot in enumerate(self.frame_embeddings):
+            fused = torch.cat([previous.to(self.dtype), slot])[None, None]
+            x = self.layers.weights.multiply(fused, self.fc_weight) + self.head.fc.bias
+            allowed = torch.ones(1, base + frame + 1, dtype=torch.bool, device=self.device)
+            previous = self.layers.append(x, torch.tensor([base + 1 + frame], device=self.device), allowed)[0, 0]
+            outputs.append(previous)
+        logits = self.layers.weights.multiply(self.parts.norm(torch.stack(outputs)), self.frame_rows).float()
         logits[:, -1] += self.blank_bias
         return logits.log_softmax(-1)
 
     @torch.inference_mode()
     def propose(self, context: list[int], k: int) -> Draft:
-        if self.root_input is None or k < 1:
+        if self.root_feature is None or k < 1:
             return Draft()
         log_probs = self.frame_log_probs()
-        alignments = best_alignments(log_probs, self.search.top_k, self.search.beams)
-        tokens, parents, scores = collapsed_tree(alignments, self.blank)
-        best = alignments[0][0]
+        tokens, parents, scores = candidate_tree(prefix_beam_search(log_probs, self.search.top_k, self.search.beams))
+        best = log_probs.argmax(-1).tolist()  # the best single alignment, for the statistics
         self.counts["steps"] += 1
         self.counts["frames"] += len(best)
         self.counts["blank_frames"] += sum(entry == self.blank for entry in best)

@@ -11,7 +11,8 @@ Losses, per real position, as in the papers:
 - Medusa: head j's soft cross-entropy against the target's distribution j + 1 positions ahead, heads
   weighted 0.8^j (later heads are harder and matter less: a path dies at its first miss).
 - CTC: EAGLE's regression and soft cross-entropy on the pairs, plus w_ctc * CTC loss of each anchor's F frames
-  (frame f attends to the pairs up to its anchor and the anchor's frames before it, as at decode time) against
+  (a chain in feature space from the pair's output, each frame attending to the pairs up to its anchor and the
+  anchor's frames up to itself, as at decode time) against
   the target's next L argmax tokens, with a blank that is one past the draft vocabulary, never a real token.
   Upstream's weights by default: regression 1, cross-entropy 0.1, CTC 0.01.
 Held-out evaluation reports top-1 agreement with the target; for Medusa also each head's top-k accuracy, from
@@ -131,30 +132,20 @@ def eagle_loss(model: HeadWithTarget, batch: Batch, cfg: HeadTrainConfig, unroll
     return total, metrics
 
 
-def frame_mask(anchors: int, pairs: int, frames: int, device: torch.device) -> torch.Tensor:
-    """[frames * anchors, pairs + frames * anchors] bool, rows frame-major (row f * anchors + a): frame f of
-    anchor a sees the pairs 0..a and frames 0..f of its own anchor, as the drafter's frames do at decode time."""
-    anchor = torch.arange(anchors, device=device)
-    sees_pairs = (torch.arange(pairs, device=device)[None] <= anchor[:, None]).repeat(frames, 1)
-    earlier = torch.ones(frames, frames, device=device).tril()
-    sees_frames = torch.kron(earlier, torch.eye(anchors, device=device)).bool()
-    return torch.cat([sees_pairs, sees_frames], dim=1)
-
-
-def ctc_frame_log_probs(head: CtcHead, parts: TargetParts, x: torch.Tensor, positions: torch.Tensor, cache,
-                        anchors: int) -> torch.Tensor:
-    """[F, B * anchors, draft vocabulary + 1] log-probabilities of the frames of the first `anchors` pairs, whose
-    fused inputs are x [B, pairs, H] at `positions`, over a cache holding the pairs."""
-    batch, pairs, hidden = x.shape
-    frames = head.config.ctc_frames
-    inputs = head.frame_inputs(x[:, :anchors]).transpose(1, 2).reshape(batch, frames * anchors, hidden)
-    offsets = torch.arange(1, frames + 1, device=x.device)
-    frame_positions = (positions[:, :anchors, None] + offsets).transpose(1, 2).reshape(batch, frames * anchors)
-    mask = frame_mask(anchors, pairs, frames, x.device)[None, None]
-    normed = parts.norm(head.decode(inputs, frame_positions, mask, cache))
+def ctc_frame_log_probs(head: CtcHead, parts: TargetParts, predicted: torch.Tensor, positions: torch.Tensor, cache
+                        ) -> torch.Tensor:
+    """[F, B, pairs, draft vocabulary + 1] log-probabilities of every pair's frames. predicted: [B, pairs, H] the
+    pairs' outputs over a cache holding the pairs. Frame f of anchor a sits at position a + 2 + f and sees the
+    pairs up to a and the anchor's frames up to itself: a depth-(f + 2) step of `unrolled_mask`, the attention
+    the drafter's frames have at decode time."""
+    previous, outputs = predicted, []
+    for frame in range(head.config.ctc_frames):
+        mask = unrolled_mask(predicted.shape[1], frame + 2, predicted.device)[None, None]
+        previous = head.decode(head.frame_input(previous, frame), positions + frame + 1, mask, cache)
+        outputs.append(previous)
+    normed = parts.norm(torch.stack(outputs))
     logits = torch.cat([F.linear(normed, parts.head_rows), head.blank_logit(normed)], dim=-1).float()
-    vocab = logits.shape[-1]
-    return logits.log_softmax(-1).view(batch, frames, anchors, vocab).transpose(0, 1).reshape(frames, -1, vocab)
+    return logits.log_softmax(-1)
 
 
 def ctc_loss(model: HeadWithTarget, batch: Batch, cfg: HeadTrainConfig) -> tuple[torch.Tensor, dict]:
@@ -167,17 +158,17 @@ def ctc_loss(model: HeadWithTarget, batch: Batch, cfg: HeadTrainConfig) -> tuple
     inputs = features[:, :-1]
     if model.training and cfg.noise:
         inputs = inputs + torch.randn_like(inputs) * cfg.noise * model.feature_scale
-    x = head.fc(torch.cat([inputs, parts.embed_tokens(ids[:, 1:])], dim=-1))
     positions = torch.arange(1, ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
     cache = DynamicCache()
-    predicted = head.decode(x, positions, None, cache)  # the pairs: EAGLE's losses
+    predicted = head(inputs, parts.embed_tokens(ids[:, 1:]), positions, None, cache)  # the pairs: EAGLE's losses
     following = features[:, 1:]
     regression = F.smooth_l1_loss(predicted / model.feature_scale, following / model.feature_scale)
     p = model.target_probs(following)
     log_q = parts.logits(predicted).float().log_softmax(-1)
     ce = -(p * log_q).sum(-1).mean()
 
-    log_probs = ctc_frame_log_probs(head, parts, x, positions, cache, anchors)
+    log_probs = ctc_frame_log_probs(head, parts, predicted, positions, cache)[:, :, :anchors]
+    log_probs = log_probs.reshape(log_probs.shape[0], -1, log_probs.shape[-1])  # [F, B * anchors, V + 1]
     labels = p.argmax(-1).unfold(1, labels_per_anchor, 1)[:, :anchors].reshape(-1, labels_per_anchor)
     blank = log_probs.shape[-1] - 1
     frames = log_probs.shape[0]
