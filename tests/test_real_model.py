@@ -46,7 +46,7 @@ def test_greedy_exact_on_humaneval_prompts(smollm2, prompts):
     from draftsmith.drafters import build_drafter
 
     # the default drafter: the shipped EAGLE head's tree with prompt lookup grafted on, and the head alone
-    runs += [(spec, build_drafter(spec, smollm2), 16) for spec in ("auto", "eagle", "medusa")]
+    runs += [(spec, build_drafter(spec, smollm2), 16) for spec in ("auto", "eagle", "medusa", "ctc")]
     for ids in prompts:
         reference = hf_greedy(smollm2.model, ids, NEW)
         for name, drafter, k in runs:

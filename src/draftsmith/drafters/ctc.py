@@ -122,32 +122,60 @@ class CtcDrafter(EagleDrafter):
         self.counts = {"steps": 0, "frames": 0, "blank_frames": 0, "collapsed_tokens": 0}
 
     @torch.inference_mode()
-    def frame_log_probs(self) -> torch.Tensor:
-        """[F, draft vocabulary + 1] log-probabilities of this step's frames (the blank last)."""
-        previous, base, outputs = self.root_feature, self.length, []
+    def frame_log_probs(self, anchors: torch.Tensor | None = None, sees: torch.Tensor | None = None,
+                        position: int | None = None) -> torch.Tensor:
+        """[m, F, draft vocabulary + 1] log-probabilities (the blank last) of the frames of m anchors: their
+        outputs `anchors` [m, H] (default: the newest committed pair's predicted feature), `sees` [m, cache] which
+        cache entries each anchor's frames attend to (default: the committed ones), `position` the anchors'
+        position (default: the newest committed pair's). Frame f sits at position + 1 + f."""
+        if anchors is None:
+            anchors, position = self.root_feature[None], self.length
+            sees = torch.ones(1, self.length, dtype=torch.bool, device=self.device)
+        rows, outputs = len(anchors), []
+        own = torch.eye(rows, dtype=torch.bool, device=self.device)
+        previous = anchors
         for frame, slot in enumerate(self.frame_embeddings):
-            fused = torch.cat([previous.to(self.dtype), slot])[None, None]
+            fused = torch.cat([previous.to(self.dtype), slot.expand(rows, -1)], dim=-1)[None]
             x = self.layers.weights.multiply(fused, self.fc_weight) + self.head.fc.bias
-            allowed = torch.ones(1, base + frame + 1, dtype=torch.bool, device=self.device)
-            previous = self.layers.append(x, torch.tensor([base + 1 + frame], device=self.device), allowed)[0, 0]
+            sees = torch.cat([sees, own], dim=1)
+            at = torch.full((rows,), position + 1 + frame, device=self.device)
+            previous = self.layers.append(x, at, sees)[0]
             outputs.append(previous)
-        logits = self.layers.weights.multiply(self.parts.norm(torch.stack(outputs)), self.frame_rows).float()
-        logits[:, -1] += self.blank_bias
+        logits = self.layers.weights.multiply(self.parts.norm(torch.stack(outputs, dim=1)), self.frame_rows).float()
+        logits[..., -1] += self.blank_bias
         return logits.log_softmax(-1)
+
+    def first_token_probs(self) -> torch.Tensor:
+        """[draft vocabulary]: the head's distribution of the token after the root (its newest pair's output)."""
+        return self._logits(self.root_feature[None]).float().softmax(-1)[0]
 
     @torch.inference_mode()
     def propose(self, context: list[int], k: int) -> Draft:
+        """The first level from the head's own next-token distribution (its pair output, trained for exactly that
+        token); each of its `branches` best tokens x is fed as an EAGLE step, whose frames then spell what follows
+        x: a candidate x.c is valued P(x) * P_frames(c | x), so the frames' tokens are conditioned on the first
+        token, not a marginal over it."""
         if self.root_feature is None or k < 1:
             return Draft()
-        log_probs = self.frame_log_probs()
-        tokens, parents, scores = candidate_tree(prefix_beam_search(log_probs, self.search.top_k, self.search.beams))
-        best = log_probs.argmax(-1).tolist()  # the best single alignment, for the statistics
+        first = self.first_token_probs()
+        first_p, first_ids = first.topk(min(self.search.top_k, first.shape[-1]))
+        rows, base = len(first_ids), self.length
+        sees = torch.cat([torch.ones(rows, base, dtype=torch.bool, device=self.device),
+                          torch.eye(rows, dtype=torch.bool, device=self.device)], dim=1)
+        branch = self._run(self.root_feature[None].expand(rows, -1), self.parts.to_target_ids(first_ids),
+                           torch.full((rows,), base + 1, device=self.device), sees)
+        log_probs = self.frame_log_probs(branch, sees, base + 1)
+        weighted: dict[tuple[int, ...], float] = {}
+        for x, p_x, frames in zip(first_ids.tolist(), first_p.tolist(), log_probs):
+            following = prefix_beam_search(frames, self.search.top_k, self.search.beams)
+            weighted[(x,)] = p_x * max(0.0, 1.0 - sum(following.values()))  # so that node x is worth P(x)
+            weighted.update({(x, *c): p_x * p for c, p in following.items()})
+        tokens, parents, scores = candidate_tree(weighted)
+        best = log_probs[0].argmax(-1).tolist()  # the best single alignment after the best first token
         self.counts["steps"] += 1
         self.counts["frames"] += len(best)
         self.counts["blank_frames"] += sum(entry == self.blank for entry in best)
         self.counts["collapsed_tokens"] += len(ctc_collapse(best, self.blank))
-        if not tokens:  # every candidate collapsed to nothing: the step yields the target's own token
-            return Draft()
         return self._select(tokens, parents, scores, k)
 
     def statistics(self) -> dict[str, float]:
