@@ -183,3 +183,14 @@ def test_an_unrolled_head_learns_its_later_steps(shards, target, tmp_path):
     assert set(info["heldout"]) == {"top1", "top1_step2", "top1_step3"}
     with pytest.raises(ConfigError, match="unroll"):
         HeadTrainConfig(unroll=0)
+
+
+def test_a_wall_time_budget_stops_training_early_and_saves(shards, target, tmp_path):
+    folder, _ = shards
+    head, info = train_head(target, folder, HeadTrainConfig(kind="ctc", draft_vocab=0, noise=0.0),
+                            train(tmp_path, max_steps=40, max_minutes=1e-9))
+    assert info["steps"] == 1  # the budget ran out during the first step: evaluated and saved there
+    assert load_head(tmp_path, target).config.kind == "ctc"
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-0000001"]
+    with pytest.raises(ConfigError, match="max_minutes"):
+        train(tmp_path, max_minutes=-1)

@@ -14,6 +14,7 @@ draft step. The frozen parts are never stored with a head; `TargetParts` takes t
   blank fed), each frame attending to the committed pairs and the frames before it. Frames decode through the
   frozen norm and output rows plus one blank logit, and are trained with a CTC loss against the target's next
   L tokens, so a step's frames spell several future tokens with blanks and repeats, collapsed CTC-style.
+
 A head folder holds `head.json` (HeadConfig) and `head.safetensors`; nothing is unpickled.
 """
 
@@ -207,8 +208,8 @@ def save_head(head: EagleHead | MedusaHeads, folder: Path) -> None:
 
 
 def head_dtype(target: PreTrainedModel, kind: HeadKind) -> torch.dtype:
-    """The dtype a head drafts in: the target's. An EAGLE (or CTC) head drafts through the lean forward, whose packed
-    products are fastest in bf16 (SmolLM2's head, one tree level of 4 nodes: 0.8 ms in bf16 against 5 ms in
+    """The dtype a head drafts in: the target's. An EAGLE (or CTC) head drafts through the lean forward, whose
+    packed products are fastest in bf16 (SmolLM2's head, one tree level of 4 nodes: 0.8 ms in bf16 against 5 ms in
     fp32 on a 2-core AVX-512 CPU). Medusa's blocks go through F.linear, which on CPUs runs small bf16/fp16
     products several times slower than fp32 ones: there it stays fp32."""
     if kind == "medusa" and target.device.type == "cpu":

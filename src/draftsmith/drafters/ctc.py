@@ -1,14 +1,16 @@
 """The CTC drafter (Wen et al., "Speculative Decoding with CTC-based Draft Model", arXiv 2412.00061).
 
-A CTC head (heads.CtcHead) keeps the EAGLE-style head's cache of the target's true features; each step it runs
-its F frames, a chain in feature space from the newest pair's predicted feature (one row per layer call, each
-frame attending to the committed pairs and the frames before it), and reads, per frame, a distribution over
-the draft vocabulary plus a blank. Then:
+A CTC head (heads.CtcHead) keeps the EAGLE-style head's cache of the target's true features. Each step:
 
-1. candidates: CTC prefix beam search over the frames, alignments drawn from each frame's top-k tokens and the
-   blank, each alignment CTC-collapsed as it grows (repeats merged, then blanks dropped: "a a _ a b" -> "a a b")
+0. the first level: the head's own next-token distribution (its newest pair's output, trained for exactly that
+   token); each of its top-k tokens x is fed as one EAGLE step (a tree level of k rows), and from each x the
+   head runs its F frames, a chain in feature space (one layer call per frame for all branches, each frame
+   attending to the committed pairs, its branch's node and its own earlier frames), reading per frame a
+   distribution over the draft vocabulary plus a blank;
+1. candidates after each x: CTC prefix beam search over x's frames, alignments drawn from each frame's top-k
+   tokens and the blank, each alignment CTC-collapsed as it grows (repeats merged, then blanks dropped: "a a _ a b" -> "a a b")
    and every alignment that collapses to the same candidate summed into its probability; the most probable
-   candidates are kept after each frame;
+   candidates are kept after each frame; candidate x.c is valued P(x) * P_frames(c | x);
 2. a de-duplicated prefix tree of the collapsed candidates, each node valued by the summed probability of the
    candidates that start with its path;
 3. the best n nodes (a node never values more than its parent, so the set is prefix-closed), n from the
