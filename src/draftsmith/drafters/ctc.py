@@ -41,7 +41,7 @@ from draftsmith.heads import CtcHead
 
 @dataclass
 class CtcSearch:
-    top_k: int = 4  # tokens per frame an alignment may take (besides the blank)
+    top_k: int = 4  # first-level tokens expanded, and tokens per frame an alignment may take (besides the blank)
     beams: int = 16  # collapsed candidates kept after each frame
 
     def __post_init__(self) -> None:
