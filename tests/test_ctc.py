@@ -154,7 +154,9 @@ def test_decode_time_frames_compute_what_training_computes(target, draft_vocab):
         drafter = CtcDrafter(head, target)
         drafter.reset([], SamplingConfig(), None)
         drafter.feedback(Feedback(features[: anchor + 1], tokens[: anchor + 1].tolist()))
-        torch.testing.assert_close(drafter.frame_log_probs()[0], training[:, anchor], rtol=1e-4, atol=1e-4)
+        committed = torch.ones(1, drafter.length, dtype=torch.bool)  # frames from the newest committed pair
+        frames = drafter.frame_log_probs(drafter.root_feature[None], committed, drafter.length)
+        torch.testing.assert_close(frames[0], training[:, anchor], rtol=1e-4, atol=1e-4)
     # a branch: the anchor pair fed as a draft-tree node (as propose feeds its first-level tokens), beside a
     # sibling its frames must not see
     drafter.reset([], SamplingConfig(), None)

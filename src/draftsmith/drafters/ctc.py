@@ -8,8 +8,8 @@ A CTC head (heads.CtcHead) keeps the EAGLE-style head's cache of the target's tr
    attending to the committed pairs, its branch's node and its own earlier frames), reading per frame a
    distribution over the draft vocabulary plus a blank;
 1. candidates after each x: CTC prefix beam search over x's frames, alignments drawn from each frame's top-k
-   tokens and the blank, each alignment CTC-collapsed as it grows (repeats merged, then blanks dropped: "a a _ a b" -> "a a b")
-   and every alignment that collapses to the same candidate summed into its probability; the most probable
+   tokens and the blank, each alignment CTC-collapsed as it grows (repeats merged, then blanks dropped:
+   "a a _ a b" -> "a a b") and every alignment that collapses to the same candidate summed into its probability; the most probable
    candidates are kept after each frame; candidate x.c is valued P(x) * P_frames(c | x);
 2. a de-duplicated prefix tree of the collapsed candidates, each node valued by the summed probability of the
    candidates that start with its path;
@@ -124,21 +124,15 @@ class CtcDrafter(EagleDrafter):
         self.counts = {"steps": 0, "frames": 0, "blank_frames": 0, "collapsed_tokens": 0}
 
     @torch.inference_mode()
-    def frame_log_probs(self, anchors: torch.Tensor | None = None, sees: torch.Tensor | None = None,
-                        position: int | None = None) -> torch.Tensor:
+    def frame_log_probs(self, anchors: torch.Tensor, sees: torch.Tensor, position: int) -> torch.Tensor:
         """[m, F, draft vocabulary + 1] log-probabilities (the blank last) of the frames of m anchors: their
-        outputs `anchors` [m, H] (default: the newest committed pair's predicted feature), `sees` [m, cache] which
-        cache entries each anchor's frames attend to (default: the committed ones), `position` the anchors'
-        position (default: the newest committed pair's). Frame f sits at position + 1 + f."""
-        if anchors is None:
-            anchors, position = self.root_feature[None], self.length
-            sees = torch.ones(1, self.length, dtype=torch.bool, device=self.device)
+        outputs `anchors` [m, H], `sees` [m, cache] which cache entries each anchor's frames attend to, `position`
+        the anchors' position. Frame f sits at position + 1 + f."""
         rows, outputs = len(anchors), []
         own = torch.eye(rows, dtype=torch.bool, device=self.device)
         previous = anchors
         for frame, slot in enumerate(self.frame_embeddings):
-            fused = torch.cat([previous.to(self.dtype), slot.expand(rows, -1)], dim=-1)[None]
-            x = self.layers.weights.multiply(fused, self.fc_weight) + self.head.fc.bias
+            x = self._fuse(previous, slot.expand(rows, -1))  # a frame embedding where a pair has its next token's
             sees = torch.cat([sees, own], dim=1)
             at = torch.full((rows,), position + 1 + frame, device=self.device)
             previous = self.layers.append(x, at, sees)[0]
@@ -154,7 +148,7 @@ class CtcDrafter(EagleDrafter):
     @torch.inference_mode()
     def propose(self, context: list[int], k: int) -> Draft:
         """The first level from the head's own next-token distribution (its pair output, trained for exactly that
-        token); each of its `branches` best tokens x is fed as an EAGLE step, whose frames then spell what follows
+        token); each of its `top_k` best tokens x is fed as an EAGLE step, whose frames then spell what follows
         x: a candidate x.c is valued P(x) * P_frames(c | x), so the frames' tokens are conditioned on the first
         token, not a marginal over it."""
         if self.root_feature is None or k < 1:

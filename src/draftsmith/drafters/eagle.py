@@ -72,11 +72,11 @@ class EagleDrafter:
     def _run(self, features: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor
              ) -> torch.Tensor:
         """Head forward of new pairs on top of its cache; allowed: [new, cached + new] bool."""
-        return self.layers.append(self._fuse(features, tokens), positions, allowed)[0]
+        return self.layers.append(self._fuse(features, self.parts.embed_tokens(tokens)), positions, allowed)[0]
 
-    def _fuse(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def _fuse(self, features: torch.Tensor, token_embeds: torch.Tensor) -> torch.Tensor:
         """[1, new, H]: the head's fc over (feature, embedding of the next token) pairs."""
-        pairs = torch.cat([features.to(self.dtype), self.parts.embed_tokens(tokens)], dim=-1)[None]
+        pairs = torch.cat([features.to(self.dtype), token_embeds.to(self.dtype)], dim=-1)[None]
         return self.layers.weights.multiply(pairs, self.fc_weight) + self.head.fc.bias
 
     def _logits(self, features: torch.Tensor) -> torch.Tensor:
