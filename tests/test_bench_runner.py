@@ -124,12 +124,16 @@ def test_hf_reference_methods_agree_with_greedy(saved_target):
 def test_method_list_keeps_options_with_their_method():
     assert split_methods("hf-greedy, ngram:k=16,adaptive=1@bf16,plain,model:/a/b:k=4,adaptive=1") == [
         "hf-greedy", "ngram:k=16,adaptive=1@bf16", "plain", "model:/a/b:k=4,adaptive=1"]
+    assert split_methods("plain,cascade:4,2/0,3:k=6,mag") == ["plain", "cascade:4,2/0,3:k=6", "mag"]
 
 
 def test_method_specs():
     assert parse_method("model:/a/b:k=4").arg == "/a/b" and parse_method("model:/a/b:k=4").options == {"k": 4}
     assert parse_method("ngram:k=8,max_n=3:adaptive=1").options == {"k": 8, "max_n": 3, "adaptive": 1}
     assert parse_method("hf-prompt-lookup").arg is None and parse_method("hf-prompt-lookup:10").arg == "10"
+    cascade = parse_method("cascade:4,2/0,3:k=6")
+    assert (cascade.kind, cascade.arg, cascade.options) == ("cascade", "4,2/0,3", {"k": 6})
+    assert parse_method("student").arg is None and parse_method("mag:t.safetensors:k=5").arg == "t.safetensors"
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -18,8 +18,9 @@ from draftsmith.engine import GenerationConfig, SpecEngine
 from draftsmith.models import LoadedModel
 from draftsmith.errors import ConfigError
 from draftsmith.train.cli import register
+from draftsmith.data.onpolicy import OnPolicyConfig, OnPolicyData, build_onpolicy_shards, function_prompts
 from draftsmith.train.distill import (DistillConfig, DistillLoss, StudentConfig, TokenChunks, build_student,
-                                      distill, distill_loss, principal_basis)
+                                      distill, distill_loss, principal_basis, topk_distill_loss)
 from draftsmith.train.trainer import Trainer, TrainConfig, list_checkpoints
 from tiny_models import char_tokenizer, hf_greedy, tiny_llama
 
@@ -126,9 +127,9 @@ class PowerCut(Exception):
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(corpus, teacher, tmp_path):
     data = chunks(corpus, max_chunks=10)  # 5 batches an epoch: the run crosses epochs
-    # dropout and on-policy sampling make the result depend on the RNG state, not only on weights and data
+    # dropout makes the result depend on the RNG state, not only on weights and data
     spec = StudentConfig(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, attention_dropout=0.2)
-    loss_fn = DistillLoss(teacher, alpha=0.5, temperature=1.0, on_policy=0.5)
+    loss_fn = DistillLoss(teacher, alpha=0.5, temperature=1.0)
     settings = dict(max_steps=8, batch_size=2, grad_accum=2, checkpoint_every=3, warmup_steps=2)
 
     def run(out_dir, resume=False, crash_at_call=None):
@@ -157,7 +158,8 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(corpus, teacher, 
 
 def test_saved_student_loads_with_from_pretrained(corpus, teacher, tmp_path):
     out = tmp_path / "student"
-    config = DistillConfig(corpus=corpus, heldout_percent=25, seq_len=32, eval_chunks=4, student=TINY_STUDENT)
+    config = DistillConfig(data="corpus", corpus=corpus, heldout_percent=25, seq_len=32, eval_chunks=4,
+                           student=TINY_STUDENT)
     result = distill(teacher, char_tokenizer(), config, train_config(out, max_steps=4))
     assert 0 <= result.eval["greedy_match"] <= 1
 
@@ -204,6 +206,8 @@ def test_embedding_init_keeps_the_most_of_the_target():
     (["--steps", "0"], "max_steps"),
     (["--hidden", "30", "--heads", "4"], "multiple"),
     (["--corpus", "/nonexistent/code"], "corpus not found"),
+    (["--data", "web"], "data must be 'onpolicy' or 'corpus'"),
+    (["--instruct-share", "2"], "instruct_share is a share"),
 ])
 def test_bad_settings_raise_config_error(flags, message):
     app = typer.Typer()
@@ -212,3 +216,109 @@ def test_bad_settings_raise_config_error(flags, message):
     result = CliRunner().invoke(app, ["distill", *flags])
     assert isinstance(result.exception, ConfigError), result.output
     assert message in str(result.exception)
+
+
+# ---- on-policy data ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def documented_corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("documented")
+    for i in range(16):
+        (root / f"lib_{i}.py").write_text(
+            f"import os\n\n\ndef add_{i}(x, y):\n    \"\"\"Add {i}.\"\"\"\n    return x + y + {i}\n\n\n"
+            f"class C{i}:\n    def m(self):\n        \"\"\"Method.\"\"\"\n        return {i}\n\n"
+            f"def bare(x):\n    return x\n")
+    return root
+
+
+def chat_tokenizer():
+    tokenizer = char_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant] "
+    return tokenizer
+
+
+def test_function_prompts_end_after_the_docstring(documented_corpus):
+    prompts = function_prompts(load_corpus(documented_corpus))
+    assert len(prompts) == 32  # a function and a method per file; the undocumented function is skipped
+    assert 'import os\n\n\ndef add_0(x, y):\n    """Add 0."""\n' in prompts
+    assert 'import os\n\n\ndef m(self):\n    """Method."""\n' in prompts  # a method, dedented
+
+
+ONPOLICY = dict(sequences=4, heldout_sequences=2, new_tokens=6, shard_size=2, top_logits=5, heldout_percent=25)
+
+
+def test_onpolicy_data_resumes_where_it_stopped(documented_corpus, teacher, tmp_path, monkeypatch):
+    import draftsmith.data.onpolicy as onpolicy
+
+    config = OnPolicyConfig(corpus=str(documented_corpus), **ONPOLICY)
+    build_onpolicy_shards(teacher, chat_tokenizer(), config, tmp_path / "straight", progress=False)
+
+    real, calls = onpolicy.generate_shard, 0
+
+    def cut_after_one(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise PowerCut
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(onpolicy, "generate_shard", cut_after_one)
+    with pytest.raises(PowerCut):
+        build_onpolicy_shards(teacher, chat_tokenizer(), config, tmp_path / "cut", progress=False)
+    assert json.loads((tmp_path / "cut" / "manifest.json").read_text())["done"] == ["train/0"]
+    monkeypatch.setattr(onpolicy, "generate_shard", real)
+    calls_before = calls
+    build_onpolicy_shards(teacher, chat_tokenizer(), config, tmp_path / "cut", progress=False)
+    for split, index in (("train", 0), ("train", 1), ("heldout", 0)):
+        name = f"{split}/shard-{index:05d}.safetensors"
+        a, b = load_file(str(tmp_path / "straight" / name)), load_file(str(tmp_path / "cut" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert calls == calls_before  # the resumed run went back to the real generator for the two shards left
+    more = OnPolicyConfig(corpus=str(documented_corpus), **{**ONPOLICY, "sequences": 6})
+    build_onpolicy_shards(teacher, chat_tokenizer(), more, tmp_path / "cut", progress=False)  # adds a shard
+    assert len(OnPolicyData(tmp_path / "cut", "train")) == 6 and len(OnPolicyData(tmp_path / "cut", "train", 4)) == 4
+    with pytest.raises(ConfigError, match="other settings"):
+        build_onpolicy_shards(teacher, chat_tokenizer(), OnPolicyConfig(corpus=str(documented_corpus),
+                              **{**ONPOLICY, "new_tokens": 7}), tmp_path / "cut", progress=False)
+
+
+def test_onpolicy_rows_are_the_targets_own_greedy_writing(documented_corpus, teacher, tmp_path):
+    """Shards hold what the target wrote, aligned with its top logits: on a greedy shard each generated token
+    is the top logit of the row before it, and equals transformers' greedy continuation of the prompt."""
+    config = OnPolicyConfig(corpus=str(documented_corpus), **{**ONPOLICY, "sampled_share": 0.0})
+    folder = build_onpolicy_shards(teacher, chat_tokenizer(), config, tmp_path / "data", progress=False)
+    data = OnPolicyData(folder, "train")
+    assert len(data) == 4
+    n = config.new_tokens
+    for i in range(len(data)):
+        row = data[i]
+        real = row["attention_mask"].bool()
+        written = row["input_ids"][-n:][row["generated"].bool()]
+        # each generated token is the top logit of the row that predicts it
+        assert torch.equal(row["top_ids"][row["generated"].bool(), 0], written)
+        prompt = row["input_ids"][real][: real.sum() - len(written)].tolist()
+        assert written.tolist() == hf_greedy(teacher, prompt, len(written))
+        assert row["position_ids"][real].tolist() == list(range(int(real.sum())))
+
+
+def test_topk_loss_is_the_full_kl_when_k_covers_the_vocabulary():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 5, 12), torch.randn(2, 5, 12)
+    labels = torch.randint(0, 12, (2, 5))
+    labels[1, 3:] = -100
+    top = t.topk(12, dim=-1)
+    sparse = topk_distill_loss(s, top.indices, top.values, labels, 0.3, 2.0)
+    full = distill_loss(s, t, labels, (labels != -100).long(), 0.3, 2.0)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(sparse, full))
+
+
+def test_onpolicy_distillation_raises_greedy_match(documented_corpus, teacher, tmp_path):
+    out = tmp_path / "student"
+    onpolicy = OnPolicyConfig(corpus=str(documented_corpus), **{**ONPOLICY, "sequences": 16, "heldout_sequences": 4,
+                                                               "new_tokens": 24, "shard_size": 4})
+    config = DistillConfig(data="onpolicy", onpolicy=onpolicy, student=TINY_STUDENT)
+    result = distill(teacher, chat_tokenizer(), config, train_config(out, max_steps=60, eval_every=60))
+    summary = json.loads((out / "distill.json").read_text())
+    assert result.eval["greedy_match"] > summary["heldout_untrained"]["greedy_match"] + 0.05
+    assert (out / "onpolicy" / "manifest.json").is_file()

@@ -2,11 +2,16 @@
 
 Target logits come as one row per fed position: row 0 is the root (the last committed token), row i + 1 is
 draft node i. Row r predicts the token that follows position r.
+
+An acceptance rule (greedy, rejection sampling, either made lenient) turns a draft and the reviewer's logits
+into a Verdict, which also says which distribution each emitted token was drawn from: a cascade level that
+drafts for the level above hands those up as its draft distributions q, which keeps the top review lossless.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -107,3 +112,93 @@ def _draft_distribution(draft: Draft, node: int, like: torch.Tensor) -> torch.Te
     q = torch.zeros_like(like)
     q[draft.tokens[node]] = 1.0
     return q
+
+
+@dataclass
+class Verdict:
+    path: list[int]  # accepted draft node ids, root to leaf
+    next_token: int  # the correction or bonus token after them
+    # [len(path) + 1, vocab]: the distribution each emitted token (path, then next_token) was drawn from, given
+    # the tokens before it; None for a deterministic rule (greedy)
+    dists: torch.Tensor | None = None
+
+    @property
+    def tokens_emitted(self) -> int:
+        return len(self.path) + 1
+
+
+class AcceptanceRule(Protocol):
+    def accept(self, draft: Draft, logits: torch.Tensor, generator: torch.Generator) -> Verdict:
+        """Review `draft` against the reviewer's logits (one row per fed position)."""
+
+
+@dataclass(frozen=True)
+class GreedyRule:
+    """Accept a draft token while it is the reviewer's argmax. A lenient reviewer (leniency l > 1, for cascade
+    levels below the top only) also accepts a token within a factor l of the argmax's probability."""
+
+    leniency: float = 1.0
+
+    def accept(self, draft: Draft, logits: torch.Tensor, generator: torch.Generator | None = None) -> Verdict:
+        if self.leniency == 1.0:
+            path, next_token = accept_greedy(draft, logits)
+            return Verdict(path, next_token)
+        log_probs = logits.float().log_softmax(-1)
+        best_log_prob, best = log_probs.max(-1)
+        floor = (best_log_prob - torch.tensor(self.leniency).log()).tolist()
+        children, path, node = draft.children(), [], ROOT
+        while True:
+            row = log_probs[node + 1]
+            node = next((c for c in children.get(node, ()) if row[draft.tokens[c]] >= floor[node + 1]), None)
+            if node is None:
+                return Verdict(path, int(best[path[-1] + 1 if path else 0]))
+            path.append(node)
+
+
+@dataclass(frozen=True)
+class RejectionRule:
+    """Speculative sampling (recursive rejection over a tree): lossless at leniency 1. A lenient reviewer
+    accepts x with probability min(1, l * p(x) / q(x)); it then no longer samples p, and its Verdict reports
+    the distribution it did sample, so the level above stays exact."""
+
+    sampling: SamplingConfig
+    leniency: float = 1.0
+
+    def accept(self, draft: Draft, logits: torch.Tensor, generator: torch.Generator) -> Verdict:
+        probs = processed_probs(logits, self.sampling)
+        if self.leniency == 1.0:
+            path, next_token = accept_sampling(draft, probs, generator)
+            # the theorem of speculative sampling: every emitted token is distributed as the reviewer's p
+            return Verdict(path, next_token, probs[[0] + [node + 1 for node in path]])
+        return self._lenient(draft, probs, generator)
+
+    def _lenient(self, draft: Draft, probs: torch.Tensor, generator: torch.Generator) -> Verdict:
+        children, path, dists, node = draft.children(), [], [], ROOT
+        while True:
+            p = probs[node + 1]
+            emitted = torch.zeros_like(p)  # the emitted token's law, marginal over the siblings' coin flips
+            survive, chosen, rest = 1.0, None, p
+            for child in children.get(node, ()):
+                q = _draft_distribution(draft, child, p)
+                accepted = torch.minimum(q, self.leniency * rest)  # mass of "x drafted and accepted"
+                emitted += survive * accepted
+                x = draft.tokens[child]
+                accept_prob = accepted[x] / q[x] if q[x] > 0 else p.new_tensor(0.0)
+                if chosen is None and torch.rand((), generator=generator, device=p.device) < accept_prob:
+                    chosen = child
+                survive *= float(1 - accepted.sum())
+                residual = (rest - q).clamp(min=0)
+                rest = residual / residual.sum() if residual.sum() > 0 else rest
+            emitted += survive * rest
+            dists.append(emitted / emitted.sum())
+            if chosen is None:
+                return Verdict(path, int(torch.multinomial(rest, 1, generator=generator)), torch.stack(dists))
+            path.append(chosen)
+            node = chosen
+
+
+def acceptance_rule(sampling: SamplingConfig, leniency: float = 1.0) -> AcceptanceRule:
+    """The rule for these sampling settings; leniency > 1 only where a lossy review is allowed."""
+    if leniency < 1:
+        raise ConfigError(f"leniency must be >= 1 (1 = exact review), got {leniency}")
+    return GreedyRule(leniency) if sampling.greedy else RejectionRule(sampling, leniency)

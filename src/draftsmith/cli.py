@@ -124,11 +124,13 @@ _register_export(app)
 
 from draftsmith.bench.cli import register as _register_bench  # noqa: E402
 from draftsmith.train.cli import register as _register_distill  # noqa: E402
+from draftsmith.bigram_cli import register as _register_bigram  # noqa: E402
 
 from draftsmith.train.heads_cli import train_app  # noqa: E402
 
 _register_bench(app)
 _register_distill(app)
+_register_bigram(app)
 app.add_typer(train_app, name="train")
 
 

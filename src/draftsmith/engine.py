@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from draftsmith.acceptance import SamplingConfig, accept_greedy, accept_sampling, processed_probs
+from draftsmith.acceptance import SamplingConfig, acceptance_rule
 from draftsmith.adaptive import DraftLength
 from draftsmith.draft import Draft
 from draftsmith.drafters import Drafter, Feedback
+from draftsmith.step import Stats, speculative_step
 from draftsmith.errors import ConfigError
 from draftsmith.models import encode_prompt, eos_token_ids
 from draftsmith.streaming import TextStream
@@ -33,42 +34,6 @@ class GenerationConfig:
             raise ConfigError(f"k (draft tokens per step) must be >= 0, got {self.k}")
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-
-
-@dataclass
-class Stats:
-    prompt_tokens: int = 0
-    new_tokens: int = 0
-    target_steps: int = 0  # target forwards after prefill
-    proposed: int = 0  # draft tokens proposed (for trees: the deepest level)
-    accepted: int = 0  # draft tokens accepted
-    prefill_s: float = 0.0
-    draft_s: float = 0.0
-    verify_s: float = 0.0  # target forward + acceptance + cache commit
-    draft_nodes: int = 0  # nodes verified (chains: tokens; trees: every node)
-    accepted_lengths: list[int] = field(default_factory=list)  # [n]: steps that accepted n draft tokens
-    drafter: dict[str, float] = field(default_factory=dict)  # the drafter's own statistics, where it keeps some
-    last_draft_s: float = field(default=0.0, repr=False)  # the latest step's drafting time
-    total_s: float = 0.0
-
-    @property
-    def tau(self) -> float:
-        """Mean tokens per target step, bonus token included (1.0 for plain decoding)."""
-        return self.new_tokens / self.target_steps if self.target_steps else 0.0
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.proposed if self.proposed else 0.0
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.new_tokens / self.total_s if self.total_s else 0.0
-
-    def as_dict(self) -> dict:
-        stats = asdict(self)
-        stats.pop("last_draft_s")
-        return {**stats, "tau": self.tau, "acceptance_rate": self.acceptance_rate,
-                "tokens_per_s": self.tokens_per_s}
 
 
 @dataclass
@@ -185,35 +150,11 @@ class SpecEngine:
     def step(
         self, context: list[int], k: int, sampling: SamplingConfig, generator: torch.Generator, stats: Stats
     ) -> tuple[Draft, list[int], int]:
-        """One speculative step: draft (at most k nodes), score the draft in one target forward, accept,
-        commit the accepted path, tell a feature drafter what was kept. Returns the draft, the accepted node
-        ids and the correction / bonus token."""
-        wants_features = self.wants_features
-        t0 = time.perf_counter()
-        draft = self.drafter.propose(context, k) if k > 0 else Draft()
-        draft.check(budget=k)
-        t1 = time.perf_counter()
-        scored = self.runner.score(context[-1], draft, features=wants_features)
-        logits, features = scored if wants_features else (scored, None)
-        if sampling.greedy:
-            path, next_token = accept_greedy(draft, logits)
-        else:
-            path, next_token = accept_sampling(draft, processed_probs(logits, sampling), generator)
-        self.runner.commit(path)
-        t2 = time.perf_counter()
-        if wants_features:  # the drafter's own forward over what was kept counts as drafting
-            kept_rows = torch.tensor([0] + [node + 1 for node in path], device=features.device)
-            self.drafter.feedback(Feedback(features[kept_rows], [draft.tokens[i] for i in path] + [next_token], path))
-        stats.last_draft_s = (t1 - t0) + (time.perf_counter() - t2)
-        stats.draft_s += stats.last_draft_s
-        stats.verify_s += t2 - t1
-        stats.target_steps += 1
-        stats.proposed += max(draft.depths(), default=0)
-        stats.accepted += len(path)
-        stats.accepted_lengths += [0] * (len(path) + 1 - len(stats.accepted_lengths))
-        stats.accepted_lengths[len(path)] += 1
-        stats.draft_nodes += len(draft)
-        return draft, path, next_token
+        """One speculative step of the target (step.speculative_step). Returns the draft, the accepted node ids
+        and the correction / bonus token."""
+        step = speculative_step(self.drafter, self.runner, acceptance_rule(sampling), context, k, generator, stats,
+                                features=self.wants_features)
+        return step.draft, step.verdict.path, step.verdict.next_token
 
     def _cut(self, tokens: list[int], config: GenerationConfig, produced: int) -> tuple[list[int], str | None]:
         """Truncate a step's tokens at EOS (kept) or at the max_new_tokens budget."""

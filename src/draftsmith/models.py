@@ -129,6 +129,15 @@ def _locate(spec: str) -> tuple[str, dict]:
 BACKENDS = ("torch", "llamacpp")
 
 
+def load_tokenizer(spec: str = DEFAULT_TARGET, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model spec alone (no weights loaded)."""
+    location, extra = _locate(spec)
+    try:
+        return AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code, **extra)
+    except OSError as e:
+        raise ModelLoadError(f"could not load the tokenizer of '{spec}': {e}") from e
+
+
 def load_model(
     spec: str = DEFAULT_TARGET,
     device: str = "cpu",

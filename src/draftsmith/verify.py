@@ -36,6 +36,9 @@ class TargetRunner:
         self.lm = cached_lm(model, lean=lean, compile=compile, weights=weights)
         self.compile_s: float | None = getattr(self.lm, "compile_s", None)  # None: eager
         self.length = 0  # committed tokens in the cache
+        self.tokens: list[int] = []  # those tokens (a cascade level syncs its cache to each new context by them)
+        self._fed: list[int] = []  # the latest scored root and draft tokens
+        self.vocab_size: int | None = None  # logits kept per row (a draft model's beyond the target's are cut)
         self._costs: CostCurve | None = None
 
     def prefill(self, prompt_ids: list[int], features: bool = False) -> torch.Tensor | None:
@@ -49,6 +52,7 @@ class TargetRunner:
         elif features:
             hidden = torch.empty(0, self.model.config.hidden_size, dtype=self.model.dtype, device=self.model.device)
         self.length = len(prompt_ids) - 1
+        self.tokens = list(prompt_ids[:-1])
         return hidden
 
     def score(
@@ -56,18 +60,38 @@ class TargetRunner:
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits [1 + len(draft), vocab] for the root and every draft node, in one forward (with `features`,
         also their hidden states [1 + len(draft), hidden])."""
-        ids = [root_token, *draft.tokens]
+        ids = self._fed = [root_token, *draft.tokens]
         if draft.is_chain:
-            return self.lm.forward(ids, features=features)
-        positions = [self.length + depth for depth in (0, *draft.depths())]
-        mask = tree_mask(draft).to(self.model.device)
-        return self.lm.forward(ids, positions=positions, tree_mask=mask, features=features)
+            out = self.lm.forward(ids, features=features)
+        else:
+            positions = [self.length + depth for depth in (0, *draft.depths())]
+            mask = tree_mask(draft).to(self.model.device)
+            out = self.lm.forward(ids, positions=positions, tree_mask=mask, features=features)
+        if self.vocab_size is None:
+            return out
+        return (out[0][:, : self.vocab_size], out[1]) if features else out[:, : self.vocab_size]
 
     def commit(self, path: list[int]) -> None:
         """Keep the root and the accepted nodes (in path order); drop every other entry of the last step."""
         keep = [0] + [node + 1 for node in path]
         self.lm.keep(self.length, keep)
         self.length += len(keep)
+        self.tokens += [self._fed[i] for i in keep]
+
+    def sync(self, context: list[int]) -> None:
+        """Make the cache hold context[:-1] (its last token becomes the root): keep the longest prefix the cache
+        already holds, drop the rest (tokens a level above rejected), feed what is new in one forward."""
+        held = self.tokens if len(self.tokens) < len(context) else self.tokens[: len(context) - 1]
+        keep = len(held) if context[: len(held)] == held else next(i for i, (a, b) in enumerate(zip(held, context)) if a != b)
+        if keep < self.length:
+            self.lm.truncate(keep)
+            del self.tokens[keep:]
+            self.length = keep
+        new = context[keep:-1]
+        if new:
+            self.lm.forward(new, last_only=True)
+            self.tokens += new
+            self.length += len(new)
 
     def costs(self) -> CostCurve:
         """This target's forward cost by number of tokens fed (measured once per machine, cached on disk, read

@@ -1,6 +1,8 @@
 """What a benchmark run is asked to do: the method specs and the run's settings, checked before anything loads.
 
-A method spec names one way of decoding: ours (`plain`, `ngram[:k=8,min_n=1,max_n=4]`, `model:PATH[:k=4]`;
+A method spec names one way of decoding: ours (`plain`, `ngram[:k=8,min_n=1,max_n=4]`, `model:PATH[:k=4]`,
+`student[:DIR][:k=4]` (the shipped distilled student), `mag[:FILE][:k=8]` (prompt lookup + bigram chain),
+`cascade[:K-MATRIX|:FILE.toml]` (CS-Drafting, drafters/cascade.py);
 `adaptive=1` lets the engine choose each step's draft length up to k; `eagle[:DIR][:k=32,depth=6,top_k=8]`
 `medusa[:DIR][:k=32]` and `ctc[:DIR][:k=32,top_k=4,beams=16]`, feature heads drafting trees of at most k nodes,
 the shipped head without DIR;
@@ -29,12 +31,16 @@ DEFAULT_METHODS = ("hf-greedy", "hf-prompt-lookup:10", "plain", "ngram:k=8")
 # method kind -> the key=value options its spec accepts
 OPTIONS = {"plain": ("compile", "fast", "quant", "llamacpp"),
            "ngram": ("k", "min_n", "max_n", "adaptive", "compile", "fast", "quant", "llamacpp"),
-           "model": ("k", "adaptive", "compile", "fast", "quant", "llamacpp"), "eagle": ("k", "depth", "top_k", "lookup", "compile", "fast"),
+           "model": ("k", "adaptive", "compile", "fast", "quant", "llamacpp"),
+           "student": ("k", "adaptive", "compile", "fast", "quant", "llamacpp"),
+           "mag": ("k", "adaptive", "compile", "fast", "quant", "llamacpp"), "cascade": ("k", "compile", "fast"),
+           "eagle": ("k", "depth", "top_k", "lookup", "compile", "fast"),
            "medusa": ("k", "compile", "fast"), "ctc": ("k", "top_k", "beams", "compile", "fast"), "hf-greedy": (),
            "hf-prompt-lookup": (), "hf-assisted": (),
            "llamacpp": (), "llamacpp-lookup": (), "llama-server": ("n", "m", "draft_max")}
 PEERS = ("llamacpp", "llamacpp-lookup", "llama-server")  # llama.cpp's own decoding (bench/peers.py)
-DEFAULT_K = {"ngram": 8, "model": 4, "eagle": 32, "medusa": 32, "ctc": 32}  # heads: tree nodes, at most
+DEFAULT_K = {"ngram": 8, "model": 4, "student": 4, "mag": 8, "cascade": 16, "eagle": 32, "medusa": 32,
+             "ctc": 32}  # heads: tree nodes, at most; cascade: its k-matrix's row 0 bounds it too
 
 
 @dataclass(frozen=True)
@@ -81,11 +87,12 @@ def parse_method(spec: str) -> MethodSpec:
 
 
 def split_methods(text: str) -> list[str]:
-    """A comma list of method specs, where a spec's own key=value options may follow it after commas too:
-    "plain,ngram:k=16,adaptive=1@bf16" is ["plain", "ngram:k=16,adaptive=1@bf16"]."""
+    """A comma list of method specs, where a spec's own key=value options, or the rest of a cascade's k-matrix
+    (a part starting with a digit: no method name does), may follow it after commas too:
+    "plain,ngram:k=16,adaptive=1@bf16,cascade:4,2/0,3" is ["plain", "ngram:k=16,adaptive=1@bf16", "cascade:4,2/0,3"]."""
     methods: list[str] = []
     for part in (p.strip() for p in text.split(",")):
-        if methods and "=" in part and ":" not in part:
+        if methods and (("=" in part and ":" not in part) or part[:1].isdigit()):
             methods[-1] += f",{part}"
         elif part:
             methods.append(part)

@@ -80,7 +80,7 @@ def _engine_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int, s
     adaptive = bool(options.pop("adaptive", 0))
     compile = bool(options.pop("compile", 0))
     drafter_spec = {"plain": "none", "ngram": "ngram", "model": f"model:{spec.arg}"}.get(spec.kind)
-    if spec.kind in ("eagle", "medusa", "ctc"):
+    if spec.kind in ("eagle", "medusa", "ctc", "student", "mag", "cascade"):
         drafter_spec = f"{spec.kind}:{spec.arg}" if spec.arg else spec.kind
     # token ids in and out, like HF generate: no tokenizer, so no incremental detokenizing inside the timing
     weights = "fastest" if options.pop("fast", 0) else "auto"

@@ -66,34 +66,71 @@ def default_drafter(target: LoadedModel) -> str:
 
 
 def build_drafter(spec: str, target: LoadedModel, **options) -> Drafter | None:
-    """`auto`, `none`, `ngram`, `model:PATH` (a smaller causal LM with the target's tokenizer), `eagle[:DIR]`,
-    `eagle+ngram[:DIR]`, `medusa[:DIR]` or `ctc[:DIR]`."""
+    """`auto`, `none`, `ngram`, `model:PATH` (a smaller causal LM with the target's tokenizer), `student[:DIR]`
+    (the distilled student shipped for the target, or one in DIR), `mag[:FILE]` (prompt lookup + bigram chain),
+    `cascade[:K-MATRIX|:FILE.toml]` (CS-Drafting), `eagle[:DIR]`, `eagle+ngram[:DIR]`, `medusa[:DIR]` or
+    `ctc[:DIR]`."""
     if spec in ("none", "", None):
         return None
     if spec == "auto":
         spec = default_drafter(target)
+    kind, _, path = spec.partition(":")
     if spec == "ngram":
         from draftsmith.drafters.ngram import NgramDrafter
 
         return NgramDrafter(**{k: v for k, v in options.items() if k in ("min_n", "max_n")})
-    if spec.startswith("model:"):
+    if kind in ("model", "student"):
         from draftsmith.drafters.model import ModelDrafter
-        from draftsmith.models import check_same_vocabulary, load_model, logit_rows
+        from draftsmith.models import logit_rows
 
-        path = spec.removeprefix("model:")
-        if not path:
-            raise ConfigError("give the draft model after 'model:', e.g. model:runs/student")
-        draft = load_model(path, device=str(target.device), dtype=str(target.dtype).removeprefix("torch."))
-        check_same_vocabulary(target, draft)
-        # a draft model with more logits than the target must not draft ids the target cannot embed
-        return ModelDrafter(draft.model, vocab_size=logit_rows(target.model))
-    kind, _, path = spec.partition(":")
+        return ModelDrafter(draft_model(spec, target), vocab_size=logit_rows(target.model))
+    if kind == "mag":
+        from draftsmith.drafters.mag import BigramTable, MagDrafter
+
+        table = Path(path) if path else shipped_file(target, "bigram", "bigram.safetensors", "build-bigram")
+        return MagDrafter(BigramTable.load(table, target.tokenizer))
+    if kind == "cascade":
+        from draftsmith.drafters.cascade import build_cascade, parse_cascade
+        from draftsmith.models import logit_rows
+
+        def level(level_spec: str):
+            if level_spec.partition(":")[0] in ("model", "student"):
+                return "model", draft_model(level_spec, target)
+            if level_spec.partition(":")[0] in ("mag", "ngram"):
+                return "drafter", build_drafter(level_spec, target)
+            raise ConfigError(f"cascade level '{level_spec}': use model:PATH, student[:DIR], mag[:FILE] or ngram")
+
+        return build_cascade(parse_cascade(path), level, vocab_size=logit_rows(target.model))
     if kind == "eagle+ngram":  # the head's tree with prompt lookup's chain grafted on
         kind, options = "eagle", {"lookup": 8, **options}
     if kind in ("eagle", "medusa", "ctc"):
         return _head_drafter(kind, path, target, options)
-    raise ConfigError(f"unknown drafter '{spec}': use auto, none, ngram, model:PATH, eagle[:DIR], "
-                      "eagle+ngram[:DIR], medusa[:DIR] or ctc[:DIR]")
+    raise ConfigError(f"unknown drafter '{spec}': use auto, none, ngram, model:PATH, student[:DIR], mag[:FILE], "
+                      "cascade[:K-MATRIX|:FILE.toml], eagle[:DIR], eagle+ngram[:DIR], medusa[:DIR] or ctc[:DIR]")
+
+
+def draft_model(spec: str, target: LoadedModel):
+    """The draft LM of `model:PATH` or `student[:DIR]`, loaded like the target (device, dtype) and checked to
+    share its vocabulary."""
+    from draftsmith.models import check_same_vocabulary, load_model
+
+    kind, _, path = spec.partition(":")
+    if kind == "model" and not path:
+        raise ConfigError("give the draft model after 'model:', e.g. model:runs/student")
+    if kind == "student" and not path:
+        path = str(shipped_file(target, "student", "config.json", "distill").parent)
+    draft = load_model(path, device=str(target.device), dtype=str(target.dtype).removeprefix("torch."))
+    check_same_vocabulary(target, draft)
+    return draft.model
+
+
+def shipped_file(target: LoadedModel, kind: str, filename: str, command: str) -> Path:
+    """A file the package ships for an embedded target (the student, the bigram table), or a clear error."""
+    path = shipped_head_folder(target.name, kind) / filename
+    if not path.is_file():
+        raise ConfigError(f"no {kind} ships for target '{target.name}': make one with `draftsmith {command} "
+                          f"--target {target.name} --out PATH` and give its PATH after '{kind}:'")
+    return path
 
 
 def shipped_head_folder(target_name: str, kind: str) -> Path:

@@ -2,7 +2,9 @@
 followed its first occurrence.
 
 The index maps each n-gram (min_n <= n <= max_n) to where its first occurrence ended; it is updated
-incrementally as tokens are committed, so a proposal costs O(max_n) lookups, not a context scan. The first
+incrementally as tokens are committed, so a proposal costs O(max_n) lookups, not a context scan. Inside a
+cascade the context it sees holds drafted tokens that may be rejected later: the index then unregisters what it
+learnt from them. The first
 occurrence beats the most recent one on code: replaying HF greedy outputs of SmolLM2 on HumanEval prompts,
 drafts of 10 tokens gave 2.84 tokens per step against 2.54 (n-grams of 1 to 4 tokens).
 """
@@ -23,26 +25,40 @@ class NgramDrafter:
         if not 1 <= min_n <= max_n:
             raise ConfigError(f"n-gram sizes need 1 <= min_n <= max_n, got min_n={min_n}, max_n={max_n}")
         self.min_n, self.max_n = min_n, max_n
-        self.indexed = 0  # context tokens whose n-grams are in the index
+        self.seen: list[int] = []  # the tokens indexed
         self.follower: dict[tuple[int, ...], int] = {}  # n-gram -> index of the token after its first occurrence
+        self.registered: list[list[tuple[int, ...]]] = []  # [end]: the n-grams first registered with follower end
 
     def cost_per_token(self) -> float:
         return 0.0  # a dictionary lookup: nothing next to a forward pass
 
     def reset(self, prompt_ids: list[int], sampling: SamplingConfig, generator: torch.Generator) -> None:
-        self.indexed, self.follower = 0, {}
+        self.seen, self.follower, self.registered = [], {}, []
 
-    def _extend(self, context: list[int]) -> None:
+    def _sync(self, context: list[int]) -> None:
+        indexed = len(self.seen)
+        if len(context) < indexed or context[:indexed] != self.seen:
+            # tokens indexed earlier were rejected: forget the n-grams that followed or contained them
+            indexed = next((i for i, (a, b) in enumerate(zip(self.seen, context)) if a != b), min(indexed, len(context)))
+            for keys in self.registered[max(indexed, 1) :]:
+                for key in keys:
+                    del self.follower[key]
+            del self.registered[max(indexed, 1) :]
+        if not self.registered:
+            self.registered.append([])  # position 0 follows no n-gram
         # register the n-grams whose follower is now known, i.e. ending before the last token
-        for end in range(max(self.indexed, 1), len(context)):
+        for end in range(max(indexed, 1), len(context)):
+            new = []
             for n in range(self.min_n, min(self.max_n, end) + 1):
-                self.follower.setdefault(tuple(context[end - n : end]), end)
-        self.indexed = len(context)
+                key = tuple(context[end - n : end])
+                if key not in self.follower:
+                    self.follower[key] = end
+                    new.append(key)
+            self.registered.append(new)
+        self.seen = list(context)
 
     def propose(self, context: list[int], k: int) -> Draft:
-        if len(context) < self.indexed:  # the protocol says context only grows within a request
-            self.indexed, self.follower = 0, {}
-        self._extend(context)
+        self._sync(context)
         for n in range(min(self.max_n, len(context)), self.min_n - 1, -1):
             start = self.follower.get(tuple(context[-n:]))
             if start is not None:

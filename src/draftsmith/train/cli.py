@@ -22,13 +22,22 @@ def distill_command(
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 300,
     batch_size: Annotated[int, typer.Option(help="Sequences per micro-batch (per GPU).")] = 8,
     grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
-    seq_len: Annotated[int, typer.Option(help="Tokens per training sequence.")] = 128,
+    seq_len: Annotated[int, typer.Option(help="Tokens per training sequence (corpus data).")] = 128,
     lr: Annotated[float, typer.Option(help="Peak learning rate (cosine decay to a tenth).")] = 2e-3,
     warmup: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 30,
     alpha: Annotated[float, typer.Option(help="Weight of CE on data; 1 - alpha goes to KL to the teacher.")] = 0.2,
     temperature: Annotated[float, typer.Option(help="Softmax temperature of the KL term.")] = 1.0,
-    on_policy: Annotated[float, typer.Option(help="Fraction of sequences whose second half the teacher "
-                                                  "generates (KL only); 0 turns it off.")] = 0.0,
+    data: Annotated[str, typer.Option(help="onpolicy: the target's own replies to prompts cut from the corpus "
+                                           "(generated once, cached, resumable); corpus: the corpus text itself.")]
+    = "onpolicy",
+    data_dir: Annotated[Optional[Path], typer.Option(help="Folder of the on-policy data (reused by later runs "
+                                                          "with the same settings); default: OUT/onpolicy.")] = None,
+    sequences: Annotated[int, typer.Option(help="On-policy training sequences to generate.")] = 2048,
+    new_tokens: Annotated[int, typer.Option(help="Tokens the target writes per on-policy sequence.")] = 128,
+    instruct_share: Annotated[float, typer.Option(help="Share of on-policy prompts sent as a chat request to "
+                                                       "complete the function (the rest: the bare code).")] = 0.5,
+    sampled_share: Annotated[float, typer.Option(help="Share of on-policy batches sampled (the rest greedy).")] = 0.5,
+    generate_batch: Annotated[int, typer.Option(help="Sequences per generate call (larger on a GPU).")] = 32,
     layers: Annotated[int, typer.Option(help="Student transformer layers.")] = 4,
     hidden: Annotated[int, typer.Option(help="Student hidden size.")] = 256,
     heads: Annotated[int, typer.Option(help="Student attention heads.")] = 4,
@@ -47,6 +56,7 @@ def distill_command(
     trust_remote_code: bool = False,
 ) -> None:
     """Train a small student LM to imitate the target, for use as a draft model."""
+    from draftsmith.data.onpolicy import OnPolicyConfig
     from draftsmith.models import load_model
     from draftsmith.train.distill import DistillConfig, StudentConfig, distill
     from draftsmith.train.trainer import TrainConfig
@@ -55,8 +65,11 @@ def distill_command(
     if corpus is not None and not corpus.exists():
         raise ConfigError(f"corpus not found: {corpus} (give a folder of source files or a .jsonl file)")
     student = StudentConfig(hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads)
-    config = DistillConfig(corpus=corpus, heldout_percent=heldout_percent, seq_len=seq_len, alpha=alpha,
-                           temperature=temperature, on_policy=on_policy, student=student,
+    onpolicy = OnPolicyConfig(corpus=str(corpus) if corpus else None, heldout_percent=heldout_percent,
+                              sequences=sequences, new_tokens=new_tokens, instruct_share=instruct_share,
+                              sampled_share=sampled_share, shard_size=generate_batch, seed=seed)
+    config = DistillConfig(data=data, corpus=corpus, heldout_percent=heldout_percent, seq_len=seq_len, alpha=alpha,
+                           temperature=temperature, onpolicy=onpolicy, data_dir=data_dir, student=student,
                            init_embeddings=init_embeddings, init_head=init_head)
     train = TrainConfig(out_dir=out, max_steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                         warmup_steps=warmup, device=device, mixed_precision=mixed_precision, seed=seed,

@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from draftsmith.data.corpus import CodeDocument, load_corpus
+from draftsmith.data.onpolicy import OnPolicyConfig, OnPolicyData, build_onpolicy_shards
 from draftsmith.errors import ConfigError
 from draftsmith.train.trainer import Batch, Trainer, TrainConfig, TrainResult
 
@@ -199,14 +200,10 @@ class DistillLoss:
     teacher: PreTrainedModel
     alpha: float
     temperature: float
-    on_policy: float = 0.0  # fraction of each batch's sequences whose second half the teacher writes
-    pad_id: int = 0
 
     def __call__(self, student: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ids, attn = batch["input_ids"], batch["attention_mask"]
         labels = ids[:, 1:].masked_fill(attn[:, 1:] == 0, IGNORE)
-        if self.on_policy > 0:
-            ids, attn, labels = self.teacher_continuations(ids, attn, labels)
         with torch.no_grad():
             teacher_logits = self.teacher(input_ids=ids, attention_mask=attn).logits
         student_logits = student(input_ids=ids, attention_mask=attn).logits
@@ -215,31 +212,50 @@ class DistillLoss:
                                      self.alpha, self.temperature)
         return total, {"ce": ce.detach(), "kl": kl.detach()}
 
-    @torch.no_grad()
-    def teacher_continuations(self, ids, attn, labels):
-        """On-policy data: the first half of some sequences is kept, the teacher samples the rest (T = 1,
-        its own distribution, which is what a drafter meets at inference). Generated tokens get KL only."""
-        seq_len = ids.shape[1]
-        prompt = seq_len // 2
-        full = attn[:, :prompt].all(dim=1).nonzero().flatten()
-        rows = full[: round(self.on_policy * ids.shape[0])]
-        if len(rows) == 0 or prompt == 0:
-            return ids, attn, labels
-        out = self.teacher.generate(
-            input_ids=ids[rows, :prompt], attention_mask=attn[rows, :prompt], max_new_tokens=seq_len - prompt,
-            min_new_tokens=1, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=self.pad_id,
-        )[:, prompt:]
-        new = torch.full((len(rows), seq_len - prompt), self.pad_id, dtype=ids.dtype, device=ids.device)
-        new[:, : out.shape[1]] = out
-        # generation stops at EOS; what follows it is padding (the EOS itself is a real token)
-        eos = self.teacher.generation_config.eos_token_id
-        is_eos = torch.isin(new, torch.tensor([eos] if isinstance(eos, int) else (eos or []), device=ids.device))
-        eos_before = is_eos.long().cumsum(dim=1) - is_eos.long()
-        real = (eos_before == 0) & (torch.arange(new.shape[1], device=ids.device) < out.shape[1])
-        ids, attn, labels = ids.clone(), attn.clone(), labels.clone()
-        ids[rows, prompt:], attn[rows, prompt:] = new, real.to(attn.dtype)
-        labels[rows, prompt - 1 :] = IGNORE
-        return ids, attn, labels
+
+def topk_distill_loss(
+    student_logits: torch.Tensor,
+    top_ids: torch.Tensor,
+    top_values: torch.Tensor,
+    labels: torch.Tensor,
+    alpha: float,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(total, ce, kl) averaged over the positions that have a label, with the teacher known by its top logits
+    only ([..., K] ids and values): KL from the teacher's distribution renormalised over its top K (most of its
+    mass on code) to the student's, whose log-probabilities stay normalised over the whole vocabulary."""
+    has_label = labels != IGNORE
+    s = student_logits[has_label].float()  # [n, V]
+    ce = F.cross_entropy(s, labels[has_label]) if len(s) else s.sum()
+    log_p_s = F.log_softmax(s / temperature, dim=-1).gather(-1, top_ids[has_label])
+    log_p_t = F.log_softmax(top_values[has_label].float() / temperature, dim=-1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1).mean() if len(s) else s.sum()
+    return alpha * ce + (1 - alpha) * temperature**2 * kl, ce, kl
+
+
+def generated_logits(student: nn.Module, batch: Batch) -> torch.Tensor:
+    """[B, N, V]: the student's logits at the rows that predict the N generated tokens, which are the last N
+    columns of every row (on-policy data is left-padded): only those rows go through the output head."""
+    n = batch["generated"].shape[1]
+    out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  position_ids=batch["position_ids"], logits_to_keep=n + 1)
+    return out.logits[:, :-1]
+
+
+@dataclass
+class OnPolicyLoss:
+    """loss_fn on on-policy shards: the target's top logits came with the data, so training runs no teacher.
+    Only the target's own tokens are predicted (the prompt is context: the student never drafts it)."""
+
+    alpha: float
+    temperature: float
+
+    def __call__(self, student: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        n = batch["generated"].shape[1]
+        labels = batch["input_ids"][:, -n:].masked_fill(~batch["generated"].bool(), IGNORE)
+        total, ce, kl = topk_distill_loss(generated_logits(student, batch), batch["top_ids"], batch["top_values"],
+                                          labels, self.alpha, self.temperature)
+        return total, {"ce": ce.detach(), "kl": kl.detach()}
 
 
 # ---- evaluation -----------------------------------------------------------------------------------------
@@ -276,18 +292,46 @@ class HeldoutEval:
         return {"greedy_match": matches / max(n, 1), "ce": ce, "ppl": math.exp(min(ce, 50.0))}
 
 
+class OnPolicyEval:
+    """Greedy match on held-out on-policy sequences: the share of the target's own tokens where the student's
+    argmax is the target's (its top logit), i.e. the greedy acceptance of one drafted token."""
+
+    def __init__(self, data: OnPolicyData, batch_size: int):
+        self.data, self.batch_size = data, batch_size
+
+    @torch.no_grad()
+    def __call__(self, student: nn.Module) -> dict[str, float]:
+        device = next(student.parameters()).device
+        matches = ce_sum = n = 0.0
+        for start in range(0, len(self.data), self.batch_size):
+            batch = default_collate([self.data[i] for i in range(start, min(start + self.batch_size, len(self.data)))])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = generated_logits(student, batch).float()
+            predicted = batch["generated"].bool()
+            tokens = batch["input_ids"][:, -predicted.shape[1] :]
+            matches += ((logits.argmax(-1) == batch["top_ids"][..., 0]) & predicted).sum().item()
+            ce_sum += F.cross_entropy(logits[predicted], tokens[predicted], reduction="sum").item()
+            n += predicted.sum().item()
+        ce = ce_sum / max(n, 1)
+        return {"greedy_match": matches / max(n, 1), "ce": ce, "ppl": math.exp(min(ce, 50.0))}
+
+
 # ---- the recipe -----------------------------------------------------------------------------------------
 
 
 @dataclass
 class DistillConfig:
+    # "onpolicy": the target's own generations for prompts cut from the corpus (DistillSpec), with its top
+    # logits stored beside them; "corpus": the corpus's text itself, the teacher run on it in every batch
+    data: str = "onpolicy"
     corpus: str | Path | None = None  # folder or .jsonl; None: this interpreter's standard library
     heldout_percent: float = 10.0
-    seq_len: int = 128
-    eval_chunks: int = 32  # held-out sequences of seq_len tokens
+    seq_len: int = 128  # corpus data: tokens per training sequence
+    eval_chunks: int = 32  # corpus data: held-out sequences of seq_len tokens
+    onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
+    data_dir: Path | None = None  # on-policy shards (reused across runs); None: <out>/onpolicy
     alpha: float = 0.2  # mostly KL: acceptance rewards matching the teacher, CE on data only regularises
     temperature: float = 1.0  # acceptance is decided at the teacher's own temperature
-    on_policy: float = 0.0
     student: StudentConfig = field(default_factory=StudentConfig)
     init_embeddings: bool = True
     init_head: bool = True
@@ -297,10 +341,10 @@ class DistillConfig:
             raise ConfigError(f"alpha weighs CE against KL and must be in [0, 1], got {self.alpha}")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ConfigError(f"temperature must be a positive number, got {self.temperature}")
-        if not 0 <= self.on_policy <= 1:
-            raise ConfigError(f"on_policy is a fraction of each batch and must be in [0, 1], got {self.on_policy}")
-        if self.seq_len < 2 or (self.on_policy > 0 and self.seq_len < 4):
-            raise ConfigError(f"seq_len {self.seq_len} is too short (at least 2, and 4 with on-policy data)")
+        if self.data not in ("onpolicy", "corpus"):
+            raise ConfigError(f"data must be 'onpolicy' or 'corpus', got '{self.data}'")
+        if self.seq_len < 2:
+            raise ConfigError(f"seq_len {self.seq_len} is too short (at least 2)")
         if self.eval_chunks < 1:
             raise ConfigError(f"eval_chunks must be at least 1, got {self.eval_chunks}")
         if not 0 < self.heldout_percent < 100:
@@ -310,21 +354,31 @@ class DistillConfig:
 def distill(
     teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: DistillConfig, train: TrainConfig
 ) -> TrainResult:
-    """Train a student on `config.corpus` and save it in `train.out_dir` (loadable with from_pretrained)."""
+    """Train a student (on the target's own generations, or on the corpus) and save it in `train.out_dir`
+    (loadable with from_pretrained)."""
     trainer = Trainer(train)  # first: it seeds the RNGs the student is initialised from
     student = build_student(teacher, config.student, config.init_embeddings, config.init_head)
     teacher = teacher.to(trainer.device).eval().requires_grad_(False)
 
-    # one epoch of training text is exactly what the run consumes; tokenizing more would be wasted
-    budget = train.max_steps * train.grad_accum * train.batch_size * trainer.accelerator.num_processes
-    split = dict(source=config.corpus, heldout_percent=config.heldout_percent)
-    train_docs = shuffled(load_corpus(split="train", **split), train.seed)
-    heldout_docs = shuffled(load_corpus(split="heldout", **split), train.seed)
-    train_data = TokenChunks(train_docs, tokenizer, config.seq_len, max_chunks=budget)
-    heldout = TokenChunks(heldout_docs, tokenizer, config.seq_len, max_chunks=config.eval_chunks)
-
-    loss_fn = DistillLoss(teacher, config.alpha, config.temperature, config.on_policy, pad_id(tokenizer))
-    evaluate = HeldoutEval(teacher, heldout, train.batch_size)
+    if config.data == "onpolicy":
+        folder = config.data_dir or train.out_dir / "onpolicy"
+        if trainer.is_main_process:  # generated once, by one process; the others read the shards
+            build_onpolicy_shards(teacher, tokenizer, config.onpolicy, folder)
+        trainer.accelerator.wait_for_everyone()
+        train_data = OnPolicyData(folder, "train", config.onpolicy.sequences)
+        loss_fn = OnPolicyLoss(config.alpha, config.temperature)
+        evaluate = OnPolicyEval(OnPolicyData(folder, "heldout", config.onpolicy.heldout_sequences), train.batch_size)
+        print(f"on-policy data: {len(train_data)} sequences, {train_data.generated_tokens()} target tokens")
+    else:
+        # one epoch of training text is exactly what the run consumes; tokenizing more would be wasted
+        budget = train.max_steps * train.grad_accum * train.batch_size * trainer.accelerator.num_processes
+        split = dict(source=config.corpus, heldout_percent=config.heldout_percent)
+        train_docs = shuffled(load_corpus(split="train", **split), train.seed)
+        heldout_docs = shuffled(load_corpus(split="heldout", **split), train.seed)
+        train_data = TokenChunks(train_docs, tokenizer, config.seq_len, max_chunks=budget)
+        heldout = TokenChunks(heldout_docs, tokenizer, config.seq_len, max_chunks=config.eval_chunks)
+        loss_fn = DistillLoss(teacher, config.alpha, config.temperature)
+        evaluate = HeldoutEval(teacher, heldout, train.batch_size)
     # the untrained student's score is the number training has to beat
     untrained = evaluate(student.to(trainer.device).eval()) if trainer.is_main_process else None
     if untrained is not None:

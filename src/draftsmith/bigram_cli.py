@@ -1,0 +1,50 @@
+"""The `build-bigram` command: the successor table of CS-Drafting's MaG drafter. The main CLI adds it with
+`register(app)`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from draftsmith.cli_options import Target, TrustRemoteCode
+from draftsmith.errors import ConfigError
+
+
+def build_bigram_command(
+    target: Target = "smollm2",
+    out: Annotated[Path, typer.Option("--out", "-o", help="The table's file (safetensors).")] = Path("runs/bigram.safetensors"),
+    corpus: Annotated[Optional[Path], typer.Option(help="Folder of source files or .jsonl; default: the Python "
+                                                        "standard library of this interpreter.")] = None,
+    onpolicy: Annotated[Optional[Path], typer.Option(help="Also count the target's own replies in this folder of "
+                                                          "on-policy data (`draftsmith distill` writes one).")] = None,
+    trust_remote_code: TrustRemoteCode = False,
+) -> None:
+    """Count token successors in a code corpus with the target's tokenizer (MaG's bigram chain)."""
+    from draftsmith.data.corpus import load_corpus
+    from draftsmith.drafters.mag import build_bigram
+    from draftsmith.models import load_tokenizer
+
+    if corpus is not None and not corpus.exists():
+        raise ConfigError(f"corpus not found: {corpus} (give a folder of source files or a .jsonl file)")
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(target, trust_remote_code)
+    docs = load_corpus(corpus)
+    written = []
+    if onpolicy is not None:
+        from draftsmith.data.onpolicy import OnPolicyData
+
+        data = OnPolicyData(onpolicy, "train")
+        written = [row[mask.bool()].tolist() for row, mask in zip(data.input_ids[:, -data.new_tokens :], data.generated)]
+    table = build_bigram(tokenizer, docs, sequences=written)
+    table.save(out)
+    known = int((table.successor >= 0).sum())
+    typer.echo(f"bigram table for {known} of {len(table.successor)} tokens ({len(docs)} files, {len(written)} "
+               f"on-policy replies) saved in {out} "
+               f"in {time.perf_counter() - start:.0f} s")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("build-bigram")(build_bigram_command)
