@@ -159,7 +159,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(corpus, teacher, 
 def test_saved_student_loads_with_from_pretrained(corpus, teacher, tmp_path):
     out = tmp_path / "student"
     config = DistillConfig(data="corpus", corpus=corpus, heldout_percent=25, seq_len=32, eval_chunks=4,
-                           student=TINY_STUDENT)
+                           student=TINY_STUDENT, save_dtype="float32")
     result = distill(teacher, char_tokenizer(), config, train_config(out, max_steps=4))
     assert 0 <= result.eval["greedy_match"] <= 1
 
@@ -322,3 +322,6 @@ def test_onpolicy_distillation_raises_greedy_match(documented_corpus, teacher, t
     summary = json.loads((out / "distill.json").read_text())
     assert result.eval["greedy_match"] > summary["heldout_untrained"]["greedy_match"] + 0.05
     assert (out / "onpolicy" / "manifest.json").is_file()
+    saved = load_file(str(out / "model.safetensors"))  # bf16 by default: half the file
+    trained = load_file(str(list_checkpoints(out / "checkpoints")[-1] / "trainable.safetensors"))
+    assert all(w.dtype == torch.bfloat16 and torch.equal(w, trained[n].to(torch.bfloat16)) for n, w in saved.items())

@@ -64,7 +64,7 @@ def test_shards_hold_features_and_resume_without_redoing_work(shards, target, mo
     # a second call finds every shard done: nothing is generated or computed again
     import draftsmith.train.features as features
 
-    monkeypatch.setattr(features, "_write_shard", lambda *a: pytest.fail("a finished shard was rebuilt"))
+    monkeypatch.setattr(features, "_shard", lambda *a: pytest.fail("a finished shard was rebuilt"))
     build_feature_shards(target, char_tokenizer(), config, folder, progress=False)
     other = FeatureDataConfig(**{**config.__dict__, "seq_len": 32})
     with pytest.raises(ConfigError, match="other settings"):

@@ -37,7 +37,8 @@ class TargetRunner:
         self.compile_s: float | None = getattr(self.lm, "compile_s", None)  # None: eager
         self.length = 0  # committed tokens in the cache
         self.tokens: list[int] = []  # those tokens (a cascade level syncs its cache to each new context by them)
-        self._fed: list[int] = []  # the latest scored root and draft tokens
+        self._fed: list[int] = []  # the latest scored tokens: pending, root, draft
+        self.pending: list[int] = []  # committed tokens not in the cache yet: fed with the next score (see sync)
         self.vocab_size: int | None = None  # logits kept per row (a draft model's beyond the target's are cut)
         self._costs: CostCurve | None = None
 
@@ -52,46 +53,50 @@ class TargetRunner:
         elif features:
             hidden = torch.empty(0, self.model.config.hidden_size, dtype=self.model.dtype, device=self.model.device)
         self.length = len(prompt_ids) - 1
-        self.tokens = list(prompt_ids[:-1])
+        self.tokens, self.pending = list(prompt_ids[:-1]), []
         return hidden
 
     def score(
         self, root_token: int, draft: Draft, features: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits [1 + len(draft), vocab] for the root and every draft node, in one forward (with `features`,
-        also their hidden states [1 + len(draft), hidden])."""
-        ids = self._fed = [root_token, *draft.tokens]
+        also their hidden states [1 + len(draft), hidden]). Pending tokens ride along before the root."""
+        if self.pending and (features or not draft.is_chain):  # only a chain continues them simply
+            self.lm.forward(self.pending, last_only=True)
+            self.tokens += self.pending
+            self.length += len(self.pending)
+            self.pending = []
+        ids = self._fed = [*self.pending, root_token, *draft.tokens]
         if draft.is_chain:
             out = self.lm.forward(ids, features=features)
         else:
             positions = [self.length + depth for depth in (0, *draft.depths())]
             mask = tree_mask(draft).to(self.model.device)
             out = self.lm.forward(ids, positions=positions, tree_mask=mask, features=features)
-        if self.vocab_size is None:
-            return out
-        return (out[0][:, : self.vocab_size], out[1]) if features else out[:, : self.vocab_size]
+        logits, hidden = out if features else (out, None)
+        logits = logits[len(self.pending) :, : self.vocab_size]
+        return (logits, hidden) if features else logits
 
     def commit(self, path: list[int]) -> None:
         """Keep the root and the accepted nodes (in path order); drop every other entry of the last step."""
-        keep = [0] + [node + 1 for node in path]
+        root = len(self.pending)
+        keep = list(range(root + 1)) + [root + node + 1 for node in path]
         self.lm.keep(self.length, keep)
         self.length += len(keep)
         self.tokens += [self._fed[i] for i in keep]
+        self.pending = []
 
     def sync(self, context: list[int]) -> None:
-        """Make the cache hold context[:-1] (its last token becomes the root): keep the longest prefix the cache
-        already holds, drop the rest (tokens a level above rejected), feed what is new in one forward."""
-        held = self.tokens if len(self.tokens) < len(context) else self.tokens[: len(context) - 1]
+        """Make the runner hold context[:-1] (its last token becomes the root), for a cascade level whose context
+        the level above rewrites: keep the longest prefix the cache holds, drop the rest (tokens the level above
+        rejected); what is new waits as pending tokens, fed by the next score's forward (one forward, not two)."""
+        held = self.tokens[: len(context) - 1]
         keep = len(held) if context[: len(held)] == held else next(i for i, (a, b) in enumerate(zip(held, context)) if a != b)
         if keep < self.length:
             self.lm.truncate(keep)
             del self.tokens[keep:]
             self.length = keep
-        new = context[keep:-1]
-        if new:
-            self.lm.forward(new, last_only=True)
-            self.tokens += new
-            self.length += len(new)
+        self.pending = context[keep:-1]
 
     def costs(self) -> CostCurve:
         """This target's forward cost by number of tokens fed (measured once per machine, cached on disk, read

@@ -11,7 +11,6 @@ interrupted run resumes at the next shard, and a shard's content is a pure funct
 from __future__ import annotations
 
 import ast
-import json
 import random
 import textwrap
 from dataclasses import asdict, dataclass
@@ -19,15 +18,13 @@ from pathlib import Path
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.data import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from draftsmith.data.corpus import CodeDocument, load_corpus
+from draftsmith.data.shards import ShardFolder
 from draftsmith.errors import ConfigError
-
-MANIFEST = "manifest.json"
-
 
 @dataclass
 class OnPolicyConfig:
@@ -137,21 +134,12 @@ def build_onpolicy_shards(
     progress: bool = True,
 ) -> Path:
     """Write train and held-out shards under `folder`, resuming a partial run; returns the folder."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    manifest_path = folder / MANIFEST
     # how many sequences is not a setting of the data: a later run may ask for more (they are added) or fewer
     settings = {**asdict(config), "target": target.config.to_dict().get("_name_or_path", ""),
                 "vocab": len(tokenizer), "dtype": str(target.dtype)}
     for count in ("sequences", "heldout_sequences"):
         settings.pop(count)
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest["settings"] != settings:
-            raise ConfigError(f"{folder} holds on-policy data made with other settings ({manifest['settings']}); "
-                              "use another folder, or delete it to rebuild")
-    else:
-        manifest = {"settings": settings, "done": []}
+    shards = ShardFolder(folder, settings, "on-policy data")
     chat = config.instruct_share > 0
     if chat and not getattr(tokenizer, "chat_template", None):
         raise ConfigError("instruct prompts need a tokenizer with a chat template; this target has none: "
@@ -160,7 +148,7 @@ def build_onpolicy_shards(
     sizes = {"train": config.shard_size, "heldout": min(config.shard_size, config.heldout_sequences)}
     plan = [("train", i) for i in range(config.sequences // config.shard_size)]
     plan += [("heldout", i) for i in range(config.heldout_sequences // sizes["heldout"])]
-    todo = [(split, i) for split, i in plan if f"{split}/{i}" not in manifest["done"]]
+    todo = [(split, i) for split, i in plan if not shards.is_done(split, i)]
     prompts = {}
     for split in {s for s, _ in todo}:
         prompts[split] = function_prompts(load_corpus(config.corpus, split=split, heldout_percent=config.heldout_percent))
@@ -178,14 +166,9 @@ def build_onpolicy_shards(
                     rows.append(ids)
             shard = generate_shard(target, rows, config, sampled=rng.random() < config.sampled_share,
                                    pad_id=pad, generator_seed=rng.randrange(2**62))
-            (folder / split).mkdir(exist_ok=True)
-            tmp = folder / split / f"shard-{index:05d}.tmp"
-            save_file(shard, str(tmp))
-            tmp.replace(folder / split / f"shard-{index:05d}.safetensors")
-            manifest["done"].append(f"{split}/{index}")
-            manifest_path.write_text(json.dumps(manifest, indent=1))
+            shards.write(split, index, shard)
             bar.update(task, advance=1)
-    return folder
+    return shards.folder
 
 
 class OnPolicyData(Dataset):

@@ -45,6 +45,8 @@ def distill_command(
     init_embeddings: Annotated[bool, typer.Option(help="Start the student's embeddings from the target's "
                                                        "(projected onto their top principal directions).")] = True,
     init_head: Annotated[bool, typer.Option(help="Start the student's output head from the target's.")] = True,
+    save_dtype: Annotated[str, typer.Option(help="dtype of the saved student: bfloat16 (half the file), float32, "
+                                                 "float16.")] = "bfloat16",
     eval_every: Annotated[int, typer.Option(help="Held-out greedy-match evaluation every N steps.")] = 50,
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 50,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its latest checkpoint.")] = False,
@@ -70,7 +72,7 @@ def distill_command(
                               sampled_share=sampled_share, shard_size=generate_batch, seed=seed)
     config = DistillConfig(data=data, corpus=corpus, heldout_percent=heldout_percent, seq_len=seq_len, alpha=alpha,
                            temperature=temperature, onpolicy=onpolicy, data_dir=data_dir, student=student,
-                           init_embeddings=init_embeddings, init_head=init_head)
+                           init_embeddings=init_embeddings, init_head=init_head, save_dtype=save_dtype)
     train = TrainConfig(out_dir=out, max_steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                         warmup_steps=warmup, device=device, mixed_precision=mixed_precision, seed=seed,
                         eval_every=eval_every, checkpoint_every=checkpoint_every, resume=resume)

@@ -11,6 +11,7 @@ fraction of positions where the student's argmax is the teacher's, i.e. greedy d
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -226,8 +227,9 @@ def topk_distill_loss(
     mass on code) to the student's, whose log-probabilities stay normalised over the whole vocabulary."""
     has_label = labels != IGNORE
     s = student_logits[has_label].float()  # [n, V]
-    ce = F.cross_entropy(s, labels[has_label]) if len(s) else s.sum()
-    log_p_s = F.log_softmax(s / temperature, dim=-1).gather(-1, top_ids[has_label])
+    log_p = F.log_softmax(s, dim=-1)  # over the whole vocabulary: the costliest op here, done once at T = 1
+    ce = -log_p.gather(-1, labels[has_label][:, None]).mean() if len(s) else s.sum()
+    log_p_s = (log_p if temperature == 1 else F.log_softmax(s / temperature, dim=-1)).gather(-1, top_ids[has_label])
     log_p_t = F.log_softmax(top_values[has_label].float() / temperature, dim=-1)
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1).mean() if len(s) else s.sum()
     return alpha * ce + (1 - alpha) * temperature**2 * kl, ce, kl
@@ -335,8 +337,11 @@ class DistillConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     init_embeddings: bool = True
     init_head: bool = True
+    save_dtype: str = "bfloat16"  # the saved weights' dtype: bf16 halves the file; drafting runs in the target's dtype
 
     def __post_init__(self) -> None:
+        if self.save_dtype not in ("bfloat16", "float32", "float16"):
+            raise ConfigError(f"save_dtype must be bfloat16, float32 or float16, got '{self.save_dtype}'")
         if not 0 <= self.alpha <= 1:
             raise ConfigError(f"alpha weighs CE against KL and must be in [0, 1], got {self.alpha}")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
@@ -387,7 +392,7 @@ def distill(
     result = trainer.fit(student, train_data, loss_fn, evaluate)
 
     if trainer.is_main_process:
-        save_student(student, tokenizer, teacher, train.out_dir)
+        save_student(student, tokenizer, teacher, train.out_dir, getattr(torch, config.save_dtype))
         summary = {"step": result.step, "train": result.metrics, "heldout": result.eval,
                    "heldout_untrained": untrained,
                    "distill": asdict(config), "trainer": asdict(train)}
@@ -397,11 +402,13 @@ def distill(
 
 
 def save_student(student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, teacher: PreTrainedModel,
-                 out_dir: Path) -> None:
-    """A from_pretrained folder: config, safetensors weights, generation config and the target's tokenizer."""
+                 out_dir: Path, dtype: torch.dtype = torch.float32) -> None:
+    """A from_pretrained folder: config, safetensors weights (in `dtype`), generation config and the target's
+    tokenizer. The trained model itself stays as it is (fp32)."""
     gen = teacher.generation_config
     student.generation_config.eos_token_id = gen.eos_token_id
     student.generation_config.pad_token_id = gen.pad_token_id
     student.generation_config.bos_token_id = gen.bos_token_id
-    student.save_pretrained(out_dir, safe_serialization=True)
+    saved = student if dtype == torch.float32 else copy.deepcopy(student).to(dtype)
+    saved.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)

@@ -13,23 +13,20 @@ Shards are written one at a time with a manifest of what is done, so an interrup
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.data import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from draftsmith.cached_lm import last_hidden_states
 from draftsmith.data.corpus import CodeDocument, load_corpus
+from draftsmith.data.shards import ShardFolder
 from draftsmith.errors import ConfigError
-
-MANIFEST = "manifest.json"
-
 
 @dataclass
 class FeatureDataConfig:
@@ -91,12 +88,10 @@ def target_features(target: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
     return captured[0]
 
 
-def _write_shard(folder: Path, index: int, ids: list[list[int]], target: PreTrainedModel) -> None:
+def _shard(ids: list[list[int]], target: PreTrainedModel) -> dict[str, torch.Tensor]:
     tokens = torch.tensor(ids, dtype=torch.long)
     features = target_features(target, tokens).to(torch.bfloat16).cpu()  # half the disk; heads train in fp32
-    tmp = folder / f"shard-{index:05d}.tmp"
-    save_file({"input_ids": tokens.to(torch.int32), "features": features.contiguous()}, str(tmp))
-    tmp.replace(folder / f"shard-{index:05d}.safetensors")
+    return {"input_ids": tokens.to(torch.int32), "features": features.contiguous()}
 
 
 def build_feature_shards(
@@ -104,24 +99,15 @@ def build_feature_shards(
     progress: bool = True,
 ) -> Path:
     """Write train and held-out shards under `folder` (resuming a partial run); returns the folder."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    manifest_path = folder / MANIFEST
     settings = {**asdict(config), "target": target.config.to_dict().get("_name_or_path", ""),
                 "hidden_size": target.config.hidden_size, "dtype": str(target.dtype)}
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest["settings"] != settings:
-            raise ConfigError(f"{folder} holds shards made with other settings ({manifest['settings']}); "
-                              "use another folder, or delete it to rebuild")
-    else:
-        manifest = {"settings": settings, "done": []}
+    shards = ShardFolder(folder, settings)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     # held-out shards are never larger than the held-out set (a large --shard-size is for batching on GPUs)
     sizes = {"train": config.shard_size, "heldout": min(config.shard_size, config.heldout_sequences)}
     plan = [("train", i) for i in range(config.sequences // config.shard_size)]
     plan += [("heldout", i) for i in range(config.heldout_sequences // max(1, sizes["heldout"]))]
-    todo = [(split, i) for split, i in plan if f"{split}/{i}" not in manifest["done"]]
+    todo = [(split, i) for split, i in plan if not shards.is_done(split, i)]
     docs = {split: load_corpus(config.corpus, split=split, heldout_percent=config.heldout_percent)
             for split in {s for s, _ in todo}}
     with Progress(TextColumn("features"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -136,12 +122,9 @@ def build_feature_shards(
             if n_generated:
                 prompts = [w[: config.prompt_tokens] for w in (next(windows) for _ in range(n_generated))]
                 rows += _continue(target, prompts, config.seq_len - config.prompt_tokens, pad)
-            (folder / split).mkdir(exist_ok=True)
-            _write_shard(folder / split, index, rows, target)
-            manifest["done"].append(f"{split}/{index}")
-            manifest_path.write_text(json.dumps(manifest, indent=1))
+            shards.write(split, index, _shard(rows, target))
             bar.update(task, advance=1)
-    return folder
+    return shards.folder
 
 
 class FeatureShards(Dataset):
