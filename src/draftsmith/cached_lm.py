@@ -501,7 +501,9 @@ def candidate_formats(weight: torch.Tensor) -> list[WeightFormat]:
     if weight.device.type != "cpu":
         return [WeightFormat("stored")]
     names = ["stored", "transposed"]
-    if torch.backends.mkldnn.is_available():
+    # oneDNN's packed bf16 weights need AVX-512 (or AVX-NE-CONVERT): an AVX2-only CPU raises on them
+    bf16_ok = weight.dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if torch.backends.mkldnn.is_available() and bf16_ok:
         names.append("onednn")
     return [WeightFormat(name) for name in names]
 

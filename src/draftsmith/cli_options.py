@@ -8,6 +8,8 @@ Target = Annotated[str, typer.Option(help="HF hub id, local folder, .gguf file, 
                                           "'smollm2' (the default), 'gemma3'.")]
 Drafter = Annotated[str, typer.Option(help="auto (the shipped EAGLE head + prompt lookup where a head ships for the "
                                            "target, else ngram) | none | ngram | model:PATH (draft LM with the target's tokenizer) | "
+                                           "student[:DIR] (the shipped distilled student) | mag[:FILE] (prompt lookup + "
+                                           "bigram chain) | cascade[:K-MATRIX|:FILE.toml] (CS-Drafting) | "
                                            "eagle[:DIR] | medusa[:DIR] | ctc[:DIR] (feature heads; the shipped one without DIR) | "
                                            "eagle+ngram[:DIR] (the head's tree with prompt lookup's chain grafted on).")]
 Weights = Annotated[str, typer.Option(help="Lean forward's weight layout: auto (fp32: transformers' own, bit-faithful; "
