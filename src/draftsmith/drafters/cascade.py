@@ -103,7 +103,7 @@ class Horizontal:
         self.parts = [(drafter, n) for drafter, n in parts if n > 0]
         self.vocab_size = vocab_size
         self.greedy = True
-        # tokens each part proposed and the target... or the level above accepted, learnt from the next context
+        # per part: tokens it proposed, and those its reviewer accepted (read from the next context it is given)
         self.proposed = [0] * len(self.parts)
         self.accepted = [0] * len(self.parts)
         self._last: tuple[int, list[int], list[int]] | None = None  # (context length, tokens, part of each)
@@ -150,11 +150,10 @@ class ReviewingLevel:
         self.runner = TargetRunner(model)
         self.runner.vocab_size = vocab_size  # a draft model's padded logits beyond the target's ids are never drafted
         self.stats = Stats()
-        self.sampling, self.generator, self.rule = SamplingConfig(), None, acceptance_rule(SamplingConfig())
+        self.generator, self.rule = None, acceptance_rule(SamplingConfig())
 
     def reset(self, prompt_ids: list[int], sampling: SamplingConfig, generator: torch.Generator) -> None:
-        self.sampling, self.generator = sampling, generator
-        self.rule = acceptance_rule(sampling, self.leniency)
+        self.generator, self.rule = generator, acceptance_rule(sampling, self.leniency)
         self.runner.prefill(prompt_ids)
         self.stats = Stats(prompt_tokens=len(prompt_ids))
         if self.below is not None:
