@@ -47,6 +47,8 @@ def test_greedy_exact_on_humaneval_prompts(smollm2, prompts):
 
     # the default drafter: the shipped EAGLE head's tree with prompt lookup grafted on, and the head alone
     runs += [(spec, build_drafter(spec, smollm2), 16) for spec in ("auto", "eagle", "medusa", "ctc")]
+    # the shipped student, MaG with its shipped bigram table, and the default cascade of both
+    runs += [(spec, build_drafter(spec, smollm2), k) for spec, k in (("student", 3), ("mag", 6), ("cascade", 8))]
     for ids in prompts:
         reference = hf_greedy(smollm2.model, ids, NEW)
         for name, drafter, k in runs:
