@@ -60,3 +60,13 @@ class Draft:
         for node, parent in enumerate(self.parent_ids()):
             kids.setdefault(parent, []).append(node)
         return kids
+
+
+def common_prefix(a: list[int], b: list[int], start: int = 0) -> int:
+    """Length of the common prefix of two token sequences, given that they agree on their first `start` items
+    (how much of a drafter's or a cache's tokens a rewritten context still holds)."""
+    n = min(len(a), len(b))
+    for i in range(min(start, n), n):
+        if a[i] != b[i]:
+            return i
+    return n

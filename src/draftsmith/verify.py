@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 
 from draftsmith.adaptive import CostCurve, calibrated_costs
 from draftsmith.cached_lm import LeanLlama, cached_lm
-from draftsmith.draft import ROOT, Draft
+from draftsmith.draft import ROOT, Draft, common_prefix
 
 
 def tree_mask(draft: Draft) -> torch.Tensor:
@@ -90,8 +90,7 @@ class TargetRunner:
         """Make the runner hold context[:-1] (its last token becomes the root), for a cascade level whose context
         the level above rewrites: keep the longest prefix the cache holds, drop the rest (tokens the level above
         rejected); what is new waits as pending tokens, fed by the next score's forward (one forward, not two)."""
-        held = self.tokens[: len(context) - 1]
-        keep = len(held) if context[: len(held)] == held else next(i for i, (a, b) in enumerate(zip(held, context)) if a != b)
+        keep = common_prefix(self.tokens[: len(context) - 1], context)
         if keep < self.length:
             self.lm.truncate(keep)
             del self.tokens[keep:]

@@ -11,7 +11,7 @@ from transformers import PreTrainedModel
 
 from draftsmith.acceptance import SamplingConfig, processed_probs
 from draftsmith.cached_lm import cached_lm
-from draftsmith.draft import Draft
+from draftsmith.draft import Draft, common_prefix
 
 
 class ModelDrafter:
@@ -57,7 +57,7 @@ class ModelDrafter:
             return Draft()
         # roll back to the longest cached prefix of the context (drafted tokens beyond it were rejected),
         # keeping at least one token to feed so that there are logits to draft from
-        keep = min(_common_prefix(self.cached, context, start=self.synced), len(context) - 1)
+        keep = min(common_prefix(self.cached, context, start=self.synced), len(context) - 1)
         self.synced = len(context)
         self.lm.truncate(keep)
         self.cached = self.cached[:keep]
@@ -79,11 +79,3 @@ class ModelDrafter:
         self.cached.extend(ids)
         return self.lm.forward(ids, last_only=True)[-1, : self.vocab_size]
 
-
-def _common_prefix(a: list[int], b: list[int], start: int = 0) -> int:
-    """Length of the common prefix of a and b, given that they agree on their first `start` items."""
-    n = min(len(a), len(b))
-    for i in range(min(start, n), n):
-        if a[i] != b[i]:
-            return i
-    return n

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from draftsmith.acceptance import SamplingConfig
-from draftsmith.draft import Draft
+from draftsmith.draft import Draft, common_prefix
 from draftsmith.errors import ConfigError
 
 
@@ -39,7 +39,7 @@ class NgramDrafter:
         indexed = len(self.seen)
         if len(context) < indexed or context[:indexed] != self.seen:
             # tokens indexed earlier were rejected: forget the n-grams that followed or contained them
-            indexed = next((i for i, (a, b) in enumerate(zip(self.seen, context)) if a != b), min(indexed, len(context)))
+            indexed = common_prefix(self.seen, context)
             for keys in self.registered[max(indexed, 1) :]:
                 for key in keys:
                     del self.follower[key]

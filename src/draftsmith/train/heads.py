@@ -33,6 +33,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
 from draftsmith.errors import ConfigError
+from draftsmith.draft import common_prefix
 from draftsmith.drafters.ctc import ctc_collapse
 from draftsmith.heads import (HEAD_KINDS, CtcHead, EagleHead, HeadConfig, HeadKind, MedusaHeads, TargetParts, build_head,
                               save_head)
@@ -181,17 +182,10 @@ def ctc_loss(model: HeadWithTarget, batch: Batch, cfg: HeadTrainConfig) -> tuple
                "top1": (log_q.argmax(-1) == p.argmax(-1)).float().mean(),
                "ctc_blank_rate": (best == blank).float().mean()}
     if not model.training:  # held-out: how much of the label sequence the best alignment's collapse spells
-        matched = sum(_common_prefix(ctc_collapse(alignment, blank), want)
+        matched = sum(common_prefix(ctc_collapse(alignment, blank), want)
                       for alignment, want in zip(best.T.tolist(), labels.tolist()))
         metrics["ctc_prefix"] = torch.tensor(matched / labels.shape[0])
     return total, metrics
-
-
-def _common_prefix(a, b) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
 
 
 def medusa_loss(model: HeadWithTarget, batch: Batch, cfg: HeadTrainConfig) -> tuple[torch.Tensor, dict]:
