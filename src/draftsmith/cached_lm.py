@@ -252,36 +252,57 @@ class LeanLayers:
         return out
 
     def decoder_layers(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, start: int,
-                       causal: bool) -> torch.Tensor:
-        """x [1, n, hidden] through every layer, writing the new keys and values at start..start+n."""
-        n = x.shape[1]
-        end = start + n
-        cos, sin = self.cos[pos][None, None], self.sin[pos][None, None]  # sin is sign-folded unless exact
-        norm = _rms_norm if self.exact else _fused_rms_norm
-        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        for i, w in enumerate(self.layers):
-            h = norm(x, w["attn_norm"], self.eps)
-            qkv = self._mm(h, w["wqkv"])
-            if w["bqkv"] is not None:
-                qkv = qkv + w["bqkv"]
-            if self.exact:  # transformers' own operations, so float32 logits match it bit for bit
-                q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-                q = _rope(q.view(1, n, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
-                k = _rope(k.view(1, n, self.n_kv, self.head_dim).transpose(1, 2), cos, sin)
-            else:  # queries and keys rotated together: 3 operations a layer instead of 10
-                qk, v = qkv.split([q_size + kv_size, kv_size], dim=-1)
-                qk = _swapped_rope(qk.view(1, n, self.n_heads + self.n_kv, self.head_dim).transpose(1, 2), cos, sin)
-                q, k = qk[:, : self.n_heads], qk[:, self.n_heads :]
-            self.k_cache[i, :, start:end] = k[0]
-            self.v_cache[i, :, start:end] = v.view(n, self.n_kv, self.head_dim).transpose(0, 1)
-            keys, values = self.k_cache[i : i + 1, :, :end], self.v_cache[i : i + 1, :, :end]
-            attn = self._attention(q, keys, values, mask, causal)
-            out = self._mm(attn.transpose(1, 2).reshape(1, n, q_size), w["wo"])
-            x = x + (out if w["bo"] is None else out + w["bo"])
-            h = norm(x, w["mlp_norm"], self.eps)
-            gate, up = self._mm(h, w["w_gate_up"]).chunk(2, dim=-1)
-            x = x + self._mm(F.silu(gate) * up, w["w_down"])
+                       causal: bool, layers: range | None = None) -> torch.Tensor:
+        """x [1, n, hidden] through every layer (or the `layers` range), writing the new keys and values at
+        start..start+n."""
+        rope = self.rope(pos)
+        for i in layers if layers is not None else range(len(self.layers)):
+            x = self.layer(i, x, rope, mask, start, causal)
         return x
+
+    def rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary tables of these positions, as `layer` takes them (sin is sign-folded unless exact)."""
+        return self.cos[pos][None, None], self.sin[pos][None, None]
+
+    def layer(self, i: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+              start: int, causal: bool = False) -> torch.Tensor:
+        """x [1, n, hidden] through decoder layer i, its keys and values written at start..start+n: the unit a
+        layer-skipping forward runs or skips."""
+        end = start + x.shape[1]
+        q, k, v = self.qkv(i, x, rope)
+        self.k_cache[i, :, start:end] = k[0]
+        self.v_cache[i, :, start:end] = v[0]
+        keys, values = self.k_cache[i : i + 1, :, :end], self.v_cache[i : i + 1, :, :end]
+        return self.mix(i, x, self._attention(q, keys, values, mask, causal))
+
+    def qkv(self, i: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer i's rotated queries [1, heads, n, d], rotated keys and values [1, kv heads, n, d] for x."""
+        n, (cos, sin) = x.shape[1], rope
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        w = self.layers[i]
+        h = (_rms_norm if self.exact else _fused_rms_norm)(x, w["attn_norm"], self.eps)
+        qkv = self._mm(h, w["wqkv"])
+        if w["bqkv"] is not None:
+            qkv = qkv + w["bqkv"]
+        if self.exact:  # transformers' own operations, so float32 logits match it bit for bit
+            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+            q = _rope(q.view(1, n, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
+            k = _rope(k.view(1, n, self.n_kv, self.head_dim).transpose(1, 2), cos, sin)
+        else:  # queries and keys rotated together: 3 operations a layer instead of 10
+            qk, v = qkv.split([q_size + kv_size, kv_size], dim=-1)
+            qk = _swapped_rope(qk.view(1, n, self.n_heads + self.n_kv, self.head_dim).transpose(1, 2), cos, sin)
+            q, k = qk[:, : self.n_heads], qk[:, self.n_heads :]
+        return q, k, v.view(1, n, self.n_kv, self.head_dim).transpose(1, 2)
+
+    def mix(self, i: int, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """The rest of layer i after attention ([1, heads, n, d]): output projection, residual, MLP."""
+        w, n = self.layers[i], x.shape[1]
+        out = self._mm(attn.transpose(1, 2).reshape(1, n, self.n_heads * self.head_dim), w["wo"])
+        x = x + (out if w["bo"] is None else out + w["bo"])
+        h = (_rms_norm if self.exact else _fused_rms_norm)(x, w["mlp_norm"], self.eps)
+        gate, up = self._mm(h, w["w_gate_up"]).chunk(2, dim=-1)
+        return x + self._mm(F.silu(gate) * up, w["w_down"])
 
     def _attention(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
@@ -300,11 +321,11 @@ class LeanLayers:
         if mask is not None and q.device.type == "cuda" and group > 1:
             keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        if n > 1 or q.dtype == torch.float32 or q.device.type != "cpu":
+        if n > 1 or mask is not None or q.dtype == torch.float32 or q.device.type != "cpu":
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=True)
         # queries of the heads sharing a key/value head become rows of one product: [1, n_kv, group * n, d]
         grouped = q.reshape(1, self.n_kv, group * n, self.head_dim) * self.head_dim**-0.5
-        scores = (grouped @ keys.transpose(-1, -2)).float()  # one query sees the whole cache: no mask
+        scores = (grouped @ keys.transpose(-1, -2)).float()  # one query, no mask: it sees the whole cache
         weights = scores.softmax(-1).to(values.dtype)
         return (weights @ values).view(1, self.n_heads, n, self.head_dim)
 
@@ -398,6 +419,40 @@ class LeanLlama(LeanLayers):
         self.length = end
         return (logits, hidden) if features else logits
 
+    @torch.no_grad()
+    def forward_upto(self, ids: list[int], positions: list[int], tree_mask: torch.Tensor, upto: int) -> torch.Tensor:
+        """The first `upto` layers over tokens fed after the cache (their keys and values written there, the
+        length unmoved): hidden states [1, n, hidden], to be continued by `forward_rest` (for pruning a tree
+        between the two)."""
+        n, start = len(ids), self.length
+        self._reserve(start + n)
+        pos = torch.tensor(positions, device=self.device)
+        mask = self.attention_mask(n, start, tree_mask, self.device)
+        with torch.inference_mode():
+            x = F.embedding(torch.tensor([ids], device=self.device), self.embed)
+            return self.decoder_layers(x, pos, mask, start, mask is None and n > 1, layers=range(upto))
+
+    @torch.no_grad()
+    def forward_rest(self, x: torch.Tensor, positions: list[int], tree_mask: torch.Tensor | None, upto: int,
+                     features: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Continue `forward_upto`'s hidden states x (rows kept in place by `keep_layers`) through the other
+        layers; returns what `forward` returns and moves the length past them."""
+        n, start = x.shape[1], self.length
+        pos = torch.tensor(positions, device=self.device)
+        mask = self.attention_mask(n, start, tree_mask, self.device)
+        with torch.inference_mode():
+            x = self.decoder_layers(x, pos, mask, start, mask is None and n > 1, layers=range(upto, len(self.layers)))
+            logits = self.output_logits(x)
+        self.length = start + n
+        return (logits, x[0]) if features else logits
+
+    @torch.no_grad()
+    def keep_layers(self, upto: int, start: int, offsets: list[int]) -> None:
+        """`keep` for the first `upto` layers' entries only (those `forward_upto` wrote); the length is unmoved."""
+        index = torch.tensor(offsets, device=self.device) + start
+        for cache in (self.k_cache, self.v_cache):
+            cache[:upto, :, start : start + len(offsets)] = cache[:upto].index_select(2, index)
+
     def _forward_stack(
         self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, start: int, last_only: bool,
         causal: bool,
@@ -406,10 +461,12 @@ class LeanLlama(LeanLayers):
         logits and the last layer's hidden states (before the final norm) of every fed token."""
         x = self.decoder_layers(F.embedding(ids, self.embed), pos, mask, start, causal)
         hidden = x[0]
-        if last_only:
-            x = x[:, -1:]
+        return self.output_logits(x[:, -1:] if last_only else x), hidden
+
+    def output_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [n, vocab] of hidden states x [1, n, hidden] (the final norm, then the output head)."""
         norm = _rms_norm if self.exact else _fused_rms_norm
-        return self._mm(norm(x, self.final_norm, self.eps), self.lm_head)[0].float(), hidden
+        return self._mm(norm(x, self.final_norm, self.eps), self.lm_head)[0].float()
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from draftsmith.cli_options import (Adaptive, Backend, Compile, Device, DraftTokens, Drafter, Dtype, NgramMax,
-                                   Target, TrustRemoteCode, Weights)
+from draftsmith.cli_options import (Adaptive, Backend, Compile, Device, DraftTokens, Drafter, Dtype,
+                                   LossySparseVerify, NgramMax, Prune, Routers, Target, TrustRemoteCode, Weights)
 from draftsmith.errors import DraftsmithError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Lossless speculative decoding for code LLMs.")
@@ -50,6 +50,9 @@ def generate(
     compile: Compile = False,
     weights: Weights = "auto",
     backend: Backend = "torch",
+    prune: Prune = "none",
+    lossy_sparse_verify: LossySparseVerify = False,
+    routers: Routers = "",
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Generate a continuation, streaming it, then print the speculative statistics."""
@@ -57,6 +60,9 @@ def generate(
     from draftsmith.drafters import build_drafter
     from draftsmith.engine import GenerationConfig, SpecEngine
     from draftsmith.models import load_model
+    from draftsmith.predictor import build_pruner
+    from draftsmith.routers import load_routers_for
+    from draftsmith.sparse import RoutedVerify
 
     config = GenerationConfig(max_new_tokens=max_new_tokens, k=k, stop=stop or [], adaptive=adaptive,
                               sampling=SamplingConfig(temperature, top_k, top_p, seed))
@@ -65,11 +71,14 @@ def generate(
     with console.status(f"loading {target}"):
         loaded = load_model(target, device=device, dtype=dtype, trust_remote_code=trust_remote_code, backend=backend)
         draft = build_drafter(drafter, loaded, max_n=ngram_max)
+        pruner = build_pruner(prune, loaded)
+        sparse = RoutedVerify(load_routers_for(routers, loaded)) if lossy_sparse_verify else None
     if chat:
         prompt = loaded.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                       add_generation_prompt=True)
     with console.status("compiling the target's forward (once per process)") if compile else nullcontext():
-        engine = SpecEngine(loaded.model, draft, loaded.tokenizer, compile=compile, weights=weights)
+        engine = SpecEngine(loaded.model, draft, loaded.tokenizer, compile=compile, weights=weights, pruner=pruner,
+                            sparse_verify=sparse)
     if compile:
         compile_s = engine.runner.compile_s
         console.print(f"compiled in {compile_s:.1f} s" if compile_s is not None else "compiling failed: eager")
@@ -127,6 +136,7 @@ from draftsmith.train.cli import register as _register_distill  # noqa: E402
 from draftsmith.bigram_cli import register as _register_bigram  # noqa: E402
 
 from draftsmith.train.heads_cli import train_app  # noqa: E402
+import draftsmith.train.router_cli  # noqa: E402,F401  (adds `train router` to train_app)
 
 _register_bench(app)
 _register_distill(app)

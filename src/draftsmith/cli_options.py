@@ -11,7 +11,18 @@ Drafter = Annotated[str, typer.Option(help="auto (the shipped EAGLE head + promp
                                            "student[:DIR] (the shipped distilled student) | mag[:FILE] (prompt lookup + "
                                            "bigram chain) | cascade[:K-MATRIX|:FILE.toml] (CS-Drafting) | "
                                            "eagle[:DIR] | medusa[:DIR] | ctc[:DIR] (feature heads; the shipped one without DIR) | "
-                                           "eagle+ngram[:DIR] (the head's tree with prompt lookup's chain grafted on).")]
+                                           "eagle+ngram[:DIR] (the head's tree with prompt lookup's chain grafted on) | "
+                                           "layerskip[:DIR|:auto|:skip=LAYERS] (self-speculation: the target skipping "
+                                           "layers by trained routers, the shipped ones without DIR, by a measured "
+                                           "fixed set, or by the layers given).")]
+Prune = Annotated[str, typer.Option(help="none | predictor[:DIR]: SpaDec's acceptance predictor cuts each draft "
+                                         "tree to one path after the target's first layers (lossless; the shipped "
+                                         "predictor without DIR).")]
+LossySparseVerify = Annotated[bool, typer.Option(help="LOSSY: verify with the target's routers skipping layers "
+                                                      "(SpaDec's sparse verification); the output is the sparse "
+                                                      "model's, not the target's.")]
+Routers = Annotated[str, typer.Option(help="Routers for --lossy-sparse-verify: a folder from `draftsmith train "
+                                           "router`; empty: the shipped ones.")]
 Weights = Annotated[str, typer.Option(help="Lean forward's weight layout: auto (fp32: transformers' own, bit-faithful; "
                                            "else the fastest), fastest, stored, transposed, onednn; int8 / int4: "
                                            "quantized weights, lossy, CPU only.")]

@@ -66,9 +66,16 @@ class SpecEngine:
         lean: bool = True,  # our own Llama-family forward over a static cache; False: transformers' forward
         compile: bool = False,  # torch.compile the lean forward (once per process; its time is runner.compile_s)
         weights: str = "auto",  # the lean forward's weight layout (cached_lm.choose_format)
+        pruner=None,  # cuts draft trees between the target's layers before verifying (predictor.PathPruner)
+        sparse_verify=None,  # LOSSY: the target verifies with routers skipping layers (sparse.RoutedVerify)
     ):
         self.model, self.drafter, self.tokenizer = model, drafter, tokenizer
         self.runner = TargetRunner(model, lean=lean, compile=compile, weights=weights)
+        if pruner is not None and sparse_verify is not None:
+            raise ConfigError("predictor pruning and the lossy sparse verification do not combine: pick one")
+        self.runner.pruner, self.runner.sparse_verify = pruner, sparse_verify
+        if hasattr(drafter, "bind"):  # self-speculation: the drafter runs on the target's own layers and cache
+            drafter.bind(self.runner)
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.max_context = getattr(model.config, "max_position_embeddings", None)
 
@@ -144,6 +151,8 @@ class SpecEngine:
         drafter_statistics = getattr(self.drafter, "statistics", None)
         if drafter_statistics is not None:
             stats.drafter = drafter_statistics()
+        if self.runner.sparse_verify is not None:  # lossy: the share of layers the routed target ran
+            stats.drafter = {**stats.drafter, "verify_executed_ratio": self.runner.sparse_verify.executed_ratio}
         text = stream.finish() if stream is not None else None
         return GenerationResult(tokens=new, text=text, finish_reason=finish, stats=stats)
 

@@ -83,6 +83,7 @@ def speculative_step(
     draft = drafter.propose(context, k) if k > 0 and drafter is not None else Draft()
     draft.check(budget=k)
     t1 = time.perf_counter()
+    draft = runner.prune(context[-1], draft)  # with a pruner: the part of the tree worth verifying
     scored = runner.score(context[-1], draft, features=features)
     logits, hidden = scored if features else (scored, None)
     verdict = rule.accept(draft, logits, generator)

@@ -13,6 +13,7 @@ from transformers import PreTrainedModel
 from draftsmith.adaptive import CostCurve, calibrated_costs
 from draftsmith.cached_lm import LeanLlama, cached_lm
 from draftsmith.draft import ROOT, Draft, common_prefix
+from draftsmith.errors import ConfigError
 
 
 def tree_mask(draft: Draft) -> torch.Tensor:
@@ -41,6 +42,10 @@ class TargetRunner:
         self.pending: list[int] = []  # committed tokens not in the cache yet: fed with the next score (see sync)
         self.vocab_size: int | None = None  # logits kept per row (a draft model's beyond the target's are cut)
         self._costs: CostCurve | None = None
+        self.pruner = None  # cuts a draft tree between layers before the rest of the target runs (predictor.py)
+        self._pruned: tuple[Draft, torch.Tensor] | None = None  # the draft `prune` returned, its hidden rows
+        self._last_draft: Draft | None = None  # the latest pruned draft, until its verdict is committed
+        self.sparse_verify = None  # LOSSY: routers decide the layers each scored token runs (sparse.RoutedVerify)
 
     def prefill(self, prompt_ids: list[int], features: bool = False) -> torch.Tensor | None:
         """Start a request: cache every prompt token but the last, which becomes the first root. With
@@ -54,18 +59,64 @@ class TargetRunner:
             hidden = torch.empty(0, self.model.config.hidden_size, dtype=self.model.dtype, device=self.model.device)
         self.length = len(prompt_ids) - 1
         self.tokens, self.pending = list(prompt_ids[:-1]), []
+        if self.sparse_verify is not None:
+            self.sparse_verify.reset(self.lm)
         return hidden
+
+    def prune(self, root_token: int, draft: Draft) -> Draft:
+        """With a pruner: run the target's first `pruner.layer` layers over the whole tree, let the pruner pick
+        the nodes to verify (one path, or all), keep those rows' states; `score` then runs the other layers
+        on them only. Returns the draft to verify. Chains pass unchanged."""
+        if self.pruner is None or draft.is_chain or not len(draft):
+            return draft
+        if not isinstance(self.lm, LeanLlama):
+            raise ConfigError("pruning a draft tree between layers needs the lean forward (Llama-family targets)")
+        self._flush_pending()
+        ids = [root_token, *draft.tokens]
+        positions = [self.length + depth for depth in (0, *draft.depths())]
+        hidden = self.lm.forward_upto(ids, positions, tree_mask(draft).to(self.model.device), self.pruner.layer)
+        path = self.pruner.select(draft, hidden[0, 1:])
+        if path is not None:
+            rows = [0] + [node + 1 for node in path]
+            self.lm.keep_layers(self.pruner.layer, self.length, rows)
+            hidden = hidden[:, rows]
+            draft = Draft(tokens=[draft.tokens[node] for node in path],
+                          probs=draft.probs[path] if draft.probs is not None else None)
+        self._pruned = (draft, hidden)
+        self._last_draft = draft
+        return draft
+
+    def _flush_pending(self) -> None:
+        if self.pending:
+            self.lm.forward(self.pending, last_only=True)
+            self.tokens += self.pending
+            self.length += len(self.pending)
+            self.pending = []
 
     def score(
         self, root_token: int, draft: Draft, features: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits [1 + len(draft), vocab] for the root and every draft node, in one forward (with `features`,
         also their hidden states [1 + len(draft), hidden]). Pending tokens ride along before the root."""
+        if self._pruned is not None and self._pruned[0] is draft:  # `prune` ran the first layers already
+            hidden, self._pruned = self._pruned[1], None
+            self._fed = [root_token, *draft.tokens]
+            positions = [self.length + depth for depth in (0, *draft.depths())]
+            mask = None if draft.is_chain else tree_mask(draft).to(self.model.device)
+            out = self.lm.forward_rest(hidden, positions, mask, self.pruner.layer, features=features)
+            logits, hidden = out if features else (out, None)
+            logits = logits[:, : self.vocab_size]
+            return (logits, hidden) if features else logits
         if self.pending and (features or not draft.is_chain):  # only a chain continues them simply
-            self.lm.forward(self.pending, last_only=True)
-            self.tokens += self.pending
-            self.length += len(self.pending)
-            self.pending = []
+            self._flush_pending()
+        if self.sparse_verify is not None:  # lossy: the routed target scores
+            self._flush_pending()
+            self._fed = [root_token, *draft.tokens]
+            positions = [self.length + depth for depth in (0, *draft.depths())]
+            mask = None if draft.is_chain else tree_mask(draft).to(self.model.device)
+            out = self.sparse_verify.forward(self.lm, self._fed, positions, mask, features=features)
+            logits, hidden = out if features else (out, None)
+            return (logits[:, : self.vocab_size], hidden) if features else logits[:, : self.vocab_size]
         ids = self._fed = [*self.pending, root_token, *draft.tokens]
         if draft.is_chain:
             out = self.lm.forward(ids, features=features)
@@ -81,7 +132,12 @@ class TargetRunner:
         """Keep the root and the accepted nodes (in path order); drop every other entry of the last step."""
         root = len(self.pending)
         keep = list(range(root + 1)) + [root + node + 1 for node in path]
+        if self._last_draft is not None:  # tell the pruner what the target accepted of what it let through
+            self.pruner.observe(self._last_draft, path)
+            self._last_draft = None
         self.lm.keep(self.length, keep)
+        if self.sparse_verify is not None:
+            self.sparse_verify.keep(self.length, keep)
         self.length += len(keep)
         self.tokens += [self._fed[i] for i in keep]
         self.pending = []

@@ -2,7 +2,10 @@
 
 A method spec names one way of decoding: ours (`plain`, `ngram[:k=8,min_n=1,max_n=4]`, `model:PATH[:k=4]`,
 `student[:DIR][:k=4]` (the shipped distilled student), `mag[:FILE][:k=8]` (prompt lookup + bigram chain),
-`cascade[:K-MATRIX|:FILE.toml]` (CS-Drafting, drafters/cascade.py);
+`cascade[:K-MATRIX|:FILE.toml]` (CS-Drafting, drafters/cascade.py); `layerskip[:DIR|:auto][:k=4]` (self-speculation:
+the target skipping layers by routers, the shipped ones without DIR, or by a measured fixed set);
+`prune=1` on a tree drafter: the shipped acceptance predictor cuts each tree to one path (SpaDec, lossless);
+`lossy_sparse=1`: LOSSY, the target verifies with the shipped routers skipping layers (SpaDec's sparse mode);
 `adaptive=1` lets the engine choose each step's draft length up to k; `eagle[:DIR][:k=32,depth=6,top_k=8]`
 `medusa[:DIR][:k=32]` and `ctc[:DIR][:k=32,top_k=4,beams=16]`, feature heads drafting trees of at most k nodes,
 the shipped head without DIR;
@@ -29,18 +32,20 @@ BASELINE = "hf-greedy"  # speedups are measured against it, exactness against it
 PLAIN = "plain"  # our loop without a drafter: its seconds per step set the bound
 DEFAULT_METHODS = ("hf-greedy", "hf-prompt-lookup:10", "plain", "ngram:k=8")
 # method kind -> the key=value options its spec accepts
-OPTIONS = {"plain": ("compile", "fast", "quant", "llamacpp"),
+OPTIONS = {"plain": ("compile", "fast", "quant", "llamacpp", "lossy_sparse"),
            "ngram": ("k", "min_n", "max_n", "adaptive", "compile", "fast", "quant", "llamacpp"),
            "model": ("k", "adaptive", "compile", "fast", "quant", "llamacpp"),
            "student": ("k", "adaptive", "compile", "fast", "quant", "llamacpp"),
            "mag": ("k", "adaptive", "compile", "fast", "quant", "llamacpp"), "cascade": ("k", "compile", "fast"),
-           "eagle": ("k", "depth", "top_k", "lookup", "compile", "fast"),
-           "medusa": ("k", "compile", "fast"), "ctc": ("k", "top_k", "beams", "compile", "fast"), "hf-greedy": (),
+           "eagle": ("k", "depth", "top_k", "lookup", "compile", "fast", "prune", "lossy_sparse"),
+           "medusa": ("k", "compile", "fast", "prune", "lossy_sparse"),
+           "ctc": ("k", "top_k", "beams", "compile", "fast", "prune", "lossy_sparse"),
+           "layerskip": ("k", "adaptive", "fast", "lossy_sparse"), "hf-greedy": (),
            "hf-prompt-lookup": (), "hf-assisted": (),
            "llamacpp": (), "llamacpp-lookup": (), "llama-server": ("n", "m", "draft_max")}
 PEERS = ("llamacpp", "llamacpp-lookup", "llama-server")  # llama.cpp's own decoding (bench/peers.py)
 DEFAULT_K = {"ngram": 8, "model": 4, "student": 4, "mag": 8, "cascade": 16, "eagle": 32, "medusa": 32,
-             "ctc": 32}  # heads: tree nodes, at most; cascade: its k-matrix's row 0 bounds it too
+             "ctc": 32, "layerskip": 4}  # heads: tree nodes, at most; cascade: its k-matrix's row 0 bounds it too
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,9 @@ from draftsmith.drafters import build_drafter
 from draftsmith.engine import GenerationConfig, SpecEngine, Stats
 from draftsmith.errors import ConfigError, DraftsmithError
 from draftsmith.models import LoadedModel, load_model
+from draftsmith.predictor import build_pruner
+from draftsmith.routers import load_routers_for
+from draftsmith.sparse import RoutedVerify
 
 MEMORY_NOTE = {
     "cpu": "peak resident memory (VmHWM, reset before each call through /proc/self/clear_refs) of the whole "
@@ -80,8 +83,10 @@ def _engine_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int, s
     adaptive = bool(options.pop("adaptive", 0))
     compile = bool(options.pop("compile", 0))
     drafter_spec = {"plain": "none", "ngram": "ngram", "model": f"model:{spec.arg}"}.get(spec.kind)
-    if spec.kind in ("eagle", "medusa", "ctc", "student", "mag", "cascade"):
+    if spec.kind in ("eagle", "medusa", "ctc", "student", "mag", "cascade", "layerskip"):
         drafter_spec = f"{spec.kind}:{spec.arg}" if spec.arg else spec.kind
+    pruner = build_pruner("predictor", target) if options.pop("prune", 0) else None
+    sparse = RoutedVerify(load_routers_for("", target)) if options.pop("lossy_sparse", 0) else None
     # token ids in and out, like HF generate: no tokenizer, so no incremental detokenizing inside the timing
     weights = "fastest" if options.pop("fast", 0) else "auto"
     quant = options.pop("quant", 0)
@@ -95,7 +100,7 @@ def _engine_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int, s
         model = LlamaCppModel(run_gguf(target), target.model.config)
         target = LoadedModel(model=model, tokenizer=target.tokenizer, name=target.name)
     engine = SpecEngine(target.model, build_drafter(drafter_spec, target, **options), tokenizer=None, compile=compile,
-                        weights=weights)
+                        weights=weights, pruner=pruner, sparse_verify=sparse)
     config = GenerationConfig(max_new_tokens=max_new_tokens, k=k, adaptive=adaptive, sampling=SamplingConfig(seed=seed))
 
     def generate(ids: list[int]) -> Output:

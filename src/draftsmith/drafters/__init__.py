@@ -68,8 +68,8 @@ def default_drafter(target: LoadedModel) -> str:
 def build_drafter(spec: str, target: LoadedModel, **options) -> Drafter | None:
     """`auto`, `none`, `ngram`, `model:PATH` (a smaller causal LM with the target's tokenizer), `student[:DIR]`
     (the distilled student shipped for the target, or one in DIR), `mag[:FILE]` (prompt lookup + bigram chain),
-    `cascade[:K-MATRIX|:FILE.toml]` (CS-Drafting), `eagle[:DIR]`, `eagle+ngram[:DIR]`, `medusa[:DIR]` or
-    `ctc[:DIR]`."""
+    `cascade[:K-MATRIX|:FILE.toml]` (CS-Drafting), `layerskip[:auto|:DIR|:skip=LAYERS]` (self-speculation),
+    `eagle[:DIR]`, `eagle+ngram[:DIR]`, `medusa[:DIR]` or `ctc[:DIR]`."""
     if spec in ("none", "", None):
         return None
     if spec == "auto":
@@ -101,12 +101,41 @@ def build_drafter(spec: str, target: LoadedModel, **options) -> Drafter | None:
             raise ConfigError(f"cascade level '{level_spec}': use model:PATH, student[:DIR], mag[:FILE] or ngram")
 
         return build_cascade(parse_cascade(path), level, vocab_size=logit_rows(target.model))
+    if kind == "layerskip":
+        from draftsmith.drafters.layerskip import LayerSkipDrafter
+        from draftsmith.models import logit_rows
+
+        return LayerSkipDrafter(skip_policy(path, target), vocab_size=logit_rows(target.model),
+                                tokenizer=target.tokenizer, confidence=options.get("confidence", 0.0))
     if kind == "eagle+ngram":  # the head's tree with prompt lookup's chain grafted on
         kind, options = "eagle", {"lookup": 8, **options}
     if kind in ("eagle", "medusa", "ctc"):
         return _head_drafter(kind, path, target, options)
     raise ConfigError(f"unknown drafter '{spec}': use auto, none, ngram, model:PATH, student[:DIR], mag[:FILE], "
-                      "cascade[:K-MATRIX|:FILE.toml], eagle[:DIR], eagle+ngram[:DIR], medusa[:DIR] or ctc[:DIR]")
+                      "cascade[:K-MATRIX|:FILE.toml], layerskip[:auto|:DIR|:skip=LAYERS], eagle[:DIR], "
+                      "eagle+ngram[:DIR], medusa[:DIR] or ctc[:DIR]")
+
+
+def skip_policy(spec: str, target: LoadedModel):
+    """`auto` (None: searched once bound to the target), `skip=2,5,7-9` (those layers), a router folder, or
+    nothing: the routers shipped for the target."""
+    from draftsmith.sparse import FixedSkip
+
+    if spec == "auto":
+        return None
+    layers = target.model.config.num_hidden_layers
+    if spec.startswith("skip="):
+        skipped = set()
+        try:
+            for part in filter(None, spec.removeprefix("skip=").split(",")):
+                first, _, last = part.partition("-")
+                skipped.update(range(int(first), int(last or first) + 1))
+        except ValueError:
+            raise ConfigError(f"layerskip:{spec}: give layer numbers and ranges, e.g. skip=2,5,7-9") from None
+        return FixedSkip(layers, frozenset(skipped))
+    from draftsmith.routers import load_routers_for
+
+    return load_routers_for(spec, target)  # no spec: the routers shipped for an embedded target
 
 
 def draft_model(spec: str, target: LoadedModel):

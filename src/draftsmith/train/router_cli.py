@@ -1,0 +1,108 @@
+"""`draftsmith train router`: D-LLM routers for a frozen target (`--drafter layerskip:OUT`)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from draftsmith.errors import ConfigError
+from draftsmith.train.heads_cli import train_app
+
+
+@train_app.command("router")
+def router_command(
+    target: Annotated[str, typer.Option(help="HF hub id, local folder, .gguf file or embedded alias.")] = "smollm2",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the routers, checkpoints and logs.")]
+    = Path("runs/router"),
+    ratio: Annotated[float, typer.Option(help="Target share of the layers a token executes.")] = 0.5,
+    start_layer: Annotated[int, typer.Option(help="Layers before this one always run.")] = 2,
+    lam: Annotated[float, typer.Option("--lambda", help="Weight of |executed share - ratio| in the loss.")] = 5.0,
+    tau: Annotated[float, typer.Option(help="Gumbel-softmax temperature.")] = 1.0,
+    corpus: Annotated[Optional[Path], typer.Option(help="Folder of source files or .jsonl; default: the "
+                                                        "installed Python standard library.")] = None,
+    sequences: Annotated[int, typer.Option(help="Training sequences cut from the corpus.")] = 1024,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 256,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 300,
+    batch_size: int = 8,
+    grad_accum: int = 1,
+    lr: float = 3e-3,
+    warmup: int = 20,
+    dtype: Annotated[str, typer.Option(help="dtype of the frozen target while training (float32 on CPU).")]
+    = "float32",
+    eval_every: int = 100,
+    checkpoint_every: int = 100,
+    max_minutes: Annotated[float, typer.Option(help="Stop at this wall time (evaluated and saved); 0 = none.")]
+    = 0.0,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its latest checkpoint.")] = False,
+    seed: int = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    trust_remote_code: bool = False,
+) -> None:
+    """Train per-layer routers that let each token skip layers of the target (D-LLM)."""
+    from draftsmith.cached_lm import LeanLlama
+    from draftsmith.models import load_model
+    from draftsmith.train.router import RouterTrainConfig, train_routers
+    from draftsmith.train.trainer import TrainConfig
+
+    if corpus is not None and not corpus.exists():
+        raise ConfigError(f"corpus not found: {corpus} (give a folder of source files or a .jsonl file)")
+    cfg = RouterTrainConfig(ratio=ratio, start_layer=start_layer, lam=lam, tau=tau, seq_len=seq_len,
+                            sequences=sequences, corpus=str(corpus) if corpus else None)
+    train = TrainConfig(out_dir=out, max_steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+                        warmup_steps=warmup, device=device, seed=seed, eval_every=eval_every,
+                        checkpoint_every=checkpoint_every, resume=resume, max_minutes=max_minutes,
+                        progress=sys.stdout.isatty())
+    loaded = load_model(target, device="cuda" if device == "cuda" else "cpu", dtype=dtype,
+                        trust_remote_code=trust_remote_code)
+    if not LeanLlama.supports(loaded.model):
+        raise ConfigError(f"routers run on the lean Llama-family forward; {loaded.model.config.model_type} is not one")
+    _, info = train_routers(loaded.model, loaded.tokenizer, cfg, train)
+    typer.echo(f"routers saved in {out}: held-out {info['heldout']}, trained in {info['train_seconds']:.0f} s")
+
+
+@train_app.command("predictor")
+def predictor_command(
+    target: Annotated[str, typer.Option(help="HF hub id, local folder, .gguf file or embedded alias.")] = "smollm2",
+    drafter: Annotated[str, typer.Option(help="The tree drafter whose trees the predictor will prune.")] = "eagle",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the predictor, checkpoints and logs.")]
+    = Path("runs/predictor"),
+    layer: Annotated[int, typer.Option(help="Score nodes on the hidden state after this many target layers "
+                                            "(0 = a fifth of the depth).")] = 0,
+    prompts: Annotated[int, typer.Option(help="Prompts decoded to collect tree nodes.")] = 48,
+    heldout_prompts: Annotated[int, typer.Option(help="Prompts whose nodes are held out for evaluation.")] = 8,
+    new_tokens: Annotated[int, typer.Option(help="Tokens decoded per prompt.")] = 96,
+    corpus: Annotated[Optional[Path], typer.Option(help="Folder of source files or .jsonl; default: the "
+                                                        "installed Python standard library.")] = None,
+    dtype: Annotated[str, typer.Option(help="dtype the target decodes in (the one you will decode in).")]
+    = "auto",
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 300,
+    batch_size: int = 256,
+    lr: float = 1e-2,
+    eval_every: int = 100,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its latest checkpoint.")] = False,
+    seed: int = 0,
+    trust_remote_code: bool = False,
+) -> None:
+    """Train SpaDec's acceptance predictor from the verification outcomes of a tree drafter
+    (`--prune predictor:OUT`)."""
+    from draftsmith.drafters import build_drafter
+    from draftsmith.engine import SpecEngine
+    from draftsmith.models import load_model
+    from draftsmith.train.predictor import PredictorTrainConfig, train_predictor
+    from draftsmith.train.trainer import TrainConfig
+
+    if corpus is not None and not corpus.exists():
+        raise ConfigError(f"corpus not found: {corpus} (give a folder of source files or a .jsonl file)")
+    cfg = PredictorTrainConfig(layer=layer, prompts=prompts, heldout_prompts=heldout_prompts, new_tokens=new_tokens,
+                               corpus=str(corpus) if corpus else None, seed=seed, extra={"drafter": drafter})
+    train = TrainConfig(out_dir=out, max_steps=steps, batch_size=batch_size, lr=lr, warmup_steps=10,
+                        weight_decay=0.0, device="cpu", seed=seed, eval_every=eval_every, resume=resume,
+                        progress=sys.stdout.isatty())
+    loaded = load_model(target, dtype=dtype, trust_remote_code=trust_remote_code)
+    engine = SpecEngine(loaded.model, build_drafter(drafter, loaded), loaded.tokenizer)
+    _, info = train_predictor(engine, loaded.tokenizer, cfg, train, progress=sys.stdout.isatty())
+    typer.echo(f"predictor saved in {out}: {info['nodes']} nodes ({info['accepted_share']:.1%} accepted), "
+               f"held-out {info['heldout']}, {info['collect_seconds']:.0f} s collecting")
