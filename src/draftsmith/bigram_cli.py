@@ -10,14 +10,13 @@ from typing import Annotated, Optional
 import typer
 
 from draftsmith.cli_options import Target, TrustRemoteCode
-from draftsmith.errors import ConfigError
+from draftsmith.cli_options import CorpusFolder, corpus_source
 
 
 def build_bigram_command(
     target: Target = "smollm2",
     out: Annotated[Path, typer.Option("--out", "-o", help="The table's file (safetensors).")] = Path("runs/bigram.safetensors"),
-    corpus: Annotated[Optional[Path], typer.Option(help="Folder of source files or .jsonl; default: the Python "
-                                                        "standard library of this interpreter.")] = None,
+    corpus: CorpusFolder = None,
     onpolicy: Annotated[Optional[Path], typer.Option(help="Also count the target's own replies in this folder of "
                                                           "on-policy data (`draftsmith distill` writes one).")] = None,
     trust_remote_code: TrustRemoteCode = False,
@@ -27,8 +26,7 @@ def build_bigram_command(
     from draftsmith.drafters.mag import build_bigram
     from draftsmith.models import load_tokenizer
 
-    if corpus is not None and not corpus.exists():
-        raise ConfigError(f"corpus not found: {corpus} (give a folder of source files or a .jsonl file)")
+    corpus_source(corpus)  # a missing corpus is refused before anything loads
     start = time.perf_counter()
     tokenizer = load_tokenizer(target, trust_remote_code)
     docs = load_corpus(corpus)

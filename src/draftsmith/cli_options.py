@@ -1,8 +1,11 @@
 """CLI options shared by several commands, declared once."""
 
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
+
+from draftsmith.errors import ConfigError
 
 Target = Annotated[str, typer.Option(help="HF hub id, local folder, .gguf file, or an embedded alias: "
                                           "'smollm2' (the default), 'gemma3'.")]
@@ -40,3 +43,13 @@ Compile = Annotated[bool, typer.Option("--compile/--eager", help="torch.compile 
                                        "process, time reported; eager if compiling fails). Measure before "
                                        "choosing it: on a 2-core CPU it was slower than eager.")]
 TrustRemoteCode = Annotated[bool, typer.Option(help="Run model code shipped with a hub model (off: safer).")]
+Resume = Annotated[bool, typer.Option(help="Continue the run in --out from its latest checkpoint.")]
+CorpusFolder = Annotated[Optional[Path], typer.Option("--corpus", help="Folder of source files or .jsonl; default: "
+                                                                      "the installed Python standard library.")]
+
+
+def corpus_source(corpus: Path | None) -> str | None:
+    """The --corpus option as the data loaders take it, refused early (before any model loads) if missing."""
+    if corpus is not None and not corpus.exists():
+        raise ConfigError(f"corpus not found: {corpus} (give a folder of source files or a .jsonl file)")
+    return str(corpus) if corpus else None

@@ -29,6 +29,9 @@ from draftsmith.paths import cache_dir
 from draftsmith.sparse import FixedSkip
 
 
+SEARCH_VERSION = 2  # part of the cache key: bump when the search or its objective changes
+
+
 @dataclass
 class SkipSearchConfig:
     prompts: int = 4  # held-out function prompts of the corpus (never a benchmark's)
@@ -171,7 +174,7 @@ def auto_skip(model, tokenizer, lm: LeanLlama, costs: CostCurve, config: SkipSea
     """The cached layer set of `layerskip:auto` for this model (searched on first use, then read from disk)."""
     config = config or SkipSearchConfig()
     path = cache_dir() / "layerskip.json"
-    key = f"{calibration_key(model, 'lean')}-{json.dumps(asdict(config), sort_keys=True)}"
+    key = f"search{SEARCH_VERSION}-{calibration_key(model, 'lean')}-{json.dumps(asdict(config), sort_keys=True)}"
     table = json.loads(path.read_text()) if path.is_file() else {}
     if key not in table or refresh:
         table[key] = search_skipped_layers(lm, heldout_sequences(model, tokenizer, config), costs, config)

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import torch
 import typer
 
-from draftsmith.errors import ConfigError
+from draftsmith.cli_options import CorpusFolder, Resume, corpus_source
 
 
 def distill_command(
@@ -16,8 +16,7 @@ def distill_command(
                                               "'smollm2' / 'gemma3'.")] = "smollm2",
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the student, checkpoints and logs.")]
     = Path("runs/student"),
-    corpus: Annotated[Optional[Path], typer.Option(help="Folder of source files or .jsonl; default: the "
-                                                        "Python standard library of this interpreter.")] = None,
+    corpus: CorpusFolder = None,
     heldout_percent: Annotated[float, typer.Option(help="Share of corpus files held out for evaluation.")] = 10.0,
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 350,
     batch_size: Annotated[int, typer.Option(help="Sequences per micro-batch (per GPU).")] = 8,
@@ -50,7 +49,7 @@ def distill_command(
                                                  "float16.")] = "bfloat16",
     eval_every: Annotated[int, typer.Option(help="Held-out greedy-match evaluation every N steps.")] = 100,
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 50,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its latest checkpoint.")] = False,
+    resume: Resume = False,
     seed: int = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda (under `accelerate launch`, one GPU each).")]
     = "auto",
@@ -65,10 +64,9 @@ def distill_command(
     from draftsmith.train.trainer import TrainConfig
 
     # every setting is checked before the (slow) target load
-    if corpus is not None and not corpus.exists():
-        raise ConfigError(f"corpus not found: {corpus} (give a folder of source files or a .jsonl file)")
+    corpus_source(corpus)  # a missing corpus is refused before anything loads
     student = StudentConfig(hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads)
-    onpolicy = OnPolicyConfig(corpus=str(corpus) if corpus else None, heldout_percent=heldout_percent,
+    onpolicy = OnPolicyConfig(corpus=corpus_source(corpus), heldout_percent=heldout_percent,
                               sequences=sequences, new_tokens=new_tokens, instruct_share=instruct_share,
                               sampled_share=sampled_share, shard_size=generate_batch, seed=seed)
     config = DistillConfig(data=data, corpus=corpus, heldout_percent=heldout_percent, seq_len=seq_len, alpha=alpha,

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from draftsmith.errors import ConfigError
+from draftsmith.cli_options import CorpusFolder, Resume, corpus_source
 
 train_app = typer.Typer(no_args_is_help=True, help="Train drafters that need the target: feature heads, ...")
 
@@ -25,8 +25,7 @@ def heads_command(
     = Path("runs/eagle"),
     data: Annotated[Optional[Path], typer.Option(help="Feature shards folder (built there if missing, reused "
                                                       "if present); default: OUT/../features-TARGET.")] = None,
-    corpus: Annotated[Optional[Path], typer.Option(help="Folder of source files or .jsonl; default: the "
-                                                        "installed Python standard library.")] = None,
+    corpus: CorpusFolder = None,
     sequences: Annotated[int, typer.Option(help="Training sequences (features computed once).")] = 768,
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 160,
     self_distill: Annotated[float, typer.Option(help="Share of sequences that are the target's own greedy "
@@ -59,7 +58,7 @@ def heads_command(
                                                     "the last step); 0 = run all --steps.")] = 0.0,
     eval_every: int = 250,
     checkpoint_every: int = 250,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its latest checkpoint.")] = False,
+    resume: Resume = False,
     seed: int = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     trust_remote_code: bool = False,
@@ -70,9 +69,8 @@ def heads_command(
     from draftsmith.train.heads import HeadTrainConfig, train_head
     from draftsmith.train.trainer import TrainConfig
 
-    if corpus is not None and not corpus.exists():
-        raise ConfigError(f"corpus not found: {corpus} (give a folder of source files or a .jsonl file)")
-    data_config = FeatureDataConfig(corpus=str(corpus) if corpus else None, sequences=sequences, seq_len=seq_len,
+    corpus_source(corpus)  # a missing corpus is refused before anything loads
+    data_config = FeatureDataConfig(corpus=corpus_source(corpus), sequences=sequences, seq_len=seq_len,
                                     self_distill=self_distill, shard_size=shard_size, seed=seed)
     head_config = HeadTrainConfig(kind=kind, draft_vocab=draft_vocab, medusa_heads=medusa_heads,
                                   medusa_tree_nodes=medusa_tree_nodes, noise=noise, w_regression=w_regression,
