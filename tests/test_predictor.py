@@ -127,3 +127,13 @@ def test_predictor_folders_round_trip_and_are_checked(tmp_path, target):
         build_pruner("oracle", loaded)
     with pytest.raises(ConfigError, match="reads layer 2"):
         load_pruner(tmp_path, tiny_llama(num_layers=2))
+
+
+def test_pruned_trees_are_sized_by_what_pruned_verification_costs():
+    from draftsmith.adaptive import CostCurve
+    from draftsmith.predictor import pruned_costs
+
+    steep = CostCurve([1, 2, 4, 8, 16, 32], [1.0, 1.5, 2.5, 4.5, 8.5, 16.5])
+    cheap = pruned_costs(steep, share=0.2, longest_path=4)
+    assert cheap(1) == steep(1) and cheap(5) == steep(5)  # up to a path's length nothing is pruned
+    assert cheap(32) == pytest.approx(0.2 * 16.5 + 0.8 * steep(5))  # beyond it, only the first layers grow

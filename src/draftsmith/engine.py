@@ -16,6 +16,7 @@ from draftsmith.drafters import Drafter, Feedback
 from draftsmith.step import Stats, speculative_step
 from draftsmith.errors import ConfigError
 from draftsmith.models import encode_prompt, eos_token_ids
+from draftsmith.predictor import pruned_costs
 from draftsmith.streaming import TextStream
 from draftsmith.verify import TargetRunner
 
@@ -111,6 +112,9 @@ class SpecEngine:
         sizes_itself = getattr(self.drafter, "sizes_itself", False)  # tree drafters size trees from the costs
         if sizes_itself and getattr(self.drafter, "costs", None) is None:
             self.drafter.costs = self.runner.costs()
+            if self.runner.pruner is not None:  # pruned nodes cost only the pruner's first layers: wider trees
+                share = self.runner.pruner.layer / self.model.config.num_hidden_layers
+                self.drafter.costs = pruned_costs(self.drafter.costs, share)
         adaptive = None
         if config.adaptive and self.drafter is not None and not sizes_itself:
             adaptive = self.adaptive_length(config.k)

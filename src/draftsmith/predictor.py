@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from draftsmith.adaptive import CostCurve
 from draftsmith.draft import ROOT, Draft
 from draftsmith.errors import ConfigError
 
@@ -85,6 +86,13 @@ class AcceptancePredictor(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [n] of acceptance for hidden states [n, hidden]."""
         return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1)
+
+
+def pruned_costs(costs: CostCurve, share: float, longest_path: int = 8) -> CostCurve:
+    """What verifying n tokens costs when a pruner runs only `share` of the layers on all of them and the rest on
+    one path (at most `longest_path` nodes): what a tree drafter should size its trees by."""
+    sizes = sorted(set(costs.sizes) | {longest_path + 1})  # the kink where pruning starts to save
+    return CostCurve(sizes, [share * costs(n) + (1 - share) * costs(min(n, longest_path + 1)) for n in sizes])
 
 
 class PathPruner:

@@ -83,7 +83,7 @@ def speculative_step(
     draft = drafter.propose(context, k) if k > 0 and drafter is not None else Draft()
     draft.check(budget=k)
     t1 = time.perf_counter()
-    draft = runner.prune(context[-1], draft)  # with a pruner: the part of the tree worth verifying
+    proposed, draft = draft, runner.prune(context[-1], draft)  # with a pruner: the part worth verifying
     scored = runner.score(context[-1], draft, features=features)
     logits, hidden = scored if features else (scored, None)
     verdict = rule.accept(draft, logits, generator)
@@ -92,6 +92,6 @@ def speculative_step(
     if features:  # the drafter's own forward over what was kept counts as drafting
         kept_rows = torch.tensor([0] + [node + 1 for node in verdict.path], device=hidden.device)
         step_tokens = [draft.tokens[i] for i in verdict.path] + [verdict.next_token]
-        drafter.feedback(Feedback(hidden[kept_rows], step_tokens, verdict.path))
+        drafter.feedback(Feedback(hidden[kept_rows], step_tokens, verdict.path, pruned=draft is not proposed))
     stats.record(draft, verdict, (t1 - t0) + (time.perf_counter() - t2), t2 - t1)
     return Step(draft, verdict)

@@ -45,6 +45,7 @@ class Feedback:
     features: torch.Tensor  # [m, hidden]
     next_tokens: list[int]  # m tokens
     accepted: list[int] = field(default_factory=list)
+    pruned: bool = False  # the target verified a part of the proposal (a pruner's path): `accepted` indexes that
 
 
 class FeatureDrafter(Drafter, Protocol):

@@ -85,7 +85,7 @@ class EagleDrafter:
 
     def feedback(self, step: Feedback) -> None:
         accepted = len(step.accepted)
-        if self.predicted_length:  # how well the tree's predicted length matched what was accepted
+        if self.predicted_length and not step.pruned:  # how well the tree's predicted length matched what was accepted
             m = self.tree.memory
             self.calibration = m * self.calibration + (1 - m) * min(2.0, (accepted + 0.5) / (self.predicted_length + 0.5))
         self.layers.truncate(self.length)  # drop the draft tree's entries

@@ -44,7 +44,8 @@ class TreeWithLookup:
 
     def feedback(self, step: Feedback) -> None:
         # the head calibrates its predicted length on the nodes it drafted (a path's tree nodes come first)
-        self.tree.feedback(Feedback(step.features, step.next_tokens, [i for i in step.accepted if i < self.tree_nodes]))
+        accepted = step.accepted if step.pruned else [i for i in step.accepted if i < self.tree_nodes]
+        self.tree.feedback(Feedback(step.features, step.next_tokens, accepted, step.pruned))
 
     def propose(self, context: list[int], k: int) -> Draft:
         draft = self.tree.propose(context, k)
