@@ -73,8 +73,8 @@ class TargetRunner:
             raise ConfigError("pruning a draft tree between layers needs the lean forward (Llama-family targets)")
         self._flush_pending()
         ids = [root_token, *draft.tokens]
-        positions = [self.length + depth for depth in (0, *draft.depths())]
-        hidden = self.lm.forward_upto(ids, positions, tree_mask(draft).to(self.model.device), self.pruner.layer)
+        positions = self._positions(draft)
+        hidden = self.lm.forward_upto(ids, positions, self._mask(draft), self.pruner.layer)
         path = self.pruner.select(draft, hidden[0, 1:])
         if path is not None:
             rows = [0] + [node + 1 for node in path]
@@ -85,6 +85,13 @@ class TargetRunner:
         self._pruned = (draft, hidden)
         self._last_draft = draft
         return draft
+
+    def _positions(self, draft: Draft) -> list[int]:
+        """Positions of the root and the draft's nodes (a node sits at its depth past the root)."""
+        return [self.length + depth for depth in (0, *draft.depths())]
+
+    def _mask(self, draft: Draft) -> torch.Tensor | None:
+        return None if draft.is_chain else tree_mask(draft).to(self.model.device)
 
     def _flush_pending(self) -> None:
         if self.pending:
@@ -101,8 +108,8 @@ class TargetRunner:
         if self._pruned is not None and self._pruned[0] is draft:  # `prune` ran the first layers already
             hidden, self._pruned = self._pruned[1], None
             self._fed = [root_token, *draft.tokens]
-            positions = [self.length + depth for depth in (0, *draft.depths())]
-            mask = None if draft.is_chain else tree_mask(draft).to(self.model.device)
+            positions = self._positions(draft)
+            mask = self._mask(draft)
             out = self.lm.forward_rest(hidden, positions, mask, self.pruner.layer, features=features)
             logits, hidden = out if features else (out, None)
             logits = logits[:, : self.vocab_size]
@@ -112,8 +119,8 @@ class TargetRunner:
         if self.sparse_verify is not None:  # lossy: the routed target scores
             self._flush_pending()
             self._fed = [root_token, *draft.tokens]
-            positions = [self.length + depth for depth in (0, *draft.depths())]
-            mask = None if draft.is_chain else tree_mask(draft).to(self.model.device)
+            positions = self._positions(draft)
+            mask = self._mask(draft)
             out = self.sparse_verify.forward(self.lm, self._fed, positions, mask, features=features)
             logits, hidden = out if features else (out, None)
             return (logits[:, : self.vocab_size], hidden) if features else logits[:, : self.vocab_size]
@@ -121,9 +128,8 @@ class TargetRunner:
         if draft.is_chain:
             out = self.lm.forward(ids, features=features)
         else:
-            positions = [self.length + depth for depth in (0, *draft.depths())]
-            mask = tree_mask(draft).to(self.model.device)
-            out = self.lm.forward(ids, positions=positions, tree_mask=mask, features=features)
+            positions = self._positions(draft)
+            out = self.lm.forward(ids, positions=positions, tree_mask=self._mask(draft), features=features)
         logits, hidden = out if features else (out, None)
         logits = logits[len(self.pending) :, : self.vocab_size]
         return (logits, hidden) if features else logits

@@ -43,6 +43,8 @@ class LayerSkipDrafter:
 
     def reset(self, prompt_ids: list[int], sampling: SamplingConfig, generator: torch.Generator) -> None:
         self.sampling, self.generator = sampling, generator
+        if self.sparse is not None:
+            self.sparse.layers_run = self.sparse.tokens = 0  # statistics per request
 
     @torch.inference_mode()
     def propose(self, context: list[int], k: int) -> Draft:
