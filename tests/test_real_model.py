@@ -49,10 +49,16 @@ def test_greedy_exact_on_humaneval_prompts(smollm2, prompts):
     runs += [(spec, build_drafter(spec, smollm2), 16) for spec in ("auto", "eagle", "medusa", "ctc")]
     # the shipped student, MaG with its shipped bigram table, and the default cascade of both
     runs += [(spec, build_drafter(spec, smollm2), k) for spec, k in (("student", 3), ("mag", 6), ("cascade", 8))]
+    # self-speculation with the shipped routers and with a fixed layer set (SpaDec)
+    runs += [(spec, build_drafter(spec, smollm2), 4) for spec in ("layerskip", "layerskip:skip=4,10-14")]
+    from draftsmith.predictor import build_pruner
+
+    pruner = build_pruner("predictor", smollm2)  # the shipped acceptance predictor cutting EAGLE's trees
     for ids in prompts:
         reference = hf_greedy(smollm2.model, ids, NEW)
-        for name, drafter, k in runs:
-            engine = SpecEngine(smollm2.model, drafter, smollm2.tokenizer)
+        for name, drafter, k in runs + [("eagle+prune", build_drafter("eagle", smollm2), 16)]:
+            engine = SpecEngine(smollm2.model, drafter, smollm2.tokenizer,
+                                pruner=pruner if name == "eagle+prune" else None)
             result = engine.generate(ids, GenerationConfig(max_new_tokens=NEW, k=k))
             assert result.tokens == reference, (name, k)
             assert result.text == smollm2.tokenizer.decode(reference, skip_special_tokens=True)
