@@ -137,3 +137,16 @@ def test_pruned_trees_are_sized_by_what_pruned_verification_costs():
     cheap = pruned_costs(steep, share=0.2, longest_path=4)
     assert cheap(1) == pytest.approx(steep(1)) and cheap(5) == pytest.approx(steep(5))  # up to a path: no saving
     assert cheap(32) == pytest.approx(0.2 * 16.5 + 0.8 * steep(5))  # beyond it, only the first layers grow
+
+
+def test_the_server_prunes_with_a_predictor_folder_and_refuses_a_missing_one(tmp_path, target):
+    from draftsmith.serve.app import create_app
+    from tiny_models import char_tokenizer
+
+    loaded = LoadedModel(model=target, tokenizer=char_tokenizer(), name="tiny")
+    save_predictor(AcceptancePredictor(PredictorConfig(hidden_size=target.config.hidden_size, layer=2)), tmp_path)
+    app = create_app(loaded, "ngram", k=4, prune=f"predictor:{tmp_path}")
+    assert app.state.server.engine.runner.pruner.layer == 2
+    assert create_app(loaded, "ngram", k=4).state.server.engine.runner.pruner is None
+    with pytest.raises(ConfigError, match="no predictor"):
+        create_app(loaded, "ngram", k=4, prune=f"predictor:{tmp_path / 'missing'}")

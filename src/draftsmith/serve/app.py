@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException
 
 from draftsmith.acceptance import SamplingConfig
 from draftsmith.drafters import build_drafter
+from draftsmith.predictor import build_pruner
 from draftsmith.engine import GenerationConfig, SpecEngine
 from draftsmith.errors import DraftsmithError
 from draftsmith.models import LoadedModel, logit_rows
@@ -145,12 +146,12 @@ class Server:
 
     def __init__(self, loaded: LoadedModel, drafter_spec: str, k: int, model_name: str, queue_size: int,
                  adaptive: bool = False, compile: bool = False, limits: ServerLimits | None = None,
-                 **drafter_options):
+                 prune: str = "none", **drafter_options):
         GenerationConfig(k=k)  # refuse a bad k at start-up rather than at the first request
         self.loaded, self.k, self.adaptive, self.model_name = loaded, k, adaptive, model_name
         self.limits = limits or ServerLimits()
         self.engine = SpecEngine(loaded.model, build_drafter(drafter_spec, loaded, **drafter_options),
-                                 loaded.tokenizer, compile=compile)
+                                 loaded.tokenizer, compile=compile, pruner=build_pruner(prune, loaded))
         self.metrics = Metrics()
         self.worker = EngineWorker(self.engine, queue_size, self.metrics)
         self.created = int(time.time())
@@ -359,11 +360,13 @@ def create_app(
     adaptive: bool = False,
     compile: bool = False,
     limits: ServerLimits | None = None,
+    prune: str = "none",
     **drafter_options,
 ) -> FastAPI:
-    """An app serving `loaded` with speculative decoding; the engine worker runs while the app is up."""
+    """An app serving `loaded` with speculative decoding; the engine worker runs while the app is up. `prune`:
+    none or predictor[:DIR], the acceptance predictor cutting tree drafts (lossless)."""
     server = Server(loaded, drafter_spec, k, model_name or loaded.name, queue_size, adaptive, compile, limits,
-                    **drafter_options)
+                    prune, **drafter_options)
     limits = server.limits
 
     @asynccontextmanager

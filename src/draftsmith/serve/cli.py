@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from draftsmith.cli_options import (Adaptive, Backend, Compile, Device, DraftTokens, Drafter, Dtype, NgramMax,
-                                   Target, TrustRemoteCode)
+                                   Prune, Target, TrustRemoteCode)
 from draftsmith.serve.limits import ServerLimits
 
 DEFAULT_LIMITS = ServerLimits()
@@ -16,6 +16,7 @@ DEFAULT_LIMITS = ServerLimits()
 def serve_command(
     target: Target = "smollm2",
     drafter: Drafter = "auto",
+    prune: Prune = "none",
     k: DraftTokens = 16,
     adaptive: Adaptive = True,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
@@ -54,7 +55,7 @@ def serve_command(
                           max_stop_chars=max_stop_chars, default_max_tokens=default_max_tokens)
     loaded = load_model(target, device=device, dtype=dtype, trust_remote_code=trust_remote_code, backend=backend)
     app = create_app(loaded, drafter, k=k, model_name=model_name or target, queue_size=queue_size,
-                     adaptive=adaptive, compile=compile, limits=limits, max_n=ngram_max)
+                     adaptive=adaptive, compile=compile, limits=limits, prune=prune, max_n=ngram_max)
     compile_s = app.state.server.engine.runner.compile_s
     if compile_s is not None:
         typer.echo(f"compiled the target's forward in {compile_s:.1f} s", err=True)
