@@ -43,8 +43,8 @@ class TargetRunner:
         self.vocab_size: int | None = None  # logits kept per row (a draft model's beyond the target's are cut)
         self._costs: CostCurve | None = None
         self.pruner = None  # cuts a draft tree between layers before the rest of the target runs (predictor.py)
-        self._pruned: tuple[Draft, torch.Tensor] | None = None  # the draft `prune` returned, its hidden rows
-        self._last_draft: Draft | None = None  # the latest pruned draft, until its verdict is committed
+        # the draft `prune` returned and its hidden rows, until that draft's verdict is committed
+        self._pruned: tuple[Draft, torch.Tensor] | None = None
         self.sparse_verify = None  # LOSSY: routers decide the layers each scored token runs (sparse.RoutedVerify)
 
     def prefill(self, prompt_ids: list[int], features: bool = False) -> torch.Tensor | None:
@@ -83,7 +83,6 @@ class TargetRunner:
             draft = Draft(tokens=[draft.tokens[node] for node in path],
                           probs=draft.probs[path] if draft.probs is not None else None)
         self._pruned = (draft, hidden)
-        self._last_draft = draft
         return draft
 
     def _positions(self, draft: Draft) -> list[int]:
@@ -106,7 +105,7 @@ class TargetRunner:
         """Logits [1 + len(draft), vocab] for the root and every draft node, in one forward (with `features`,
         also their hidden states [1 + len(draft), hidden]). Pending tokens ride along before the root."""
         if self._pruned is not None and self._pruned[0] is draft:  # `prune` ran the first layers already
-            hidden, self._pruned = self._pruned[1], None
+            hidden = self._pruned[1]
             self._fed = [root_token, *draft.tokens]
             positions = self._positions(draft)
             mask = self._mask(draft)
@@ -138,9 +137,9 @@ class TargetRunner:
         """Keep the root and the accepted nodes (in path order); drop every other entry of the last step."""
         root = len(self.pending)
         keep = list(range(root + 1)) + [root + node + 1 for node in path]
-        if self._last_draft is not None:  # tell the pruner what the target accepted of what it let through
-            self.pruner.observe(self._last_draft, path)
-            self._last_draft = None
+        if self._pruned is not None:  # tell the pruner what the target accepted of what it let through
+            self.pruner.observe(self._pruned[0], path)
+            self._pruned = None
         self.lm.keep(self.length, keep)
         if self.sparse_verify is not None:
             self.sparse_verify.keep(self.length, keep)
