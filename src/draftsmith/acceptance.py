@@ -129,7 +129,9 @@ class Verdict:
 
 class AcceptanceRule(Protocol):
     def accept(self, draft: Draft, logits: torch.Tensor, generator: torch.Generator) -> Verdict:
-        """Review `draft` against the reviewer's logits (one row per fed position)."""
+        """Review `draft` against the reviewer's logits (one row per fed position). A rule with
+        `needs_features = True` is also given `features` (the reviewer's hidden states, one row per fed position)
+        and `context` (the committed tokens) as keywords."""
 
 
 @dataclass(frozen=True)

@@ -143,6 +143,10 @@ _register_distill(app)
 _register_bigram(app)
 app.add_typer(train_app, name="train")
 
+from draftsmith.collab.cli import register as _register_collab  # noqa: E402
+
+_register_collab(app)
+
 
 if __name__ == "__main__":
     main()

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from draftsmith.acceptance import SamplingConfig, acceptance_rule
+from draftsmith.acceptance import AcceptanceRule, SamplingConfig, acceptance_rule
 from draftsmith.adaptive import DraftLength
 from draftsmith.draft import Draft
 from draftsmith.drafters import Drafter, Feedback
@@ -29,6 +29,7 @@ class GenerationConfig:
     stop: list[str] = field(default_factory=list)  # stop strings (need a tokenizer)
     stop_on_eos: bool = True
     adaptive: bool = False  # choose each step's draft length (at most k) from measured costs and acceptance
+    end_ids: frozenset[int] = frozenset()  # tokens that end the generation (kept), as EOS does: line ends, say
 
     def __post_init__(self) -> None:
         if self.k < 0:
@@ -69,12 +70,14 @@ class SpecEngine:
         weights: str = "auto",  # the lean forward's weight layout (cached_lm.choose_format)
         pruner=None,  # cuts draft trees between the target's layers before verifying (predictor.PathPruner)
         sparse_verify=None,  # LOSSY: the target verifies with routers skipping layers (sparse.RoutedVerify)
+        rule: AcceptanceRule | None = None,  # LOSSY where it is not greedy's: replaces the rule sampling implies
     ):
         self.model, self.drafter, self.tokenizer = model, drafter, tokenizer
         self.runner = TargetRunner(model, lean=lean, compile=compile, weights=weights)
         if pruner is not None and sparse_verify is not None:
             raise ConfigError("predictor pruning and the lossy sparse verification do not combine: pick one")
         self.runner.pruner, self.runner.sparse_verify = pruner, sparse_verify
+        self.rule = rule
         if hasattr(drafter, "bind"):  # self-speculation: the drafter runs on the target's own layers and cache
             drafter.bind(self.runner)
         self.eos_ids = eos_token_ids(model, tokenizer)
@@ -126,6 +129,8 @@ class SpecEngine:
         prompt_features = self.runner.prefill(prompt_ids, features=wants_features)
         if self.drafter is not None:
             self.drafter.reset(prompt_ids, sampling, draft_generator)
+        if hasattr(self.rule, "reset"):  # a rule with per-request state (collab.rule.CollabRule)
+            self.rule.reset(prompt_ids)
         if wants_features:
             self.drafter.feedback(Feedback(prompt_features, prompt_ids[1:]))
         stats.prefill_s = time.perf_counter() - start
@@ -155,6 +160,9 @@ class SpecEngine:
         drafter_statistics = getattr(self.drafter, "statistics", None)
         if drafter_statistics is not None:
             stats.drafter = drafter_statistics()
+        rule_statistics = getattr(self.rule, "statistics", None)
+        if rule_statistics is not None:
+            stats.drafter = {**stats.drafter, **rule_statistics()}
         if self.runner.sparse_verify is not None:  # lossy: the share of layers the routed target ran
             stats.drafter = {**stats.drafter, "verify_executed_ratio": self.runner.sparse_verify.executed_ratio}
         text = stream.finish() if stream is not None else None
@@ -165,16 +173,18 @@ class SpecEngine:
     ) -> tuple[Draft, list[int], int]:
         """One speculative step of the target (step.speculative_step). Returns the draft, the accepted node ids
         and the correction / bonus token."""
-        step = speculative_step(self.drafter, self.runner, acceptance_rule(sampling), context, k, generator, stats,
+        rule = self.rule if self.rule is not None else acceptance_rule(sampling)
+        step = speculative_step(self.drafter, self.runner, rule, context, k, generator, stats,
                                 features=self.wants_features)
         return step.draft, step.verdict.path, step.verdict.next_token
 
     def _cut(self, tokens: list[int], config: GenerationConfig, produced: int) -> tuple[list[int], str | None]:
         """Truncate a step's tokens at EOS (kept) or at the max_new_tokens budget."""
-        if config.stop_on_eos:
-            for i, token in enumerate(tokens):
-                if token in self.eos_ids:
-                    return tokens[: i + 1], "eos"
+        for i, token in enumerate(tokens):
+            if config.stop_on_eos and token in self.eos_ids:
+                return tokens[: i + 1], "eos"
+            if token in config.end_ids:
+                return tokens[: i + 1], "stop"
         room = config.max_new_tokens - produced
         if len(tokens) >= room:
             return tokens[:room], "length"
@@ -183,6 +193,9 @@ class SpecEngine:
     def _check(self, prompt_ids: list[int], config: GenerationConfig) -> None:
         if not prompt_ids:
             raise ConfigError("the prompt is empty: give at least one token")
+        if self.rule is not None and not config.sampling.greedy and not getattr(self.rule, "samples", False):
+            raise ConfigError(f"the acceptance rule {type(self.rule).__name__} reviews greedy drafts only: use "
+                              "temperature 0")
         if config.stop and self.tokenizer is None:
             raise ConfigError("stop strings need an engine built with a tokenizer")
         if self.max_context and len(prompt_ids) + config.max_new_tokens > self.max_context:

@@ -84,9 +84,11 @@ def speculative_step(
     draft.check(budget=k)
     t1 = time.perf_counter()
     proposed, draft = draft, runner.prune(context[-1], draft)  # with a pruner: the part worth verifying
-    scored = runner.score(context[-1], draft, features=features)
-    logits, hidden = scored if features else (scored, None)
-    verdict = rule.accept(draft, logits, generator)
+    rule_features = getattr(rule, "needs_features", False)  # a rule that weighs the reviewer's hidden states
+    scored = runner.score(context[-1], draft, features=features or rule_features)
+    logits, hidden = scored if features or rule_features else (scored, None)
+    review = {"features": hidden, "context": context} if rule_features else {}
+    verdict = rule.accept(draft, logits, generator, **review)
     runner.commit(verdict.path)
     t2 = time.perf_counter()
     if features:  # the drafter's own forward over what was kept counts as drafting

@@ -27,6 +27,8 @@ def run_and_show(config: BenchConfig, console: Console | None = None) -> BenchRe
               f"{meta['device']} ({meta['dtype']}), at most {meta['max_new_tokens']} new tokens\n", markup=False)
     out.print(markdown_table(result.summaries), markup=False)
     out.print(result.notes, style="dim", markup=False)
+    if "collab_markdown" in result.paths:  # the collab workload: per domain
+        out.print("\n" + result.paths["collab_markdown"].read_text(), markup=False)
     for name, path in result.paths.items():
         out.print(f"{name:>12}: {path}", markup=False)
     return result

@@ -42,7 +42,9 @@ OPTIONS = {"plain": ("compile", "fast", "quant", "llamacpp", "lossy_sparse"),
            "ctc": ("k", "top_k", "beams", "compile", "fast", "prune", "lossy_sparse"),
            "layerskip": ("k", "adaptive", "fast", "lossy_sparse"), "hf-greedy": (),
            "hf-prompt-lookup": (), "hf-assisted": (),
-           "llamacpp": (), "llamacpp-lookup": (), "llama-server": ("n", "m", "draft_max")}
+           "llamacpp": (), "llamacpp-lookup": (), "llama-server": ("n", "m", "draft_max"),
+           # the collab workload's (bench/collab.py); fallback, rollback and threshold take decimals
+           "small": (), "small-draft": ("k",), "bild": ("k", "fallback", "rollback"), "collab": ("k", "threshold")}
 PEERS = ("llamacpp", "llamacpp-lookup", "llama-server")  # llama.cpp's own decoding (bench/peers.py)
 DEFAULT_K = {"ngram": 8, "model": 4, "student": 4, "mag": 8, "cascade": 16, "eagle": 32, "medusa": 32,
              "ctc": 32, "layerskip": 4}  # heads: tree nodes, at most; cascade: its k-matrix's row 0 bounds it too
@@ -53,7 +55,7 @@ class MethodSpec:
     name: str  # the spec as given; also the method's name in the report
     kind: str  # a key of OPTIONS
     arg: str | None = None  # model path, or prompt lookup's draft length
-    options: dict[str, int] = field(default_factory=dict)
+    options: dict[str, float] = field(default_factory=dict)  # whole numbers as int
     dtype: str | None = None  # from an `@DTYPE` suffix: canonical torch dtype name, None = the run's dtype
 
 
@@ -71,13 +73,14 @@ def parse_method(spec: str) -> MethodSpec:
     if kind not in OPTIONS:
         raise ConfigError(f"unknown method '{spec}': use {', '.join(OPTIONS)} (e.g. ngram:k=8, model:PATH:k=4, "
                           "hf-prompt-lookup:10, hf-assisted:PATH)")
-    options: dict[str, int] = {}
+    options: dict[str, float] = {}
     for item in ",".join(parts[len(parts) - n_options :]).split(",") if n_options else ():
         key, _, value = item.partition("=")
-        if key not in OPTIONS[kind] or not value.lstrip("-").isdigit():
+        decimal = key in ("fallback", "rollback", "threshold")
+        if key not in OPTIONS[kind] or not value.lstrip("-").replace(".", "", decimal).isdigit():
             allowed = ", ".join(f"{o}=N" for o in OPTIONS[kind]) or "no options"
             raise ConfigError(f"bad option '{item}' in method '{spec}': {kind} takes {allowed}")
-        options[key] = int(value)
+        options[key] = float(value) if decimal else int(value)
     if kind in ("model", "hf-assisted") and not arg:
         raise ConfigError(f"method '{spec}' needs a draft model: {kind}:PATH")
     if kind in ("hf-prompt-lookup", "llamacpp-lookup") and arg is not None and not arg.isdigit():
@@ -120,7 +123,7 @@ class BenchConfig:
     out: str | None = None  # default: bench-results/<timestamp>
 
     def __post_init__(self) -> None:
-        if self.workload not in WORKLOADS:
+        if self.workload not in WORKLOADS and self.workload.partition(":")[0] != "collab":
             raise ConfigError(f"unknown workload '{self.workload}': use {', '.join(WORKLOADS)}")
         if self.limit < 1:
             raise ConfigError(f"limit must be >= 1 (prompts to run), got {self.limit}")

@@ -24,10 +24,12 @@ from typing import Any
 import torch
 
 from draftsmith.acceptance import SamplingConfig
-from draftsmith.bench.config import BASELINE, DEFAULT_K, PEERS, PLAIN, BenchConfig, MethodSpec, parse_method
+from draftsmith.bench.config import (BASELINE, DEFAULT_K, DEFAULT_METHODS, PEERS, PLAIN, BenchConfig, MethodSpec,
+                                     parse_method)
 from draftsmith.bench.peers import llamacpp_method, server_method
 from draftsmith.bench.report import MethodSummary, PromptRecord, summarize, write_report
 from draftsmith.bench.sandbox import SandboxConfig, available_isolation
+from draftsmith.collab.domains import resolve_domain
 from draftsmith.bench.workloads import INSTRUCT, Score, Task, completion, load_tasks, prompt_ids, score
 from draftsmith.drafters import build_drafter
 from draftsmith.engine import GenerationConfig, SpecEngine, Stats
@@ -70,6 +72,7 @@ class Method:
     generate: Callable[[list[int]], Output]
     compile_s: float | None = None  # seconds torch.compile took before the run, for compiled methods
     close: Callable[[], None] | None = None  # releases what the method holds outside this process (a server)
+    select: Callable[[str], None] | None = None  # told each task's id before its call (a per-domain method)
 
 
 def _sync(device: torch.device) -> None:
@@ -216,6 +219,8 @@ def run_interleaved(
                 progress(what, False)
             gc.collect()  # outside the timing: no method pays for another's garbage
             measured = reset_peak_memory(device)
+            if method.select is not None:
+                method.select(task_id if index >= 0 else prompts[0][0])
             try:
                 output = method.generate(ids)
             except Exception as e:  # any method's failure, ours or a peer library's
@@ -372,8 +377,10 @@ def run_bench(
 
     `console` (a rich Console) shows progress; `target` and `tasks` replace loading the model and workload.
     """
-    specs = [parse_method(m) for m in config.methods]
-    tasks = (tasks if tasks is not None else load_tasks(config.workload, config.limit))[: config.limit]
+    collab = config.workload.partition(":")[0] == "collab"
+    specs = [parse_method(m) for m in (collab_methods(config.methods) if collab else config.methods)]
+    tasks = tasks if tasks is not None else load_tasks(config.workload, config.limit)
+    tasks = tasks if collab else tasks[: config.limit]  # collab: limit is per domain
     if not tasks:
         raise ConfigError(f"the workload '{config.workload}' has no tasks to run")
     sandbox = SandboxConfig(allow_unisolated=config.allow_unsandboxed)
@@ -397,6 +404,12 @@ def run_bench(
         with _status(console, "building methods"):
             targets = {d: target if d == run_dtype else cast(target, d) for d in set(dtype_of.values())}
             for s in specs:
+                if collab:
+                    from draftsmith.bench.collab import collab_method, workload_domains
+
+                    domains = [resolve_domain(d).name for d in workload_domains(config.workload)]
+                    methods.append(collab_method(s, targets[dtype_of[s.name]], domains, config.max_new_tokens))
+                    continue
                 methods.append(build_method(s, targets[dtype_of[s.name]], config.max_new_tokens, config.seed,
                                             config.llama_server))
         failures: dict[str, str] = {}
@@ -427,7 +440,24 @@ def run_bench(
                             failed_methods=failures)
     notes = report_notes(metadata)
     out = Path(config.out or f"bench-results/{datetime.now():%Y%m%d-%H%M%S}")
-    return BenchResult(records, summaries, metadata, notes, write_report(out, records, summaries, metadata, notes))
+    paths = write_report(out, records, summaries, metadata, notes)
+    if collab:  # per domain: EM, ES, ms and large-model calls per line
+        from draftsmith.bench.collab import domain_table, write_domain_report
+
+        paths |= write_domain_report(out, domain_table(records))
+    return BenchResult(records, summaries, metadata, notes, paths)
+
+
+def collab_methods(methods: list[str]) -> list[str]:
+    """The collab workload's methods: its own default set in place of the general default."""
+    from draftsmith.bench.collab import COLLAB_METHODS, DEFAULT_COLLAB_METHODS
+
+    if list(methods) == list(DEFAULT_METHODS):
+        return list(DEFAULT_COLLAB_METHODS)
+    wrong = [m for m in methods if parse_method(m).kind not in COLLAB_METHODS]
+    if wrong:
+        raise ConfigError(f"methods {wrong} do not run on the collab workload: use {', '.join(COLLAB_METHODS)}")
+    return list(methods)
 
 
 def _decode_all(

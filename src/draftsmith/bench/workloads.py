@@ -28,7 +28,7 @@ from draftsmith.bench.linecomplete import exact_match as _exact_match
 from draftsmith.errors import ConfigError
 
 INSTRUCT = "humaneval-instruct"
-WORKLOADS = ("humaneval", INSTRUCT, "lines", "blocks")
+WORKLOADS = ("humaneval", INSTRUCT, "lines", "blocks", "collab[:DOMAINS]")
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class Task:
     prompt: str
     problem: Problem | None = None  # HumanEval: scored by pass@1
     case: LineCase | None = None  # line completion: scored by EM / ES
-    mode: str = "line"  # line completion: "line" or "block"
+    mode: str = "line"  # line completion: "line", "block" or "rest" (the rest of a line cut inside: collab)
     chat: bool = False  # prompt is a user message for the chat template; the reply's code block is scored
 
 
@@ -52,6 +52,10 @@ def load_tasks(workload: str, limit: int) -> list[Task]:
         mode = "line" if workload == "lines" else "block"
         cases = build_cases(LineCaseConfig(num_cases=limit, mode=mode))
         return [Task(c.case_id, c.context, case=c, mode=mode) for c in cases]
+    if workload.partition(":")[0] == "collab":
+        from draftsmith.bench.collab import collab_tasks
+
+        return collab_tasks(workload, limit)
     raise ConfigError(f"unknown workload '{workload}': use {', '.join(WORKLOADS)}")
 
 

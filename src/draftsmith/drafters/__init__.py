@@ -149,6 +149,10 @@ def draft_model(spec: str, target: LoadedModel):
         raise ConfigError("give the draft model after 'model:', e.g. model:runs/student")
     if kind == "student" and not path:
         path = str(shipped_file(target, "student", "config.json", "distill").parent)
+    from draftsmith.collab.finetune import is_finetuned, load_small
+
+    if is_finetuned(Path(path)):  # a LoRA adapter (collab finetune) on a small model named inside it
+        return load_small(Path(path), target)
     draft = load_model(path, device=str(target.device), dtype=str(target.dtype).removeprefix("torch."))
     check_same_vocabulary(target, draft)
     return draft.model

@@ -17,11 +17,18 @@ from draftsmith.draft import Draft, common_prefix
 class ModelDrafter:
     name = "model"
 
-    def __init__(self, model: PreTrainedModel, vocab_size: int | None = None):
+    def __init__(self, model: PreTrainedModel, vocab_size: int | None = None, confidence: float = 0.0,
+                 keep_features: bool = False):
         """`vocab_size`: the target's number of logits; the draft's logits beyond it are ids the target cannot
-        embed, so they are never drafted. None: use all of the draft model's logits."""
+        embed, so they are never drafted. None: use all of the draft model's logits. `confidence` (BiLD's
+        fallback): stop drafting after a greedy token whose probability is below it. `keep_features`: keep each
+        drafted token's hidden state and distribution (`last_hidden`, `last_probs`) for an acceptance rule that
+        weighs them (collab.rule.CollabRule)."""
         self.model = model
         self.vocab_size = vocab_size
+        self.confidence, self.keep_features = confidence, keep_features
+        self.last_hidden: torch.Tensor | None = None
+        self.last_probs: torch.Tensor | None = None
         # positions the draft model can encode; None where its config sets no limit
         self.max_positions: int | None = getattr(model.config, "max_position_embeddings", None)
         self.sampling = SamplingConfig()
@@ -62,7 +69,8 @@ class ModelDrafter:
         self.lm.truncate(keep)
         self.cached = self.cached[:keep]
         feed = context[keep:]
-        tokens, probs = [], []
+        tokens, probs, kept_probs = [], [], []
+        self._hidden_rows: list[torch.Tensor] = []
         for _ in range(k):
             logits = self._forward(feed)
             if self.sampling.greedy:
@@ -73,9 +81,20 @@ class ModelDrafter:
                 probs.append(dist)
             tokens.append(token)
             feed = [token]
+            if self.keep_features or self.confidence:
+                greedy_probs = logits.float().softmax(-1)
+                kept_probs.append(greedy_probs)
+                if greedy_probs[token] < self.confidence:
+                    break
+        if self.keep_features:
+            self.last_hidden, self.last_probs = torch.stack(self._hidden_rows), torch.stack(kept_probs)
         return Draft(tokens=tokens, probs=torch.stack(probs) if probs else None)
 
     def _forward(self, ids: list[int]) -> torch.Tensor:
         self.cached.extend(ids)
-        return self.lm.forward(ids, last_only=True)[-1, : self.vocab_size]
+        if not self.keep_features:
+            return self.lm.forward(ids, last_only=True)[-1, : self.vocab_size]
+        logits, hidden = self.lm.forward(ids, last_only=True, features=True)
+        self._hidden_rows.append(hidden[-1].float())
+        return logits[-1, : self.vocab_size]
 
