@@ -294,3 +294,20 @@ def test_collab_workload_refuses_other_methods(collab_folder, tmp_path):
     config = BenchConfig(target="tiny", workload=f"collab:{domain.source}", methods=["plain", "ngram"], limit=2)
     with pytest.raises(ConfigError, match="do not run on the collab workload"):
         run_bench(config, target=target)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["collab", "finetune", "--domain", "no_such_package_here"], "neither a folder"),
+    (["collab", "complete", "--method", "nope", "x = "], "unknown method 'nope'"),
+    (["collab", "train-classifier", "--out", "{tmp}"], "no collected features"),
+])
+def test_collab_commands_refuse_bad_input_before_loading_a_model(args, message, tmp_path, capsys, monkeypatch):
+    import sys
+
+    from draftsmith.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["draftsmith"] + [a.replace("{tmp}", str(tmp_path)) for a in args])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2
+    assert message in " ".join(capsys.readouterr().err.split())

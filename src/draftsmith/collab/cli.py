@@ -17,7 +17,9 @@ collab_app = typer.Typer(no_args_is_help=True, help="Collaborative domain code c
                                                     "model, the target, and a classifier between them.")
 DomainOption = Annotated[str, typer.Option(help="A default domain (fastapi, click, numpy, asyncio), an installed "
                                                 "package's name, a folder of source or a .jsonl.")]
-FolderOption = Annotated[Path, typer.Option("--out", "-o", help="The domain's collab folder.")]
+# one folder per domain: finetune writes the adapter there, collect the features, train-classifier the classifier
+CollabFolder = Annotated[Path | None, typer.Option("--out", "-o", help="The domain's collab folder (default "
+                                                                       "runs/collab/DOMAIN).")]
 
 
 def _folder(out: Path | None, domain: str) -> Path:
@@ -27,8 +29,7 @@ def _folder(out: Path | None, domain: str) -> Path:
 @collab_app.command("finetune")
 def finetune_command(
     domain: DomainOption = "fastapi",
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for the adapter, checkpoints and logs "
-                                                                 "(default runs/collab/DOMAIN).")] = None,
+    out: CollabFolder = None,
     target: Annotated[str, typer.Option(help="The large model (its tokenizer is the small model's).")] = "smollm2",
     small: Annotated[str, typer.Option(help="The small model: student[:DIR] (the distilled student) or "
                                             "model:PATH.")] = "student",
@@ -73,11 +74,9 @@ def finetune_command(
 @collab_app.command("collect")
 def collect_command(
     domain: DomainOption = "fastapi",
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="The collab folder holding the fine-tuned small "
-                                                                 "model; the features go there (default "
-                                                                 "runs/collab/DOMAIN).")] = None,
+    out: CollabFolder = None,
     target: Annotated[str, typer.Option(help="The large model.")] = "smollm2",
-    cases: Annotated[int, typer.Option(help="Line-completion cases cut from the domain's classifier files.")] = 600,
+    cases: Annotated[int, typer.Option(help="Line-completion cases cut from the domain's classifier files.")] = 400,
     context_chars: int = 1000,
     seed: int = 1,
 ) -> None:
@@ -103,9 +102,7 @@ def collect_command(
 @collab_app.command("train-classifier")
 def train_classifier_command(
     domain: DomainOption = "fastapi",
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="The collab folder holding the collected features; "
-                                                                 "the classifier goes there (default "
-                                                                 "runs/collab/DOMAIN).")] = None,
+    out: CollabFolder = None,
     balance: Annotated[str, typer.Option(help="Class balance: smote (imbalanced-learn), weights or none.")] = "smote",
     dropout: float = 0.5,
     lr: float = 5e-4,
@@ -132,6 +129,48 @@ def train_classifier_command(
     typer.echo(f"classifier saved in {out} (best epoch {summary['best_epoch']} of {summary['epochs']}): validation "
                f"accuracy {v['accuracy']:.3f}, AUC {v['auc']:.3f}, small right in {v['small_right']:.1%} of "
                f"{v['rows']} rows, predicted small in {v['predicted_small']:.1%}")
+
+
+@collab_app.command("complete")
+def complete_command(
+    prefix: Annotated[str, typer.Argument(help="The code before the cursor (the rest of its line is completed); "
+                                               "'-' reads it from standard input.")],
+    domain: DomainOption = "fastapi",
+    folder: Annotated[Path | None, typer.Option("--folder", help="The collab folder (default: the one shipped for "
+                                                                "the target, else runs/collab/DOMAIN).")] = None,
+    method: Annotated[str, typer.Option(help="collab, bild, small-draft (lossless), small or plain.")] = "collab",
+    threshold: Annotated[float, typer.Option(help="collab: keep the small model's token when P > this "
+                                                  "(1 = lossless).")] = 0.5,
+    k: Annotated[int, typer.Option(help="Tokens the small model drafts per step.")] = 8,
+    target: Annotated[str, typer.Option(help="The large model.")] = "smollm2",
+    max_new_tokens: int = 64,
+) -> None:
+    """Complete the current line of PREFIX with the large and the small model of a domain."""
+    from draftsmith.bench.collab import COLLAB_METHODS, collab_engine, collab_folder
+    from draftsmith.bench.config import MethodSpec
+    from draftsmith.errors import ConfigError
+    from draftsmith.collab.domains import resolve_domain
+    from draftsmith.collab.rule import line_end_ids
+    from draftsmith.engine import GenerationConfig
+    from draftsmith.models import load_model
+
+    if method not in COLLAB_METHODS:
+        raise ConfigError(f"unknown method '{method}': use {', '.join(COLLAB_METHODS)}")
+    text = sys.stdin.read() if prefix == "-" else prefix
+    name = resolve_domain(domain).name
+    large = load_model(target, dtype="float32")
+    options = {} if method in ("plain", "small") else {"k": k}
+    if method == "collab":
+        options["threshold"] = threshold
+    engine = collab_engine(MethodSpec(method, method, str(folder) if folder else None, options), large, name)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, k=0 if method in ("plain", "small") else k,
+                              end_ids=line_end_ids(large.tokenizer))
+    result = engine.generate(large.encode(text), config)
+    line = large.tokenizer.decode(result.tokens, skip_special_tokens=True).split("\n")[0]
+    typer.echo(line)
+    calls = 0 if method == "small" else result.stats.target_steps + 1
+    typer.echo(f"[{method} on {collab_folder(str(folder) if folder else None, large, name)}: {len(result.tokens)} "
+               f"tokens, {calls} large-model calls, {result.stats.total_s * 1000:.0f} ms]", err=True)
 
 
 def register(app: typer.Typer) -> None:

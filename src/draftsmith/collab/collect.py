@@ -28,7 +28,7 @@ FEATURES_FILE = "features.safetensors"
 
 @dataclass(frozen=True)
 class CollectConfig:
-    cases: int = 1200  # cases cut from the classifier files
+    cases: int = 400  # cases cut from the classifier files
     context_chars: int = 1000  # as the benchmark's cases (collab workload)
     max_target_tokens: int = 48
     seed: int = 1  # other cuts than the fine-tuning's held-out cases (seed 0)
