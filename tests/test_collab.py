@@ -84,9 +84,10 @@ def test_features_are_the_same_at_collection_and_at_decoding():
     assert classifier.seen, "the small model never disagreed: the test proves nothing"
 
     builder = FeatureBuilder(token_texts(tokenizer), corpus)
-    rows, mismatches, positions = collect_case(cached_lm(large), cached_lm(small), builder, tokenizer, CONTEXT,
-                                               tokenizer.decode(result.tokens[:16]), 48, large.config.vocab_size)
-    assert positions == 16 and mismatches == len(rows) == len(classifier.seen)
+    rows, counts = collect_case(cached_lm(large), cached_lm(small), builder, tokenizer, CONTEXT,
+                                tokenizer.decode(result.tokens[:16]), 48, large.config.vocab_size)
+    assert counts["positions"] == counts["large_right"] == 16  # the text is the large model's own greedy one
+    assert counts["mismatches"] == len(rows) == len(classifier.seen)
     for (large_h, small_h, scalars, label), (seen_l, seen_s, seen_scalars) in zip(rows, classifier.seen):
         assert label == 0.0
         torch.testing.assert_close(large_h, seen_l, atol=1e-4, rtol=1e-4)

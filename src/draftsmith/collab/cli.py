@@ -96,7 +96,9 @@ def collect_command(
     path = save_collected(data, out, {"domain": where.name, "target": target, "collect": config.__dict__,
                                       "seconds": time.perf_counter() - start})
     typer.echo(f"{len(data.labels)} positions (small model right in {float(data.labels.mean()):.1%}; the models "
-               f"disagreed on {data.mismatches} of {data.positions} tokens) saved in {path}")
+               f"disagreed on {data.mismatches} of {data.positions} tokens; right: large "
+               f"{data.large_right / max(1, data.positions):.1%}, small {data.small_right / max(1, data.positions):.1%})"
+               f" saved in {path}")
 
 
 @collab_app.command("train-classifier")

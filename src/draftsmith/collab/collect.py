@@ -43,6 +43,8 @@ class Collected:
     cases: torch.Tensor  # [n] the case each position came from (validation splits by case)
     mismatches: int  # positions where the two argmaxes differ (what decoding asks the classifier about)
     positions: int  # target tokens seen
+    large_right: int = 0  # of them, where the large model's argmax is the true token
+    small_right: int = 0
 
 
 def teacher_forced(lm, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,29 +55,33 @@ def teacher_forced(lm, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.inference_mode()
 def collect_case(large, small, builder: FeatureBuilder, tokenizer, context_text: str, target_text: str,
-                 max_target_tokens: int, vocab: int) -> tuple[list, int, int]:
-    """(rows of (large hidden, small hidden, scalars, label), mismatches, positions) of one case."""
+                 max_target_tokens: int, vocab: int) -> tuple[list, dict[str, int]]:
+    """Rows of (large hidden, small hidden, scalars, label) of one case, and its counts: positions, mismatches
+    and where each model was right."""
     prompt = encode_prompt(tokenizer, context_text)
     context_text = tokenizer.decode(prompt, skip_special_tokens=True)  # what decoding sees (rule.CollabRule.reset)
     target = tokenizer(target_text, add_special_tokens=False).input_ids[:max_target_tokens]
+    counts = {"positions": len(target), "mismatches": 0, "large_right": 0, "small_right": 0}
     if not target:
-        return [], 0, 0
+        return [], counts
     ids = prompt + target
     large_logits, large_hidden = teacher_forced(large, ids[:-1])
     small_logits, small_hidden = teacher_forced(small, ids[:-1])
     context, line = ContextIndex.of(context_text, prompt), LineState(context_text, prompt, builder.token_texts)
-    rows, mismatches = [], 0
+    rows = []
     for j, truth in enumerate(target):
         row = len(prompt) - 1 + j
         l, s = int(large_logits[row, :vocab].argmax()), int(small_logits[row, :vocab].argmax())
-        mismatches += l != s
+        counts["mismatches"] += l != s
+        counts["large_right"] += l == truth
+        counts["small_right"] += s == truth
         if (l == truth) == (s == truth):
             continue
         line_ids, line_text, in_line = line.at(target[:j])
         position = Position(l, s, large_logits[row, :vocab].softmax(-1), small_logits[row, :vocab].softmax(-1),
                             large_hidden[row], small_hidden[row], line_ids, line_text, in_line, target[:j])
         rows.append((large_hidden[row], small_hidden[row], builder.scalars(position, context), float(s == truth)))
-    return rows, mismatches, len(target)
+    return rows, counts
 
 
 def collect(large: LoadedModel, small: PreTrainedModel, domain: Domain, config: CollectConfig,
@@ -86,18 +92,18 @@ def collect(large: LoadedModel, small: PreTrainedModel, domain: Domain, config: 
     builder = FeatureBuilder(token_texts(large.tokenizer), CorpusIndex(domain_documents(domain, "finetune", split)))
     large_lm, small_lm = cached_lm(large.model), cached_lm(small)
     vocab = min(large.model.get_output_embeddings().weight.shape[0], small.get_output_embeddings().weight.shape[0])
-    rows, owners, mismatches, positions = [], [], 0, 0
+    rows, owners, totals = [], [], {"positions": 0, "mismatches": 0, "large_right": 0, "small_right": 0}
     for c, case in enumerate(track(cases, description=f"collecting {domain.name}", disable=not progress)):
-        found, m, p = collect_case(large_lm, small_lm, builder, large.tokenizer, case.context, case.target,
-                                   config.max_target_tokens, vocab)
+        found, counts = collect_case(large_lm, small_lm, builder, large.tokenizer, case.context, case.target,
+                                     config.max_target_tokens, vocab)
         rows += found
         owners += [c] * len(found)
-        mismatches, positions = mismatches + m, positions + p
+        totals = {k: totals[k] + counts[k] for k in totals}
     if not rows:
         raise ConfigError(f"no position of {len(cases)} cases had exactly one model right: nothing to train on")
     return Collected(torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]),
                      torch.from_numpy(np.stack([r[2] for r in rows])), torch.tensor([r[3] for r in rows]),
-                     torch.tensor(owners), mismatches, positions)
+                     torch.tensor(owners), **totals)
 
 
 def save_collected(data: Collected, folder: Path, meta: dict) -> Path:
@@ -105,7 +111,9 @@ def save_collected(data: Collected, folder: Path, meta: dict) -> Path:
     tensors = {k: v.contiguous() for k, v in asdict(data).items() if isinstance(v, torch.Tensor)}
     save_file(tensors, folder / FEATURES_FILE)
     summary = {"positions_kept": len(data.labels), "small_right_share": float(data.labels.mean()),
-               "mismatches": data.mismatches, "target_tokens": data.positions, **meta}
+               "mismatches": data.mismatches, "target_tokens": data.positions,
+               "large_accuracy": data.large_right / max(1, data.positions),
+               "small_accuracy": data.small_right / max(1, data.positions), **meta}
     (folder / "features.json").write_text(json.dumps(summary, indent=2, default=str))
     return folder / FEATURES_FILE
 
@@ -119,4 +127,4 @@ def load_collected(folder: Path) -> Collected:
     t = load_file(path)
     meta = json.loads((folder / "features.json").read_text()) if (folder / "features.json").is_file() else {}
     return Collected(t["large_hidden"], t["small_hidden"], t["scalars"], t["labels"], t["cases"],
-                     meta.get("mismatches", 0), meta.get("target_tokens", 0))
+                     meta.get("mismatches", 0), meta.get("target_tokens", 0))  # accuracies: features.json
