@@ -21,7 +21,7 @@ import math
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import numpy as np
 import torch
@@ -120,9 +120,13 @@ class CorpusIndex:
     def after_similar(self, last: str, candidate: str) -> float:
         """Mean Jaccard between the candidate and the statements that follow the corpus statements most like the
         last context statement."""
-        near = [i for _, i in self.neighbours(set(words(last))) if i + 1 < len(self.statements)]
+        near = self._followed_neighbours(last)
         cand = set(words(candidate))
         return float(np.mean([jaccard(cand, self.word_sets[i + 1]) for i in near])) if near else 0.0
+
+    @lru_cache(maxsize=64)  # a request asks about its one last statement at every disagreement
+    def _followed_neighbours(self, last: str) -> list[int]:
+        return [i for _, i in self.neighbours(set(words(last))) if i + 1 < len(self.statements)]
 
     def tenth_jaccard(self, candidate: str) -> float:
         near = self.neighbours(set(words(candidate)))
