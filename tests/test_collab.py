@@ -312,3 +312,18 @@ def test_collab_commands_refuse_bad_input_before_loading_a_model(args, message, 
         main()
     assert exit_.value.code == 2
     assert message in " ".join(capsys.readouterr().err.split())
+
+
+def test_collab_method_options_take_decimals_and_refuse_bad_ones():
+    from draftsmith.bench.config import parse_method
+
+    spec = parse_method("collab:runs/x:k=8,threshold=0.75")
+    assert spec.arg == "runs/x" and spec.options == {"k": 8, "threshold": 0.75}
+    assert parse_method("bild:k=4,fallback=0.4,rollback=2.5").options == {"k": 4, "fallback": 0.4, "rollback": 2.5}
+    with pytest.raises(ConfigError, match="bad option 'threshold=high'"):
+        parse_method("collab:threshold=high")
+    with pytest.raises(ConfigError, match="bad option 'k=1.5'"):
+        parse_method("collab:k=1.5")
+    tokenizer, small = char_tokenizer(), tiny_llama(seed=1)
+    with pytest.raises(ConfigError, match=r"threshold must be in \[0, 1\]"):
+        CollabRule(Recording(0.5), FeatureBuilder(token_texts(tokenizer), None), ModelDrafter(small), tokenizer, 1.5)
