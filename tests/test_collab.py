@@ -327,3 +327,12 @@ def test_collab_method_options_take_decimals_and_refuse_bad_ones():
     tokenizer, small = char_tokenizer(), tiny_llama(seed=1)
     with pytest.raises(ConfigError, match=r"threshold must be in \[0, 1\]"):
         CollabRule(Recording(0.5), FeatureBuilder(token_texts(tokenizer), None), ModelDrafter(small), tokenizer, 1.5)
+
+
+def test_a_collab_folder_from_another_machine_finds_its_domain_by_name(tmp_path):
+    from draftsmith.collab.rule import folder_domain
+
+    (tmp_path / "collab.json").write_text(json.dumps({"small": "student", "domain": "click",
+                                                      "source": "/elsewhere/site-packages/click", "split": {}}))
+    domain, _ = folder_domain(tmp_path)
+    assert domain == resolve_domain("click") and domain.source.is_dir()

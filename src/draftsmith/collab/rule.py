@@ -19,7 +19,7 @@ import torch
 
 from draftsmith.acceptance import Verdict
 from draftsmith.collab.classifier import load_classifier
-from draftsmith.collab.domains import Domain, SplitConfig, domain_documents
+from draftsmith.collab.domains import Domain, SplitConfig, domain_documents, resolve_domain
 from draftsmith.collab.features import ContextIndex, CorpusIndex, FeatureBuilder, LineState, Position, token_texts
 from draftsmith.collab.finetune import SMALL_FILE, load_small
 from draftsmith.draft import Draft
@@ -107,7 +107,10 @@ def line_end_ids(tokenizer) -> frozenset[int]:
 def folder_domain(folder: Path) -> tuple[Domain, SplitConfig]:
     """The domain (and its split) a collab folder was fine-tuned on, from its collab.json."""
     meta = json.loads((folder / SMALL_FILE).read_text())
-    return Domain(meta["domain"], Path(meta["source"])), SplitConfig(**meta.get("split", {}))
+    source = Path(meta["source"])
+    # a folder made on another machine: its domain's source is found again by name (a default domain, a package)
+    domain = Domain(meta["domain"], source) if source.exists() else resolve_domain(meta["domain"])
+    return domain, SplitConfig(**meta.get("split", {}))
 
 
 def collab_drafter_and_rule(folder: Path, target: LoadedModel, threshold: float = 0.5
@@ -116,9 +119,6 @@ def collab_drafter_and_rule(folder: Path, target: LoadedModel, threshold: float 
     small = load_small(folder, target)
     classifier = load_classifier(folder)
     domain, split = folder_domain(folder)
-    if not domain.source.exists():
-        raise ConfigError(f"{folder} was fine-tuned on {domain.source}, which is not on this machine: the "
-                          "classifier's corpus features need it")
     drafter = ModelDrafter(small, vocab_size=logit_rows(target.model), keep_features=True)
     builder = FeatureBuilder(token_texts(target.tokenizer), CorpusIndex(domain_documents(domain, "finetune", split)))
     return drafter, CollabRule(classifier, builder, drafter, target.tokenizer, threshold)
