@@ -141,7 +141,7 @@ def finetune(target: LoadedModel, domain: Domain, config: FinetuneConfig, train:
     model = lora_model(small.to(trainer.device), config)
     untrained = heldout(model.eval()) if trainer.is_main_process else None
     result = trainer.fit(model, data, completion_loss, heldout)
-    summary = {"domain": domain.name, "source": str(domain.source), "examples": len(data), "step": result.step,
+    summary = {"domain": domain.name, "source": str(domain.source.resolve()), "examples": len(data), "step": result.step,
                "heldout_untrained": untrained, "heldout": result.eval, "train": result.metrics,
                "finetune": asdict(config), "split": asdict(split)}
     if trainer.is_main_process:
