@@ -109,7 +109,8 @@ def folder_domain(folder: Path) -> tuple[Domain, SplitConfig]:
     meta = json.loads((folder / SMALL_FILE).read_text())
     source = Path(meta["source"])
     # a folder made on another machine: its domain's source is found again by name (a default domain, a package)
-    domain = Domain(meta["domain"], source) if source.is_absolute() and source.exists() else resolve_domain(meta["domain"])
+    here = source.is_absolute() and source.exists()
+    domain = Domain(meta["domain"], source) if here else resolve_domain(meta["domain"])
     return domain, SplitConfig(**meta.get("split", {}))
 
 
