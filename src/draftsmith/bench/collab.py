@@ -24,7 +24,7 @@ from draftsmith.errors import ConfigError
 from draftsmith.models import LoadedModel
 
 COLLAB_METHODS = ("plain", "small", "small-draft", "bild", "collab")
-DEFAULT_COLLAB_METHODS = ("plain", "small", "small-draft:k=8", "bild:k=8", "collab:k=8")
+DEFAULT_COLLAB_METHODS = ("plain", "small", "small-draft:k=4", "bild:k=4", "collab:k=4")
 CONTEXT_CHARS = 1000  # as the classifier's collected cases
 
 
