@@ -193,7 +193,7 @@ class SpecEngine:
     def _check(self, prompt_ids: list[int], config: GenerationConfig) -> None:
         if not prompt_ids:
             raise ConfigError("the prompt is empty: give at least one token")
-        if self.rule is not None and not config.sampling.greedy and not getattr(self.rule, "samples", False):
+        if self.rule is not None and not config.sampling.greedy:  # the rules given here review greedy chains
             raise ConfigError(f"the acceptance rule {type(self.rule).__name__} reviews greedy drafts only: use "
                               "temperature 0")
         if config.stop and self.tokenizer is None:

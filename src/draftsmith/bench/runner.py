@@ -403,11 +403,12 @@ def run_bench(
     try:
         with _status(console, "building methods"):
             targets = {d: target if d == run_dtype else cast(target, d) for d in set(dtype_of.values())}
+            if collab:
+                from draftsmith.bench.collab import collab_method, workload_domains
+
+                domains = [resolve_domain(d).name for d in workload_domains(config.workload)]
             for s in specs:
                 if collab:
-                    from draftsmith.bench.collab import collab_method, workload_domains
-
-                    domains = [resolve_domain(d).name for d in workload_domains(config.workload)]
                     methods.append(collab_method(s, targets[dtype_of[s.name]], domains, config.max_new_tokens))
                     continue
                 methods.append(build_method(s, targets[dtype_of[s.name]], config.max_new_tokens, config.seed,
