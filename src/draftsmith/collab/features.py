@@ -223,21 +223,22 @@ class FeatureBuilder:
             st = context.statements
             return sum(st[i] == context.last and st[i + 1].startswith(statement[t]) for i in range(len(st) - 1))
 
+        # each candidate statement's BM25 scores against the context's statements, computed once for the three
+        bm25 = {t: context.bm25.get_scores(words(statement[t])) for t in (l, s)} if context.bm25 is not None else None
+
         def bm25_decayed(t) -> float:
-            if context.bm25 is None:
+            if bm25 is None:
                 return 0.0
-            scores = context.bm25.get_scores(words(statement[t]))
-            n = len(scores)
-            return float(sum(decay(n - i) * sc for i, sc in enumerate(scores)))
+            n = len(bm25[t])
+            return float(sum(decay(n - i) * sc for i, sc in enumerate(bm25[t])))
 
         def bm25_last(t) -> float:
-            return float(context.bm25.get_scores(words(statement[t]))[-1]) if context.bm25 is not None else 0.0
+            return float(bm25[t][-1]) if bm25 is not None else 0.0
 
         def bm25_after_similar(t) -> float:
             if not context.similar_to_last:
                 return 0.0
-            scores = context.bm25.get_scores(words(statement[t]))
-            return float(sum(scores[i + 1] for i in context.similar_to_last))
+            return float(sum(bm25[t][i + 1] for i in context.similar_to_last))
 
         corpus = self.corpus
         values = [
