@@ -187,6 +187,28 @@ def test_saved_student_loads_with_from_pretrained(corpus, teacher, tmp_path):
             assert result.tokens == hf_greedy(teacher, ids, 30)
 
 
+def test_init_from_continues_a_trained_student(corpus, teacher, tmp_path):
+    config = DistillConfig(data="corpus", corpus=corpus, heldout_percent=25, seq_len=32, eval_chunks=4,
+                           student=TINY_STUDENT, save_dtype="float32")
+    first = distill(teacher, char_tokenizer(), config, train_config(tmp_path / "first", max_steps=30))
+    # a second run from the first's folder starts where the first ended: its untrained score is the first's final
+    wider = StudentConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1)  # the folder's shape wins
+    again = DistillConfig(**{**config.__dict__, "student": wider, "init_from": tmp_path / "first"})
+    distill(teacher, char_tokenizer(), again, train_config(tmp_path / "second", max_steps=2, lr=1e-9))
+    summary = json.loads((tmp_path / "second" / "distill.json").read_text())
+    assert summary["heldout_untrained"]["greedy_match"] == pytest.approx(first.eval["greedy_match"])
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "second").config.hidden_size == 16
+
+    other = tiny_llama(seed=1, vocab_size=teacher.config.vocab_size + 8)
+    other.save_pretrained(tmp_path / "other")
+    wrong = DistillConfig(**{**config.__dict__, "init_from": tmp_path / "other"})
+    with pytest.raises(ConfigError, match="own target's vocabulary"):
+        distill(teacher, char_tokenizer(), wrong, train_config(tmp_path / "third", max_steps=1))
+    with pytest.raises(ConfigError, match="not a student folder"):
+        distill(teacher, char_tokenizer(), DistillConfig(**{**config.__dict__, "init_from": tmp_path}),
+                train_config(tmp_path / "fourth", max_steps=1))
+
+
 def test_embedding_init_keeps_the_most_of_the_target():
     target = tiny_llama(hidden_size=32, init_std=0.5)
     embedding = target.get_input_embeddings().weight

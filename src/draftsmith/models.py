@@ -9,6 +9,7 @@ A second embedded model, Gemma 3 270M (another architecture and tokenizer), ship
 from __future__ import annotations
 
 import importlib.util  # binds importlib too
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,11 +100,16 @@ def has_fast_bf16(device: torch.device) -> bool:
     """CUDA, or a CPU with AMX / AVX-512 bf16 units (where bf16 matmuls beat fp32 ones)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    flags = _cpu_flags()
     return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+@functools.cache
+def _cpu_flags() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
 
 
 def _locate(spec: str) -> tuple[str, dict]:

@@ -9,6 +9,7 @@ import torch
 import typer
 
 from draftsmith.cli_options import CorpusFolder, Resume, corpus_source
+from draftsmith.errors import ConfigError
 
 
 def distill_command(
@@ -45,6 +46,8 @@ def distill_command(
     init_embeddings: Annotated[bool, typer.Option(help="Start the student's embeddings from the target's "
                                                        "(projected onto their top principal directions).")] = True,
     init_head: Annotated[bool, typer.Option(help="Start the student's output head from the target's.")] = True,
+    init_from: Annotated[Optional[str], typer.Option(help="Continue from a trained student: a folder, or "
+                                                          "'student' for the one shipped for the target.")] = None,
     save_dtype: Annotated[str, typer.Option(help="dtype of the saved student: bfloat16 (half the file), float32, "
                                                  "float16.")] = "bfloat16",
     eval_every: Annotated[int, typer.Option(help="Held-out greedy-match evaluation every N steps.")] = 100,
@@ -71,7 +74,8 @@ def distill_command(
                               sampled_share=sampled_share, shard_size=generate_batch, seed=seed)
     config = DistillConfig(data=data, corpus=corpus, heldout_percent=heldout_percent, seq_len=seq_len, alpha=alpha,
                            temperature=temperature, onpolicy=onpolicy, data_dir=data_dir, student=student,
-                           init_embeddings=init_embeddings, init_head=init_head, save_dtype=save_dtype)
+                           init_embeddings=init_embeddings, init_head=init_head, save_dtype=save_dtype,
+                           init_from=student_folder(init_from, target))
     train = TrainConfig(out_dir=out, max_steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                         warmup_steps=warmup, device=device, mixed_precision=mixed_precision, seed=seed,
                         eval_every=eval_every, checkpoint_every=checkpoint_every, resume=resume)
@@ -84,6 +88,18 @@ def distill_command(
     if result.eval:
         typer.echo(f"student saved in {out}: held-out greedy match {result.eval['greedy_match']:.1%}, "
                    f"perplexity {result.eval['ppl']:.2f}")
+
+
+def student_folder(spec: str | None, target: str) -> Path | None:
+    """`student`: the student shipped for an embedded target; anything else: a folder."""
+    if spec != "student":
+        return Path(spec) if spec else None
+    from draftsmith.drafters import shipped_head_folder
+
+    folder = shipped_head_folder(target, "student")
+    if not folder.is_dir():
+        raise ConfigError(f"no student ships for target '{target}': give a folder to --init-from")
+    return folder
 
 
 def register(app: typer.Typer) -> None:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, default_collate
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from draftsmith.data.corpus import CodeDocument, load_corpus
 from draftsmith.data.onpolicy import OnPolicyConfig, OnPolicyData, build_onpolicy_shards
@@ -115,6 +115,17 @@ def build_student(
     if init_head and not (student.config.tie_word_embeddings and init_embeddings):  # tied: head is the embedding
         student.get_output_embeddings().weight.copy_(t_out.detach().float().cpu() @ basis)
     return student
+
+
+def load_student(folder: Path, target: PreTrainedModel) -> PreTrainedModel:
+    """A trained student (safetensors folder) in fp32, to continue distilling: more data, more steps."""
+    if not (Path(folder) / "config.json").is_file():
+        raise ConfigError(f"--init-from {folder}: not a student folder (no config.json)")
+    student = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    if vocab_rows(student) != vocab_rows(target):
+        raise ConfigError(f"--init-from {folder}: the student has {vocab_rows(student)} logits, the target "
+                          f"{vocab_rows(target)}; a student continues only on its own target's vocabulary")
+    return student.train()
 
 
 # ---- data -----------------------------------------------------------------------------------------------
@@ -337,6 +348,7 @@ class DistillConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     init_embeddings: bool = True
     init_head: bool = True
+    init_from: Path | None = None  # a student folder to continue from (its shape wins over `student`)
     save_dtype: str = "bfloat16"  # the saved weights' dtype: bf16 halves the file; drafting runs in the target's dtype
 
     def __post_init__(self) -> None:
@@ -362,7 +374,8 @@ def distill(
     """Train a student (on the target's own generations, or on the corpus) and save it in `train.out_dir`
     (loadable with from_pretrained)."""
     trainer = Trainer(train)  # first: it seeds the RNGs the student is initialised from
-    student = build_student(teacher, config.student, config.init_embeddings, config.init_head)
+    student = (load_student(config.init_from, teacher) if config.init_from is not None
+               else build_student(teacher, config.student, config.init_embeddings, config.init_head))
     teacher = teacher.to(trainer.device).eval().requires_grad_(False)
 
     if config.data == "onpolicy":
