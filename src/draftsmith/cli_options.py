@@ -44,6 +44,8 @@ Compile = Annotated[bool, typer.Option("--compile/--eager", help="torch.compile 
                                        "choosing it: on a 2-core CPU it was slower than eager.")]
 TrustRemoteCode = Annotated[bool, typer.Option(help="Run model code shipped with a hub model (off: safer).")]
 Resume = Annotated[bool, typer.Option(help="Continue the run in --out from its latest checkpoint.")]
+MaxMinutes = Annotated[float, typer.Option(help="Stop training at this wall time (evaluated and saved as at the "
+                                                "last step); 0 = run all --steps.")]
 CorpusFolder = Annotated[Optional[Path], typer.Option("--corpus", help="Folder of source files or .jsonl; default: "
                                                                       "the installed Python standard library.")]
 

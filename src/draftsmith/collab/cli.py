@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from draftsmith.cli_options import Resume
+from draftsmith.cli_options import MaxMinutes, Resume
 
 collab_app = typer.Typer(no_args_is_help=True, help="Collaborative domain code completion: a LoRA-fine-tuned small "
                                                     "model, the target, and a classifier between them.")
@@ -44,7 +44,7 @@ def finetune_command(
     warmup: int = 20,
     eval_every: int = 100,
     checkpoint_every: int = 100,
-    max_minutes: Annotated[float, typer.Option(help="Stop at this wall time (evaluated and saved); 0 = none.")] = 0.0,
+    max_minutes: MaxMinutes = 0.0,
     resume: Resume = False,
     seed: int = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import torch
 import typer
 
-from draftsmith.cli_options import CorpusFolder, Resume, corpus_source
+from draftsmith.cli_options import CorpusFolder, MaxMinutes, Resume, corpus_source
 from draftsmith.errors import ConfigError
 
 
@@ -52,6 +52,7 @@ def distill_command(
                                                  "float16.")] = "bfloat16",
     eval_every: Annotated[int, typer.Option(help="Held-out greedy-match evaluation every N steps.")] = 100,
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 50,
+    max_minutes: MaxMinutes = 0.0,
     resume: Resume = False,
     seed: int = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda (under `accelerate launch`, one GPU each).")]
@@ -78,7 +79,8 @@ def distill_command(
                            init_from=student_folder(init_from, target))
     train = TrainConfig(out_dir=out, max_steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                         warmup_steps=warmup, device=device, mixed_precision=mixed_precision, seed=seed,
-                        eval_every=eval_every, checkpoint_every=checkpoint_every, resume=resume)
+                        eval_every=eval_every, checkpoint_every=checkpoint_every, resume=resume,
+                        max_minutes=max_minutes)
     # the teacher only runs forward: bf16 halves its memory on GPU; fp32 on CPU, where bf16 is often slower.
     # It is loaded on the CPU; the trainer puts it on each process's own GPU under `accelerate launch`.
     bf16 = device != "cpu" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()

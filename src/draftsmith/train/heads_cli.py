@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from draftsmith.cli_options import CorpusFolder, Resume, corpus_source
+from draftsmith.cli_options import CorpusFolder, MaxMinutes, Resume, corpus_source
 
 train_app = typer.Typer(no_args_is_help=True, help="Train drafters that need the target: feature heads, ...")
 
@@ -54,8 +54,7 @@ def heads_command(
     w_ctc: Annotated[float, typer.Option(help="Weight of the CTC loss (CTC heads; upstream's 0.01).")] = 0.01,
     ctc_labels: Annotated[int, typer.Option(help="CTC: future tokens each step's frames are trained to spell.")] = 3,
     ctc_frames: Annotated[int, typer.Option(help="CTC: frames per step (0 = 2 x --ctc-labels).")] = 0,
-    max_minutes: Annotated[float, typer.Option(help="Stop training at this wall time (evaluated and saved as at "
-                                                    "the last step); 0 = run all --steps.")] = 0.0,
+    max_minutes: MaxMinutes = 0.0,
     eval_every: int = 250,
     checkpoint_every: int = 250,
     resume: Resume = False,

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from draftsmith.cli_options import CorpusFolder, Resume, corpus_source
+from draftsmith.cli_options import CorpusFolder, MaxMinutes, Resume, corpus_source
 from draftsmith.errors import ConfigError
 from draftsmith.train.heads_cli import train_app
 
@@ -37,8 +37,7 @@ def router_command(
     = "float32",
     eval_every: int = 100,
     checkpoint_every: int = 100,
-    max_minutes: Annotated[float, typer.Option(help="Stop at this wall time (evaluated and saved); 0 = none.")]
-    = 0.0,
+    max_minutes: MaxMinutes = 0.0,
     resume: Resume = False,
     seed: int = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
