@@ -267,6 +267,25 @@ def test_finetune_saves_an_adapter_that_loads_merged(collab_folder):
     assert meta["small"].startswith("model:") and meta["finetune"]["rank"] == 8
 
 
+def test_an_adapter_is_refused_on_another_version_of_its_small_model(collab_folder, tmp_path):
+    """The folder names its small model by spec; if the weights behind that spec change (a re-trained
+    student), the adapter no longer fits them and loading says so instead of drafting nonsense."""
+    import shutil
+
+    from draftsmith.collab.finetune import load_small
+
+    target, out, _, _ = collab_folder
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    meta = json.loads((copy / "collab.json").read_text())
+    small_dir = tmp_path / "retrained"
+    tiny_llama(seed=7).save_pretrained(small_dir)  # same shape and vocabulary, other weights
+    char_tokenizer().save_pretrained(small_dir)
+    (copy / "collab.json").write_text(json.dumps({**meta, "small": f"model:{small_dir}"}))
+    with pytest.raises(ConfigError, match="another version of 'model:.*retrained'.*collab finetune --small"):
+        load_small(copy, target)
+
+
 def test_collab_benchmark_runs_every_method_per_domain(collab_folder, tmp_path):
     from draftsmith.bench.config import BenchConfig
     from draftsmith.bench.runner import run_bench

@@ -12,6 +12,7 @@ any machine. `load_small` merges the adapter into that model for decoding.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -132,6 +133,7 @@ def finetune(target: LoadedModel, domain: Domain, config: FinetuneConfig, train:
 
     trainer = Trainer(train)
     small = draft_model(config.small, LoadedModel(target.model, target.tokenizer, target.name)).float()
+    fingerprint = weights_fingerprint(small)  # before LoRA wraps its modules
     tokenizer = target.tokenizer  # the small model shares it (checked when it loaded)
     train_cases = completion_cases(domain, "finetune", config.examples, config.seed, split=split)
     heldout_cases = completion_cases(domain, "classifier", config.heldout_examples, config.seed, split=split)
@@ -146,9 +148,20 @@ def finetune(target: LoadedModel, domain: Domain, config: FinetuneConfig, train:
                "finetune": asdict(config), "split": asdict(split)}
     if trainer.is_main_process:
         model.save_pretrained(train.out_dir)  # adapter_config.json + adapter_model.safetensors
-        (train.out_dir / SMALL_FILE).write_text(json.dumps({"small": config.small, **summary}, indent=2, default=str))
+        small_file = {"small": config.small, "small_fingerprint": fingerprint, **summary}
+        (train.out_dir / SMALL_FILE).write_text(json.dumps(small_file, indent=2, default=str))
     trainer.accelerator.wait_for_everyone()
     return summary
+
+
+@torch.no_grad()
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of a model's weights, as bfloat16 (so the same weights match in any load dtype)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def is_finetuned(folder: Path) -> bool:
@@ -164,6 +177,12 @@ def load_small(folder: Path, target: LoadedModel) -> PreTrainedModel:
     if not is_finetuned(folder):
         raise ConfigError(f"{folder} is not a fine-tuned small model (no {SMALL_FILE} and adapter_config.json): "
                           "make one with `draftsmith collab finetune --out DIR`")
-    small_spec = json.loads((folder / SMALL_FILE).read_text())["small"]
-    base = draft_model(small_spec, target)
+    recorded = json.loads((folder / SMALL_FILE).read_text())
+    base = draft_model(recorded["small"], target)
+    # an adapter is a delta on its own base's weights: on any other model (a re-trained student under the same
+    # name) it would run, and draft nonsense
+    if recorded.get("small_fingerprint", weights_fingerprint(base)) != weights_fingerprint(base):
+        raise ConfigError(f"{folder} adapts another version of '{recorded['small']}' than the one found now (its "
+                          f"weights differ): fine-tune it again with `draftsmith collab finetune --small "
+                          f"{recorded['small']}`")
     return PeftModel.from_pretrained(base, str(folder)).merge_and_unload().eval()
