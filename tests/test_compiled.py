@@ -114,3 +114,27 @@ def test_a_format_without_a_kernel_is_skipped(monkeypatch):
 
     monkeypatch.setattr(WeightFormat, "prepare", no_kernel_but_stored)
     assert cached_lm_module.fastest_format(weight) == WeightFormat("stored")
+
+
+@pytest.mark.parametrize("slow", [torch.bfloat16, torch.float32])
+def test_attention_runs_in_the_dtype_measured_faster(monkeypatch, tmp_path, slow):
+    """Below float32 the lean forward attends in its own dtype or in float32, whichever this CPU runs faster
+    (measured once, then read back): a CPU without bf16 arithmetic emulates the small products slowly."""
+    import time
+
+    from draftsmith.cached_lm import LeanLayers, attention_dtype
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    attend = LeanLayers._attention
+
+    def timed_attention(self, q, keys, values, mask, causal=False):
+        if q.dtype == slow:
+            time.sleep(1e-3)
+        return attend(self, q, keys, values, mask, causal)
+
+    monkeypatch.setattr(LeanLayers, "_attention", timed_attention)
+    fast = torch.float32 if slow == torch.bfloat16 else torch.bfloat16
+    assert attention_dtype(torch.bfloat16, 4, 2, 8, torch.device("cpu")) == fast
+    monkeypatch.setattr(LeanLayers, "_attention", attend)  # the answer is kept, not measured again
+    assert attention_dtype(torch.bfloat16, 4, 2, 8, torch.device("cpu")) == fast
+    assert attention_dtype(torch.float32, 4, 2, 8, torch.device("cpu")) == torch.float32  # exact: never changed

@@ -209,22 +209,23 @@ def test_raw_prompts_get_the_tokenizers_special_tokens_and_templated_ones_keep_t
     assert encode_prompt(bos_tok, "<eos>ab", templated=True) == [1] + plain  # the template wrote it: not twice
 
 
-@pytest.mark.parametrize("native_bf16", [True, False])
-def test_lean_fused_path_below_float32_is_as_accurate_as_transformers(monkeypatch, native_bf16):
+@pytest.mark.parametrize("attention", [torch.bfloat16, torch.float32])
+def test_lean_fused_path_below_float32_is_as_accurate_as_transformers(monkeypatch, attention):
     """Below fp32 the lean forward fuses its RMSNorm and rotates queries and keys together with the sign folded
     into sin. Over a prefill, a chunk and cached steps its logits must stay as close to the fp32 computation on
     the same weights as transformers' own bf16 forward does (both round; a wrong rotation would not be close).
-    On a CPU without bf16 arithmetic the cache holds float32 and attention runs in float32."""
+    Where float32 attention is faster (a CPU without bf16 arithmetic) the cache holds float32 and attention
+    runs in float32."""
     import copy
 
     from draftsmith import cached_lm
     from draftsmith.cached_lm import LeanLlama
 
-    monkeypatch.setattr(cached_lm, "has_fast_bf16", lambda device: native_bf16)
+    monkeypatch.setattr(cached_lm, "attention_dtype", lambda dtype, *shape: attention)
     model = tiny_llama(seed=5, hidden_size=64).to(torch.bfloat16)
     ids = torch.randint(2, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
     lm = LeanLlama(model, weights="stored")
-    assert not lm.exact and lm.cache_dtype == (torch.bfloat16 if native_bf16 else torch.float32)
+    assert not lm.exact and lm.cache_dtype == attention
     logits = torch.cat([lm.forward(ids[0, :16].tolist()), lm.forward(ids[0, 16:20].tolist()),
                         *(lm.forward([t]) for t in ids[0, 20:].tolist())])
     with torch.no_grad():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import platform
 import time
@@ -26,7 +27,6 @@ import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
 from draftsmith.errors import ConfigError
-from draftsmith.models import has_fast_bf16
 from draftsmith.paths import cache_dir
 
 LEAN_MODEL_TYPES = {"llama", "mistral", "qwen2"}
@@ -206,10 +206,8 @@ class LeanLayers:
         self.dtype, self.device = dtype, device
         # float32 runs transformers' own operations (bit-exact logits); lower precisions fuse small operations
         self.exact = dtype == torch.float32
-        # a CPU without bf16/fp16 arithmetic emulates the small attention products 4-5x slower than it runs
-        # them in float32 (a 2-core AVX2 EPYC: 224 us a layer against 42), so there the cache holds float32
-        # (the keys and values are cast once, when written) and attention runs in float32
-        self.cache_dtype = dtype if self.exact or device.type != "cpu" or has_fast_bf16(device) else torch.float32
+        # keys and values are cast once, when written; queries at every step
+        self.cache_dtype = dtype if not layers else attention_dtype(dtype, n_heads, n_kv, head_dim, device)
         if not self.exact:  # the rotation's sign folded into sin once: rotate_half(x) * sin = swap_halves(x) * this
             half = self.head_dim // 2
             self.sin = torch.cat((-self.sin[..., :half], self.sin[..., half:]), dim=-1)
@@ -622,17 +620,53 @@ def cached_fastest_format(weight: torch.Tensor) -> WeightFormat:
     formats = candidate_formats(weight)
     if len(formats) == 1:
         return formats[0]
+    key = f"{weight.dtype}-{tuple(weight.shape)}"
+    return WeightFormat(measured_once(key, lambda: fastest_format(weight).name))
+
+
+def measured_once(key: str, measure) -> str:
+    """The answer `measure()` gave on this machine (CPU model and instruction sets), torch and thread count,
+    measured the first time and kept on disk: timing again at every load could choose differently between two
+    loads, and so round differently."""
     path = cache_dir() / "weight_formats.json"
-    key = (f"{_cpu_name()}-{torch.__version__}-{weight.dtype}-"
-           f"{tuple(weight.shape)}-threads{torch.get_num_threads()}")
+    key = f"{_cpu_name()}-{torch.__version__}-{key}-threads{torch.get_num_threads()}"
     table = json.loads(path.read_text()) if path.is_file() else {}
     if key not in table:
-        table[key] = fastest_format(weight).name
+        table[key] = measure()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(table, indent=1))
         tmp.replace(path)
-    return WeightFormat(table[key])
+    return table[key]
+
+
+@torch.no_grad()
+def attention_dtype(dtype: torch.dtype, n_heads: int, n_kv: int, head_dim: int, device: torch.device) -> torch.dtype:
+    """The dtype a lean forward below float32 keeps its cache in and attends in: its own, or float32 where that
+    is faster on this CPU (measured once). A CPU without bf16 arithmetic emulates the small attention products:
+    a 2-core AVX2 EPYC took 224 us a layer in bfloat16 against 42 in float32."""
+    if dtype == torch.float32 or device.type != "cpu":
+        return dtype
+
+    def measure() -> str:
+        probe = LeanLayers([], WeightFormat("stored"), torch.empty(0), torch.empty(0), n_heads, n_kv, head_dim,
+                           0.0, dtype, device)
+        best = {}
+        for candidate in (dtype, torch.float32):
+            q = torch.randn(1, n_heads, 1, head_dim, dtype=dtype)
+            keys, values = (torch.randn(1, n_kv, 256, head_dim, dtype=candidate) for _ in range(2))
+            run = lambda: probe._attention(q.to(candidate), keys, values, None).to(dtype)  # noqa: E731
+            run()
+            times = []
+            for _ in range(5):
+                start = time.perf_counter()
+                for _ in range(20):
+                    run()
+                times.append(time.perf_counter() - start)
+            best[str(candidate).removeprefix("torch.")] = min(times)
+        return min(best, key=best.get)
+
+    return getattr(torch, measured_once(f"attention-{dtype}-{n_heads}x{n_kv}x{head_dim}", measure))
 
 
 @functools.cache
@@ -645,13 +679,15 @@ def compiled_stack():
 
 @functools.cache
 def _cpu_name() -> str:
+    """The CPU's model name and a hash of its instruction sets: one model name (\"AMD EPYC\" on a cloud VM)
+    covers machines with and without AVX-512, whose fastest kernels differ."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return platform.machine()
+        return platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.machine())
+    flags = next((line.split(":", 1)[1] for line in lines if line.startswith("flags")), "")
+    return f"{name}-{hashlib.sha256(' '.join(sorted(flags.split())).encode()).hexdigest()[:8]}"
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
