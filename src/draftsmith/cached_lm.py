@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
 from draftsmith.errors import ConfigError
+from draftsmith.models import cpuinfo
 from draftsmith.paths import cache_dir
 
 LEAN_MODEL_TYPES = {"llama", "mistral", "qwen2"}
@@ -206,7 +207,8 @@ class LeanLayers:
         self.dtype, self.device = dtype, device
         # float32 runs transformers' own operations (bit-exact logits); lower precisions fuse small operations
         self.exact = dtype == torch.float32
-        # keys and values are cast once, when written; queries at every step
+        # keys and values are cast once, when written; queries at every step (the layerless probe that
+        # attention_dtype times attends in the dtype it is given)
         self.cache_dtype = dtype if not layers else attention_dtype(dtype, n_heads, n_kv, head_dim, device)
         if not self.exact:  # the rotation's sign folded into sin once: rotate_half(x) * sin = swap_halves(x) * this
             half = self.head_dim // 2
@@ -681,10 +683,7 @@ def compiled_stack():
 def _cpu_name() -> str:
     """The CPU's model name and a hash of its instruction sets: one model name (\"AMD EPYC\" on a cloud VM)
     covers machines with and without AVX-512, whose fastest kernels differ."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.machine()
+    lines = cpuinfo().splitlines()
     name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.machine())
     flags = next((line.split(":", 1)[1] for line in lines if line.startswith("flags")), "")
     return f"{name}-{hashlib.sha256(' '.join(sorted(flags.split())).encode()).hexdigest()[:8]}"

@@ -100,12 +100,13 @@ def has_fast_bf16(device: torch.device) -> bool:
     """CUDA, or a CPU with AMX / AVX-512 bf16 units (where bf16 matmuls beat fp32 ones)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    flags = _cpu_flags()
+    flags = cpuinfo()
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 @functools.cache
-def _cpu_flags() -> str:
+def cpuinfo() -> str:
+    """/proc/cpuinfo's text, read once ("" where there is none)."""
     try:
         return Path("/proc/cpuinfo").read_text()
     except OSError:

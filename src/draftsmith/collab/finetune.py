@@ -181,7 +181,7 @@ def load_small(folder: Path, target: LoadedModel) -> PreTrainedModel:
     base = draft_model(recorded["small"], target)
     # an adapter is a delta on its own base's weights: on any other model (a re-trained student under the same
     # name) it would run, and draft nonsense
-    if recorded.get("small_fingerprint", weights_fingerprint(base)) != weights_fingerprint(base):
+    if recorded.get("small_fingerprint") not in (None, weights_fingerprint(base)):
         raise ConfigError(f"{folder} adapts another version of '{recorded['small']}' than the one found now (its "
                           f"weights differ): fine-tune it again with `draftsmith collab finetune --small "
                           f"{recorded['small']}`")
