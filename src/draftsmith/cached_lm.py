@@ -573,9 +573,7 @@ def candidate_formats(weight: torch.Tensor) -> list[WeightFormat]:
 
 @torch.no_grad()
 def fastest_format(weight: torch.Tensor, rounds: int = 7, repeats: int = 3) -> WeightFormat:
-    """Time one-token products with `weight` in each candidate format and keep the fastest. The formats take
-    turns over several rounds and each keeps its best round, so a burst of load on a shared machine during
-    one format's turn cannot decide the choice (which is cached for good)."""
+    """Time one-token products with `weight` in each candidate format and keep the fastest (see `fastest`)."""
     formats = candidate_formats(weight)
     if len(formats) == 1:
         return formats[0]
@@ -587,13 +585,19 @@ def fastest_format(weight: torch.Tensor, rounds: int = 7, repeats: int = 3) -> W
             fmt.multiply(x, prepared[fmt])  # warm-up
         except RuntimeError:  # a torch build without this kernel
             prepared.pop(fmt, None)
-    best = {fmt: float("inf") for fmt in prepared}
+    return fastest({fmt: functools.partial(fmt.multiply, x, w) for fmt, w in prepared.items()}, rounds, repeats)
+
+
+def fastest(runs: dict, rounds: int = 7, repeats: int = 3):
+    """The key of the fastest of `runs` (warmed-up callables). They take turns over several rounds and each
+    keeps its best round, so a burst of load on a shared machine during one's turn cannot decide the choice."""
+    best = {key: float("inf") for key in runs}
     for _ in range(rounds):
-        for fmt, w in prepared.items():
+        for key, run in runs.items():
             start = time.perf_counter()
             for _ in range(repeats):
-                fmt.multiply(x, w)
-            best[fmt] = min(best[fmt], time.perf_counter() - start)
+                run()
+            best[key] = min(best[key], time.perf_counter() - start)
     return min(best, key=best.get)
 
 
@@ -653,20 +657,14 @@ def attention_dtype(dtype: torch.dtype, n_heads: int, n_kv: int, head_dim: int, 
     def measure() -> str:
         probe = LeanLayers([], WeightFormat("stored"), torch.empty(0), torch.empty(0), n_heads, n_kv, head_dim,
                            0.0, dtype, device)
-        best = {}
+        q = torch.randn(1, n_heads, 1, head_dim, dtype=dtype)
+        runs = {}
         for candidate in (dtype, torch.float32):
-            q = torch.randn(1, n_heads, 1, head_dim, dtype=dtype)
             keys, values = (torch.randn(1, n_kv, 256, head_dim, dtype=candidate) for _ in range(2))
-            run = lambda: probe._attention(q.to(candidate), keys, values, None).to(dtype)  # noqa: E731
-            run()
-            times = []
-            for _ in range(5):
-                start = time.perf_counter()
-                for _ in range(20):
-                    run()
-                times.append(time.perf_counter() - start)
-            best[str(candidate).removeprefix("torch.")] = min(times)
-        return min(best, key=best.get)
+            name = str(candidate).removeprefix("torch.")
+            runs[name] = functools.partial(_attend_as, probe, q, keys, values, dtype)
+            runs[name]()  # warm-up
+        return fastest(runs, rounds=5, repeats=20)
 
     return getattr(torch, measured_once(f"attention-{dtype}-{n_heads}x{n_kv}x{head_dim}", measure))
 
@@ -677,6 +675,11 @@ def compiled_stack():
     family and model, and inductor caches its kernels on disk across processes. Dynamic shapes, so that cache
     lengths and draft sizes do not each trigger a recompilation."""
     return torch.compile(LeanLlama._forward_stack, dynamic=True)
+
+
+def _attend_as(probe: LeanLayers, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, dtype: torch.dtype):
+    """Attention as `LeanLayers.layer` runs it with a cache of keys.dtype: queries cast in, the result out."""
+    return probe._attention(q.to(keys.dtype), keys, values, None).to(dtype)
 
 
 @functools.cache
