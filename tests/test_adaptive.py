@@ -43,7 +43,7 @@ def simulated_steps(length: DraftLength, a: float, k: int, steps: int, rng: rand
         while accepted < k and rng.random() < a:
             accepted += 1
         length.update(proposed=k, accepted=accepted, draft_seconds=0.0)
-        estimates.append(length.acceptance)
+        estimates.append(length.acceptance())
     return estimates
 
 
@@ -64,13 +64,13 @@ def test_acceptance_estimate_is_unbiased(a, k):
 def test_estimate_without_drafts_returns_to_the_configured_prior():
     for prior in (0.2, 0.6, 0.85):
         length = DraftLength(STEEP, max_k=8, prior=prior)
-        assert length.acceptance == pytest.approx(prior)
+        assert length.acceptance() == pytest.approx(prior)
         for _ in range(20):
             length.update(proposed=8, accepted=8, draft_seconds=0.001)  # a run of full acceptances
-        assert length.acceptance > 0.95
+        assert length.acceptance() > 0.95
         for _ in range(100):
             length.update(proposed=0, accepted=0, draft_seconds=0.0)  # nothing drafted: back to the prior
-        assert length.acceptance == pytest.approx(prior, abs=0.01)
+        assert length.acceptance() == pytest.approx(prior, abs=0.01)
 
 
 def test_draft_length_grows_with_acceptance_on_a_fixed_cost_curve():
@@ -170,3 +170,40 @@ def test_calibration_is_measured_once_then_cached(tmp_path, monkeypatch):
 
     monkeypatch.setattr(adaptive, "measure_costs", no_measuring)
     assert SpecEngine(target, NgramDrafter()).runner.costs() == first
+
+
+def test_each_draft_kind_keeps_its_own_acceptance_estimate():
+    """A strong match and a weak one are estimated apart: after long accepted drafts of one kind and rejected
+    drafts of another, the first drafts long and the second not at all, and an unseen kind starts at the prior."""
+    length = DraftLength(STEEP, max_k=16, prior=0.6)
+    for _ in range(30):
+        length.update(proposed=8, accepted=8, draft_seconds=0.0, kind=4)
+        length.update(proposed=8, accepted=0, draft_seconds=0.0, kind=1)
+    assert length.acceptance(4) > 0.95 and length.acceptance(1) < 0.05
+    assert length.next_k(16, kind=4) == 16 and length.next_k(16, kind=1) == 0
+    assert length.acceptance(2) == pytest.approx(0.6)
+    assert length.acceptance() == pytest.approx(0.6)  # steps without a kind share one estimate of their own
+
+
+def test_ngram_kind_is_the_length_of_the_match_it_copies():
+    drafter = NgramDrafter(min_n=1, max_n=4)
+    drafter.reset([], None, None)
+    context = [5, 6, 7, 8, 9, 5, 6, 7, 8]
+    assert drafter.draft_kind(context) == 4 and drafter.propose(context, 2).tokens == [9, 5]
+    assert drafter.draft_kind(context + [3]) == 0 and not drafter.propose(context + [3], 2).tokens
+    assert drafter.draft_kind([1, 2, 1]) == 1  # rolled back to another context: re-indexed, a 1-token match
+
+
+def test_adaptive_engine_sizes_drafts_per_ngram_match_length():
+    """The engine asks the n-gram drafter for its kind each step and keeps one estimate per match length:
+    output stays greedy-exact, and the estimates the engine built are keyed by those lengths."""
+    tok, target = char_tokenizer(), tiny_llama(seed=1)
+    engine = adaptive_engine(target, NgramDrafter(), tok, STEEP)
+    built = []
+    make = engine.adaptive_length
+    engine.adaptive_length = lambda max_k: built.append(make(max_k)) or built[-1]
+    ids = tok("def add(a, b):\n    return a + b\n\ndef add(a, b):\n    return a").input_ids
+    result = engine.generate(ids, GenerationConfig(max_new_tokens=30, k=8, adaptive=True))
+    assert result.tokens == hf_greedy(target, ids, 30)
+    kinds = set(built[0].counts)
+    assert kinds and kinds <= {0, 1, 2, 3, 4} and kinds & {1, 2, 3, 4}, kinds

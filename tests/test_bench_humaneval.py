@@ -194,6 +194,17 @@ def test_the_workload_is_listed_by_config_and_cli():
     assert result.exit_code == 0 and "humaneval | humaneval-instruct | lines | blocks" in result.output
 
 
+def test_help_shows_the_llamacpp_extra_verbatim():
+    """typer renders help as rich markup, where an unescaped '[llamacpp]' is a style tag and vanished."""
+    from typer.testing import CliRunner
+
+    from draftsmith.cli import app
+
+    for command in ("bench", "generate"):
+        result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "400", "TERM": "dumb"})
+        assert result.exit_code == 0 and "pip install 'draftsmith[llamacpp]'" in result.output, command
+
+
 def test_bench_runs_the_instruct_workload_on_a_tiny_chat_model(tmp_path):
     from draftsmith.bench.config import BenchConfig
     from draftsmith.bench.runner import run_bench

@@ -13,6 +13,7 @@ import hashlib
 import json
 import statistics
 import time
+from collections.abc import Hashable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -99,6 +100,11 @@ class DraftLength:
     rejected token, if any): the maximum-likelihood estimate for acceptances that stop at the first rejection.
     Averaging each step's own ratio instead would read a true rate of 0.5 as about 0.3, as a step's ratio is
     at most accepted / (accepted + 1). The prior enters as `prior_trials` pseudo-trials at rate `prior`.
+
+    A drafter that can tell its proposals apart before making them (the n-gram drafter: how long a context
+    suffix it matched) names a `kind` per step, and each kind keeps its own estimate: a 4-token match is
+    accepted far more often than a 1-token one, and one shared estimate drafts too long after weak matches and
+    too short after strong ones, which matters where a second token costs much more than the first (llama.cpp).
     """
 
     def __init__(
@@ -112,17 +118,19 @@ class DraftLength:
             raise ValueError(f"prior must be a probability, got {prior}")
         self.costs, self.max_k, self.memory = costs, max_k, memory
         self.prior, self.prior_trials = prior, prior_trials
-        # discounted sums: each step's counts weigh `memory` times less than the next step's
-        self.accepted = prior * prior_trials
-        self.trials = prior_trials
+        # discounted sums per kind, [accepted, trials]: each step's counts weigh `memory` times less than the next
+        self.counts: dict[Hashable, list[float]] = {}
         self.draft_seconds = self.drafted = 0.0  # discounted sums too: no start-up bias towards zero cost
         self.timed_steps = 0
         self.fixed_draft_cost = draft_cost
 
-    @property
-    def acceptance(self) -> float:
-        """Estimated probability that the next drafted token is accepted, given the previous one was."""
-        return self.accepted / self.trials if self.trials > 0 else self.prior
+    def _counts(self, kind: Hashable) -> list[float]:
+        return self.counts.setdefault(kind, [self.prior * self.prior_trials, self.prior_trials])
+
+    def acceptance(self, kind: Hashable = None) -> float:
+        """Estimated probability that the next drafted token of this kind is accepted, given the previous one was."""
+        accepted, trials = self._counts(kind)
+        return accepted / trials if trials > 0 else self.prior
 
     @property
     def draft_cost(self) -> float:
@@ -131,8 +139,8 @@ class DraftLength:
             return self.fixed_draft_cost
         return self.draft_seconds / self.drafted if self.drafted > 0 else 0.0
 
-    def next_k(self, budget: int) -> int:
-        a = min(self.acceptance, 0.99)
+    def next_k(self, budget: int, kind: Hashable = None) -> int:
+        a = min(self.acceptance(kind), 0.99)
         best_k, best_rate = 0, 1.0 / self.costs(1)
         for k in range(1, min(self.max_k, budget) + 1):
             rate = (1 - a ** (k + 1)) / (1 - a) / (self.costs(k + 1) + k * self.draft_cost)
@@ -140,17 +148,17 @@ class DraftLength:
                 best_k, best_rate = k, rate
         return best_k
 
-    def update(self, proposed: int, accepted: int, draft_seconds: float) -> None:
-        m = self.memory
+    def update(self, proposed: int, accepted: int, draft_seconds: float, kind: Hashable = None) -> None:
+        m, counts = self.memory, self._counts(kind)
         if proposed == 0:
             # nothing drafted, nothing observed: the evidence fades back towards the prior's pseudo-counts,
             # so that drafting gets tried again once the old, poor acceptances are forgotten
-            self.accepted = m * self.accepted + (1 - m) * self.prior * self.prior_trials
-            self.trials = m * self.trials + (1 - m) * self.prior_trials
+            counts[0] = m * counts[0] + (1 - m) * self.prior * self.prior_trials
+            counts[1] = m * counts[1] + (1 - m) * self.prior_trials
             return
         # accepted tokens are successes; the first rejected one, if any, is the one failure of this step
-        self.accepted = m * self.accepted + accepted
-        self.trials = m * self.trials + accepted + (1 if accepted < proposed else 0)
+        counts[0] = m * counts[0] + accepted
+        counts[1] = m * counts[1] + accepted + (1 if accepted < proposed else 0)
         self.timed_steps += 1
         if self.timed_steps > 1:  # a request's first draft also feeds the prompt to the drafter: not a per-token cost
             self.draft_seconds = m * self.draft_seconds + draft_seconds

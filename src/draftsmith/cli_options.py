@@ -31,7 +31,7 @@ Weights = Annotated[str, typer.Option(help="Lean forward's weight layout: auto (
                                            "quantized weights, lossy, CPU only.")]
 Backend = Annotated[str, typer.Option(help="torch (our lean Llama-family forward, else transformers') or llamacpp "
                                            "(a GGUF file run by llama.cpp, our drafters and acceptance on top; "
-                                           "pip install 'draftsmith[llamacpp]').")]
+                                           "pip install 'draftsmith\\[llamacpp]').")]
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
 Dtype = Annotated[str, typer.Option(help="auto (bf16 where the hardware has fast bf16, else fp32), float32 "
                                          "(bit-exact fp32 greedy), bfloat16 or float16.")]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import torch
@@ -95,6 +95,12 @@ class SpecEngine:
         calibrated = getattr(self.drafter, "cost_per_token", None)  # else learnt from measured draft times
         return DraftLength(self.runner.costs(), max_k, draft_cost=calibrated() if calibrated else None)
 
+    def draft_kind(self, context: list[int]) -> Hashable:
+        """What the drafter says of its next proposal before making it (`draft_kind`, optional; the n-gram
+        drafter's match length): the adaptive draft length keeps an acceptance estimate per kind."""
+        kind_of = getattr(self.drafter, "draft_kind", None)
+        return kind_of(context) if kind_of is not None else None
+
     def generate_text(
         self, prompt: str, config: GenerationConfig, on_text: Callable[[str], None] | None = None,
         templated: bool = False,
@@ -139,10 +145,11 @@ class SpecEngine:
         finish = "cancelled" if should_stop is not None and should_stop() else None
         while finish is None:
             budget = min(config.k, config.max_new_tokens - len(new) - 1) if self.drafter is not None else 0
-            k = adaptive.next_k(budget) if adaptive is not None else budget
+            kind = self.draft_kind(context) if adaptive is not None else None
+            k = adaptive.next_k(budget, kind) if adaptive is not None else budget
             draft, path, next_token = self.step(context, k, sampling, accept_generator, stats)
             if adaptive is not None:
-                adaptive.update(max(draft.depths(), default=0), len(path), stats.last_draft_s)
+                adaptive.update(max(draft.depths(), default=0), len(path), stats.last_draft_s, kind)
 
             step_tokens = [draft.tokens[i] for i in path] + [next_token]
             step_tokens, finish = self._cut(step_tokens, config, len(new))

@@ -43,7 +43,7 @@ def bench_command(
     methods: Annotated[str, typer.Option(
         help="Comma list: hf-greedy, hf-prompt-lookup:N, hf-assisted:PATH, plain, ngram[:k=8,adaptive=1], "
              "model:PATH[:k=4], eagle, medusa; llama.cpp peers llamacpp[:FILE], llamacpp-lookup:N, "
-             "llama-server[:TYPE][:n=N,m=M] (pip install 'draftsmith[llamacpp]'); llamacpp=1 runs one of ours on "
+             "llama-server[:TYPE][:n=N,m=M] (pip install 'draftsmith\\[llamacpp]'); llamacpp=1 runs one of ours on "
              "the llama.cpp backend; add @bf16 (or @fp32) to run a method in that dtype."
     )] = ",".join(DEFAULT_METHODS),
     limit: Annotated[int, typer.Option(help="Prompts to run; the first also serves as an untimed warm-up.")] = 20,
