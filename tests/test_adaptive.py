@@ -207,3 +207,17 @@ def test_adaptive_engine_sizes_drafts_per_ngram_match_length():
     assert result.tokens == hf_greedy(target, ids, 30)
     kinds = set(built[0].counts)
     assert kinds and kinds <= {0, 1, 2, 3, 4} and kinds & {1, 2, 3, 4}, kinds
+
+
+def test_a_calibration_from_another_machine_is_measured_anew(tmp_path, monkeypatch):
+    """The cache may travel with a home folder to another CPU (an AVX2-only VM under the same model name):
+    its costs are not read back there."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    target = tiny_llama(seed=1)
+    SpecEngine(target, NgramDrafter()).runner.costs()
+    measured = []
+    monkeypatch.setattr(adaptive, "measure_costs", lambda *args, **kwargs: measured.append(1) or FLAT)
+    SpecEngine(target, NgramDrafter()).runner.costs()
+    assert not measured  # the same machine reads its cache
+    monkeypatch.setattr(adaptive, "cpu_key", lambda: "another CPU-0123abcd")
+    assert SpecEngine(target, NgramDrafter()).runner.costs() == FLAT and measured == [1]

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from draftsmith.cached_lm import cpu_key
 from draftsmith.paths import cache_dir
 
 CALIBRATION_SIZES = (1, 2, 4, 8, 12, 16, 24, 32)
@@ -41,9 +42,14 @@ class CostCurve:
 
 
 def calibration_key(model: torch.nn.Module, backend: str) -> str:
+    """Model, backend, dtype, threads and the machine itself: a cache carried to another CPU (or GPU) is
+    measured anew there, not read back."""
     config = json.dumps(model.config.to_dict(), sort_keys=True, default=str)
     digest = hashlib.sha1(config.encode()).hexdigest()[:12]
-    return f"v{COST_MODEL_VERSION}-{digest}-{model.device}-{model.dtype}-{backend}-threads{torch.get_num_threads()}"
+    device = model.device
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_key()
+    return (f"v{COST_MODEL_VERSION}-{digest}-{device}-{model.dtype}-{backend}-threads{torch.get_num_threads()}"
+            f"-{machine}")
 
 
 @torch.no_grad()

@@ -635,7 +635,7 @@ def measured_once(key: str, measure) -> str:
     measured the first time and kept on disk: timing again at every load could choose differently between two
     loads, and so round differently."""
     path = cache_dir() / "weight_formats.json"
-    key = f"{_cpu_name()}-{torch.__version__}-{key}-threads{torch.get_num_threads()}"
+    key = f"{cpu_key()}-{torch.__version__}-{key}-threads{torch.get_num_threads()}"
     table = json.loads(path.read_text()) if path.is_file() else {}
     if key not in table:
         table[key] = measure()
@@ -683,7 +683,7 @@ def _attend_as(probe: LeanLayers, q: torch.Tensor, keys: torch.Tensor, values: t
 
 
 @functools.cache
-def _cpu_name() -> str:
+def cpu_key() -> str:
     """The CPU's model name and a hash of its instruction sets: one model name (\"AMD EPYC\" on a cloud VM)
     covers machines with and without AVX-512, whose fastest kernels differ."""
     lines = cpuinfo().splitlines()
