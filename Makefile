@@ -15,7 +15,7 @@ demo: install
 	$(PYTHON) -m draftsmith.cli demo
 
 test: install
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n auto --dist loadgroup
 	$(MAKE) test-floor
 
 # The oldest transformers pyproject.toml allows (its sliding-window cache API), in a venv that sees everything
@@ -23,4 +23,4 @@ test: install
 test-floor:
 	$(PYTHON) -m venv --system-site-packages $(FLOOR_VENV)
 	$(FLOOR_VENV)/bin/python -m pip install -q "transformers==5.18.0"
-	$(FLOOR_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_sliding_window.py tests/test_engine_greedy.py
+	$(FLOOR_VENV)/bin/python -m pytest -q -n auto -p no:cacheprovider tests/test_sliding_window.py tests/test_engine_greedy.py

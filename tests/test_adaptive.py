@@ -221,3 +221,20 @@ def test_a_calibration_from_another_machine_is_measured_anew(tmp_path, monkeypat
     assert not measured  # the same machine reads its cache
     monkeypatch.setattr(adaptive, "cpu_key", lambda: "another CPU-0123abcd")
     assert SpecEngine(target, NgramDrafter()).runner.costs() == FLAT and measured == [1]
+
+
+def test_cache_tables_keep_entries_other_processes_wrote_meanwhile(tmp_path, monkeypatch):
+    """Two processes measuring different keys at once: the second writer re-reads the table before renaming
+    its own file over it, so neither entry is lost and no temporary file is left."""
+    from draftsmith.paths import cached_entry
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+
+    def measure_while_another_process_writes():
+        assert cached_entry("table.json", "theirs", lambda: 2) == 2  # lands while we measure
+        return 1
+
+    assert cached_entry("table.json", "ours", measure_while_another_process_writes) == 1
+    assert cached_entry("table.json", "ours", lambda: 99) == 1 and cached_entry("table.json", "theirs", lambda: 99) == 2
+    assert cached_entry("table.json", "ours", lambda: 3, refresh=True) == 3
+    assert [p.name for p in (tmp_path / "draftsmith").iterdir()] == ["table.json"]

@@ -35,11 +35,13 @@ def shallow_copy_drafter(model, layers: int) -> ModelDrafter:
     return ModelDrafter(small)
 
 
+@pytest.mark.xdist_group("smollm2")  # one worker loads each model
 def test_embedded_model_loads_offline(smollm2):
     assert smollm2.model.config.vocab_size == 49152 and smollm2.model.dtype == torch.float32
     assert smollm2.tokenizer.decode(smollm2.encode("def fib(n):")) == "def fib(n):"
 
 
+@pytest.mark.xdist_group("smollm2")  # one worker loads each model
 def test_greedy_exact_on_humaneval_prompts(smollm2, prompts):
     runs = [("ngram", NgramDrafter(), k) for k in (1, 3, 8)]
     runs += [("early-exit-8", shallow_copy_drafter(smollm2.model, 8), k) for k in (3, 8)]
@@ -71,6 +73,7 @@ def gemma3():
     return load_model("gemma3", dtype="float32")
 
 
+@pytest.mark.xdist_group("gemma3")  # one worker loads each model
 def test_gemma3_another_architecture_and_tokenizer_is_exact(gemma3):
     """Gemma 3 270M (sliding-window layers, a 262k vocabulary) runs through transformers' own forward; the
     prompt, six HumanEval problems, is longer than its 512-token window, so rollbacks cross it."""
@@ -86,6 +89,7 @@ def test_gemma3_another_architecture_and_tokenizer_is_exact(gemma3):
         assert engine.generate(ids, GenerationConfig(max_new_tokens=24, k=k)).tokens == reference
 
 
+@pytest.mark.xdist_group("gemma3")  # one worker loads each model
 def test_a_drafter_with_another_tokenizer_is_refused(smollm2, gemma3):
     from draftsmith.errors import IncompatibleDrafterError
     from draftsmith.models import check_same_vocabulary

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from draftsmith.cached_lm import cpu_key
-from draftsmith.paths import cache_dir
+from draftsmith.paths import cached_entry
 
 CALIBRATION_SIZES = (1, 2, 4, 8, 12, 16, 24, 32)
 CALIBRATION_CONTEXT = 200
@@ -85,18 +85,8 @@ def _synchronize(lm) -> None:
 
 def calibrated_costs(model: torch.nn.Module, lm, backend: str, refresh: bool = False) -> CostCurve:
     """The cost curve of this model on this device and dtype, measured once and cached on disk."""
-    path = cache_dir() / "calibration.json"
-    key = calibration_key(model, backend)
-    table = json.loads(path.read_text()) if path.is_file() else {}
-    if key in table and not refresh:
-        return CostCurve(**table[key])
-    curve = measure_costs(lm, model.config.vocab_size)
-    table[key] = asdict(curve)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(table, indent=1))
-    tmp.replace(path)
-    return curve
+    measure = lambda: asdict(measure_costs(lm, model.config.vocab_size))  # noqa: E731 (looked up when called)
+    return CostCurve(**cached_entry("calibration.json", calibration_key(model, backend), measure, refresh))
 
 
 class DraftLength:

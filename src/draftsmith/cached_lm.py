@@ -14,13 +14,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import json
 import platform
 import time
 import warnings
 import weakref
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +26,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from draftsmith.errors import ConfigError
 from draftsmith.models import cpuinfo
-from draftsmith.paths import cache_dir
+from draftsmith.paths import cached_entry
 
 LEAN_MODEL_TYPES = {"llama", "mistral", "qwen2"}
 CACHE_BLOCK = 256  # the lean cache grows in blocks of this many positions
@@ -634,16 +632,8 @@ def measured_once(key: str, measure) -> str:
     """The answer `measure()` gave on this machine (CPU model and instruction sets), torch and thread count,
     measured the first time and kept on disk: timing again at every load could choose differently between two
     loads, and so round differently."""
-    path = cache_dir() / "weight_formats.json"
-    key = f"{cpu_key()}-{torch.__version__}-{key}-threads{torch.get_num_threads()}"
-    table = json.loads(path.read_text()) if path.is_file() else {}
-    if key not in table:
-        table[key] = measure()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(table, indent=1))
-        tmp.replace(path)
-    return table[key]
+    return cached_entry("weight_formats.json", f"{cpu_key()}-{torch.__version__}-{key}-threads{torch.get_num_threads()}",
+                        measure)
 
 
 @torch.no_grad()

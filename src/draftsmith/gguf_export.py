@@ -20,6 +20,7 @@ import torch
 from transformers import PreTrainedModel
 
 from draftsmith.errors import ConfigError
+from draftsmith.paths import private_suffix
 
 GGUF_DTYPES = ("f32", "bf16")
 
@@ -111,7 +112,7 @@ def write_gguf(model: PreTrainedModel, out: Path, tokenizer_gguf: Path, dtype: s
     for name, weight in tensors.items():
         array, kind = _array(weight, dtype)
         writer.add_tensor(name, array, raw_dtype=kind)
-    tmp = out.with_suffix(".gguf.tmp")
+    tmp = out.with_name(f"{out.name}.{private_suffix()}.tmp")
     writer.write_header_to_file(tmp)  # then renamed: an interrupted export leaves no half file at `out`
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

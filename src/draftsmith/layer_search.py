@@ -20,12 +20,12 @@ import warnings
 from dataclasses import asdict, dataclass
 
 import torch
-from rich.progress import Progress
 
 from draftsmith.adaptive import CostCurve, calibration_key
 from draftsmith.cached_lm import LeanLlama
 from draftsmith.errors import ConfigError
-from draftsmith.paths import cache_dir
+from draftsmith.paths import cached_entry
+from draftsmith.progress import Bar
 from draftsmith.sparse import FixedSkip
 
 
@@ -124,7 +124,7 @@ def search_skipped_layers(lm: LeanLlama, sequences: list[tuple[list[int], int]],
     contexts = dense_contexts(lm, sequences)
     n = len(lm.layers)
     trials = n + int(config.max_skipped_share * n)
-    with Progress(disable=not progress, transient=True) as bar:
+    with Bar(disable=not progress, transient=True) as bar:
         task = bar.add_task("measuring layer skips", total=trials)
         alone = {}
         for layer in range(n):
@@ -173,13 +173,6 @@ def auto_skip(model, tokenizer, lm: LeanLlama, costs: CostCurve, config: SkipSea
               refresh: bool = False) -> FixedSkip:
     """The cached layer set of `layerskip:auto` for this model (searched on first use, then read from disk)."""
     config = config or SkipSearchConfig()
-    path = cache_dir() / "layerskip.json"
     key = f"search{SEARCH_VERSION}-{calibration_key(model, 'lean')}-{json.dumps(asdict(config), sort_keys=True)}"
-    table = json.loads(path.read_text()) if path.is_file() else {}
-    if key not in table or refresh:
-        table[key] = search_skipped_layers(lm, heldout_sequences(model, tokenizer, config), costs, config)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(table, indent=1))
-        tmp.replace(path)
-    return FixedSkip(len(lm.layers), frozenset(table[key]["skipped"]))
+    search = lambda: search_skipped_layers(lm, heldout_sequences(model, tokenizer, config), costs, config)  # noqa: E731
+    return FixedSkip(len(lm.layers), frozenset(cached_entry("layerskip.json", key, search, refresh)["skipped"]))

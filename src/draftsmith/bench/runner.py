@@ -468,10 +468,12 @@ def _decode_all(
     torch.manual_seed(seed)
     if console is None:
         return run_interleaved(methods, prompts, device, failures=failures)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+    from draftsmith.progress import Bar
 
     columns = (TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console) as bar:
+    with Bar(*columns, console=console) as bar:
         job = bar.add_task("decoding", total=(len(prompts) + 1) * len(methods))
         return run_interleaved(methods, prompts, device,
                                lambda what, done: bar.update(job, description=what, advance=int(done)), failures)

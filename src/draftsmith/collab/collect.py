@@ -8,7 +8,6 @@ from features.FeatureBuilder, as at decoding time (rule.CollabRule).
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -91,7 +90,7 @@ def collect_case(large, small, builder: FeatureBuilder, tokenizer, context_text:
 
 def collect(large: LoadedModel, small: PreTrainedModel, domain: Domain, config: CollectConfig,
             split: SplitConfig = SplitConfig(), progress: bool = True) -> Collected:
-    from rich.progress import track
+    from draftsmith.progress import track
 
     cases = completion_cases(domain, "classifier", config.cases, config.seed, config.context_chars, split)
     builder = FeatureBuilder(token_texts(large.tokenizer), CorpusIndex(domain_documents(domain, "finetune", split)))

@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -25,6 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from draftsmith.data.corpus import CodeDocument, load_corpus
 from draftsmith.data.shards import ShardFolder
 from draftsmith.errors import ConfigError
+from draftsmith.progress import counted
 
 @dataclass
 class OnPolicyConfig:
@@ -154,8 +154,7 @@ def build_onpolicy_shards(
         prompts[split] = function_prompts(load_corpus(config.corpus, split=split, heldout_percent=config.heldout_percent))
         if not prompts[split]:
             raise ConfigError(f"the corpus's {split} files hold no documented function to prompt with")
-    with Progress(TextColumn("on-policy data"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  disable=not progress) as bar:
+    with counted("on-policy data", disable=not progress) as bar:
         task = bar.add_task("shards", total=len(plan), completed=len(plan) - len(todo))
         for split, index in todo:
             rng = random.Random(f"{config.seed}-{split}-{index}")

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import PreTrainedTokenizerBase
@@ -24,6 +23,7 @@ from draftsmith.data.corpus import CodeDocument
 from draftsmith.draft import Draft
 from draftsmith.drafters.ngram import NgramDrafter
 from draftsmith.errors import ConfigError
+from draftsmith.progress import counted
 
 NO_SUCCESSOR = -1  # a token never followed by anything in the corpus
 
@@ -79,8 +79,7 @@ def build_bigram(tokenizer: PreTrainedTokenizerBase, docs: list[CodeDocument], p
     (ties: the smallest id)."""
     vocab = len(tokenizer)
     pairs = [np.asarray(ids[:-1], dtype=np.int64) * vocab + np.asarray(ids[1:], dtype=np.int64) for ids in sequences]
-    with Progress(TextColumn("bigram counts"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  disable=not progress) as bar:
+    with counted("bigram counts", disable=not progress) as bar:
         task = bar.add_task("documents", total=len(docs))
         for start in range(0, len(docs), batch):
             chunk = docs[start : start + batch]

@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -27,6 +26,7 @@ from draftsmith.cached_lm import last_hidden_states
 from draftsmith.data.corpus import CodeDocument, load_corpus
 from draftsmith.data.shards import ShardFolder
 from draftsmith.errors import ConfigError
+from draftsmith.progress import counted
 
 @dataclass
 class FeatureDataConfig:
@@ -110,8 +110,7 @@ def build_feature_shards(
     todo = [(split, i) for split, i in plan if not shards.is_done(split, i)]
     docs = {split: load_corpus(config.corpus, split=split, heldout_percent=config.heldout_percent)
             for split in {s for s, _ in todo}}
-    with Progress(TextColumn("features"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  disable=not progress) as bar:
+    with counted("features", disable=not progress) as bar:
         task = bar.add_task("shards", total=len(plan), completed=len(plan) - len(todo))
         for split, index in todo:
             # each shard's sequences are a pure function of (seed, split, index): resuming redoes nothing

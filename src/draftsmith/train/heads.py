@@ -22,7 +22,6 @@ which the static tree is chosen (the paths of highest estimated acceptance proba
 from __future__ import annotations
 
 import heapq
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

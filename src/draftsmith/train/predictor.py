@@ -17,11 +17,11 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from rich.progress import Progress
 from torch.utils.data import Dataset
 
 from draftsmith.errors import ConfigError
 from draftsmith.predictor import AcceptancePredictor, NodeRecorder, PredictorConfig, save_predictor
+from draftsmith.progress import Bar
 from draftsmith.train.trainer import Batch, TrainConfig, Trainer
 
 
@@ -62,7 +62,7 @@ def collect_nodes(engine, prompts: list[list[int]], layer: int, new_tokens: int,
     recorder = NodeRecorder(layer)
     engine.runner.pruner = recorder
     try:
-        with Progress(disable=not progress, transient=True) as bar:
+        with Bar(disable=not progress, transient=True) as bar:
             task = bar.add_task("decoding to collect draft-tree nodes", total=len(prompts))
             for ids in prompts:
                 engine.generate(ids, GenerationConfig(max_new_tokens=new_tokens, k=64))

@@ -29,12 +29,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
 from draftsmith.errors import ConfigError
+from draftsmith.progress import Bar
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -335,8 +336,8 @@ class Trainer:
         writer = SummaryWriter(str(self.config.out_dir / "tb"), purge_step=step or None)
         if not self.config.progress:
             return writer, None, None
-        progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                            TextColumn("{task.fields[info]}"), console=self.console)
+        progress = Bar(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      TextColumn("{task.fields[info]}"), console=self.console)
         task = progress.add_task("train", total=self.config.max_steps, completed=step, info="")
         progress.start()
         return writer, progress, task
