@@ -41,3 +41,13 @@ def test_track_yields_every_item_and_reports_into_a_log():
     assert list(track(range(3), "collecting numpy", console=console, every=0)) == [0, 1, 2]
     lines = [line for line in console.file.getvalue().splitlines() if "elapsed" in line]
     assert [line.split(",")[0] for line in lines] == ["collecting numpy: 1/3 (33%)", "collecting numpy: 2/3 (67%)"]
+
+
+def test_a_log_line_is_never_wrapped():
+    """A log file's console is 80 columns wide by default: a wrapped line would split the time left off."""
+    console = Console(file=io.StringIO(), force_terminal=False, width=40)
+    with counted("on-policy data", console=console, every=0) as bar:
+        task = bar.add_task("shards", total=3)
+        bar.advance(task)
+    line, = [line for line in console.file.getvalue().splitlines() if "shards" in line and "elapsed" in line]
+    assert line.startswith("on-policy data shards: 1/3 (33%), 0:00:00 elapsed")

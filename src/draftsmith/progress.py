@@ -38,7 +38,7 @@ class Bar(Progress):
         self._logged_at = time.monotonic()
         for task in self.tasks:
             if task.visible and not task.finished:
-                self.console.print(progress_line(task, self.label), markup=False, highlight=False)
+                self.console.print(progress_line(task, self.label), markup=False, highlight=False, soft_wrap=True)
 
 
 def progress_line(task: Task, label: str = "") -> str:
