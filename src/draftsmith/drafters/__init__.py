@@ -23,6 +23,12 @@ if TYPE_CHECKING:
 
 
 class Drafter(Protocol):
+    """The two methods every drafter has. Optional, found by the engine where a drafter has them:
+    `cost_per_token()` (seconds per drafted token, for the adaptive draft length), `draft_kind(context)` (what
+    the next proposal will be, e.g. the n-gram match length: one acceptance estimate per kind), `sizes_itself`
+    (a tree drafter that sizes its trees from the cost curve), `bind(runner)` (self-speculation on the target's
+    own layers) and `statistics()` (per-request numbers for the bench)."""
+
     name: str
 
     def reset(self, prompt_ids: list[int], sampling: SamplingConfig, generator: torch.Generator) -> None:
