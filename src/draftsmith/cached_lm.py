@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
+from draftsmith.cuda_graphs import CapturedSteps, check_graphs
 from draftsmith.errors import ConfigError
 from draftsmith.models import cpuinfo
 from draftsmith.paths import cached_entry
@@ -254,7 +255,7 @@ class LeanLayers:
         self.length = start + x.shape[1]
         return out
 
-    def decoder_layers(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, start: int,
+    def decoder_layers(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, start: int | torch.Tensor,
                        causal: bool, layers: range | None = None) -> torch.Tensor:
         """x [1, n, hidden] through every layer (or the `layers` range), writing the new keys and values at
         start..start+n."""
@@ -268,16 +269,27 @@ class LeanLayers:
         return self.cos[pos][None, None], self.sin[pos][None, None]
 
     def layer(self, i: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
-              start: int, causal: bool = False) -> torch.Tensor:
+              start: int | torch.Tensor, causal: bool = False) -> torch.Tensor:
         """x [1, n, hidden] through decoder layer i, its keys and values written at start..start+n: the unit a
         layer-skipping forward runs or skips."""
-        end = start + x.shape[1]
         q, k, v = self.qkv(i, x, rope)
-        self.k_cache[i, :, start:end] = k[0]
-        self.v_cache[i, :, start:end] = v[0]
-        keys, values = self.k_cache[i : i + 1, :, :end], self.v_cache[i : i + 1, :, :end]
+        keys, values = self.write_kv(i, k, v, start)
         attn = self._attention(q.to(self.cache_dtype), keys, values, mask, causal)
         return self.mix(i, x, attn.to(self.dtype))
+
+    def write_kv(self, i: int, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write layer i's new keys and values at start..start+n; return its cache up to there. `start` may be a
+        tensor of slots (a captured step, where no Python number may change between replays): the entries go
+        there and the whole cache is returned, for the step's mask to cover."""
+        if isinstance(start, torch.Tensor):
+            self.k_cache[i].index_copy_(1, start, k[0])
+            self.v_cache[i].index_copy_(1, start, v[0])
+            return self.k_cache[i : i + 1], self.v_cache[i : i + 1]
+        end = start + k.shape[2]
+        self.k_cache[i, :, start:end] = k[0]
+        self.v_cache[i, :, start:end] = v[0]
+        return self.k_cache[i : i + 1, :, :end], self.v_cache[i : i + 1, :, :end]
 
     def qkv(self, i: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -350,7 +362,8 @@ class LeanLayers:
 
 
 class LeanLlama(LeanLayers):
-    def __init__(self, model: PreTrainedModel, compile: bool = False, weights: str = "auto"):
+    def __init__(self, model: PreTrainedModel, compile: bool = False, weights: str = "auto",
+                 graphs: bool | None = None):
         cfg = model.config
         shared = lean_weights(model, weights)
         super().__init__(shared.layers, shared.format, shared.cos, shared.sin, cfg.num_attention_heads,
@@ -360,8 +373,12 @@ class LeanLlama(LeanLayers):
         self.embed, self.final_norm, self.lm_head = shared.embed, shared.final_norm, shared.lm_head
         self._stack = LeanLlama._forward_stack
         self.compile_s: float | None = None  # seconds spent compiling, when compiled
+        self.graphs: CapturedSteps | None = None
         if compile:
             self._compile()
+        # one-token and draft steps replayed from captured CUDA graphs (by default on CUDA; see cuda_graphs.py)
+        if check_graphs(graphs, model.device, model.dtype, compile):
+            self.graphs = CapturedSteps(self)
 
     def _compile(self) -> None:
         """Compile the layer stack for the three shapes a request uses (prefill, one-token step, draft
@@ -410,6 +427,11 @@ class LeanLlama(LeanLayers):
                 hidden.append(out[1])
             logits = logits[-1] if last_only else torch.cat(logits)  # last_only: only the final row is needed
             return (logits, torch.cat(hidden)) if features else logits
+        if self.graphs is not None and not last_only:  # steps, not prefills: replayed where a bucket holds them
+            with torch.inference_mode():
+                replayed = self.graphs.forward(ids, positions, tree_mask, features)
+            if replayed is not None:
+                return replayed
         end = start + n
         self._reserve(end)
         pos = torch.arange(start, end, device=self.device) if positions is None else torch.tensor(positions, device=self.device)
@@ -706,17 +728,21 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 
 def cached_lm(
-    model: PreTrainedModel, lean: bool = True, compile: bool = False, weights: str = "auto"
+    model: PreTrainedModel, lean: bool = True, compile: bool = False, weights: str = "auto", graphs: bool | None = None
 ) -> LeanLlama | HFCachedLM:
     """The fastest backend that runs this model exactly (compiled on request: Llama-family models only); a
     model llama.cpp loaded gets its llama.cpp context."""
     if hasattr(model, "new_cached_lm"):
-        if compile or weights != "auto":
-            raise ConfigError("--compile and --weights apply to the lean torch forward; the llama.cpp backend runs "
-                              "the GGUF file's own weights (write another with `draftsmith export --format gguf`)")
+        if compile or graphs or weights != "auto":
+            raise ConfigError("--compile, --cuda-graphs and --weights apply to the lean torch forward; the llama.cpp "
+                              "backend runs the GGUF file's own weights (write another with `draftsmith export "
+                              "--format gguf`)")
         return model.new_cached_lm()
     if lean and LeanLlama.supports(model):
-        return LeanLlama(model, compile=compile, weights=weights)
+        return LeanLlama(model, compile=compile, weights=weights, graphs=graphs)
+    if graphs:
+        raise ConfigError(f"CUDA graphs capture the lean Llama-family forward; {model.config.model_type} runs "
+                          "through transformers")
     if compile:
         warnings.warn(f"--compile applies to the lean Llama-family forward; {model.config.model_type} runs eager",
                       stacklevel=2)

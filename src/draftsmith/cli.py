@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from draftsmith.cli_options import (Adaptive, Backend, Compile, Device, DraftTokens, Drafter, Dtype,
+from draftsmith.cli_options import (Adaptive, Backend, Compile, CudaGraphs, Device, DraftTokens, Drafter, Dtype,
                                    LossySparseVerify, NgramMax, Prune, Routers, Target, TrustRemoteCode, Weights)
 from draftsmith.errors import DraftsmithError
 
@@ -48,6 +48,7 @@ def generate(
     dtype: Dtype = "auto",
     ngram_max: NgramMax = 4,
     compile: Compile = False,
+    cuda_graphs: CudaGraphs = None,
     weights: Weights = "auto",
     backend: Backend = "torch",
     prune: Prune = "none",
@@ -78,7 +79,7 @@ def generate(
                                                       add_generation_prompt=True)
     with console.status("compiling the target's forward (once per process)") if compile else nullcontext():
         engine = SpecEngine(loaded.model, draft, loaded.tokenizer, compile=compile, weights=weights, pruner=pruner,
-                            sparse_verify=sparse)
+                            sparse_verify=sparse, graphs=cuda_graphs)
     if compile:
         compile_s = engine.runner.compile_s
         console.print(f"compiled in {compile_s:.1f} s" if compile_s is not None else "compiling failed: eager")

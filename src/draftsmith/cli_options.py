@@ -42,6 +42,9 @@ NgramMax = Annotated[int, typer.Option(help="Longest n-gram the ngram drafter lo
 Compile = Annotated[bool, typer.Option("--compile/--eager", help="torch.compile the target's forward (once per "
                                        "process, time reported; eager if compiling fails). Measure before "
                                        "choosing it: on a 2-core CPU it was slower than eager.")]
+CudaGraphs = Annotated[Optional[bool], typer.Option("--cuda-graphs/--no-cuda-graphs", help="Replay one-token and "
+                                                    "draft steps from captured CUDA graphs (default: on CUDA below "
+                                                    "float32, unless --compile).", show_default="auto")]
 TrustRemoteCode = Annotated[bool, typer.Option(help="Run model code shipped with a hub model (off: safer).")]
 Resume = Annotated[bool, typer.Option(help="Continue the run in --out from its latest checkpoint.")]
 MaxMinutes = Annotated[float, typer.Option(help="Stop training at this wall time (evaluated and saved as at the "

@@ -32,9 +32,10 @@ def tree_mask(draft: Draft) -> torch.Tensor:
 class TargetRunner:
     """Owns the target model and its KV cache for one request at a time."""
 
-    def __init__(self, model: PreTrainedModel, lean: bool = True, compile: bool = False, weights: str = "auto"):
+    def __init__(self, model: PreTrainedModel, lean: bool = True, compile: bool = False, weights: str = "auto",
+                 graphs: bool | None = None):
         self.model = model
-        self.lm = cached_lm(model, lean=lean, compile=compile, weights=weights)
+        self.lm = cached_lm(model, lean=lean, compile=compile, weights=weights, graphs=graphs)
         self.compile_s: float | None = getattr(self.lm, "compile_s", None)  # None: eager
         self.length = 0  # committed tokens in the cache
         self.tokens: list[int] = []  # those tokens (a cascade level syncs its cache to each new context by them)
@@ -171,5 +172,7 @@ class TargetRunner:
             backend = "hf"
         if self.compile_s is not None:
             backend += "-compiled"
+        if getattr(self.lm, "graphs", None) is not None:
+            backend += "-graphs"
         self._costs = calibrated_costs(self.model, self.lm, backend)
         return self._costs

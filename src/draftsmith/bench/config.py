@@ -9,6 +9,8 @@ the target skipping layers by routers, the shipped ones without DIR, or by a mea
 `adaptive=1` lets the engine choose each step's draft length up to k; `eagle[:DIR][:k=32,depth=6,top_k=8]`
 `medusa[:DIR][:k=32]` and `ctc[:DIR][:k=32,top_k=4,beams=16]`, feature heads drafting trees of at most k nodes,
 the shipped head without DIR;
+`graphs=0` / `graphs=1`: the target's steps eager / replayed from captured CUDA graphs (default: captured on
+CUDA below fp32);
 `fast=1`: the fastest weight layout, not transformers' own, in fp32; `quant=4` / `quant=8`: int4 / int8
 weight-only quantized target, lossy) or
 transformers' generate on the same model (`hf-greedy`, `hf-prompt-lookup[:N]`, `hf-assisted:PATH`), or
@@ -32,14 +34,15 @@ BASELINE = "hf-greedy"  # speedups are measured against it, exactness against it
 PLAIN = "plain"  # our loop without a drafter: its seconds per step set the bound
 DEFAULT_METHODS = ("hf-greedy", "hf-prompt-lookup:10", "plain", "ngram:k=8")
 # method kind -> the key=value options its spec accepts
-OPTIONS = {"plain": ("compile", "fast", "quant", "llamacpp", "lossy_sparse"),
-           "ngram": ("k", "min_n", "max_n", "adaptive", "compile", "fast", "quant", "llamacpp"),
-           "model": ("k", "adaptive", "compile", "fast", "quant", "llamacpp"),
-           "student": ("k", "adaptive", "compile", "fast", "quant", "llamacpp"),
-           "mag": ("k", "adaptive", "compile", "fast", "quant", "llamacpp"), "cascade": ("k", "compile", "fast"),
-           "eagle": ("k", "depth", "top_k", "lookup", "compile", "fast", "prune", "lossy_sparse"),
-           "medusa": ("k", "compile", "fast", "prune", "lossy_sparse"),
-           "ctc": ("k", "top_k", "beams", "compile", "fast", "prune", "lossy_sparse"),
+OPTIONS = {"plain": ("compile", "graphs", "fast", "quant", "llamacpp", "lossy_sparse"),
+           "ngram": ("k", "min_n", "max_n", "adaptive", "compile", "graphs", "fast", "quant", "llamacpp"),
+           "model": ("k", "adaptive", "compile", "graphs", "fast", "quant", "llamacpp"),
+           "student": ("k", "adaptive", "compile", "graphs", "fast", "quant", "llamacpp"),
+           "mag": ("k", "adaptive", "compile", "graphs", "fast", "quant", "llamacpp"),
+           "cascade": ("k", "compile", "graphs", "fast"),
+           "eagle": ("k", "depth", "top_k", "lookup", "compile", "graphs", "fast", "prune", "lossy_sparse"),
+           "medusa": ("k", "compile", "graphs", "fast", "prune", "lossy_sparse"),
+           "ctc": ("k", "top_k", "beams", "compile", "graphs", "fast", "prune", "lossy_sparse"),
            "layerskip": ("k", "adaptive", "fast", "lossy_sparse"), "hf-greedy": (),
            "hf-prompt-lookup": (), "hf-assisted": (),
            "llamacpp": (), "llamacpp-lookup": (), "llama-server": ("n", "m", "draft_max"),

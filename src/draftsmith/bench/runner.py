@@ -85,6 +85,7 @@ def _engine_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int, s
     k = options.pop("k", DEFAULT_K.get(spec.kind, 0))
     adaptive = bool(options.pop("adaptive", 0))
     compile = bool(options.pop("compile", 0))
+    graphs = bool(options.pop("graphs")) if "graphs" in options else None  # None: the backend's default
     drafter_spec = {"plain": "none", "ngram": "ngram", "model": f"model:{spec.arg}"}.get(spec.kind)
     if spec.kind in ("eagle", "medusa", "ctc", "student", "mag", "cascade", "layerskip"):
         drafter_spec = f"{spec.kind}:{spec.arg}" if spec.arg else spec.kind
@@ -103,7 +104,7 @@ def _engine_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int, s
         model = LlamaCppModel(run_gguf(target), target.model.config)
         target = LoadedModel(model=model, tokenizer=target.tokenizer, name=target.name)
     engine = SpecEngine(target.model, build_drafter(drafter_spec, target, **options), tokenizer=None, compile=compile,
-                        weights=weights, pruner=pruner, sparse_verify=sparse)
+                        weights=weights, pruner=pruner, sparse_verify=sparse, graphs=graphs)
     config = GenerationConfig(max_new_tokens=max_new_tokens, k=k, adaptive=adaptive, sampling=SamplingConfig(seed=seed))
 
     def generate(ids: list[int]) -> Output:

@@ -146,12 +146,13 @@ class Server:
 
     def __init__(self, loaded: LoadedModel, drafter_spec: str, k: int, model_name: str, queue_size: int,
                  adaptive: bool = False, compile: bool = False, limits: ServerLimits | None = None,
-                 prune: str = "none", **drafter_options):
+                 prune: str = "none", graphs: bool | None = None, **drafter_options):
         GenerationConfig(k=k)  # refuse a bad k at start-up rather than at the first request
         self.loaded, self.k, self.adaptive, self.model_name = loaded, k, adaptive, model_name
         self.limits = limits or ServerLimits()
         self.engine = SpecEngine(loaded.model, build_drafter(drafter_spec, loaded, **drafter_options),
-                                 loaded.tokenizer, compile=compile, pruner=build_pruner(prune, loaded))
+                                 loaded.tokenizer, compile=compile, pruner=build_pruner(prune, loaded),
+                                 graphs=graphs)
         self.metrics = Metrics()
         self.worker = EngineWorker(self.engine, queue_size, self.metrics)
         self.created = int(time.time())
@@ -361,12 +362,14 @@ def create_app(
     compile: bool = False,
     limits: ServerLimits | None = None,
     prune: str = "none",
+    graphs: bool | None = None,
     **drafter_options,
 ) -> FastAPI:
     """An app serving `loaded` with speculative decoding; the engine worker runs while the app is up. `prune`:
-    none or predictor[:DIR], the acceptance predictor cutting tree drafts (lossless)."""
+    none or predictor[:DIR], the acceptance predictor cutting tree drafts (lossless); `graphs`: captured CUDA
+    graphs for the target's steps (None: on CUDA below float32)."""
     server = Server(loaded, drafter_spec, k, model_name or loaded.name, queue_size, adaptive, compile, limits,
-                    prune, **drafter_options)
+                    prune, graphs, **drafter_options)
     limits = server.limits
 
     @asynccontextmanager

@@ -6,8 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from draftsmith.cli_options import (Adaptive, Backend, Compile, Device, DraftTokens, Drafter, Dtype, NgramMax,
-                                   Prune, Target, TrustRemoteCode)
+from draftsmith.cli_options import (Adaptive, Backend, Compile, CudaGraphs, Device, DraftTokens, Drafter, Dtype,
+                                   NgramMax, Prune, Target, TrustRemoteCode)
 from draftsmith.serve.limits import ServerLimits
 
 DEFAULT_LIMITS = ServerLimits()
@@ -28,6 +28,7 @@ def serve_command(
     = None,
     ngram_max: NgramMax = 4,
     compile: Compile = False,
+    cuda_graphs: CudaGraphs = None,
     backend: Backend = "torch",
     trust_remote_code: TrustRemoteCode = False,
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body; larger ones get 413 unread.")]
@@ -55,7 +56,8 @@ def serve_command(
                           max_stop_chars=max_stop_chars, default_max_tokens=default_max_tokens)
     loaded = load_model(target, device=device, dtype=dtype, trust_remote_code=trust_remote_code, backend=backend)
     app = create_app(loaded, drafter, k=k, model_name=model_name or target, queue_size=queue_size,
-                     adaptive=adaptive, compile=compile, limits=limits, prune=prune, max_n=ngram_max)
+                     adaptive=adaptive, compile=compile, limits=limits, prune=prune, graphs=cuda_graphs,
+                     max_n=ngram_max)
     compile_s = app.state.server.engine.runner.compile_s
     if compile_s is not None:
         typer.echo(f"compiled the target's forward in {compile_s:.1f} s", err=True)
