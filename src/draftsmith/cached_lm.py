@@ -498,10 +498,14 @@ class LeanLlama(LeanLayers):
 @dataclass(frozen=True)
 class WeightFormat:
     """How linear weights are stored for `x @ W.T` products: as transformers stores them ([out, in]),
-    transposed ([in, out]), or packed into oneDNN's blocked layout (the format torch.compile's CPU freezing
-    uses). On CPU the fastest differs by machine and dtype: on a 2-core AVX-512 EPYC, where MKL's sgemm does
-    not take its AVX-512 path, oneDNN's packed products ran 2.5x (float32) and 1.6x (bfloat16) faster than
-    F.linear for one token, 3x and 1.5x for 2-16 tokens."""
+    transposed ([in, out]), packed into oneDNN's blocked layout (the format torch.compile's CPU freezing
+    uses), or packed as float16 for FBGEMM's products with float32 activations (`fp16`: offered only where
+    every weight survives the round trip through float16, as bfloat16 weights of normal size do: 8
+    significant bits fit float16's 11). On CPU the fastest differs by machine and dtype: on a 2-core AVX-512
+    EPYC, where MKL's sgemm does not take its AVX-512 path, oneDNN's packed products ran 2.5x (float32) and
+    1.6x (bfloat16) faster than F.linear for one token, 3x and 1.5x for 2-16 tokens; on an AVX2-only one,
+    which has no bfloat16 arithmetic, aten's emulated bf16 products cost 4x more for 8 tokens than for one
+    while `fp16`'s cost 1.5x."""
 
     name: str
 
@@ -519,6 +523,8 @@ class WeightFormat:
             return _int8_weight(weight)
         if self.name == "int4":
             return _int4_weight(weight)
+        if self.name == "fp16":
+            return _fp16_weight(weight)
         return weight
 
     def multiply(self, x: torch.Tensor, weight) -> torch.Tensor:
@@ -534,13 +540,15 @@ class WeightFormat:
             packed, scales_and_zeros = weight
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, packed, INT4_GROUP, scales_and_zeros)
             return out.view(*x.shape[:-1], -1)
+        if self.name == "fp16":  # float32 activations and sums: more precise than a bfloat16 product
+            return torch.ops.quantized.linear_dynamic_fp16(x.float(), weight).to(x.dtype)
         return F.linear(x, weight)
 
     def share(self, prepared: torch.Tensor, linears: list[torch.nn.Linear] | tuple) -> None:
         """Re-point the linears' weights at views of `prepared` (their fused rows, in order), so the two copies
         become one. oneDNN's packed layout and quantized weights cannot be viewed: there the model keeps its
         own weights."""
-        if self.name == "onednn" or self.lossy:
+        if self.name in ("onednn", "fp16") or self.lossy:
             return
         rows = prepared if self.name == "stored" else prepared.t()
         offset = 0
@@ -562,6 +570,28 @@ def _int8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantized, scales.to(weight.dtype)
 
 
+def _fp16_weight(weight: torch.Tensor):
+    if not fp16_exact([weight]):
+        raise ConfigError(f"fp16 weights would round these {weight.dtype} weights (not every one is a float16 "
+                          "value): use another format")
+    return torch.ops.quantized.linear_prepack_fp16(weight.float(), None)
+
+
+def fp16_exact(weights) -> bool:
+    """Every value of these weights is a float16 value: packing them as float16 changes nothing."""
+    return all(torch.equal(w.to(torch.float16).to(w.dtype), w) for w in weights)
+
+
+_FP16_EXACT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> fp16_exact of its linear weights
+
+
+def model_fp16_exact(model: PreTrainedModel) -> bool:
+    if model not in _FP16_EXACT:
+        linears = (m.weight for m in model.modules() if isinstance(m, torch.nn.Linear))
+        _FP16_EXACT[model] = fp16_exact(linears)
+    return _FP16_EXACT[model]
+
+
 def _int4_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Asymmetric int4 in groups of INT4_GROUP along the input (minimum and step per group, like Q4_1), packed
     for aten's _weight_int4pack_mm_for_cpu, which reads w = (q - 8) * scale + zero."""
@@ -578,9 +608,11 @@ def _int4_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(quantized, 1), scales_and_zeros
 
 
-def candidate_formats(weight: torch.Tensor) -> list[WeightFormat]:
+def candidate_formats(weight: torch.Tensor, fp16: bool | None = None) -> list[WeightFormat]:
     """The formats worth timing for this weight. They agree with F.linear up to float rounding (the order of a
-    dot product's additions differs by kernel, as it does between batch sizes within one kernel)."""
+    dot product's additions differs by kernel, as it does between batch sizes within one kernel). `fp16`:
+    whether every weight of the model is a float16 value (None: this weight's, for a model's part of which
+    this is the largest product)."""
     if weight.device.type != "cpu":
         return [WeightFormat("stored")]
     names = ["stored", "transposed"]
@@ -588,24 +620,39 @@ def candidate_formats(weight: torch.Tensor) -> list[WeightFormat]:
     bf16_ok = weight.dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
     if torch.backends.mkldnn.is_available() and bf16_ok:
         names.append("onednn")
+    if fp16 is None:
+        fp16 = fp16_exact([weight])
+    if fp16 and "fbgemm" in torch.backends.quantized.supported_engines:
+        names.append("fp16")
     return [WeightFormat(name) for name in names]
 
 
+TIMED_ROWS = (1, 8)  # a one-token step and a verification: a format is timed on both, summed
+
+
 @torch.no_grad()
-def fastest_format(weight: torch.Tensor, rounds: int = 7, repeats: int = 3) -> WeightFormat:
-    """Time one-token products with `weight` in each candidate format and keep the fastest (see `fastest`)."""
-    formats = candidate_formats(weight)
+def fastest_format(weight: torch.Tensor, fp16: bool | None = None, rounds: int = 7, repeats: int = 3
+                   ) -> WeightFormat:
+    """Time products of 1 and 8 rows with `weight` in each candidate format and keep the fastest (see
+    `fastest`): a format whose cost grows steeply with rows (aten's emulated bf16 on AVX2) loses there what
+    speculative decoding's verification would lose."""
+    formats = candidate_formats(weight, fp16)
     if len(formats) == 1:
         return formats[0]
-    x = torch.randn(1, 1, weight.shape[1], dtype=weight.dtype)
+    inputs = [torch.randn(1, rows, weight.shape[1], dtype=weight.dtype) for rows in TIMED_ROWS]
     prepared = {}
     for fmt in formats:
         try:
             prepared[fmt] = fmt.prepare(weight)
-            fmt.multiply(x, prepared[fmt])  # warm-up
+            fmt.multiply(inputs[0], prepared[fmt])  # warm-up
         except RuntimeError:  # a torch build without this kernel
             prepared.pop(fmt, None)
-    return fastest({fmt: functools.partial(fmt.multiply, x, w) for fmt, w in prepared.items()}, rounds, repeats)
+
+    def products(fmt: WeightFormat) -> None:
+        for x in inputs:
+            fmt.multiply(x, prepared[fmt])
+
+    return fastest({fmt: functools.partial(products, fmt) for fmt in prepared}, rounds, repeats)
 
 
 def fastest(runs: dict, rounds: int = 7, repeats: int = 3):
@@ -621,7 +668,7 @@ def fastest(runs: dict, rounds: int = 7, repeats: int = 3):
     return min(best, key=best.get)
 
 
-WEIGHT_CHOICES = ("auto", "fastest", "stored", "transposed", "onednn", *QUANTIZED)
+WEIGHT_CHOICES = ("auto", "fastest", "stored", "transposed", "onednn", "fp16", *QUANTIZED)
 
 
 def choose_format(model: PreTrainedModel, weights: str = "auto") -> WeightFormat:
@@ -635,19 +682,25 @@ def choose_format(model: PreTrainedModel, weights: str = "auto") -> WeightFormat
         raise ConfigError(f"unknown weight format '{weights}': use one of {', '.join(WEIGHT_CHOICES)}")
     if weights == "auto":
         weights = "stored" if model.dtype == torch.float32 else "fastest"
-    if weights in QUANTIZED and model.device.type != "cpu":
-        raise ConfigError(f"{weights} weights use aten's CPU kernels; on {model.device.type} use another format")
+    if weights in (*QUANTIZED, "fp16") and model.device.type != "cpu":
+        raise ConfigError(f"{weights} weights use CPU kernels (aten's, FBGEMM's); on {model.device.type} use "
+                          "another format")
+    if weights == "fp16" and not model_fp16_exact(model):
+        raise ConfigError(f"fp16 weights would round this {model.dtype} model's weights (not every one is a float16 "
+                          "value): use another format")
     if weights != "fastest":
         return WeightFormat(weights)
-    return cached_fastest_format(model.lm_head.weight)
+    return cached_fastest_format(model.lm_head.weight, fp16=model_fp16_exact(model))
 
 
-def cached_fastest_format(weight: torch.Tensor) -> WeightFormat:
-    formats = candidate_formats(weight)
+def cached_fastest_format(weight: torch.Tensor, fp16: bool | None = None) -> WeightFormat:
+    formats = candidate_formats(weight, fp16)
     if len(formats) == 1:
         return formats[0]
-    key = f"{weight.dtype}-{tuple(weight.shape)}"
-    return WeightFormat(measured_once(key, lambda: fastest_format(weight).name))
+    # the candidates and timed rows are part of the question: a new candidate is timed, not an old answer read
+    names = "+".join(f.name for f in formats)
+    key = f"{weight.dtype}-{tuple(weight.shape)}-{names}-rows{'+'.join(map(str, TIMED_ROWS))}"
+    return WeightFormat(measured_once(key, lambda: fastest_format(weight, fp16).name))
 
 
 def measured_once(key: str, measure) -> str:

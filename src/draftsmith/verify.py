@@ -162,17 +162,22 @@ class TargetRunner:
     def costs(self) -> CostCurve:
         """This target's forward cost by number of tokens fed (measured once per machine, cached on disk, read
         once per runner)."""
-        if self._costs is not None:
-            return self._costs
-        if isinstance(self.lm, LeanLlama):
-            backend = "lean"
-        elif getattr(self.model, "weight_type", None):
-            backend = f"llamacpp-{self.model.weight_type}"
-        else:
-            backend = "hf"
-        if self.compile_s is not None:
-            backend += "-compiled"
-        if getattr(self.lm, "graphs", None) is not None:
-            backend += "-graphs"
-        self._costs = calibrated_costs(self.model, self.lm, backend)
+        if self._costs is None:
+            self._costs = calibrated_costs(self.model, self.lm, backend_key(self.lm, self.model))
         return self._costs
+
+
+def backend_key(lm, model: PreTrainedModel) -> str:
+    """What a forward's cost depends on beyond the model, device, dtype and threads, for its calibration's key:
+    the backend, the lean forward's weight format (each has a cost curve of its own), compiled or captured."""
+    if isinstance(lm, LeanLlama):
+        key = f"lean-{lm.weights.name}"
+    elif getattr(model, "weight_type", None):
+        key = f"llamacpp-{model.weight_type}"
+    else:
+        key = "hf"
+    if getattr(lm, "compile_s", None) is not None:
+        key += "-compiled"
+    if getattr(lm, "graphs", None) is not None:
+        key += "-graphs"
+    return key

@@ -11,8 +11,8 @@ the target skipping layers by routers, the shipped ones without DIR, or by a mea
 the shipped head without DIR;
 `graphs=0` / `graphs=1`: the target's steps eager / replayed from captured CUDA graphs (default: captured on
 CUDA below fp32);
-`fast=1`: the fastest weight layout, not transformers' own, in fp32; `quant=4` / `quant=8`: int4 / int8
-weight-only quantized target, lossy) or
+`weights=NAME`: the lean forward's weight format (`--weights`: fastest, stored, transposed, onednn, fp16; int8 /
+int4 quantized, lossy) or
 transformers' generate on the same model (`hf-greedy`, `hf-prompt-lookup[:N]`, `hf-assisted:PATH`), or
 llama.cpp's own decoding (`llamacpp[:FILE]`, `llamacpp-lookup[:N]`, `llama-server[:TYPE][:n=N,m=M]`; see
 bench/peers.py). `llamacpp=1` runs one of ours (plain, ngram, model) with llama.cpp as the target backend.
@@ -34,16 +34,16 @@ BASELINE = "hf-greedy"  # speedups are measured against it, exactness against it
 PLAIN = "plain"  # our loop without a drafter: its seconds per step set the bound
 DEFAULT_METHODS = ("hf-greedy", "hf-prompt-lookup:10", "plain", "ngram:k=8")
 # method kind -> the key=value options its spec accepts
-OPTIONS = {"plain": ("compile", "graphs", "fast", "quant", "llamacpp", "lossy_sparse"),
-           "ngram": ("k", "min_n", "max_n", "adaptive", "compile", "graphs", "fast", "quant", "llamacpp"),
-           "model": ("k", "adaptive", "compile", "graphs", "fast", "quant", "llamacpp"),
-           "student": ("k", "adaptive", "compile", "graphs", "fast", "quant", "llamacpp"),
-           "mag": ("k", "adaptive", "compile", "graphs", "fast", "quant", "llamacpp"),
-           "cascade": ("k", "compile", "graphs", "fast"),
-           "eagle": ("k", "depth", "top_k", "lookup", "compile", "graphs", "fast", "prune", "lossy_sparse"),
-           "medusa": ("k", "compile", "graphs", "fast", "prune", "lossy_sparse"),
-           "ctc": ("k", "top_k", "beams", "compile", "graphs", "fast", "prune", "lossy_sparse"),
-           "layerskip": ("k", "adaptive", "fast", "lossy_sparse"), "hf-greedy": (),
+OPTIONS = {"plain": ("compile", "graphs", "weights", "llamacpp", "lossy_sparse"),
+           "ngram": ("k", "min_n", "max_n", "adaptive", "compile", "graphs", "weights", "llamacpp"),
+           "model": ("k", "adaptive", "compile", "graphs", "weights", "llamacpp"),
+           "student": ("k", "adaptive", "compile", "graphs", "weights", "llamacpp"),
+           "mag": ("k", "adaptive", "compile", "graphs", "weights", "llamacpp"),
+           "cascade": ("k", "compile", "graphs", "weights"),
+           "eagle": ("k", "depth", "top_k", "lookup", "compile", "graphs", "weights", "prune", "lossy_sparse"),
+           "medusa": ("k", "compile", "graphs", "weights", "prune", "lossy_sparse"),
+           "ctc": ("k", "top_k", "beams", "compile", "graphs", "weights", "prune", "lossy_sparse"),
+           "layerskip": ("k", "adaptive", "weights", "lossy_sparse"), "hf-greedy": (),
            "hf-prompt-lookup": (), "hf-assisted": (),
            "llamacpp": (), "llamacpp-lookup": (), "llama-server": ("n", "m", "draft_max"),
            # the collab workload's (bench/collab.py); fallback, rollback and threshold take decimals
@@ -58,7 +58,7 @@ class MethodSpec:
     name: str  # the spec as given; also the method's name in the report
     kind: str  # a key of OPTIONS
     arg: str | None = None  # model path, or prompt lookup's draft length
-    options: dict[str, float] = field(default_factory=dict)  # whole numbers as int
+    options: dict[str, float | str] = field(default_factory=dict)  # whole numbers as int; weights: a name
     dtype: str | None = None  # from an `@DTYPE` suffix: canonical torch dtype name, None = the run's dtype
 
 
@@ -76,12 +76,20 @@ def parse_method(spec: str) -> MethodSpec:
     if kind not in OPTIONS:
         raise ConfigError(f"unknown method '{spec}': use {', '.join(OPTIONS)} (e.g. ngram:k=8, model:PATH:k=4, "
                           "hf-prompt-lookup:10, hf-assisted:PATH)")
-    options: dict[str, float] = {}
+    options: dict[str, float | str] = {}
     for item in ",".join(parts[len(parts) - n_options :]).split(",") if n_options else ():
         key, _, value = item.partition("=")
+        if key == "weights" and key in OPTIONS[kind]:
+            from draftsmith.cached_lm import WEIGHT_CHOICES  # here: torch loads only for a spec that names weights
+
+            if value not in WEIGHT_CHOICES:
+                raise ConfigError(f"method '{spec}': weights={value} is not a weight format "
+                                  f"(use {', '.join(WEIGHT_CHOICES)})")
+            options[key] = value
+            continue
         decimal = key in ("fallback", "rollback", "threshold")
         if key not in OPTIONS[kind] or not value.lstrip("-").replace(".", "", decimal).isdigit():
-            allowed = ", ".join(f"{o}=N" for o in OPTIONS[kind]) or "no options"
+            allowed = ", ".join(f"{o}={'NAME' if o == 'weights' else 'N'}" for o in OPTIONS[kind]) or "no options"
             raise ConfigError(f"bad option '{item}' in method '{spec}': {kind} takes {allowed}")
         options[key] = float(value) if decimal else int(value)
     if kind in ("model", "hf-assisted") and not arg:
@@ -90,8 +98,6 @@ def parse_method(spec: str) -> MethodSpec:
         raise ConfigError(f"method '{spec}': give the number of draft tokens, e.g. {kind}:10")
     if kind in ("plain", "ngram", "hf-greedy") and arg:
         raise ConfigError(f"method '{spec}' takes no argument after '{kind}:' (only key=value options)")
-    if options.get("quant", 4) not in (4, 8):
-        raise ConfigError(f"method '{spec}': quant=4 or quant=8 (int4 / int8 weights of the lean forward)")
     if options.get("k", 1) < 1:
         raise ConfigError(f"method '{spec}': k must be >= 1 (use 'plain' for no drafting)")
     return MethodSpec(spec, kind, arg, options, DTYPE_NAMES.get(dtype))

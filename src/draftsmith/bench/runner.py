@@ -92,10 +92,7 @@ def _engine_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int, s
     pruner = build_pruner("predictor", target) if options.pop("prune", 0) else None
     sparse = RoutedVerify(load_routers_for("", target)) if options.pop("lossy_sparse", 0) else None
     # token ids in and out, like HF generate: no tokenizer, so no incremental detokenizing inside the timing
-    weights = "fastest" if options.pop("fast", 0) else "auto"
-    quant = options.pop("quant", 0)
-    if quant:
-        weights = f"int{quant}"
+    weights = options.pop("weights", "auto")
     if options.pop("llamacpp", 0):  # our loop and drafter, llama.cpp scoring: the same weights as a GGUF
         from draftsmith.bench.peers import run_gguf
         from draftsmith.llamacpp import LlamaCppModel, llama_cpp_module

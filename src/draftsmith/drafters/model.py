@@ -43,11 +43,10 @@ class ModelDrafter:
         the target's costs, so the adaptive draft length, and with it a seeded request's random draws, never
         follows the machine's momentary load."""
         from draftsmith.adaptive import calibrated_costs
-        from draftsmith.cached_lm import LeanLlama
+        from draftsmith.verify import backend_key
 
         if self._cost_per_token is None:  # read once per drafter, not per request
-            backend = "lean" if isinstance(self.lm, LeanLlama) else "hf"
-            self._cost_per_token = calibrated_costs(self.model, self.lm, backend)(1)
+            self._cost_per_token = calibrated_costs(self.model, self.lm, backend_key(self.lm, self.model))(1)
         return self._cost_per_token
 
     def reset(self, prompt_ids: list[int], sampling: SamplingConfig, generator: torch.Generator) -> None:
