@@ -131,6 +131,10 @@ def test_captured_cuda_graphs_match_the_eager_forward():
         a, b = eager.forward(chunk), graphed.forward(chunk)
         assert torch.allclose(a, b, atol=5e-2) and (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
     assert graphed.graphs.captures == 3
+    while graphed.length < CACHE_BLOCK + 8:  # the cache grows: the steps are captured again, in a new pool
+        a, b = eager.forward([9, 10, 11]), graphed.forward([9, 10, 11])
+        assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.6
+    assert graphed.k_cache.shape[2] > CACHE_BLOCK and graphed.graphs.captures == 4 and not graphed.graphs.failed
 
 
 def test_bench_methods_take_the_graphs_option(target):
@@ -144,3 +148,40 @@ def test_bench_methods_take_the_graphs_option(target):
     assert build_method("plain:graphs=0", loaded, 4)  # eager, as on CPU anyway
     with pytest.raises(ConfigError, match="CUDA graphs need a CUDA device"):
         build_method("plain:graphs=1", loaded, 4)
+
+
+def test_grouped_queries_attend_as_repeated_key_value_heads():
+    """CUDA's masked path: the heads sharing a key/value head become rows of one attention (no cache copy)."""
+    from draftsmith.cached_lm import grouped_masked_attention
+
+    torch.manual_seed(0)
+    q, keys, values = torch.randn(1, 6, 3, 8), torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8)
+    mask = torch.rand(3, 10) > 0.3
+    mask[:, 0] = True
+    expected = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+    assert torch.allclose(grouped_masked_attention(q, keys, values, mask), expected, atol=1e-6)
+
+
+def test_a_failed_capture_warns_and_runs_eagerly_from_then_on(target):
+    def broken_capture(body, pool=None):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    plain, lm = LeanLlama(target), LeanLlama(target)
+    lm.graphs = CapturedSteps(lm, capture=broken_capture)
+    for backend in (plain, lm):
+        backend.reset()
+        backend.forward([3, 4, 5, 6], last_only=True)
+    with pytest.warns(UserWarning, match="CUDA graph capture failed, running eager instead: RuntimeError: operation"):
+        assert close(lm.forward([7]), plain.forward([7]))
+    assert close(lm.forward([8, 9]), plain.forward([8, 9]))  # no second try, no second warning
+    assert lm.graphs.failed and lm.graphs.captures == 0 and lm.length == plain.length
+
+
+def test_deterministic_algorithms_refuse_graphs():
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert check_graphs(None, torch.device("cuda"), torch.bfloat16, compile=False) is False
+        with pytest.raises(ConfigError, match="deterministic"):
+            check_graphs(True, torch.device("cuda"), torch.bfloat16, compile=False)
+    finally:
+        torch.use_deterministic_algorithms(False)

@@ -331,12 +331,11 @@ class LeanLayers:
         attention over grouped queries instead: the fused kernel's setup costs more than the product itself
         there (0.6 ms of a 15 ms bfloat16 step for SmolLM2-135M); from a few queries on, the fused kernel wins.
         On CUDA a mask together with enable_gqa sends SDPA to its slow math kernel, so masked (draft) forwards
-        repeat the shared key/value heads instead and keep the memory-efficient kernel.
+        attend with grouped queries instead (`grouped_masked_attention`) and keep the memory-efficient kernel.
         """
         n, group = q.shape[2], self.n_heads // self.n_kv
         if mask is not None and q.device.type == "cuda" and group > 1:
-            keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
-            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+            return grouped_masked_attention(q, keys, values, mask)
         if n > 1 or mask is not None or q.dtype == torch.float32 or q.device.type != "cpu":
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=True)
         # queries of the heads sharing a key/value head become rows of one product: [1, n_kv, group * n, d]
@@ -740,6 +739,19 @@ def compiled_stack():
     family and model, and inductor caches its kernels on disk across processes. Dynamic shapes, so that cache
     lengths and draft sizes do not each trigger a recompilation."""
     return torch.compile(LeanLlama._forward_stack, dynamic=True)
+
+
+def grouped_masked_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+                             ) -> torch.Tensor:
+    """Attention of q [1, heads, n, d] over keys/values [1, kv heads, length, d] under mask [n, length], with
+    the queries of the heads that share a key/value head as rows of one attention and the mask repeated for
+    each: as many heads as keys, so no kernel needs enable_gqa, and no copy of the cache is made."""
+    heads, n, head_dim = q.shape[1:]
+    n_kv = keys.shape[1]
+    group = heads // n_kv
+    grouped = q.reshape(1, n_kv, group * n, head_dim)  # head h = kv * group + g: row g * n + j
+    out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask.repeat(group, 1))
+    return out.reshape(1, heads, n, head_dim)
 
 
 def _attend_as(probe: LeanLayers, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, dtype: torch.dtype):

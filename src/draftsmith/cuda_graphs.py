@@ -15,6 +15,8 @@ which is how the CPU tests check the buffers, padding and masks against the plai
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -87,8 +89,15 @@ class CapturedSteps:
         self.lm, self.capture = lm, capture
         self.steps: dict[int, tuple[StaticStep, Callable[[], None]]] = {}
         self.cache: torch.Tensor | None = None  # the cache tensor the steps were captured over
-        self.pool = torch.cuda.graph_pool_handle() if capture is cuda_capture else None  # one pool for every bucket
+        self.pool = None  # one memory pool for the buckets of one cache (see `_drop`)
         self.captures = 0  # graphs captured so far (a test and the bench can see recaptures)
+        self.failed = False  # a capture failed: every step runs eagerly from then on
+
+    def _drop(self) -> None:
+        """Forget the steps captured over the old cache. Their pool goes with them: a pool whose graphs are gone
+        but which still holds memory (cuBLAS keeps its workspace there) cannot take a new capture."""
+        self.steps, self.cache = {}, self.lm.k_cache
+        self.pool = torch.cuda.graph_pool_handle() if self.capture is cuda_capture else None
 
     @staticmethod
     def bucket(n: int) -> int | None:
@@ -99,19 +108,26 @@ class CapturedSteps:
         """What `LeanLlama.forward` returns for this step, or None when no bucket holds it (run it eagerly)."""
         lm, n, start = self.lm, len(ids), self.lm.length
         size = self.bucket(n)
-        if size is None:
+        if size is None or self.failed:
             return None
         lm._reserve(start + size)  # the padding rows' slots too
-        if lm.k_cache is not self.cache:  # a new (grown) cache: graphs hold the old one's address
-            self.steps, self.cache = {}, lm.k_cache
-        if size not in self.steps:
-            step = StaticStep(lm, size)
+        with torch.cuda.device(lm.device) if lm.device.type == "cuda" else contextlib.nullcontext():
+            if lm.k_cache is not self.cache:  # a new (grown) cache: graphs hold the old one's address
+                self._drop()
+            if size not in self.steps:
+                step = StaticStep(lm, size)
+                step.load(ids, positions, start, tree_mask)
+                try:
+                    self.steps[size] = (step, self.capture(step.run, self.pool))
+                except Exception as e:  # an operation the capture rejects, memory, a driver error: eager still works
+                    warnings.warn(f"CUDA graph capture failed, running eager instead: {type(e).__name__}: "
+                                  f"{e}".splitlines()[0], stacklevel=3)
+                    self.failed, self.steps = True, {}
+                    return None
+                self.captures += 1
+            step, replay = self.steps[size]
             step.load(ids, positions, start, tree_mask)
-            self.steps[size] = (step, self.capture(step.run, self.pool))
-            self.captures += 1
-        step, replay = self.steps[size]
-        step.load(ids, positions, start, tree_mask)
-        replay()
+            replay()
         lm.length = start + n
         # copies: the next replay overwrites the buffers, and a caller may keep what it was given
         logits = step.logits[:n].clone()
@@ -122,10 +138,14 @@ def check_graphs(graphs: bool | None, device: torch.device, dtype: torch.dtype, 
     """Whether a lean forward captures its steps. By default on CUDA below float32 and not compiled: float32 is
     the exactness mode (attention over the whole masked cache sums in another order than over its filled
     part), and the captured step runs the eager kernels. Asked for where it cannot run: refused clearly."""
+    # deterministic algorithms turn index_copy_ into a sorted index_put_ that checks its indices on the host
+    deterministic = torch.are_deterministic_algorithms_enabled()
     if graphs is None:
-        return device.type == "cuda" and dtype != torch.float32 and not compile
+        return device.type == "cuda" and dtype != torch.float32 and not compile and not deterministic
     if graphs and device.type != "cuda":
         raise ConfigError(f"CUDA graphs need a CUDA device; the target is on {device.type}")
+    if graphs and deterministic:
+        raise ConfigError("CUDA graphs cannot capture the cache writes under torch.use_deterministic_algorithms")
     if graphs and compile:
         raise ConfigError("--cuda-graphs captures the eager forward; --compile compiles it: pick one")
     return graphs
