@@ -143,7 +143,8 @@ class LeanWeights:
         probe = torch.zeros(1, dtype=model.dtype, device=model.device)
         positions = torch.arange(model.config.max_position_embeddings, device=model.device)[None]
         cos, sin = inner.rotary_emb(probe, positions)
-        return cls(fmt, inner.embed_tokens.weight, inner.norm.weight, lm_head, layers, cos[0], sin[0])
+        final_norm = inner.norm.weight.float() if fmt.float_products else inner.norm.weight
+        return cls(fmt, inner.embed_tokens.weight, final_norm, lm_head, layers, cos[0], sin[0])
 
 
 @torch.no_grad()
@@ -151,13 +152,14 @@ def lean_layer(layer: torch.nn.Module, fmt: WeightFormat) -> dict:
     """A Llama decoder layer's weights as the lean forward multiplies them (q/k/v and gate/up fused)."""
     attn, mlp, layout = layer.self_attn, layer.mlp, fmt.prepare
     qkv, gate_up = (attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)
+    norm = (lambda w: w.float()) if fmt.float_products else (lambda w: w)  # noqa: E731
     entry = dict(
-        attn_norm=layer.input_layernorm.weight,
+        attn_norm=norm(layer.input_layernorm.weight),
         wqkv=layout(torch.cat([p.weight for p in qkv])),
         bqkv=torch.cat([p.bias for p in qkv]) if attn.q_proj.bias is not None else None,
         wo=layout(attn.o_proj.weight),
         bo=attn.o_proj.bias,  # Llama's attention_bias covers o_proj too; Qwen2's does not
-        mlp_norm=layer.post_attention_layernorm.weight,
+        mlp_norm=norm(layer.post_attention_layernorm.weight),
         w_gate_up=layout(torch.cat([p.weight for p in gate_up])),
         w_down=layout(mlp.down_proj.weight),
     )
@@ -206,6 +208,8 @@ class LeanLayers:
         self.dtype, self.device = dtype, device
         # float32 runs transformers' own operations (bit-exact logits); lower precisions fuse small operations
         self.exact = dtype == torch.float32
+        # what norms hand the products and attention hands the output projection
+        self.product_dtype = torch.float32 if fmt.float_products else dtype
         # keys and values are cast once, when written; queries at every step (the layerless probe that
         # attention_dtype times attends in the dtype it is given)
         self.cache_dtype = dtype if not layers else attention_dtype(dtype, n_heads, n_kv, head_dim, device)
@@ -275,7 +279,7 @@ class LeanLayers:
         q, k, v = self.qkv(i, x, rope)
         keys, values = self.write_kv(i, k, v, start)
         attn = self._attention(q.to(self.cache_dtype), keys, values, mask, causal)
-        return self.mix(i, x, attn.to(self.dtype))
+        return self.mix(i, x, attn.to(self.product_dtype))
 
     def write_kv(self, i: int, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -283,8 +287,8 @@ class LeanLayers:
         tensor of slots (a captured step, where no Python number may change between replays): the entries go
         there and the whole cache is returned, for the step's mask to cover."""
         if isinstance(start, torch.Tensor):
-            self.k_cache[i].index_copy_(1, start, k[0])
-            self.v_cache[i].index_copy_(1, start, v[0])
+            self.k_cache[i].index_copy_(1, start, k[0].to(self.cache_dtype))
+            self.v_cache[i].index_copy_(1, start, v[0].to(self.cache_dtype))
             return self.k_cache[i : i + 1], self.v_cache[i : i + 1]
         end = start + k.shape[2]
         self.k_cache[i, :, start:end] = k[0]
@@ -297,8 +301,7 @@ class LeanLayers:
         n, (cos, sin) = x.shape[1], rope
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         w = self.layers[i]
-        h = (_rms_norm if self.exact else _fused_rms_norm)(x, w["attn_norm"], self.eps)
-        qkv = self._mm(h, w["wqkv"])
+        qkv = self._mm(self.norm(x, w["attn_norm"]), w["wqkv"])
         if w["bqkv"] is not None:
             qkv = qkv + w["bqkv"]
         if self.exact:  # transformers' own operations, so float32 logits match it bit for bit
@@ -315,10 +318,16 @@ class LeanLayers:
         """The rest of layer i after attention ([1, heads, n, d]): output projection, residual, MLP."""
         w, n = self.layers[i], x.shape[1]
         out = self._mm(attn.transpose(1, 2).reshape(1, n, self.n_heads * self.head_dim), w["wo"])
-        x = x + (out if w["bo"] is None else out + w["bo"])
-        h = (_rms_norm if self.exact else _fused_rms_norm)(x, w["mlp_norm"], self.eps)
-        gate, up = self._mm(h, w["w_gate_up"]).chunk(2, dim=-1)
-        return x + self._mm(F.silu(gate) * up, w["w_down"])
+        x = x + (out if w["bo"] is None else out + w["bo"]).to(x.dtype)
+        gate, up = self._mm(self.norm(x, w["mlp_norm"]), w["w_gate_up"]).chunk(2, dim=-1)
+        return x + self._mm(F.silu(gate) * up, w["w_down"]).to(x.dtype)
+
+    def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """RMS norm of x for a product: transformers' operations in float32, fused below it, and in float32
+        whatever the dtype where the products take float32 (the weight is then kept in float32 too)."""
+        if self.exact:
+            return _rms_norm(x, weight, self.eps)
+        return _fused_rms_norm(x.to(self.product_dtype), weight, self.eps)
 
     def _attention(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
@@ -490,8 +499,7 @@ class LeanLlama(LeanLayers):
 
     def output_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Float32 logits [n, vocab] of hidden states x [1, n, hidden] (the final norm, then the output head)."""
-        norm = _rms_norm if self.exact else _fused_rms_norm
-        return self._mm(norm(x, self.final_norm, self.eps), self.lm_head)[0].float()
+        return self._mm(self.norm(x, self.final_norm), self.lm_head)[0].float()
 
 
 @dataclass(frozen=True)
@@ -512,6 +520,12 @@ class WeightFormat:
     def lossy(self) -> bool:
         """Weight-only quantized: a different model, never chosen unless asked for by name."""
         return self.name in QUANTIZED
+
+    @property
+    def float_products(self) -> bool:
+        """Products take and give float32 whatever the model's dtype (`fp16`): the lean forward then feeds them
+        float32 norms and attention, and casts only what joins the residual stream."""
+        return self.name == "fp16"
 
     def prepare(self, weight: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if self.name == "transposed":
@@ -540,7 +554,7 @@ class WeightFormat:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, packed, INT4_GROUP, scales_and_zeros)
             return out.view(*x.shape[:-1], -1)
         if self.name == "fp16":  # float32 activations and sums: more precise than a bfloat16 product
-            return torch.ops.quantized.linear_dynamic_fp16(x.float(), weight).to(x.dtype)
+            return torch.ops.quantized.linear_dynamic_fp16(x.float(), weight)
         return F.linear(x, weight)
 
     def share(self, prepared: torch.Tensor, linears: list[torch.nn.Linear] | tuple) -> None:
@@ -570,9 +584,8 @@ def _int8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _fp16_weight(weight: torch.Tensor):
-    if not fp16_exact([weight]):
-        raise ConfigError(f"fp16 weights would round these {weight.dtype} weights (not every one is a float16 "
-                          "value): use another format")
+    # rounds values float16 cannot hold: who chooses the format decides whether that may happen (a target's
+    # weights only where none is rounded, a drafter's freely: its proposals are verified)
     return torch.ops.quantized.linear_prepack_fp16(weight.float(), None)
 
 

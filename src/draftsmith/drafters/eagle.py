@@ -26,7 +26,7 @@ from transformers import PreTrainedModel
 
 from draftsmith.acceptance import SamplingConfig
 from draftsmith.adaptive import CostCurve, best_tree_size
-from draftsmith.cached_lm import LeanLayers, cached_fastest_format, fp16_exact, lean_layer
+from draftsmith.cached_lm import LeanLayers, cached_fastest_format, lean_layer
 from draftsmith.draft import ROOT, Draft
 from draftsmith.drafters import Feedback
 from draftsmith.errors import ConfigError
@@ -179,10 +179,11 @@ class EagleDrafter:
 @torch.no_grad()
 def lean_head(head: EagleHead, head_rows: torch.Tensor) -> LeanLayers:
     """The head's decoder layer as lean layers over a cache of its own, in the weight format that multiplies the
-    draft vocabulary's output rows (the largest product of a tree level) fastest here."""
+    draft vocabulary's output rows (the largest product of a tree level) fastest here. fp16 may round the
+    head's own weights (a trained head holds values below float16's normal range): that changes proposals
+    only, which the target verifies."""
     cfg, weight = head.config, head.fc.weight
-    layer_weights = [m.weight for m in head.layer.modules() if isinstance(m, torch.nn.Linear)]
-    fmt = cached_fastest_format(head_rows, fp16=fp16_exact([head_rows, *layer_weights]))
+    fmt = cached_fastest_format(head_rows, fp16=True)
     positions = torch.arange(cfg.max_position_embeddings, device=weight.device)[None]
     cos, sin = head.rotary(weight[:1, :1], positions)
     return LeanLayers([lean_layer(head.layer, fmt)], fmt, cos[0], sin[0], cfg.num_attention_heads,
