@@ -30,11 +30,14 @@ def fp16_valued(model):
     return model
 
 
-@pytest.mark.parametrize("value, offered", [(0.5, True), (1e-7, False), (1e6, False)])
-def test_fp16_is_offered_only_where_packing_rounds_nothing(value, offered):
+@pytest.mark.parametrize("value, offered", [(0.5, True), (1.2345e-7, True), (1e6, False)])
+def test_fp16_is_offered_only_where_packing_keeps_the_weights(value, offered):
     weight = torch.randn(64, 32).bfloat16()  # bfloat16's 8 significant bits fit float16's 11
-    weight[3, 5] = value  # below float16's normal range it would lose bits; above it, overflow
+    weight[3, 5] = value  # far below float16's normal range it moves by < 2**-25 (allowed); above it, overflow
     assert (FP16 in candidate_formats(weight)) is offered
+    if offered:
+        packed = weight.half().to(weight.dtype)
+        assert (packed.float() - weight.float()).abs().max() <= 2**-25
     assert FP16 not in candidate_formats(torch.randn(64, 32))  # float32 values: 24 bits do not fit
 
 

@@ -507,8 +507,8 @@ class WeightFormat:
     """How linear weights are stored for `x @ W.T` products: as transformers stores them ([out, in]),
     transposed ([in, out]), packed into oneDNN's blocked layout (the format torch.compile's CPU freezing
     uses), or packed as float16 for FBGEMM's products with float32 activations (`fp16`: offered only where
-    every weight survives the round trip through float16, as bfloat16 weights of normal size do: 8
-    significant bits fit float16's 11). On CPU the fastest differs by machine and dtype: on a 2-core AVX-512
+    packing rounds no weight of float16's normal range and overflows none, as for any bfloat16 model whose
+    weights stay below 65504: 8 significant bits fit float16's 11; see `fp16_holds`). On CPU the fastest differs by machine and dtype: on a 2-core AVX-512
     EPYC, where MKL's sgemm does not take its AVX-512 path, oneDNN's packed products ran 2.5x (float32) and
     1.6x (bfloat16) faster than F.linear for one token, 3x and 1.5x for 2-16 tokens; on an AVX2-only one,
     which has no bfloat16 arithmetic, aten's emulated bf16 products cost 4x more for 8 tokens than for one
@@ -589,19 +589,28 @@ def _fp16_weight(weight: torch.Tensor):
     return torch.ops.quantized.linear_prepack_fp16(weight.float(), None)
 
 
-def fp16_exact(weights) -> bool:
-    """Every value of these weights is a float16 value: packing them as float16 changes nothing."""
-    return all(torch.equal(w.to(torch.float16).to(w.dtype), w) for w in weights)
+FP16_NORMAL = 2.0**-14  # float16's smallest normal magnitude: from there up (to 65504) 11 significant bits
 
 
-_FP16_EXACT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> fp16_exact of its linear weights
+def fp16_holds(weights) -> bool:
+    """Packing these weights as float16 keeps every one of float16's normal range exactly (bfloat16's 8
+    significant bits fit its 11) and overflows none; smaller ones move by at most 2**-25, half float16's
+    subnormal step, far below the rounding of the products they enter. float32 weights seldom qualify."""
+    for w in weights:
+        packed = w.to(torch.float16).to(w.dtype)
+        normal = w.abs() >= FP16_NORMAL
+        if not torch.isfinite(packed).all() or not torch.equal(packed[normal], w[normal]):
+            return False
+    return True
 
 
-def model_fp16_exact(model: PreTrainedModel) -> bool:
-    if model not in _FP16_EXACT:
-        linears = (m.weight for m in model.modules() if isinstance(m, torch.nn.Linear))
-        _FP16_EXACT[model] = fp16_exact(linears)
-    return _FP16_EXACT[model]
+_FP16_HOLDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> fp16_holds of its linear weights
+
+
+def model_fp16_holds(model: PreTrainedModel) -> bool:
+    if model not in _FP16_HOLDS:
+        _FP16_HOLDS[model] = fp16_holds(m.weight for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return _FP16_HOLDS[model]
 
 
 def _int4_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -623,8 +632,8 @@ def _int4_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def candidate_formats(weight: torch.Tensor, fp16: bool | None = None) -> list[WeightFormat]:
     """The formats worth timing for this weight. They agree with F.linear up to float rounding (the order of a
     dot product's additions differs by kernel, as it does between batch sizes within one kernel). `fp16`:
-    whether every weight of the model is a float16 value (None: this weight's, for a model's part of which
-    this is the largest product)."""
+    whether packing the model's weights as float16 keeps them (`fp16_holds`; None: this weight's, for a model's
+    part of which this is the largest product)."""
     if weight.device.type != "cpu":
         return [WeightFormat("stored")]
     names = ["stored", "transposed"]
@@ -633,7 +642,7 @@ def candidate_formats(weight: torch.Tensor, fp16: bool | None = None) -> list[We
     if torch.backends.mkldnn.is_available() and bf16_ok:
         names.append("onednn")
     if fp16 is None:
-        fp16 = fp16_exact([weight])
+        fp16 = fp16_holds([weight])
     if fp16 and "fbgemm" in torch.backends.quantized.supported_engines:
         names.append("fp16")
     return [WeightFormat(name) for name in names]
@@ -697,12 +706,12 @@ def choose_format(model: PreTrainedModel, weights: str = "auto") -> WeightFormat
     if weights in (*QUANTIZED, "fp16") and model.device.type != "cpu":
         raise ConfigError(f"{weights} weights use CPU kernels (aten's, FBGEMM's); on {model.device.type} use "
                           "another format")
-    if weights == "fp16" and not model_fp16_exact(model):
-        raise ConfigError(f"fp16 weights would round this {model.dtype} model's weights (not every one is a float16 "
-                          "value): use another format")
+    if weights == "fp16" and not model_fp16_holds(model):
+        raise ConfigError(f"fp16 weights would round this {model.dtype} model's weights (some have more significant "
+                          "bits than float16 holds, or exceed its range): use another format")
     if weights != "fastest":
         return WeightFormat(weights)
-    return cached_fastest_format(model.lm_head.weight, fp16=model_fp16_exact(model))
+    return cached_fastest_format(model.lm_head.weight, fp16=model_fp16_holds(model))
 
 
 def cached_fastest_format(weight: torch.Tensor, fp16: bool | None = None) -> WeightFormat:
