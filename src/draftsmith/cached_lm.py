@@ -508,11 +508,11 @@ class WeightFormat:
     transposed ([in, out]), packed into oneDNN's blocked layout (the format torch.compile's CPU freezing
     uses), or packed as float16 for FBGEMM's products with float32 activations (`fp16`: offered only where
     packing rounds no weight of float16's normal range and overflows none, as for any bfloat16 model whose
-    weights stay below 65504: 8 significant bits fit float16's 11; see `fp16_holds`). On CPU the fastest differs by machine and dtype: on a 2-core AVX-512
-    EPYC, where MKL's sgemm does not take its AVX-512 path, oneDNN's packed products ran 2.5x (float32) and
-    1.6x (bfloat16) faster than F.linear for one token, 3x and 1.5x for 2-16 tokens; on an AVX2-only one,
-    which has no bfloat16 arithmetic, aten's emulated bf16 products cost 4x more for 8 tokens than for one
-    while `fp16`'s cost 1.5x."""
+    weights stay below 65504: 8 significant bits fit float16's 11; see `fp16_holds`). On CPU the fastest
+    differs by machine and dtype: on a 2-core AVX-512 EPYC, where MKL's sgemm does not take its AVX-512 path,
+    oneDNN's packed products ran 2.5x (float32) and 1.6x (bfloat16) faster than F.linear for one token, 3x
+    and 1.5x for 2-16 tokens; on an AVX2-only one, which has no bfloat16 arithmetic, aten's emulated bf16
+    products cost 4x more for 8 tokens than for one while `fp16`'s cost 1.5x."""
 
     name: str
 
@@ -584,8 +584,8 @@ def _int8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _fp16_weight(weight: torch.Tensor):
-    # rounds values float16 cannot hold: who chooses the format decides whether that may happen (a target's
-    # weights only where none is rounded, a drafter's freely: its proposals are verified)
+    # rounds values float16 cannot hold: who chooses the format decides what may round (a target's weights
+    # only below float16's normal range, see fp16_holds; a drafter's freely: its proposals are verified)
     return torch.ops.quantized.linear_prepack_fp16(weight.float(), None)
 
 
