@@ -589,7 +589,7 @@ def _fp16_weight(weight: torch.Tensor):
     return torch.ops.quantized.linear_prepack_fp16(weight.float(), None)
 
 
-FP16_NORMAL = 2.0**-14  # float16's smallest normal magnitude: from there up (to 65504) 11 significant bits
+FP16_NORMAL, FP16_MAX = 2.0**-14, 65504.0  # float16's normal range: 11 significant bits throughout
 
 
 def fp16_holds(weights) -> bool:
@@ -597,6 +597,12 @@ def fp16_holds(weights) -> bool:
     significant bits fit its 11) and overflows none; smaller ones move by at most 2**-25, half float16's
     subnormal step, far below the rounding of the products they enter. float32 weights seldom qualify."""
     for w in weights:
+        if w.dtype == torch.float16:
+            continue
+        if w.dtype == torch.bfloat16:  # every bf16 value of the normal range fits: only overflow can fail
+            if not w.abs().amax() <= FP16_MAX:  # (NaN fails too)
+                return False
+            continue
         packed = w.to(torch.float16).to(w.dtype)
         normal = w.abs() >= FP16_NORMAL
         if not torch.isfinite(packed).all() or not torch.equal(packed[normal], w[normal]):
@@ -711,7 +717,8 @@ def choose_format(model: PreTrainedModel, weights: str = "auto") -> WeightFormat
                           "bits than float16 holds, or exceed its range): use another format")
     if weights != "fastest":
         return WeightFormat(weights)
-    return cached_fastest_format(model.lm_head.weight, fp16=model_fp16_holds(model))
+    # fp16 is a CPU format: elsewhere its check would only cost time at load
+    return cached_fastest_format(model.lm_head.weight, fp16=model.device.type == "cpu" and model_fp16_holds(model))
 
 
 def cached_fastest_format(weight: torch.Tensor, fp16: bool | None = None) -> WeightFormat:
@@ -728,8 +735,8 @@ def measured_once(key: str, measure) -> str:
     """The answer `measure()` gave on this machine (CPU model and instruction sets), torch and thread count,
     measured the first time and kept on disk: timing again at every load could choose differently between two
     loads, and so round differently."""
-    return cached_entry("weight_formats.json", f"{cpu_key()}-{torch.__version__}-{key}-threads{torch.get_num_threads()}",
-                        measure)
+    machine = f"{cpu_key()}-{torch.__version__}-{key}-threads{torch.get_num_threads()}"
+    return cached_entry("weight_formats.json", machine, measure)
 
 
 @torch.no_grad()
