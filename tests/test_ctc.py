@@ -169,6 +169,40 @@ def test_decode_time_frames_compute_what_training_computes(target, draft_vocab):
     torch.testing.assert_close(frames[0], training[:, n - 1], rtol=1e-4, atol=1e-4)
 
 
+def test_second_level_nodes_and_their_frames_see_their_own_chain_only(target):
+    """levels=2: each (x, y) node and its frames compute what they compute when x and y are fed alone after
+    the committed pairs, one at a time: no sibling of x or of y is seen, positions follow the chain."""
+    head = ctc_head(target, seed=2)
+    torch.manual_seed(3)
+    n, hidden = 6, target.config.hidden_size
+    features, tokens = torch.randn(n, hidden), torch.randint(0, target.config.vocab_size, (n,))
+
+    def committed() -> CtcDrafter:
+        drafter = CtcDrafter(head, target, CtcSearch(levels=2, top_k=3))
+        drafter.reset([], SamplingConfig(), None)
+        drafter.feedback(Feedback(features, tokens.tolist()))
+        return drafter
+
+    drafter = committed()
+    base, firsts = drafter.length, [5, 9, 11]
+    sees = torch.cat([torch.ones(3, base, dtype=torch.bool), torch.eye(3, dtype=torch.bool)], dim=1)
+    branch = drafter._run(drafter.root_feature[None].expand(3, -1), torch.tensor(firsts), torch.full((3,), base + 1), sees)
+    weighted: dict = {}
+    anchors, second_sees, prefixes, masses = drafter._second_level(branch, sees, [(x,) for x in firsts],
+                                                                   [0.5, 0.3, 0.2], weighted)
+    frames = drafter.frame_log_probs(anchors, second_sees, base + 2)
+    assert len(prefixes) == 3 and all(weighted[(x,)] >= -1e-9 for x in firsts)
+    assert sum(masses) + sum(weighted.values()) == pytest.approx(1.0)  # P(x) split between x and its children
+    for row, (x, y) in enumerate(prefixes):
+        alone = committed()
+        out_x = alone._run(alone.root_feature[None], torch.tensor([x]), torch.tensor([base + 1]),
+                           torch.ones(1, base + 1, dtype=torch.bool))
+        out_y = alone._run(out_x, torch.tensor([y]), torch.tensor([base + 2]), torch.ones(1, base + 2, dtype=torch.bool))
+        torch.testing.assert_close(anchors[row], out_y[0], rtol=1e-4, atol=1e-4)
+        expected = alone.frame_log_probs(out_y, torch.ones(1, base + 2, dtype=torch.bool), base + 2)
+        torch.testing.assert_close(frames[row], expected[0], rtol=1e-4, atol=1e-4)
+
+
 class OracleCtc(CtcDrafter):
     """A test oracle computed with the target: the first level's best token is the target's own next greedy token,
     and the frames after it spell the three greedy tokens that follow as "b _ c _ d _"; everything else is random,
@@ -202,6 +236,7 @@ class OracleCtc(CtcDrafter):
 @pytest.mark.parametrize("lean", [True, False])
 def test_ctc_drafting_is_exact_against_hf_greedy(target, lean):
     for make in (lambda: ctc(target, top_k=3, beams=12), lambda: ctc(target, draft_vocab=40),
+                 lambda: ctc(target, levels=2, top_k=3), lambda: ctc(target, levels=2, draft_vocab=40),
                  lambda: OracleCtc(target)):
         engine = SpecEngine(target, make(), lean=lean)
         for prompt in PROMPTS:

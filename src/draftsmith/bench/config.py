@@ -42,7 +42,7 @@ OPTIONS = {"plain": ("compile", "graphs", "weights", "llamacpp", "lossy_sparse")
            "cascade": ("k", "compile", "graphs", "weights"),
            "eagle": ("k", "depth", "top_k", "lookup", "compile", "graphs", "weights", "prune", "lossy_sparse"),
            "medusa": ("k", "compile", "graphs", "weights", "prune", "lossy_sparse"),
-           "ctc": ("k", "top_k", "beams", "compile", "graphs", "weights", "prune", "lossy_sparse"),
+           "ctc": ("k", "top_k", "beams", "levels", "compile", "graphs", "weights", "prune", "lossy_sparse"),
            "layerskip": ("k", "adaptive", "weights", "lossy_sparse"), "hf-greedy": (),
            "hf-prompt-lookup": (), "hf-assisted": (),
            "llamacpp": (), "llamacpp-lookup": (), "llama-server": ("n", "m", "draft_max"),

@@ -209,5 +209,5 @@ def _head_drafter(kind: str, path: str, target: LoadedModel, options: dict) -> D
             return TreeWithLookup(drafter, lookup, max_chain=options["lookup"])
         return drafter
     if kind == "ctc":
-        return CtcDrafter(head, target.model, CtcSearch(**{k: v for k, v in options.items() if k in ("top_k", "beams")}))
+        return CtcDrafter(head, target.model, CtcSearch(**{k: v for k, v in options.items() if k in ("top_k", "beams", "levels")}))
     return MedusaDrafter(head, target.model)

@@ -43,10 +43,13 @@ from draftsmith.heads import CtcHead
 class CtcSearch:
     top_k: int = 4  # first-level tokens expanded, and tokens per frame an alignment may take (besides the blank)
     beams: int = 16  # collapsed candidates kept after each frame
+    levels: int = 1  # tree levels drafted as EAGLE steps before the frames spell the rest (1 or 2)
 
     def __post_init__(self) -> None:
         if self.top_k < 1 or self.beams < 1:
             raise ConfigError(f"CTC search needs top_k >= 1 and beams >= 1, got {self.top_k} and {self.beams}")
+        if self.levels not in (1, 2):
+            raise ConfigError(f"CTC search drafts 1 or 2 levels as EAGLE steps before its frames, got {self.levels}")
 
 
 def ctc_collapse(alignment: list[int] | tuple[int, ...], blank: int) -> tuple[int, ...]:
@@ -148,31 +151,58 @@ class CtcDrafter(EagleDrafter):
     @torch.inference_mode()
     def propose(self, context: list[int], k: int) -> Draft:
         """The first level from the head's own next-token distribution (its pair output, trained for exactly that
-        token); each of its `top_k` best tokens x is fed as an EAGLE step, whose frames then spell what follows
-        x: a candidate x.c is valued P(x) * P_frames(c | x), so the frames' tokens are conditioned on the first
-        token, not a marginal over it."""
+        token); each of its `top_k` best tokens x is fed as an EAGLE step. With `levels=2` the `top_k` best
+        pairs (x, y) by P(x) P(y | x), y from x's step output, are fed as a second EAGLE step. The frames of the
+        last level's nodes then spell what follows them: a candidate x.c (or x.y.c) is valued P(x) [P(y | x)]
+        P_frames(c | ...), so the frames' tokens are conditioned on the tokens before them, not a marginal."""
         if self.root_feature is None or k < 1:
             return Draft()
+        top_k, base = self.search.top_k, self.length
         first = self.first_token_probs()
-        first_p, first_ids = first.topk(min(self.search.top_k, first.shape[-1]))
-        rows, base = len(first_ids), self.length
+        first_p, first_ids = first.topk(min(top_k, first.shape[-1]))
+        rows = len(first_ids)
         sees = torch.cat([torch.ones(rows, base, dtype=torch.bool, device=self.device),
                           torch.eye(rows, dtype=torch.bool, device=self.device)], dim=1)
-        branch = self._run(self.root_feature[None].expand(rows, -1), self.parts.to_target_ids(first_ids),
-                           torch.full((rows,), base + 1, device=self.device), sees)
-        log_probs = self.frame_log_probs(branch, sees, base + 1)
+        anchors = self._run(self.root_feature[None].expand(rows, -1), self.parts.to_target_ids(first_ids),
+                            torch.full((rows,), base + 1, device=self.device), sees)
+        prefixes = [(x,) for x in first_ids.tolist()]
+        masses = first_p.tolist()
         weighted: dict[tuple[int, ...], float] = {}
-        for x, p_x, frames in zip(first_ids.tolist(), first_p.tolist(), log_probs):
-            following = prefix_beam_search(frames, self.search.top_k, self.search.beams)
-            weighted[(x,)] = p_x * max(0.0, 1.0 - sum(following.values()))  # so that node x is worth P(x)
-            weighted.update({(x, *c): p_x * p for c, p in following.items()})
+        if self.search.levels == 2:
+            anchors, sees, prefixes, masses = self._second_level(anchors, sees, prefixes, masses, weighted)
+        log_probs = self.frame_log_probs(anchors, sees, base + self.search.levels)
+        for prefix, mass, frames in zip(prefixes, masses, log_probs):
+            following = prefix_beam_search(frames, top_k, self.search.beams)
+            weighted[prefix] = weighted.get(prefix, 0.0) + mass * max(0.0, 1.0 - sum(following.values()))
+            weighted.update({(*prefix, *c): mass * p for c, p in following.items()})
         tokens, parents, scores = candidate_tree(weighted)
-        best = log_probs[0].argmax(-1).tolist()  # the best single alignment after the best first token
+        best = log_probs[0].argmax(-1).tolist()  # the best single alignment after the best node of the last level
         self.counts["steps"] += 1
         self.counts["frames"] += len(best)
         self.counts["blank_frames"] += sum(entry == self.blank for entry in best)
         self.counts["collapsed_tokens"] += len(ctc_collapse(best, self.blank))
         return self._select(tokens, parents, scores, k)
+
+    def _second_level(self, branch: torch.Tensor, sees: torch.Tensor, prefixes: list[tuple[int, ...]],
+                      masses: list[float], weighted: dict[tuple[int, ...], float]):
+        """Feed the best (x, y) pairs as a second EAGLE step: their outputs, masks, prefixes and masses. Each x
+        keeps, as its own node's mass, the part of P(x) that its kept children do not carry."""
+        rows, top_k = len(prefixes), self.search.top_k
+        child_scores, child_ids = self._logits(branch).float().log_softmax(-1).topk(top_k, dim=-1)
+        total = child_scores + torch.tensor(masses, device=self.device).log()[:, None]
+        best = total.flatten().topk(min(top_k, total.numel())).indices
+        parent_rows = (best // top_k).tolist()
+        ys = child_ids.flatten()[best]
+        pair_masses = total.flatten()[best].exp().tolist()
+        for x in range(rows):
+            weighted[prefixes[x]] = masses[x] - sum(m for r, m in zip(parent_rows, pair_masses) if r == x)
+        n = len(parent_rows)
+        new_sees = torch.zeros(n, sees.shape[1] + n, dtype=torch.bool, device=self.device)
+        new_sees[:, : sees.shape[1]] = sees[parent_rows]  # what each parent saw, the parent itself included
+        new_sees[:, sees.shape[1]:] = torch.eye(n, dtype=torch.bool, device=self.device)
+        position = torch.full((n,), self.length + 2, device=self.device)
+        out = self._run(branch[parent_rows], self.parts.to_target_ids(ys), position, new_sees)
+        return out, new_sees, [(*prefixes[r], y) for r, y in zip(parent_rows, ys.tolist())], pair_masses
 
     def statistics(self) -> dict[str, float]:
         """The best alignment's blank rate and collapsed length, over this request's steps."""
