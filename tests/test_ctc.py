@@ -14,6 +14,7 @@ from draftsmith.draft import ROOT
 from draftsmith.drafters import Feedback
 from draftsmith.drafters.ctc import CtcDrafter, CtcSearch, candidate_tree, ctc_collapse, prefix_beam_search
 from draftsmith.engine import GenerationConfig, SpecEngine
+from draftsmith.errors import ConfigError
 from draftsmith.heads import CtcHead, HeadConfig, TargetParts
 from draftsmith.train.heads import ctc_frame_log_probs
 from draftsmith.verify import TargetRunner
@@ -167,6 +168,13 @@ def test_decode_time_frames_compute_what_training_computes(target, draft_vocab):
                           torch.full((2,), n), sees)
     frames = drafter.frame_log_probs(branch, sees, n)
     torch.testing.assert_close(frames[0], training[:, n - 1], rtol=1e-4, atol=1e-4)
+
+
+def test_impossible_search_settings_are_refused():
+    with pytest.raises(ConfigError, match="top_k >= 1 and beams >= 1"):
+        CtcSearch(beams=0)
+    with pytest.raises(ConfigError, match="1 or 2 levels as EAGLE steps"):
+        CtcSearch(levels=3)
 
 
 def test_second_level_nodes_and_their_frames_see_their_own_chain_only(target):

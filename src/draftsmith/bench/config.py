@@ -7,7 +7,7 @@ the target skipping layers by routers, the shipped ones without DIR, or by a mea
 `prune=1` on a tree drafter: the shipped acceptance predictor cuts each tree to one path (SpaDec, lossless);
 `lossy_sparse=1`: LOSSY, the target verifies with the shipped routers skipping layers (SpaDec's sparse mode);
 `adaptive=1` lets the engine choose each step's draft length up to k; `eagle[:DIR][:k=32,depth=6,top_k=8]`
-`medusa[:DIR][:k=32]` and `ctc[:DIR][:k=32,top_k=4,beams=16]`, feature heads drafting trees of at most k nodes,
+`medusa[:DIR][:k=32]` and `ctc[:DIR][:k=32,top_k=4,beams=16,levels=1]`, feature heads drafting trees of at most k nodes,
 the shipped head without DIR;
 `graphs=0` / `graphs=1`: the target's steps eager / replayed from captured CUDA graphs (default: captured on
 CUDA below fp32);
