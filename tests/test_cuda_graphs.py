@@ -76,8 +76,8 @@ def test_steps_past_the_largest_bucket_run_eagerly(target):
 
 @pytest.mark.parametrize("wrong_at", [set(), {0}, {3}])
 def test_engine_on_replayed_steps_matches_hf_greedy(target, wrong_at):
-    """Chains fully accepted, fully rejected and cut inside; the cache grows past a block on the way (the
-    captured steps held the old cache and are captured again over the new one)."""
+    """Chains fully accepted, fully rejected and cut inside, over a request longer than a cache block: it is
+    reserved at the request's start, so no captured step is thrown away by a cache growing mid-request."""
     engine = SpecEngine(target)
     lm = replayed(engine.runner.lm)
     prompt = [(7 * i) % 90 + 3 for i in range(CACHE_BLOCK - 20)]
@@ -85,8 +85,21 @@ def test_engine_on_replayed_steps_matches_hf_greedy(target, wrong_at):
     engine.drafter = OracleDrafter(reference, len(prompt), wrong_at=wrong_at, vocab=target.config.vocab_size)
     result = engine.generate(prompt, GenerationConfig(max_new_tokens=NEW, k=8))
     assert result.tokens == reference
-    assert lm.k_cache.shape[2] > CACHE_BLOCK  # it grew while steps were replayed
-    assert lm.graphs.cache is lm.k_cache  # and the steps in use were captured over the new cache
+    assert lm.k_cache.shape[2] >= len(prompt) + NEW > CACHE_BLOCK
+    assert lm.graphs.cache is lm.k_cache and lm.graphs.captures == len(lm.graphs.steps)  # none captured twice
+
+
+def test_only_captured_steps_reserve_the_whole_request_up_front(target):
+    """Without graphs the cache grows on demand (a request that stops early never holds its whole budget);
+    with them a growth would mean capturing every step again, so the request's budget is reserved at once."""
+    prompt, budget = list(range(3, 13)), 4 * CACHE_BLOCK
+    eager = SpecEngine(target).runner
+    eager.prefill(prompt, new_tokens=budget)
+    assert eager.lm.k_cache.shape[2] < budget
+    captured = SpecEngine(target).runner
+    replayed(captured.lm)
+    captured.prefill(prompt, new_tokens=budget)
+    assert captured.lm.k_cache.shape[2] >= len(prompt) + budget + BUCKETS[-1]  # padding rows of the largest bucket
 
 
 @pytest.mark.parametrize("make", [

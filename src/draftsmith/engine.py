@@ -133,7 +133,8 @@ class SpecEngine:
         stats = Stats(prompt_tokens=len(prompt_ids))
         start = time.perf_counter()
         wants_features = self.wants_features
-        prompt_features = self.runner.prefill(prompt_ids, features=wants_features)
+        prompt_features = self.runner.prefill(prompt_ids, features=wants_features,
+                                               new_tokens=config.max_new_tokens + config.k)
         if self.drafter is not None:
             self.drafter.reset(prompt_ids, sampling, draft_generator)
         if hasattr(self.rule, "reset"):  # a rule with per-request state (collab.rule.CollabRule)

@@ -12,6 +12,7 @@ from transformers import PreTrainedModel
 
 from draftsmith.adaptive import CostCurve, calibrated_costs
 from draftsmith.cached_lm import LeanLlama, cached_lm
+from draftsmith.cuda_graphs import BUCKETS
 from draftsmith.draft import ROOT, Draft, common_prefix
 from draftsmith.errors import ConfigError
 
@@ -48,10 +49,15 @@ class TargetRunner:
         self._pruned: tuple[Draft, torch.Tensor] | None = None
         self.sparse_verify = None  # LOSSY: routers decide the layers each scored token runs (sparse.RoutedVerify)
 
-    def prefill(self, prompt_ids: list[int], features: bool = False) -> torch.Tensor | None:
+    def prefill(self, prompt_ids: list[int], features: bool = False, new_tokens: int = 0) -> torch.Tensor | None:
         """Start a request: cache every prompt token but the last, which becomes the first root. With
-        `features`, return the last layer's hidden states of the cached tokens ([len - 1, hidden])."""
-        self.lm.reset()
+        `features`, return the last layer's hidden states of the cached tokens ([len - 1, hidden]).
+        `new_tokens`: the most the request may add on top of the prompt (its new tokens and a draft)."""
+        # captured steps hold the cache's address, so a cache grown mid-request means capturing every step
+        # again inside the request: with graphs the whole request is reserved at its start; without them the
+        # cache grows on demand (most requests stop well before their budget)
+        captured = getattr(self.lm, "graphs", None) is not None
+        self.lm.reset(len(prompt_ids) + new_tokens + BUCKETS[-1] if captured else 0)
         hidden = None
         if len(prompt_ids) > 1:
             out = self.lm.forward(prompt_ids[:-1], last_only=True, features=features)
