@@ -209,5 +209,6 @@ def _head_drafter(kind: str, path: str, target: LoadedModel, options: dict) -> D
             return TreeWithLookup(drafter, lookup, max_chain=options["lookup"])
         return drafter
     if kind == "ctc":
-        return CtcDrafter(head, target.model, CtcSearch(**{k: v for k, v in options.items() if k in ("top_k", "beams", "levels")}))
+        search = {key: value for key, value in options.items() if key in ("top_k", "beams", "levels")}
+        return CtcDrafter(head, target.model, CtcSearch(**search))
     return MedusaDrafter(head, target.model)
