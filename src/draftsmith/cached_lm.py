@@ -143,8 +143,7 @@ class LeanWeights:
         probe = torch.zeros(1, dtype=model.dtype, device=model.device)
         positions = torch.arange(model.config.max_position_embeddings, device=model.device)[None]
         cos, sin = inner.rotary_emb(probe, positions)
-        final_norm = inner.norm.weight.float() if fmt.float_products else inner.norm.weight
-        return cls(fmt, inner.embed_tokens.weight, final_norm, lm_head, layers, cos[0], sin[0])
+        return cls(fmt, inner.embed_tokens.weight, fmt.norm_weight(inner.norm.weight), lm_head, layers, cos[0], sin[0])
 
 
 @torch.no_grad()
@@ -152,14 +151,13 @@ def lean_layer(layer: torch.nn.Module, fmt: WeightFormat) -> dict:
     """A Llama decoder layer's weights as the lean forward multiplies them (q/k/v and gate/up fused)."""
     attn, mlp, layout = layer.self_attn, layer.mlp, fmt.prepare
     qkv, gate_up = (attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)
-    norm = (lambda w: w.float()) if fmt.float_products else (lambda w: w)  # noqa: E731
     entry = dict(
-        attn_norm=norm(layer.input_layernorm.weight),
+        attn_norm=fmt.norm_weight(layer.input_layernorm.weight),
         wqkv=layout(torch.cat([p.weight for p in qkv])),
         bqkv=torch.cat([p.bias for p in qkv]) if attn.q_proj.bias is not None else None,
         wo=layout(attn.o_proj.weight),
         bo=attn.o_proj.bias,  # Llama's attention_bias covers o_proj too; Qwen2's does not
-        mlp_norm=norm(layer.post_attention_layernorm.weight),
+        mlp_norm=fmt.norm_weight(layer.post_attention_layernorm.weight),
         w_gate_up=layout(torch.cat([p.weight for p in gate_up])),
         w_down=layout(mlp.down_proj.weight),
     )
@@ -526,6 +524,10 @@ class WeightFormat:
         """Products take and give float32 whatever the model's dtype (`fp16`): the lean forward then feeds them
         float32 norms and attention, and casts only what joins the residual stream."""
         return self.name == "fp16"
+
+    def norm_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """An RMS norm's weight as `LeanLayers.norm` applies it: in float32 where the products take float32."""
+        return weight.float() if self.float_products else weight
 
     def prepare(self, weight: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if self.name == "transposed":

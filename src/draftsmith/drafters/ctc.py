@@ -173,7 +173,7 @@ class CtcDrafter(EagleDrafter):
         log_probs = self.frame_log_probs(anchors, sees, base + self.search.levels)
         for prefix, mass, frames in zip(prefixes, masses, log_probs):
             following = prefix_beam_search(frames, top_k, self.search.beams)
-            weighted[prefix] = weighted.get(prefix, 0.0) + mass * max(0.0, 1.0 - sum(following.values()))
+            weighted[prefix] = mass * max(0.0, 1.0 - sum(following.values()))  # so that the node is worth `mass`
             weighted.update({(*prefix, *c): mass * p for c, p in following.items()})
         tokens, parents, scores = candidate_tree(weighted)
         best = log_probs[0].argmax(-1).tolist()  # the best single alignment after the best node of the last level
