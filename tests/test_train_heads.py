@@ -194,3 +194,65 @@ def test_a_wall_time_budget_stops_training_early_and_saves(shards, target, tmp_p
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-0000001"]
     with pytest.raises(ConfigError, match="max_minutes"):
         train(tmp_path, max_minutes=-1)
+
+
+def test_function_prompts_end_right_after_a_docstring(tmp_path, target):
+    from draftsmith.train.features import docstring_ends
+
+    source = ('import os\n\n\ndef f(x):\n    """Add one.\n\n    More.\n    """\n    return x + 1\n\n\nclass A:\n'
+              '    def g(self):\n        """One line."""\n        return 2\n\n    def only_doc(self):\n'
+              '        """Nothing to write after me."""\n')
+    # just past the line closing each docstring; not for a function whose body is only its docstring
+    assert [source[:end].split("\n")[-2:] for end in docstring_ends(source)] == [['    """', ''],
+                                                                                 ['        """One line."""', '']]
+    assert docstring_ends("def broken(:\n") == []
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(8):
+        (corpus / f"m{i}.py").write_text(source.replace("def f(", f"def f{i}(") * 3)
+    config = FeatureDataConfig(**{**DATA.__dict__, "corpus": str(corpus), "self_distill": 1.0, "prompts": "functions",
+                                  "heldout_percent": 50})
+    build_feature_shards(target, char_tokenizer(), config, tmp_path / "features", progress=False)
+    tokenizer = char_tokenizer()
+    rows = [row for split in ("train", "heldout") for row in FeatureShards(tmp_path / "features", split).ids.tolist()]
+    prompts = {tokenizer.decode(row[: config.prompt_tokens]) for row in rows}
+    assert prompts and all(p.endswith('"""\n') for p in prompts), prompts
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "m.py").write_text("def undocumented(x):\n    return x + 1\n" * 20)
+    no_docstrings = FeatureDataConfig(**{**config.__dict__, "corpus": str(bare), "heldout_sequences": 0,
+                                         "heldout_percent": 0})
+    with pytest.raises(ConfigError, match="no function in the corpus has a docstring"):
+        build_feature_shards(target, char_tokenizer(), no_docstrings, tmp_path / "none", progress=False)
+    with pytest.raises(ConfigError, match="prompts must be one of"):
+        FeatureDataConfig(prompts="docstrings")
+
+
+def test_fine_tuning_starts_from_the_given_head_and_keeps_its_vocabulary(shards, target, tmp_path):
+    folder, _ = shards
+    import draftsmith.train.heads as heads_module
+
+    first_losses = {}
+    real = heads_module.eagle_loss
+
+    def run(name, cfg, steps):
+        def recording(model, batch, cfg, **options):
+            value, metrics = real(model, batch, cfg, **options)
+            if model.training:
+                first_losses.setdefault(name, float(value.detach()))
+            return value, metrics
+
+        heads_module.eagle_loss = recording
+        try:
+            return train_head(target, folder, cfg, train(tmp_path / name, lr=1e-2, max_steps=steps))
+        finally:
+            heads_module.eagle_loss = real
+
+    base, _ = run("base", HeadTrainConfig(kind="eagle", draft_vocab=20, noise=0.0), 60)
+    tuned, info = run("tuned", HeadTrainConfig(kind="eagle", draft_vocab=0, noise=0.0, init=str(tmp_path / "base")), 5)
+    assert torch.equal(tuned.draft_to_target, base.draft_to_target)  # 20 tokens kept, not the whole vocabulary
+    assert first_losses["tuned"] < 0.8 * first_losses["base"], first_losses  # it starts where the base ended
+    assert info["init"] == str(tmp_path / "base") and info["init_training"]["steps"] == 60
+    assert info["heldout_init"] == pytest.approx(base.config.training["heldout"])  # measured before fine-tuning
+    with pytest.raises(ConfigError, match="holds a eagle head, not medusa"):
+        train_head(target, folder, HeadTrainConfig(kind="medusa", init=str(tmp_path / "base")), train(tmp_path / "m"))

@@ -3,9 +3,11 @@ safetensors shards and reused by every head trained on the same target (EAGLE-st
 
 Two sources, mixed by `self_distill`:
 - teacher-forced code: chunks of the corpus (the installed Python sources by default, or `--corpus`);
-- self-distillation: the target's own greedy continuations of prompts cut from that code (a prefix ending at a
-  line break inside a function), generated in batches, since on a CPU a batch of sequences costs little more
-  per step than one. A head learns what the target WRITES, which is what it must predict at decode time.
+- self-distillation: the target's own greedy continuations of prompts cut from that code, generated in batches,
+  since on a CPU a batch of sequences costs little more per step than one. A head learns what the target
+  WRITES, which is what it must predict at decode time. Prompts either end at a line break anywhere
+  (`prompts="windows"`) or right after a function's docstring (`prompts="functions"`): the form of a request to
+  write a function body, the code assistants' workload.
 Never HumanEval: the benchmark measures it.
 
 Shards are written one at a time with a manifest of what is done, so an interrupted run resumes at the next shard.
@@ -13,9 +15,12 @@ Shards are written one at a time with a manifest of what is done, so an interrup
 
 from __future__ import annotations
 
+import ast
 import random
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator, Literal
 
 import torch
 from safetensors.torch import load_file
@@ -28,6 +33,9 @@ from draftsmith.data.shards import ShardFolder
 from draftsmith.errors import ConfigError
 from draftsmith.progress import counted
 
+PROMPT_KINDS = ("windows", "functions")
+
+
 @dataclass
 class FeatureDataConfig:
     corpus: str | None = None  # folder or .jsonl; None: the installed Python standard library
@@ -37,6 +45,7 @@ class FeatureDataConfig:
     seq_len: int = 160  # tokens per sequence
     self_distill: float = 0.5  # share of sequences that are the target's own continuations
     prompt_tokens: int = 64  # prompt length of a self-distillation sequence (the rest is generated)
+    prompts: Literal["windows", "functions"] = "windows"  # where self-distillation prompts end (see above)
     shard_size: int = 64  # sequences per shard (and per generation batch: larger on a GPU)
     seed: int = 0
 
@@ -45,6 +54,8 @@ class FeatureDataConfig:
             raise ConfigError(f"self_distill is a share in [0, 1], got {self.self_distill}")
         if not 8 <= self.prompt_tokens < self.seq_len:
             raise ConfigError(f"prompt_tokens must be in [8, seq_len), got {self.prompt_tokens} (seq_len {self.seq_len})")
+        if self.prompts not in PROMPT_KINDS:
+            raise ConfigError(f"prompts must be one of {', '.join(PROMPT_KINDS)}, got {self.prompts!r}")
         if self.sequences < self.shard_size or self.shard_size < 1:
             raise ConfigError(f"need at least one shard: sequences ({self.sequences}) >= shard_size ({self.shard_size}) >= 1")
 
@@ -68,6 +79,42 @@ def _windows(docs, tokenizer, length: int, rng: random.Random):
         for _ in range(max(1, len(ids) // (4 * length))):
             start = rng.choice(starts)
             yield ids[start : start + length]
+
+
+def docstring_ends(text: str) -> list[int]:
+    """Character offsets just past the line that closes each function's docstring (where a request to write
+    the body ends); none for a file Python cannot parse."""
+    try:
+        tree = ast.parse(text)
+    except (SyntaxError, ValueError):
+        return []
+    line_ends = [m.end() for m in re.finditer("\n", text)]
+    ends = []
+    for node in ast.walk(tree):
+        if (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and ast.get_docstring(node) is not None
+                and len(node.body) > 1 and node.body[0].end_lineno <= len(line_ends)):
+            ends.append(line_ends[node.body[0].end_lineno - 1])
+    return sorted(ends)
+
+
+def _function_prompts(docs, tokenizer, length: int, rng: random.Random) -> Iterator[list[int]]:
+    """Prompts of `length` tokens ending right after a function's docstring (the code before it as context);
+    functions with a body to write only, and too little code before them: skipped."""
+    order = list(range(len(docs)))
+    while True:
+        rng.shuffle(order)
+        found = False
+        for i in order:
+            text = docs[i].text
+            ends = docstring_ends(text)
+            for end in rng.sample(ends, k=min(len(ends), 4)):
+                ids = tokenizer(text[max(0, end - 8 * length) : end], add_special_tokens=False).input_ids
+                if len(ids) >= length:
+                    found = True
+                    yield ids[-length:]
+        if not found:
+            raise ConfigError(f"no function in the corpus has a docstring, a body and {length} tokens of code up to "
+                              "its docstring's end: use prompts='windows' or a shorter prompt")
 
 
 @torch.inference_mode()
@@ -119,7 +166,11 @@ def build_feature_shards(
             windows = _windows(docs[split], tokenizer, config.seq_len, rng)
             rows = [next(windows) for _ in range(sizes[split] - n_generated)]
             if n_generated:
-                prompts = [w[: config.prompt_tokens] for w in (next(windows) for _ in range(n_generated))]
+                if config.prompts == "functions":
+                    source = _function_prompts(docs[split], tokenizer, config.prompt_tokens, rng)
+                else:
+                    source = (w[: config.prompt_tokens] for w in windows)
+                prompts = [next(source) for _ in range(n_generated)]
                 rows += _continue(target, prompts, config.seq_len - config.prompt_tokens, pad)
             shards.write(split, index, _shard(rows, target))
             bar.update(task, advance=1)

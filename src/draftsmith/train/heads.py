@@ -35,7 +35,7 @@ from draftsmith.errors import ConfigError
 from draftsmith.draft import common_prefix
 from draftsmith.drafters.ctc import ctc_collapse
 from draftsmith.heads import (HEAD_KINDS, CtcHead, EagleHead, HeadConfig, HeadKind, MedusaHeads, TargetParts, build_head,
-                              save_head)
+                              load_head, save_head)
 from draftsmith.train.features import FeatureShards
 from draftsmith.train.trainer import Batch, TrainConfig, Trainer
 
@@ -57,6 +57,7 @@ class HeadTrainConfig:
     ctc_frames: int = 0  # CTC: frames per step; 0 = 2 x ctc_labels (upstream: 6 frames for 3 labels)
     eval_unroll: int = 3  # held-out agreement is reported for this many drafting steps
     eval_sequences: int = 64
+    init: str | None = None  # a trained head folder to fine-tune (its shape and draft vocabulary kept)
     extra: dict = field(default_factory=dict)  # recorded in the head's config (command, data, ...)
 
     def __post_init__(self) -> None:
@@ -259,13 +260,35 @@ class HeldoutAgreement:
         return {name: value / batches for name, value in sums.items()}
 
 
-def draft_vocabulary(data: FeatureShards, vocab_size: int, size: int) -> tuple[torch.Tensor, float]:
-    """The `size` most frequent target tokens of the training data (ascending ids) and their share of it."""
-    counts = data.token_counts(vocab_size)
+def draft_vocabulary(data: FeatureShards, vocab_size: int, size: int) -> torch.Tensor:
+    """The `size` most frequent target tokens of the training data (ascending ids)."""
     if size == 0 or size >= vocab_size:
-        return torch.arange(vocab_size), 1.0
-    top = counts.topk(size).indices.sort().values
-    return top, float(counts[top].sum() / counts.sum())
+        return torch.arange(vocab_size)
+    return data.token_counts(vocab_size).topk(size).indices.sort().values
+
+
+def vocabulary_coverage(data: FeatureShards, draft_ids: torch.Tensor, vocab_size: int) -> float:
+    """Share of the training data's tokens a draft vocabulary holds."""
+    counts = data.token_counts(vocab_size)
+    return float(counts[draft_ids.cpu()].sum() / counts.sum())
+
+
+def initial_head(target: PreTrainedModel, data: FeatureShards, cfg: HeadTrainConfig, target_name: str
+                 ) -> EagleHead | MedusaHeads:
+    """A new head with the data's draft vocabulary, or (with `cfg.init`) a trained one to fine-tune, in fp32."""
+    if cfg.init:
+        head = load_head(cfg.init, target).float()
+        if head.config.kind != cfg.kind:
+            raise ConfigError(f"--init {cfg.init} holds a {head.config.kind} head, not {cfg.kind}")
+        return head
+    rows = target.get_output_embeddings().weight.shape[0]
+    draft_ids = draft_vocabulary(data, rows, cfg.draft_vocab)
+    config = HeadConfig.for_target(cfg.kind, target, draft_vocab=len(draft_ids) if cfg.draft_vocab else 0,
+                                   medusa_heads=cfg.medusa_heads, ctc_frames=cfg.ctc_frames,
+                                   ctc_labels=cfg.ctc_labels, target=target_name)
+    head = build_head(config)
+    head.draft_to_target.copy_(draft_ids)
+    return head
 
 
 def train_head(
@@ -278,24 +301,24 @@ def train_head(
     trainer = Trainer(train)  # seeds first: the head's initialisation is reproducible
     folders = shards if isinstance(shards, list) else [shards]
     data, heldout = FeatureShards(folders, "train"), FeatureShards(folders[0], "heldout")
-    rows = target.get_output_embeddings().weight.shape[0]
-    draft_ids, coverage = draft_vocabulary(data, rows, cfg.draft_vocab)
-    config = HeadConfig.for_target(cfg.kind, target, draft_vocab=len(draft_ids) if cfg.draft_vocab else 0,
-                                   medusa_heads=cfg.medusa_heads, ctc_frames=cfg.ctc_frames,
-                                   ctc_labels=cfg.ctc_labels, target=target_name)
-    head = build_head(config)
-    head.draft_to_target.copy_(draft_ids)
+    head = initial_head(target, data, cfg, target_name)
+    config = head.config
+    coverage = vocabulary_coverage(data, head.draft_to_target, target.get_output_embeddings().weight.shape[0])
     parts = TargetParts(target, head.draft_to_target, dtype=torch.float32)  # frozen parts in fp32, like the head
     scale = float(data.features[: min(len(data), 256)].float().pow(2).mean().sqrt())
     model = HeadWithTarget(head, parts, scale)
     loss = {"eagle": eagle_loss, "medusa": medusa_loss, "ctc": ctc_loss}[cfg.kind]
     evaluate = HeldoutAgreement(heldout, cfg)
+    if cfg.init:  # what fine-tuning gained is measured on the same held-out data
+        with torch.no_grad():
+            cfg.extra["heldout_init"] = evaluate(model.to(trainer.device).eval())
     result = trainer.fit(model, data, lambda m, b: loss(m, b, cfg), evaluate)
     if cfg.kind == "medusa":
         accuracy = rank_accuracy(model, heldout)
         config.medusa_paths = static_tree(accuracy, cfg.medusa_tree_nodes)
         cfg.extra["medusa_rank_accuracy"] = [[round(float(a), 4) for a in row] for row in accuracy]
-    config.training = {**cfg.extra, "draft_vocab_coverage": round(coverage, 4), "steps": result.step,
+    init = {"init": cfg.init, "init_training": config.training} if cfg.init else {}
+    config.training = {**cfg.extra, **init, "draft_vocab_coverage": round(coverage, 4), "steps": result.step,
                        "heldout": result.eval, "train_seconds": round(time.perf_counter() - started, 1),
                        "train_sequences": len(data), "seq_len": int(data.ids.shape[1])}
     head.config = config

@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from draftsmith.cli_options import CorpusFolder, MaxMinutes, Resume, corpus_source
+from draftsmith.errors import ConfigError
 
 train_app = typer.Typer(no_args_is_help=True, help="Train drafters that need the target: feature heads, ...")
 
@@ -30,6 +31,11 @@ def heads_command(
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 160,
     self_distill: Annotated[float, typer.Option(help="Share of sequences that are the target's own greedy "
                                                      "continuations of code prompts (the rest: code as is).")] = 0.5,
+    prompts: Annotated[str, typer.Option(help="Where self-distillation prompts end: windows (a line break "
+                                              "anywhere in the code) or functions (right after a function's "
+                                              "docstring: a request to write its body).")] = "windows",
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt tokens of a self-distilled sequence (the rest of "
+                                                    "--seq-len is generated).")] = 64,
     code_sequences: Annotated[int, typer.Option(help="More teacher-forced code sequences, in a second shard "
                                                      "folder (DATA-code): cheap, since nothing is generated; "
                                                      "0: none.")] = 2560,
@@ -41,6 +47,8 @@ def heads_command(
     = 8192,
     medusa_heads: int = 4,
     medusa_tree_nodes: Annotated[int, typer.Option(help="Nodes of Medusa's static tree.")] = 32,
+    init: Annotated[Optional[Path], typer.Option(help="Fine-tune this trained head folder (same kind; its "
+                                                      "shape and draft vocabulary are kept).")] = None,
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 1200,
     batch_size: int = 16,
     grad_accum: int = 1,
@@ -63,18 +71,22 @@ def heads_command(
     trust_remote_code: bool = False,
 ) -> None:
     """Train an EAGLE-style or Medusa head for a target; `--drafter eagle:OUT` (or medusa:OUT) then uses it."""
+    from draftsmith.heads import load_head
     from draftsmith.models import load_model
     from draftsmith.train.features import FeatureDataConfig, build_feature_shards
     from draftsmith.train.heads import HeadTrainConfig, train_head
     from draftsmith.train.trainer import TrainConfig
 
-    corpus_source(corpus)  # a missing corpus is refused before anything loads
+    corpus_source(corpus)  # a missing corpus or head is refused before anything loads
+    if init is not None and (init_kind := load_head(init).config.kind) != kind:  # before the data: it takes long
+        raise ConfigError(f"--init {init} holds a {init_kind} head, not {kind}")
     data_config = FeatureDataConfig(corpus=corpus_source(corpus), sequences=sequences, seq_len=seq_len,
-                                    self_distill=self_distill, shard_size=shard_size, seed=seed)
+                                    self_distill=self_distill, prompts=prompts, prompt_tokens=prompt_tokens,
+                                    shard_size=shard_size, seed=seed)
     head_config = HeadTrainConfig(kind=kind, draft_vocab=draft_vocab, medusa_heads=medusa_heads,
                                   medusa_tree_nodes=medusa_tree_nodes, noise=noise, w_regression=w_regression,
                                   w_ce=w_ce, w_ctc=w_ctc, ctc_labels=ctc_labels, ctc_frames=ctc_frames,
-                                  unroll=unroll)
+                                  unroll=unroll, init=str(init) if init else None)
     train = TrainConfig(out_dir=out, max_steps=steps, max_minutes=max_minutes, batch_size=batch_size,
                         grad_accum=grad_accum, lr=lr,
                         warmup_steps=warmup, device=device, seed=seed, eval_every=eval_every,
