@@ -113,16 +113,19 @@ class EagleDrafter:
         parent_features = self.root_feature[None].expand(len(frontier), -1)
         for level in range(1, self.tree.depth):
             # feed the frontier: each node attends to the committed cache, its expanded ancestors and itself
-            rows = len(frontier)
-            allowed = torch.zeros(rows, self.layers.length + rows, dtype=torch.bool, device=self.device)
-            allowed[:, :base] = True
+            rows, start = len(frontier), self.layers.length
+            visible_rows, visible_columns = [], []  # gathered on the host, written in one operation
             for i, node in enumerate(frontier):
                 ancestor = cand_parents[node]
                 while ancestor != ROOT:
-                    allowed[i, in_cache[ancestor]] = True
+                    visible_rows.append(i)
+                    visible_columns.append(in_cache[ancestor])
                     ancestor = cand_parents[ancestor]
-                allowed[i, self.layers.length + i] = True
-            start = self.layers.length
+                visible_rows.append(i)
+                visible_columns.append(start + i)
+            allowed = torch.zeros(rows, start + rows, dtype=torch.bool, device=self.device)
+            allowed[:, :base] = True
+            allowed[visible_rows, visible_columns] = True
             for i, node in enumerate(frontier):
                 in_cache[node] = start + i
             node_tokens = self.parts.to_target_ids(torch.tensor([cand_tokens[n] for n in frontier], device=self.device))
