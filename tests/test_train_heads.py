@@ -8,8 +8,9 @@ import json
 import pytest
 import torch
 
+from draftsmith.drafters import SHIPPED_HEADS
 from draftsmith.engine import GenerationConfig, SpecEngine
-from draftsmith.errors import ConfigError
+from draftsmith.errors import ConfigError, ModelLoadError
 from draftsmith.heads import load_head
 from draftsmith.train.features import FeatureDataConfig, FeatureShards, build_feature_shards
 from draftsmith.train.heads import HeadTrainConfig, static_tree, train_head
@@ -249,10 +250,28 @@ def test_fine_tuning_starts_from_the_given_head_and_keeps_its_vocabulary(shards,
             heads_module.eagle_loss = real
 
     base, _ = run("base", HeadTrainConfig(kind="eagle", draft_vocab=20, noise=0.0), 60)
-    tuned, info = run("tuned", HeadTrainConfig(kind="eagle", draft_vocab=0, noise=0.0, init=str(tmp_path / "base")), 5)
+    tuned, info = run("tuned", HeadTrainConfig(kind="eagle", draft_vocab=0, noise=0.0, init_from=str(tmp_path / "base")), 5)
     assert torch.equal(tuned.draft_to_target, base.draft_to_target)  # 20 tokens kept, not the whole vocabulary
     assert first_losses["tuned"] < 0.8 * first_losses["base"], first_losses  # it starts where the base ended
-    assert info["init"] == str(tmp_path / "base") and info["init_training"]["steps"] == 60
+    assert info["init_from"] == str(tmp_path / "base") and info["init_training"]["steps"] == 60
     assert info["heldout_init"] == pytest.approx(base.config.training["heldout"])  # measured before fine-tuning
     with pytest.raises(ConfigError, match="holds a eagle head, not medusa"):
-        train_head(target, folder, HeadTrainConfig(kind="medusa", init=str(tmp_path / "base")), train(tmp_path / "m"))
+        train_head(target, folder, HeadTrainConfig(kind="medusa", init_from=str(tmp_path / "base")), train(tmp_path / "m"))
+
+
+@pytest.mark.parametrize("flags, error, message", [
+    (["--kind", "medusa", "--init-from", str(SHIPPED_HEADS / "smollm2-eagle")], ConfigError,
+     "holds a eagle head, not medusa"),
+    (["--init-from", "/nonexistent/head"], ModelLoadError, "is not a head folder"),
+    (["--kind", "eagle", "--target", "elsewhere/model", "--init-from", "eagle"], ConfigError,
+     "no eagle head ships for target"),
+])
+def test_a_bad_head_to_fine_tune_is_refused_before_any_data_is_built(flags, error, message, tmp_path):
+    from typer.testing import CliRunner
+
+    from draftsmith.cli import app
+
+    result = CliRunner().invoke(app, ["train", "heads", "--out", str(tmp_path / "out"), *flags])
+    assert isinstance(result.exception, error), result.output
+    assert message in str(result.exception)
+    assert not (tmp_path / "features-model").exists() and not (tmp_path / "features-smollm2").exists()

@@ -6,6 +6,7 @@ machine, so benchmarks and training runs are reproducible without any download.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import sysconfig
@@ -87,3 +88,15 @@ def load_corpus(
     if not docs:
         raise ConfigError(f"corpus {root} has no {split} documents with extensions {extensions}")
     return docs[:max_documents] if max_documents else docs
+
+
+def documented_functions(text: str) -> tuple[ast.Module | None, list[ast.FunctionDef | ast.AsyncFunctionDef]]:
+    """A source file's tree and its functions that have a docstring and a body after it (a body to write, as
+    in a request to complete the function); (None, []) for a file Python cannot parse."""
+    try:
+        tree = ast.parse(text)
+    except (SyntaxError, ValueError):
+        return None, []
+    return tree, [node for node in ast.walk(tree)
+                  if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and ast.get_docstring(node) is not None
+                  and len(node.body) > 1]

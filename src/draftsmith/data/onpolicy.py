@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from torch.utils.data import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from draftsmith.data.corpus import CodeDocument, load_corpus
+from draftsmith.data.corpus import CodeDocument, documented_functions, load_corpus
 from draftsmith.data.shards import ShardFolder
 from draftsmith.errors import ConfigError
 from draftsmith.progress import counted
@@ -57,18 +57,13 @@ def function_prompts(docs: list[CodeDocument]) -> list[str]:
     prompt: the module's top-level imports, then the signature and docstring (a method dedented)."""
     prompts = []
     for doc in docs:
-        try:
-            tree = ast.parse(doc.text)
-        except (SyntaxError, ValueError):
+        tree, functions = documented_functions(doc.text)
+        if not functions:
             continue
         lines = doc.text.splitlines(keepends=True)
         imports = "".join(lines[node.lineno - 1] for node in tree.body[:20]
                           if isinstance(node, ast.Import | ast.ImportFrom) and node.end_lineno == node.lineno)
-        for node in ast.walk(tree):
-            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) or ast.get_docstring(node) is None:
-                continue
-            if len(node.body) < 2:  # a docstring with no body to write
-                continue
+        for node in functions:
             start = min([d.lineno for d in node.decorator_list] + [node.lineno]) - 1
             head = textwrap.dedent("".join(lines[start : node.body[0].end_lineno]))
             prompts.append((imports + "\n\n" if imports else "") + head)

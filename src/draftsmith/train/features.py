@@ -15,7 +15,6 @@ Shards are written one at a time with a manifest of what is done, so an interrup
 
 from __future__ import annotations
 
-import ast
 import random
 import re
 from dataclasses import asdict, dataclass
@@ -28,7 +27,7 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from draftsmith.cached_lm import last_hidden_states
-from draftsmith.data.corpus import CodeDocument, load_corpus
+from draftsmith.data.corpus import CodeDocument, documented_functions, load_corpus
 from draftsmith.data.shards import ShardFolder
 from draftsmith.errors import ConfigError
 from draftsmith.progress import counted
@@ -84,17 +83,9 @@ def _windows(docs, tokenizer, length: int, rng: random.Random):
 def docstring_ends(text: str) -> list[int]:
     """Character offsets just past the line that closes each function's docstring (where a request to write
     the body ends); none for a file Python cannot parse."""
-    try:
-        tree = ast.parse(text)
-    except (SyntaxError, ValueError):
-        return []
     line_ends = [m.end() for m in re.finditer("\n", text)]
-    ends = []
-    for node in ast.walk(tree):
-        if (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and ast.get_docstring(node) is not None
-                and len(node.body) > 1 and node.body[0].end_lineno <= len(line_ends)):
-            ends.append(line_ends[node.body[0].end_lineno - 1])
-    return sorted(ends)
+    return sorted(line_ends[node.body[0].end_lineno - 1] for node in documented_functions(text)[1]
+                  if node.body[0].end_lineno <= len(line_ends))
 
 
 def _function_prompts(docs, tokenizer, length: int, rng: random.Random) -> Iterator[list[int]]:

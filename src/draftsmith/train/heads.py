@@ -57,7 +57,7 @@ class HeadTrainConfig:
     ctc_frames: int = 0  # CTC: frames per step; 0 = 2 x ctc_labels (upstream: 6 frames for 3 labels)
     eval_unroll: int = 3  # held-out agreement is reported for this many drafting steps
     eval_sequences: int = 64
-    init: str | None = None  # a trained head folder to fine-tune (its shape and draft vocabulary kept)
+    init_from: str | None = None  # a trained head folder to fine-tune (its shape and draft vocabulary kept)
     extra: dict = field(default_factory=dict)  # recorded in the head's config (command, data, ...)
 
     def __post_init__(self) -> None:
@@ -275,11 +275,11 @@ def vocabulary_coverage(data: FeatureShards, draft_ids: torch.Tensor, vocab_size
 
 def initial_head(target: PreTrainedModel, data: FeatureShards, cfg: HeadTrainConfig, target_name: str
                  ) -> EagleHead | MedusaHeads:
-    """A new head with the data's draft vocabulary, or (with `cfg.init`) a trained one to fine-tune, in fp32."""
-    if cfg.init:
-        head = load_head(cfg.init, target).float()
+    """A new head with the data's draft vocabulary, or (with `cfg.init_from`) a trained one to fine-tune, in fp32."""
+    if cfg.init_from:
+        head = load_head(cfg.init_from, target).float()
         if head.config.kind != cfg.kind:
-            raise ConfigError(f"--init {cfg.init} holds a {head.config.kind} head, not {cfg.kind}")
+            raise ConfigError(f"--init-from {cfg.init_from} holds a {head.config.kind} head, not {cfg.kind}")
         return head
     rows = target.get_output_embeddings().weight.shape[0]
     draft_ids = draft_vocabulary(data, rows, cfg.draft_vocab)
@@ -309,7 +309,7 @@ def train_head(
     model = HeadWithTarget(head, parts, scale)
     loss = {"eagle": eagle_loss, "medusa": medusa_loss, "ctc": ctc_loss}[cfg.kind]
     evaluate = HeldoutAgreement(heldout, cfg)
-    if cfg.init:  # what fine-tuning gained is measured on the same held-out data
+    if cfg.init_from:  # what fine-tuning gained is measured on the same held-out data
         with torch.no_grad():
             cfg.extra["heldout_init"] = evaluate(model.to(trainer.device).eval())
     result = trainer.fit(model, data, lambda m, b: loss(m, b, cfg), evaluate)
@@ -317,7 +317,7 @@ def train_head(
         accuracy = rank_accuracy(model, heldout)
         config.medusa_paths = static_tree(accuracy, cfg.medusa_tree_nodes)
         cfg.extra["medusa_rank_accuracy"] = [[round(float(a), 4) for a in row] for row in accuracy]
-    init = {"init": cfg.init, "init_training": config.training} if cfg.init else {}
+    init = {"init_from": cfg.init_from, "init_training": config.training} if cfg.init_from else {}
     config.training = {**cfg.extra, **init, "draft_vocab_coverage": round(coverage, 4), "steps": result.step,
                        "heldout": result.eval, "train_seconds": round(time.perf_counter() - started, 1),
                        "train_sequences": len(data), "seq_len": int(data.ids.shape[1])}

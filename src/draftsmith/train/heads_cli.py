@@ -47,8 +47,9 @@ def heads_command(
     = 8192,
     medusa_heads: int = 4,
     medusa_tree_nodes: Annotated[int, typer.Option(help="Nodes of Medusa's static tree.")] = 32,
-    init: Annotated[Optional[Path], typer.Option(help="Fine-tune this trained head folder (same kind; its "
-                                                      "shape and draft vocabulary are kept).")] = None,
+    init_from: Annotated[Optional[str], typer.Option(help="Fine-tune a trained head (same kind; its shape and "
+                                                           "draft vocabulary are kept): a folder, or the kind's "
+                                                           "name for the head shipped for the target.")] = None,
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 1200,
     batch_size: int = 16,
     grad_accum: int = 1,
@@ -78,15 +79,21 @@ def heads_command(
     from draftsmith.train.trainer import TrainConfig
 
     corpus_source(corpus)  # a missing corpus or head is refused before anything loads
-    if init is not None and (init_kind := load_head(init).config.kind) != kind:  # before the data: it takes long
-        raise ConfigError(f"--init {init} holds a {init_kind} head, not {kind}")
+    if init_from == kind:
+        from draftsmith.drafters import shipped_head_folder
+
+        if not (shipped := shipped_head_folder(Path(target).name, kind)).is_dir():
+            raise ConfigError(f"no {kind} head ships for target '{target}': give a folder to --init-from")
+        init_from = str(shipped)
+    if init_from is not None and (init_kind := load_head(init_from).config.kind) != kind:  # before the data
+        raise ConfigError(f"--init-from {init_from} holds a {init_kind} head, not {kind}")
     data_config = FeatureDataConfig(corpus=corpus_source(corpus), sequences=sequences, seq_len=seq_len,
                                     self_distill=self_distill, prompts=prompts, prompt_tokens=prompt_tokens,
                                     shard_size=shard_size, seed=seed)
     head_config = HeadTrainConfig(kind=kind, draft_vocab=draft_vocab, medusa_heads=medusa_heads,
                                   medusa_tree_nodes=medusa_tree_nodes, noise=noise, w_regression=w_regression,
                                   w_ce=w_ce, w_ctc=w_ctc, ctc_labels=ctc_labels, ctc_frames=ctc_frames,
-                                  unroll=unroll, init=str(init) if init else None)
+                                  unroll=unroll, init_from=init_from)
     train = TrainConfig(out_dir=out, max_steps=steps, max_minutes=max_minutes, batch_size=batch_size,
                         grad_accum=grad_accum, lr=lr,
                         warmup_steps=warmup, device=device, seed=seed, eval_every=eval_every,
