@@ -260,29 +260,27 @@ class HeldoutAgreement:
         return {name: value / batches for name, value in sums.items()}
 
 
-def draft_vocabulary(data: FeatureShards, vocab_size: int, size: int) -> torch.Tensor:
-    """The `size` most frequent target tokens of the training data (ascending ids)."""
-    if size == 0 or size >= vocab_size:
-        return torch.arange(vocab_size)
-    return data.token_counts(vocab_size).topk(size).indices.sort().values
+def draft_vocabulary(counts: torch.Tensor, size: int) -> torch.Tensor:
+    """The `size` most frequent target tokens of the training data (ascending ids), from its token counts."""
+    if size == 0 or size >= len(counts):
+        return torch.arange(len(counts))
+    return counts.topk(size).indices.sort().values
 
 
-def vocabulary_coverage(data: FeatureShards, draft_ids: torch.Tensor, vocab_size: int) -> float:
-    """Share of the training data's tokens a draft vocabulary holds."""
-    counts = data.token_counts(vocab_size)
-    return float(counts[draft_ids.cpu()].sum() / counts.sum())
+def head_to_tune(folder: str, kind: HeadKind, target: PreTrainedModel | None = None) -> EagleHead | MedusaHeads:
+    """The trained head in `folder`, refused unless it is of `kind` (checked by the CLI before any data is built)."""
+    head = load_head(folder, target)
+    if head.config.kind != kind:
+        raise ConfigError(f"--init-from {folder} holds a {head.config.kind} head, not {kind}")
+    return head
 
 
-def initial_head(target: PreTrainedModel, data: FeatureShards, cfg: HeadTrainConfig, target_name: str
+def initial_head(target: PreTrainedModel, counts: torch.Tensor, cfg: HeadTrainConfig, target_name: str
                  ) -> EagleHead | MedusaHeads:
     """A new head with the data's draft vocabulary, or (with `cfg.init_from`) a trained one to fine-tune, in fp32."""
     if cfg.init_from:
-        head = load_head(cfg.init_from, target).float()
-        if head.config.kind != cfg.kind:
-            raise ConfigError(f"--init-from {cfg.init_from} holds a {head.config.kind} head, not {cfg.kind}")
-        return head
-    rows = target.get_output_embeddings().weight.shape[0]
-    draft_ids = draft_vocabulary(data, rows, cfg.draft_vocab)
+        return head_to_tune(cfg.init_from, cfg.kind, target).float()
+    draft_ids = draft_vocabulary(counts, cfg.draft_vocab)
     config = HeadConfig.for_target(cfg.kind, target, draft_vocab=len(draft_ids) if cfg.draft_vocab else 0,
                                    medusa_heads=cfg.medusa_heads, ctc_frames=cfg.ctc_frames,
                                    ctc_labels=cfg.ctc_labels, target=target_name)
@@ -301,9 +299,10 @@ def train_head(
     trainer = Trainer(train)  # seeds first: the head's initialisation is reproducible
     folders = shards if isinstance(shards, list) else [shards]
     data, heldout = FeatureShards(folders, "train"), FeatureShards(folders[0], "heldout")
-    head = initial_head(target, data, cfg, target_name)
+    counts = data.token_counts(target.get_output_embeddings().weight.shape[0])
+    head = initial_head(target, counts, cfg, target_name)
     config = head.config
-    coverage = vocabulary_coverage(data, head.draft_to_target, target.get_output_embeddings().weight.shape[0])
+    coverage = float(counts[head.draft_to_target.cpu()].sum() / counts.sum())  # share of the data's tokens it holds
     parts = TargetParts(target, head.draft_to_target, dtype=torch.float32)  # frozen parts in fp32, like the head
     scale = float(data.features[: min(len(data), 256)].float().pow(2).mean().sqrt())
     model = HeadWithTarget(head, parts, scale)

@@ -72,10 +72,9 @@ def heads_command(
     trust_remote_code: bool = False,
 ) -> None:
     """Train an EAGLE-style or Medusa head for a target; `--drafter eagle:OUT` (or medusa:OUT) then uses it."""
-    from draftsmith.heads import load_head
     from draftsmith.models import load_model
     from draftsmith.train.features import FeatureDataConfig, build_feature_shards
-    from draftsmith.train.heads import HeadTrainConfig, train_head
+    from draftsmith.train.heads import HeadTrainConfig, head_to_tune, train_head
     from draftsmith.train.trainer import TrainConfig
 
     corpus_source(corpus)  # a missing corpus or head is refused before anything loads
@@ -85,8 +84,8 @@ def heads_command(
         if not (shipped := shipped_head_folder(Path(target).name, kind)).is_dir():
             raise ConfigError(f"no {kind} head ships for target '{target}': give a folder to --init-from")
         init_from = str(shipped)
-    if init_from is not None and (init_kind := load_head(init_from).config.kind) != kind:  # before the data
-        raise ConfigError(f"--init-from {init_from} holds a {init_kind} head, not {kind}")
+    if init_from is not None:
+        head_to_tune(init_from, kind)  # refused before the data, which takes long to build
     data_config = FeatureDataConfig(corpus=corpus_source(corpus), sequences=sequences, seq_len=seq_len,
                                     self_distill=self_distill, prompts=prompts, prompt_tokens=prompt_tokens,
                                     shard_size=shard_size, seed=seed)
