@@ -222,6 +222,57 @@ def test_the_lean_head_computes_what_the_trained_module_computes(dtype):
                                drafter.parts.logits(module_nodes).float(), **tolerance)
 
 
+def test_each_tree_node_attends_to_its_own_ancestors_only(target):
+    """The masks the drafter builds level by level: a node sees the committed pairs, exactly one row of each
+    earlier level, that row being its parent's (whose output is the node's input feature) and, above it, the
+    rows its parent sees, and itself. Exactness cannot catch a wrong mask (only proposals change)."""
+    drafter = eagle(target, depth=4, top_k=3)
+    calls, drafting = [], [False]
+    real_run, real_propose = drafter._run, drafter.propose
+
+    def recording_run(features, tokens, positions, allowed):
+        out = real_run(features, tokens, positions, allowed)
+        if drafting[0]:
+            calls.append((features.clone(), allowed.clone(), out.clone()))
+        return out
+
+    def recording_propose(context, k):
+        calls.clear()
+        drafting[0] = True
+        try:
+            return real_propose(context, k)
+        finally:
+            drafting[0] = False
+            checks.append(list(calls))
+
+    checks = []
+    drafter._run, drafter.propose = recording_run, recording_propose
+    SpecEngine(target, drafter).generate(PROMPTS[0], GenerationConfig(max_new_tokens=12, k=16))
+    assert checks and all(len(levels) == 3 for levels in checks if levels)
+    for levels in checks:
+        if not levels:
+            continue
+        base = levels[0][1].shape[1] - levels[0][1].shape[0]  # the committed pairs, before the first level's rows
+        sees: dict[int, set[int]] = {}  # cache row of a drafted node -> the drafted rows it sees (itself included)
+        outputs: dict[int, torch.Tensor] = {}
+        for features, allowed, out in levels:
+            start = allowed.shape[1] - allowed.shape[0]
+            assert allowed[:, :base].all()
+            for i in range(allowed.shape[0]):
+                visible = set(torch.nonzero(allowed[i, base:]).flatten().add(base).tolist())
+                assert start + i in visible
+                earlier = visible - {start + i}
+                if start == base:
+                    assert not earlier  # the first level's nodes are the root's children
+                    continue
+                parent = max(earlier)
+                assert sees[parent] == earlier  # the parent row, and exactly what it sees
+                assert torch.equal(features[i], outputs[parent])  # that row is the node's parent
+            for i in range(allowed.shape[0]):
+                sees[start + i] = set(torch.nonzero(allowed[i, base:]).flatten().add(base).tolist())
+                outputs[start + i] = out[i]
+
+
 def test_the_lookup_chain_grafted_on_a_tree_is_exact_and_accepted(target):
     """eagle+ngram: the n-gram chain joins the head's tree where they agree and branches off where they do not,
     siblings stay distinct, the node budget holds, and greedy output stays the target's."""
