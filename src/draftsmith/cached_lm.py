@@ -18,6 +18,7 @@ import platform
 import time
 import warnings
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,8 @@ from transformers import DynamicCache, PreTrainedModel
 
 from draftsmith.cuda_graphs import CapturedSteps, check_graphs
 from draftsmith.errors import ConfigError
+from draftsmith.fused import fused_ops
+from draftsmith.fused import wanted as fused_wanted
 from draftsmith.models import cpuinfo
 from draftsmith.paths import cached_entry
 
@@ -200,20 +203,30 @@ class LeanLayers:
     forward that a target and an EAGLE head's single layer share. Rolling back is moving `length`."""
 
     def __init__(self, layers: list[dict], fmt: WeightFormat, cos: torch.Tensor, sin: torch.Tensor, n_heads: int,
-                 n_kv: int, head_dim: int, eps: float, dtype: torch.dtype, device: torch.device):
+                 n_kv: int, head_dim: int, eps: float, dtype: torch.dtype, device: torch.device,
+                 fused: bool | None = None):
         self.layers, self.weights, self.cos, self.sin = layers, fmt, cos, sin
         self.n_heads, self.n_kv, self.head_dim, self.eps = n_heads, n_kv, head_dim, eps
         self.dtype, self.device = dtype, device
+        self._mm = fmt.product
         # float32 runs transformers' own operations (bit-exact logits); lower precisions fuse small operations
         self.exact = dtype == torch.float32
         # what norms hand the products and attention hands the output projection
         self.product_dtype = torch.float32 if fmt.float_products else dtype
+        # the residual stream's dtype: float32 where the products give float32 (as llama.cpp keeps activations
+        # with bf16 weights), which saves ~4 casts a layer and rounds less
+        self.stream_dtype = self.product_dtype
         # keys and values are cast once, when written; queries at every step (the layerless probe that
         # attention_dtype times attends in the dtype it is given)
         self.cache_dtype = dtype if not layers else attention_dtype(dtype, n_heads, n_kv, head_dim, device)
         if not self.exact:  # the rotation's sign folded into sin once: rotate_half(x) * sin = swap_halves(x) * this
             half = self.head_dim // 2
             self.sin = torch.cat((-self.sin[..., :half], self.sin[..., half:]), dim=-1)
+        # one call for each chain of small operations, where everything a layer computes is float32 (fused.py)
+        float_layers = not self.exact and self.stream_dtype == self.cache_dtype == torch.float32
+        self.fused = fused_ops() if layers and float_layers and fused_wanted(device, fused) else None
+        if self.fused is not None:  # the kernels take float32 rotary tables (more precise than the model's dtype)
+            self.cos, self.sin = self.cos.float(), self.sin.float()
         self.k_cache = self.v_cache = torch.empty(0)
         self.length = 0
 
@@ -274,10 +287,29 @@ class LeanLayers:
               start: int | torch.Tensor, causal: bool = False) -> torch.Tensor:
         """x [1, n, hidden] through decoder layer i, its keys and values written at start..start+n: the unit a
         layer-skipping forward runs or skips."""
+        if self.fused is not None and isinstance(start, int):
+            return self._fused_layer(i, x, rope, mask, start, causal)
         q, k, v = self.qkv(i, x, rope)
         keys, values = self.write_kv(i, k, v, start)
-        attn = self._attention(q.to(self.cache_dtype), keys, values, mask, causal)
-        return self.mix(i, x, attn.to(self.product_dtype))
+        attn = self._attention(_cast(q, self.cache_dtype), keys, values, mask, causal)
+        return self.mix(i, x, _cast(attn, self.product_dtype))
+
+    def _fused_layer(self, i: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                     mask: torch.Tensor | None, start: int, causal: bool) -> torch.Tensor:
+        """`layer` through the fused kernels (float32 throughout): the same operations, ~10 calls instead of ~25."""
+        ops, w, n = self.fused, self.layers[i], x.shape[1]
+        x = _cast(x, torch.float32)
+        q = ops.rope_write_kv(self._qkv_rows(i, x), rope[0], rope[1], self.k_cache[i], self.v_cache[i], start,
+                              self.n_heads, self.n_kv)
+        end = start + n
+        if n == 1 and mask is None:
+            attn = ops.decode_attention(q, self.k_cache[i], self.v_cache[i], end)
+        else:
+            keys, values = self.k_cache[i : i + 1, :, :end], self.v_cache[i : i + 1, :, :end]
+            attn = self._attention(q, keys, values, mask, causal)
+        out = self._mm(attn.transpose(1, 2).reshape(1, n, self.n_heads * self.head_dim), w["wo"])
+        x, h = ops.add_rms_norm(x, out if w["bo"] is None else out + w["bo"], w["mlp_norm"], self.eps)
+        return x + self._mm(ops.silu_mul(self._mm(h, w["w_gate_up"])), w["w_down"])
 
     def write_kv(self, i: int, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -298,10 +330,7 @@ class LeanLayers:
         """Layer i's rotated queries [1, heads, n, d], rotated keys and values [1, kv heads, n, d] for x."""
         n, (cos, sin) = x.shape[1], rope
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        w = self.layers[i]
-        qkv = self._mm(self.norm(x, w["attn_norm"]), w["wqkv"])
-        if w["bqkv"] is not None:
-            qkv = qkv + w["bqkv"]
+        qkv = self._qkv_rows(i, x)
         if self.exact:  # transformers' own operations, so float32 logits match it bit for bit
             q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
             q = _rope(q.view(1, n, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
@@ -312,20 +341,28 @@ class LeanLayers:
             q, k = qk[:, : self.n_heads], qk[:, self.n_heads :]
         return q, k, v.view(1, n, self.n_kv, self.head_dim).transpose(1, 2)
 
+    def _qkv_rows(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Layer i's fused q/k/v projection of x [1, n, hidden], before the rotation: [1, n, (heads + 2 kv) * d]."""
+        w = self.layers[i]
+        qkv = self._mm(self.norm(x, w["attn_norm"]), w["wqkv"])
+        return qkv if w["bqkv"] is None else qkv + w["bqkv"]
+
     def mix(self, i: int, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """The rest of layer i after attention ([1, heads, n, d]): output projection, residual, MLP."""
         w, n = self.layers[i], x.shape[1]
         out = self._mm(attn.transpose(1, 2).reshape(1, n, self.n_heads * self.head_dim), w["wo"])
-        x = x + (out if w["bo"] is None else out + w["bo"]).to(x.dtype)
+        x = x + _cast(out if w["bo"] is None else out + w["bo"], x.dtype)
         gate, up = self._mm(self.norm(x, w["mlp_norm"]), w["w_gate_up"]).chunk(2, dim=-1)
-        return x + self._mm(F.silu(gate) * up, w["w_down"]).to(x.dtype)
+        return x + _cast(self._mm(F.silu(gate) * up, w["w_down"]), x.dtype)
 
     def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """RMS norm of x for a product: transformers' operations in float32, fused below it, and in float32
         whatever the dtype where the products take float32 (the weight is then kept in float32 too)."""
         if self.exact:
             return _rms_norm(x, weight, self.eps)
-        return _fused_rms_norm(x.to(self.product_dtype), weight, self.eps)
+        if self.fused is not None:
+            return self.fused.rms_norm(_cast(x, torch.float32), weight, self.eps)
+        return _fused_rms_norm(_cast(x, self.product_dtype), weight, self.eps)
 
     def _attention(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
@@ -351,9 +388,6 @@ class LeanLayers:
         weights = scores.softmax(-1).to(values.dtype)
         return (weights @ values).view(1, self.n_heads, n, self.head_dim)
 
-    def _mm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return self.weights.multiply(x, weight)
-
     @torch.no_grad()
     def keep(self, start: int, offsets: list[int]) -> None:
         """Keep entries start + offsets (in that order) at start, start + 1, ...; drop everything after them."""
@@ -369,12 +403,12 @@ class LeanLayers:
 
 class LeanLlama(LeanLayers):
     def __init__(self, model: PreTrainedModel, compile: bool = False, weights: str = "auto",
-                 graphs: bool | None = None):
+                 graphs: bool | None = None, fused: bool | None = None):
         cfg = model.config
         shared = lean_weights(model, weights)
         super().__init__(shared.layers, shared.format, shared.cos, shared.sin, cfg.num_attention_heads,
                          cfg.num_key_value_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
-                         cfg.rms_norm_eps, model.dtype, model.device)
+                         cfg.rms_norm_eps, model.dtype, model.device, fused=False if compile else fused)
         self.model = model
         self.embed, self.final_norm, self.lm_head = shared.embed, shared.final_norm, shared.lm_head
         self._stack = LeanLlama._forward_stack
@@ -461,7 +495,7 @@ class LeanLlama(LeanLayers):
         pos = torch.tensor(positions, device=self.device)
         mask = self.attention_mask(n, start, tree_mask, self.device)
         with torch.inference_mode():
-            x = F.embedding(torch.tensor([ids], device=self.device), self.embed)
+            x = self.embed_tokens(torch.tensor([ids], device=self.device))
             return self.decoder_layers(x, pos, mask, start, mask is None and n > 1, layers=range(upto))
 
     @torch.no_grad()
@@ -491,9 +525,13 @@ class LeanLlama(LeanLayers):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The transformer proper, writing the new keys and values at start..end of the cache. Returns float32
         logits and the last layer's hidden states (before the final norm) of every fed token."""
-        x = self.decoder_layers(F.embedding(ids, self.embed), pos, mask, start, causal)
+        x = self.decoder_layers(self.embed_tokens(ids), pos, mask, start, causal)
         hidden = x[0]
         return self.output_logits(x[:, -1:] if last_only else x), hidden
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """The residual stream's input for token ids (any shape): their embeddings in `stream_dtype`."""
+        return F.embedding(ids, self.embed).to(self.stream_dtype)
 
     def output_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Float32 logits [n, vocab] of hidden states x [1, n, hidden] (the final norm, then the output head)."""
@@ -542,22 +580,14 @@ class WeightFormat:
             return _fp16_weight(weight)
         return weight
 
+    @property
+    def product(self) -> Callable[[torch.Tensor, object], torch.Tensor]:
+        """`x @ W.T` for weights this format prepared: one function per format, looked up once by the layers
+        that call it 121 times a step."""
+        return _PRODUCTS.get(self.name, F.linear)
+
     def multiply(self, x: torch.Tensor, weight) -> torch.Tensor:
-        if self.name == "transposed":
-            return x @ weight
-        if self.name == "onednn":
-            return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
-        if self.name == "int8":
-            rows = x.reshape(-1, x.shape[-1])
-            return torch.ops.aten._weight_int8pack_mm(rows, *weight).view(*x.shape[:-1], -1)
-        if self.name == "int4":
-            rows = x.reshape(-1, x.shape[-1])
-            packed, scales_and_zeros = weight
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, packed, INT4_GROUP, scales_and_zeros)
-            return out.view(*x.shape[:-1], -1)
-        if self.name == "fp16":  # float32 activations and sums: more precise than a bfloat16 product
-            return torch.ops.quantized.linear_dynamic_fp16(x.float(), weight)
-        return F.linear(x, weight)
+        return self.product(x, weight)
 
     def share(self, prepared: torch.Tensor, linears: list[torch.nn.Linear] | tuple) -> None:
         """Re-point the linears' weights at views of `prepared` (their fused rows, in order), so the two copies
@@ -574,6 +604,32 @@ class WeightFormat:
 
 
 QUANTIZED = ("int8", "int4")
+
+
+def _int8_product(x: torch.Tensor, weight: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1])
+    return torch.ops.aten._weight_int8pack_mm(rows, *weight).view(*x.shape[:-1], -1)
+
+
+def _int4_product(x: torch.Tensor, weight: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1])
+    packed, scales_and_zeros = weight
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, packed, INT4_GROUP, scales_and_zeros)
+    return out.view(*x.shape[:-1], -1)
+
+
+def _fp16_product(x: torch.Tensor, weight) -> torch.Tensor:
+    # float32 activations and sums: more precise than a bfloat16 product
+    return torch.ops.quantized.linear_dynamic_fp16(x if x.dtype == torch.float32 else x.float(), weight)
+
+
+_PRODUCTS: dict[str, Callable] = {
+    "transposed": torch.matmul,
+    "onednn": lambda x, weight: torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], ""),
+    "int8": _int8_product,
+    "int4": _int4_product,
+    "fp16": _fp16_product,
+}
 INT4_GROUP = 32  # weights per scale and zero point, as in llama.cpp's Q4_1 blocks
 
 
@@ -800,6 +856,11 @@ def cpu_key() -> str:
     return f"{name}-{hashlib.sha256(' '.join(sorted(flags.split())).encode()).hexdigest()[:8]}"
 
 
+def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # a Python comparison is cheaper than a no-op `.to` call, and the lean step makes ~10 of them a layer
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # the same operations as transformers' LlamaRMSNorm, so fp32 results match it bit for bit
     h = x.float()
@@ -824,7 +885,8 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 
 def cached_lm(
-    model: PreTrainedModel, lean: bool = True, compile: bool = False, weights: str = "auto", graphs: bool | None = None
+    model: PreTrainedModel, lean: bool = True, compile: bool = False, weights: str = "auto", graphs: bool | None = None,
+    fused: bool | None = None,
 ) -> LeanLlama | HFCachedLM:
     """The fastest backend that runs this model exactly (compiled on request: Llama-family models only); a
     model llama.cpp loaded gets its llama.cpp context."""
@@ -835,7 +897,7 @@ def cached_lm(
                               "--format gguf`)")
         return model.new_cached_lm()
     if lean and LeanLlama.supports(model):
-        return LeanLlama(model, compile=compile, weights=weights, graphs=graphs)
+        return LeanLlama(model, compile=compile, weights=weights, graphs=graphs, fused=fused)
     if graphs:
         raise ConfigError(f"CUDA graphs capture the lean Llama-family forward; {model.config.model_type} runs "
                           "through transformers")

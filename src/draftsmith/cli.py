@@ -11,7 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from draftsmith.cli_options import (Adaptive, Backend, Compile, CudaGraphs, Device, DraftTokens, Drafter, Dtype,
-                                   LossySparseVerify, NgramMax, Prune, Routers, Target, TrustRemoteCode, Weights)
+                                   Fused, LossySparseVerify, NgramMax, Prune, Routers, Target, TrustRemoteCode,
+                                   Weights)
 from draftsmith.errors import DraftsmithError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Lossless speculative decoding for code LLMs.")
@@ -49,6 +50,7 @@ def generate(
     ngram_max: NgramMax = 4,
     compile: Compile = False,
     cuda_graphs: CudaGraphs = None,
+    fused: Fused = None,
     weights: Weights = "auto",
     backend: Backend = "torch",
     prune: Prune = "none",
@@ -79,7 +81,7 @@ def generate(
                                                       add_generation_prompt=True)
     with console.status("compiling the target's forward (once per process)") if compile else nullcontext():
         engine = SpecEngine(loaded.model, draft, loaded.tokenizer, compile=compile, weights=weights, pruner=pruner,
-                            sparse_verify=sparse, graphs=cuda_graphs)
+                            sparse_verify=sparse, graphs=cuda_graphs, fused=fused)
     if compile:
         compile_s = engine.runner.compile_s
         console.print(f"compiled in {compile_s:.1f} s" if compile_s is not None else "compiling failed: eager")

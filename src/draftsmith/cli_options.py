@@ -46,6 +46,10 @@ Compile = Annotated[bool, typer.Option("--compile/--eager", help="torch.compile 
 CudaGraphs = Annotated[Optional[bool], typer.Option("--cuda-graphs/--no-cuda-graphs", help="Replay one-token and "
                                                     "draft steps from captured CUDA graphs (default: on CUDA below "
                                                     "float32, unless --compile).", show_default="auto")]
+Fused = Annotated[Optional[bool], typer.Option("--fused/--no-fused", help="Run the lean forward's small operations "
+                                              "through fused CPU kernels, compiled once per machine (default: on "
+                                              "CPU below float32; DRAFTSMITH_FUSED=0 turns them off).",
+                                              show_default="auto")]
 TrustRemoteCode = Annotated[bool, typer.Option(help="Run model code shipped with a hub model (off: safer).")]
 Resume = Annotated[bool, typer.Option(help="Continue the run in --out from its latest checkpoint.")]
 MaxMinutes = Annotated[float, typer.Option(help="Stop training at this wall time (evaluated and saved as at the "

@@ -69,12 +69,13 @@ class SpecEngine:
         compile: bool = False,  # torch.compile the lean forward (once per process; its time is runner.compile_s)
         weights: str = "auto",  # the lean forward's weight layout (cached_lm.choose_format)
         graphs: bool | None = None,  # replay captured CUDA graphs for steps (None: on CUDA below fp32; cuda_graphs.py)
+        fused: bool | None = None,  # the lean forward's fused CPU kernels (None: on CPU below fp32; fused.py)
         pruner=None,  # cuts draft trees between the target's layers before verifying (predictor.PathPruner)
         sparse_verify=None,  # LOSSY: the target verifies with routers skipping layers (sparse.RoutedVerify)
         rule: AcceptanceRule | None = None,  # LOSSY where it is not greedy's: replaces the rule sampling implies
     ):
         self.model, self.drafter, self.tokenizer = model, drafter, tokenizer
-        self.runner = TargetRunner(model, lean=lean, compile=compile, weights=weights, graphs=graphs)
+        self.runner = TargetRunner(model, lean=lean, compile=compile, weights=weights, graphs=graphs, fused=fused)
         if pruner is not None and sparse_verify is not None:
             raise ConfigError("predictor pruning and the lossy sparse verification do not combine: pick one")
         self.runner.pruner, self.runner.sparse_verify = pruner, sparse_verify

@@ -78,7 +78,7 @@ def first_draft_agreement(lm: LeanLlama, contexts: list[DenseContext], skipped: 
     group = lm.n_heads // lm.n_kv
     for ctx in contexts:
         positions = torch.arange(ctx.first, len(ctx.ids) - 1, device=lm.device)
-        x = lm.embed[ctx.ids[positions].to(lm.device)][None]
+        x = lm.embed_tokens(ctx.ids[positions].to(lm.device))[None]
         rope = lm.rope(positions)
         before = positions[:, None] > torch.arange(len(ctx.ids), device=lm.device)[None]  # key j strictly before
         for i in range(len(lm.layers)):
@@ -92,7 +92,7 @@ def first_draft_agreement(lm: LeanLlama, contexts: list[DenseContext], skipped: 
             own_score = (q.float() * k.float().repeat_interleave(group, 1)).sum(-1, keepdim=True) * scale
             weights = torch.cat([context_scores, own_score], -1).softmax(-1)
             attn = weights[..., :-1] @ values.float() + weights[..., -1:] * v.float().repeat_interleave(group, 1)
-            x = lm.mix(i, x, attn.to(x.dtype))
+            x = lm.mix(i, x, attn.to(lm.product_dtype))
         predicted = lm.output_logits(x).argmax(-1).cpu()
         hits += int((predicted == ctx.ids[positions.cpu() + 1]).sum())
         total += len(positions)

@@ -75,7 +75,8 @@ class Routers(nn.Module):
         """[..., 2] skip / execute logits of tokens x [..., hidden] at `layer`; None for a layer without router."""
         if layer < self.config.start_layer:
             return None
-        return self.routers[layer - self.config.start_layer](x)
+        router = self.routers[layer - self.config.start_layer]
+        return router(x.to(router.down.weight.dtype))  # the stream may be float32 where the routers are not
 
     @torch.inference_mode()
     def executes(self, layer: int, x: torch.Tensor) -> bool:

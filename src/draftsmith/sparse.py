@@ -71,7 +71,7 @@ class SparseStep:
     def __call__(self, token: int, position: int) -> torch.Tensor:
         """Float32 logits [vocab] after `token` at `position`, which attends to the cache before it."""
         lm = self.lm
-        x = lm.embed[torch.tensor([[token]], device=lm.device)]
+        x = lm.embed_tokens(torch.tensor([[token]], device=lm.device))
         rope = lm.rope(torch.tensor([position], device=lm.device))
         for i in range(len(lm.layers)):
             if not self.policy.executes(i, x):
@@ -127,7 +127,7 @@ class RoutedVerify:
         base = lm.attention_mask(n, start, tree_mask, lm.device)
         if base is None:
             base = torch.ones(n, end, dtype=torch.bool, device=lm.device).tril(start)
-        x = lm.embed[torch.tensor([ids], device=lm.device)]
+        x = lm.embed_tokens(torch.tensor([ids], device=lm.device))
         rope = lm.rope(torch.tensor(positions, device=lm.device))
         for i in range(len(lm.layers)):
             logits = self.routers.logits(i, x)

@@ -34,9 +34,9 @@ class TargetRunner:
     """Owns the target model and its KV cache for one request at a time."""
 
     def __init__(self, model: PreTrainedModel, lean: bool = True, compile: bool = False, weights: str = "auto",
-                 graphs: bool | None = None):
+                 graphs: bool | None = None, fused: bool | None = None):
         self.model = model
-        self.lm = cached_lm(model, lean=lean, compile=compile, weights=weights, graphs=graphs)
+        self.lm = cached_lm(model, lean=lean, compile=compile, weights=weights, graphs=graphs, fused=fused)
         self.compile_s: float | None = getattr(self.lm, "compile_s", None)  # None: eager
         self.length = 0  # committed tokens in the cache
         self.tokens: list[int] = []  # those tokens (a cascade level syncs its cache to each new context by them)
@@ -175,7 +175,8 @@ class TargetRunner:
 
 def backend_key(lm, model: PreTrainedModel) -> str:
     """What a forward's cost depends on beyond the model, device, dtype and threads, for its calibration's key:
-    the backend, the lean forward's weight format (each has a cost curve of its own), compiled or captured."""
+    the backend, the lean forward's weight format (each has a cost curve of its own), compiled, captured or
+    fused."""
     if isinstance(lm, LeanLlama):
         key = f"lean-{lm.weights.name}"
     elif getattr(model, "weight_type", None):
@@ -186,4 +187,6 @@ def backend_key(lm, model: PreTrainedModel) -> str:
         key += "-compiled"
     if getattr(lm, "graphs", None) is not None:
         key += "-graphs"
+    if getattr(lm, "fused", None) is not None:
+        key += "-fused"
     return key

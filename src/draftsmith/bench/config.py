@@ -11,6 +11,8 @@ the target skipping layers by routers, the shipped ones without DIR, or by a mea
 the shipped head without DIR;
 `graphs=0` / `graphs=1`: the target's steps eager / replayed from captured CUDA graphs (default: captured on
 CUDA below fp32);
+`fused=0` / `fused=1`: the target's lean forward with its small operations eager / through the fused CPU kernels
+(default: fused on CPU below fp32; fused.py);
 `weights=NAME`: the lean forward's weight format (`--weights`: fastest, stored, transposed, onednn, fp16; int8 /
 int4 quantized, lossy) or
 transformers' generate on the same model (`hf-greedy`, `hf-prompt-lookup[:N]`, `hf-assisted:PATH`), or
@@ -34,15 +36,15 @@ BASELINE = "hf-greedy"  # speedups are measured against it, exactness against it
 PLAIN = "plain"  # our loop without a drafter: its seconds per step set the bound
 DEFAULT_METHODS = ("hf-greedy", "hf-prompt-lookup:10", "plain", "ngram:k=8")
 # method kind -> the key=value options its spec accepts
-OPTIONS = {"plain": ("compile", "graphs", "weights", "llamacpp", "lossy_sparse"),
-           "ngram": ("k", "min_n", "max_n", "adaptive", "compile", "graphs", "weights", "llamacpp"),
-           "model": ("k", "adaptive", "compile", "graphs", "weights", "llamacpp"),
-           "student": ("k", "adaptive", "compile", "graphs", "weights", "llamacpp"),
-           "mag": ("k", "adaptive", "compile", "graphs", "weights", "llamacpp"),
-           "cascade": ("k", "compile", "graphs", "weights"),
-           "eagle": ("k", "depth", "top_k", "lookup", "compile", "graphs", "weights", "prune", "lossy_sparse"),
-           "medusa": ("k", "compile", "graphs", "weights", "prune", "lossy_sparse"),
-           "ctc": ("k", "top_k", "beams", "levels", "compile", "graphs", "weights", "prune", "lossy_sparse"),
+OPTIONS = {"plain": ("compile", "graphs", "fused", "weights", "llamacpp", "lossy_sparse"),
+           "ngram": ("k", "min_n", "max_n", "adaptive", "compile", "graphs", "fused", "weights", "llamacpp"),
+           "model": ("k", "adaptive", "compile", "graphs", "fused", "weights", "llamacpp"),
+           "student": ("k", "adaptive", "compile", "graphs", "fused", "weights", "llamacpp"),
+           "mag": ("k", "adaptive", "compile", "graphs", "fused", "weights", "llamacpp"),
+           "cascade": ("k", "compile", "graphs", "fused", "weights"),
+           "eagle": ("k", "depth", "top_k", "lookup", "compile", "graphs", "fused", "weights", "prune", "lossy_sparse"),
+           "medusa": ("k", "compile", "graphs", "fused", "weights", "prune", "lossy_sparse"),
+           "ctc": ("k", "top_k", "beams", "levels", "compile", "graphs", "fused", "weights", "prune", "lossy_sparse"),
            "layerskip": ("k", "adaptive", "weights", "lossy_sparse"), "hf-greedy": (),
            "hf-prompt-lookup": (), "hf-assisted": (),
            "llamacpp": (), "llamacpp-lookup": (), "llama-server": ("n", "m", "draft_max"),

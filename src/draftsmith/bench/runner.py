@@ -86,6 +86,7 @@ def _engine_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int, s
     adaptive = bool(options.pop("adaptive", 0))
     compile = bool(options.pop("compile", 0))
     graphs = bool(options.pop("graphs")) if "graphs" in options else None  # None: the backend's default
+    fused = bool(options.pop("fused")) if "fused" in options else None
     drafter_spec = {"plain": "none", "ngram": "ngram", "model": f"model:{spec.arg}"}.get(spec.kind)
     if spec.kind in ("eagle", "medusa", "ctc", "student", "mag", "cascade", "layerskip"):
         drafter_spec = f"{spec.kind}:{spec.arg}" if spec.arg else spec.kind
@@ -101,7 +102,8 @@ def _engine_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int, s
         model = LlamaCppModel(run_gguf(target), target.model.config)
         target = LoadedModel(model=model, tokenizer=target.tokenizer, name=target.name)
     engine = SpecEngine(target.model, build_drafter(drafter_spec, target, **options), tokenizer=None, compile=compile,
-                        weights=weights, pruner=pruner, sparse_verify=sparse, graphs=graphs)
+                        weights=weights, pruner=pruner, sparse_verify=sparse, graphs=graphs,
+                        fused=fused)
     config = GenerationConfig(max_new_tokens=max_new_tokens, k=k, adaptive=adaptive, sampling=SamplingConfig(seed=seed))
 
     def generate(ids: list[int]) -> Output:

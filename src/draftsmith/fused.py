@@ -1,0 +1,62 @@
+"""Fused float32 CPU kernels for the lean forward's small operations, compiled once per machine and torch.
+
+Why: on a small CPU a one-token step's weight products run near the memory's rate, but the ~20 small operations
+a layer also does (norms, rotary embedding, cache writes, attention over one query, the MLP's gate) each cost
+10-60 us of per-operation overhead in eager torch: ~9 ms of a ~38 ms step for SmolLM2-135M on a 2-core AVX2 EPYC.
+`csrc/fused_cpu.cpp` does each chain in one call. It is compiled with the machine's C++ compiler the first time
+it is needed (about a minute; kept in draftsmith's cache folder and reused); without a compiler, or if the build
+fails, the lean forward says why once and runs its eager operations. Used only below float32 on CPU, where the
+forward is not bit-exact against transformers anyway (float32 keeps transformers' own operations).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from draftsmith.paths import cache_dir
+
+SOURCE = Path(__file__).parent / "csrc" / "fused_cpu.cpp"
+DISABLE_ENV = "DRAFTSMITH_FUSED"  # "0": never build or use the fused kernels
+
+
+def wanted(device: torch.device, fused: bool | None) -> bool:
+    """Whether a lean forward on `device` should use the fused kernels: `fused` as given, by default (None) on
+    CPU unless the environment turns them off."""
+    if device.type != "cpu" or fused is False:
+        return False
+    return fused is True or os.environ.get(DISABLE_ENV, "1") != "0"
+
+
+@functools.cache
+def fused_ops():
+    """torch.ops.draftsmith_fused, built on first use; None (with one warning saying why) where it cannot be."""
+    from torch.utils import cpp_extension
+
+    from draftsmith.cached_lm import cpu_key
+
+    source = SOURCE.read_text()
+    # -march=native: a build is for one instruction set, so the CPU is part of the key (a shared home folder);
+    # -fopenmp: at::parallel_for splits work only when compiled with OpenMP (torch's own libgomp is the one loaded)
+    flags = ["-O3", "-march=native", "-fopenmp"]
+    tag = hashlib.sha256(f"{source}{flags}{torch.__version__}{cpu_key()}".encode()).hexdigest()[:12]
+    name, build = f"draftsmith_fused_{tag}", cache_dir() / "fused" / tag
+    build.mkdir(parents=True, exist_ok=True)
+    if not (build / f"{name}.so").is_file():
+        print("draftsmith: compiling fused CPU kernels (once per machine, about a minute)...", file=sys.stderr)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # cpp_extension's notes on compiler versions
+            cpp_extension.load(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                               build_directory=str(build), is_python_module=False, verbose=False)
+    except Exception as e:  # no compiler, no ninja, a failed build: each has its own exception type
+        warnings.warn(f"fused CPU kernels unavailable, running eager operations: {type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}", stacklevel=2)
+        return None
+    return torch.ops.draftsmith_fused

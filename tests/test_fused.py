@@ -1,0 +1,154 @@
+"""The fused CPU kernels (fused.py, csrc/fused_cpu.cpp): each equals the eager operations it replaces, the lean
+forward through them equals the same forward eager, and a machine that cannot build them runs eager."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import draftsmith.cached_lm as cached_lm_module
+import draftsmith.fused as fused_module
+from draftsmith.cached_lm import LeanLlama, _swapped_rope
+from draftsmith.engine import GenerationConfig, SpecEngine
+from draftsmith.verify import backend_key
+from tiny_models import tiny_llama
+
+pytestmark = pytest.mark.xdist_group("fused")  # one worker builds the kernels (once per machine)
+
+
+@pytest.fixture(scope="module")
+def ops():
+    built = fused_module.fused_ops()
+    if built is None:
+        pytest.skip("no C++ compiler here: the fused kernels cannot be built (the fallback test covers this)")
+    return built
+
+
+def test_rms_norms_equal_torchs(ops):
+    torch.manual_seed(0)
+    x, delta, weight = torch.randn(2, 3, 96), torch.randn(2, 3, 96), torch.randn(96)
+    torch.testing.assert_close(ops.rms_norm(x, weight, 1e-6), F.rms_norm(x, (96,), weight, 1e-6))
+    total, normed = ops.add_rms_norm(x, delta, weight, 1e-6)
+    assert torch.equal(total, x + delta)
+    torch.testing.assert_close(normed, F.rms_norm(x + delta, (96,), weight, 1e-6))
+
+
+def test_silu_mul_is_the_mlp_gate(ops):
+    gate_up = torch.randn(1, 5, 2 * 48) * 4
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(ops.silu_mul(gate_up), F.silu(gate) * up)
+
+
+def test_rope_write_kv_rotates_like_the_eager_forward_and_writes_only_its_slots(ops):
+    heads, kv_heads, d, n, start, capacity = 4, 2, 16, 3, 5, 12
+    torch.manual_seed(1)
+    qkv = torch.randn(1, n, (heads + 2 * kv_heads) * d)
+    cos, signed_sin = torch.randn(1, 1, n, d), torch.randn(1, 1, n, d)
+    k_cache = torch.full((kv_heads, capacity, d), 7.0)
+    v_cache = torch.full((kv_heads, capacity, d), 7.0)
+    q = ops.rope_write_kv(qkv, cos, signed_sin, k_cache, v_cache, start, heads, kv_heads)
+
+    qk, v = qkv.split([(heads + kv_heads) * d, kv_heads * d], dim=-1)
+    rotated = _swapped_rope(qk.view(1, n, heads + kv_heads, d).transpose(1, 2), cos, signed_sin)
+    torch.testing.assert_close(q, rotated[:, :heads])
+    torch.testing.assert_close(k_cache[:, start : start + n], rotated[0, heads:])
+    assert torch.equal(v_cache[:, start : start + n], v.view(n, kv_heads, d).transpose(0, 1))
+    for cache in (k_cache, v_cache):  # every other slot untouched
+        assert (cache[:, :start] == 7).all() and (cache[:, start + n :] == 7).all()
+
+
+@pytest.mark.parametrize("length", [1, 9, 300, 3000])  # 3000: the kv heads split across threads
+def test_decode_attention_equals_sdpa_over_the_cached_prefix(ops, length):
+    heads, kv_heads, d, capacity = 6, 2, 32, 3100
+    torch.manual_seed(length)
+    q = torch.randn(1, heads, 1, d) * 3  # peaked scores: the exponential's range is exercised
+    k_cache, v_cache = torch.randn(kv_heads, capacity, d), torch.randn(kv_heads, capacity, d)
+    expected = F.scaled_dot_product_attention(q, k_cache[None, :, :length], v_cache[None, :, :length],
+                                              enable_gqa=True)
+    torch.testing.assert_close(ops.decode_attention(q, k_cache, v_cache, length), expected, rtol=2e-5, atol=2e-6)
+
+
+def test_the_kernels_refuse_what_they_cannot_compute(ops):
+    with pytest.raises(RuntimeError, match="float32 CPU tensor is needed"):
+        ops.rms_norm(torch.randn(2, 8).bfloat16(), torch.randn(8).bfloat16(), 1e-6)
+    cache = torch.zeros(1, 4, 8)
+    with pytest.raises(RuntimeError, match="past the cache's capacity"):
+        ops.rope_write_kv(torch.randn(1, 2, 3 * 8), torch.ones(1, 1, 2, 8), torch.zeros(1, 1, 2, 8), cache,
+                          cache.clone(), 3, 1, 1)
+    with pytest.raises(RuntimeError, match="length outside the cache"):
+        ops.decode_attention(torch.randn(1, 1, 1, 8), cache, cache, 5)
+
+
+def bf16_llama(seed: int, monkeypatch):
+    """A tiny bf16 Llama whose norms differ from one another (initialised to ones they would be interchangeable),
+    its attention in float32 whatever this machine would time for it: the fused kernels' case on fp16 weights."""
+    monkeypatch.setattr(cached_lm_module, "attention_dtype", lambda *args: torch.float32)
+    model = tiny_llama(seed=seed, hidden_size=64)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+    return model.to(torch.bfloat16)
+
+
+def bf16_lean(fused: bool, monkeypatch) -> LeanLlama:
+    return LeanLlama(bf16_llama(3, monkeypatch), weights="fp16", fused=fused)
+
+
+def test_the_lean_forward_through_the_kernels_equals_it_eager(ops, monkeypatch):
+    """Prefill, one-token steps and a masked tree verification: the same logits and hidden states (summed in
+    another order, so to float32 rounding), and the same cache."""
+    fused, eager = bf16_lean(True, monkeypatch), bf16_lean(False, monkeypatch)
+    assert fused.fused is not None and eager.fused is None
+    tree = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 1, 1]], dtype=torch.bool)
+    outputs = {}
+    for name, lm in (("fused", fused), ("eager", eager)):
+        lm.reset(64)
+        steps = [lm.forward(list(range(3, 40)), features=True)]
+        steps += [lm.forward([token], features=True) for token in (7, 11, 13)]
+        steps.append(lm.forward([4, 9, 21, 30], positions=[40, 41, 41, 42], tree_mask=tree, features=True))
+        outputs[name] = steps, lm.k_cache[:, :, : lm.length].clone(), lm.v_cache[:, :, : lm.length].clone()
+    pairs = [pair for step, step_eager in zip(outputs["fused"][0], outputs["eager"][0]) for pair in zip(step, step_eager)]
+    pairs += list(zip(outputs["fused"][1:], outputs["eager"][1:]))
+    for got, expected in pairs:  # float32 rounding relative to the tensor's scale (a wrong operation is ~1)
+        assert got.shape == expected.shape
+        assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_speculative_decoding_through_the_kernels_keeps_the_eager_tokens(ops, monkeypatch):
+    model = bf16_llama(4, monkeypatch)
+    prompt, config = [5, 17, 33, 8, 21, 40, 9, 5, 17, 33], GenerationConfig(max_new_tokens=40, k=6)
+    tokens = {fused: SpecEngine(model, None, weights="fp16", fused=fused).generate(prompt, config).tokens
+              for fused in (True, False)}
+    assert tokens[True] == tokens[False]
+    engine = SpecEngine(model, None, weights="fp16", fused=True)
+    assert engine.runner.lm.fused is not None
+    assert backend_key(engine.runner.lm, model).endswith("-fused")  # a cost curve of its own
+
+
+def test_without_a_compiler_the_forward_says_why_and_runs_eager(monkeypatch, tmp_path):
+    from torch.utils import cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("g++: command not found")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(fused_module, "cache_dir", lambda: tmp_path)  # nothing built there
+    fused_module.fused_ops.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="fused CPU kernels unavailable.*g\\+\\+: command not found"):
+            lm = bf16_lean(True, monkeypatch)
+        assert lm.fused is None
+        lm.reset(16)
+        assert lm.forward([1, 2, 3]).shape[0] == 3
+    finally:
+        fused_module.fused_ops.cache_clear()
+
+
+def test_fused_kernels_are_off_where_asked_and_off_cpu(monkeypatch):
+    cpu = torch.device("cpu")
+    assert fused_module.wanted(cpu, None) and fused_module.wanted(cpu, True)
+    assert not fused_module.wanted(cpu, False) and not fused_module.wanted(torch.device("cuda"), None)
+    monkeypatch.setenv(fused_module.DISABLE_ENV, "0")
+    assert not fused_module.wanted(cpu, None)
