@@ -11,6 +11,7 @@ import draftsmith.cached_lm as cached_lm_module
 import draftsmith.fused as fused_module
 from draftsmith.cached_lm import LeanLlama, _swapped_rope
 from draftsmith.engine import GenerationConfig, SpecEngine
+from draftsmith.errors import ConfigError
 from draftsmith.verify import backend_key
 from tiny_models import tiny_llama
 
@@ -67,6 +68,31 @@ def test_decode_attention_equals_sdpa_over_the_cached_prefix(ops, length):
     expected = F.scaled_dot_product_attention(q, k_cache[None, :, :length], v_cache[None, :, :length],
                                               enable_gqa=True)
     torch.testing.assert_close(ops.decode_attention(q, k_cache, v_cache, length), expected, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("rows, size", [(1, 576), (3, 576), (9, 576), (20, 64), (2, 20)])  # 20: no 8-lane path
+def test_half_product_is_the_float32_product_of_the_float16_weights(ops, rows, size):
+    torch.manual_seed(rows)
+    x, weight = torch.randn(1, rows, size), (torch.randn(200, size) * 0.1).half()
+    torch.testing.assert_close(ops.half_product(x, weight), x @ weight.float().t(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("wrong_at", [set(), {0}, {3}])
+def test_greedy_on_fp16_fused_weights_equals_hf_greedy_of_the_same_weights(ops, wrong_at):
+    """The same property as FBGEMM's fp16 format: float32 activations over float16-valued weights are
+    transformers' fp32 forward summed in another order; speculation keeps its tokens."""
+    from scripted_drafters import OracleDrafter
+    from test_fp16_weights import fp16_valued
+    from tiny_models import hf_greedy
+
+    target = fp16_valued(tiny_llama(seed=5))
+    prompt = [5, 17, 33, 8, 21, 40, 9]
+    reference = hf_greedy(target, prompt, 30)
+    oracle = OracleDrafter(reference, len(prompt), wrong_at=wrong_at, vocab=target.config.vocab_size)
+    for drafter, k in ((None, 0), (oracle, 6)):
+        engine = SpecEngine(target, drafter, weights="fp16-fused")
+        assert engine.runner.lm.weights.name == "fp16-fused"
+        assert engine.generate(prompt, GenerationConfig(max_new_tokens=30, k=k)).tokens == reference
 
 
 def test_the_kernels_refuse_what_they_cannot_compute(ops):
@@ -142,6 +168,8 @@ def test_without_a_compiler_the_forward_says_why_and_runs_eager(monkeypatch, tmp
         assert lm.fused is None
         lm.reset(16)
         assert lm.forward([1, 2, 3]).shape[0] == 3
+        with pytest.raises(ConfigError, match="fp16-fused weights need the fused CPU kernels"):
+            LeanLlama(bf16_llama(6, monkeypatch), weights="fp16-fused").forward([1, 2])
     finally:
         fused_module.fused_ops.cache_clear()
 

@@ -561,7 +561,7 @@ class WeightFormat:
     def float_products(self) -> bool:
         """Products take and give float32 whatever the model's dtype (`fp16`): the lean forward then feeds them
         float32 norms and attention, and casts only what joins the residual stream."""
-        return self.name == "fp16"
+        return self.name in FP16_FORMATS
 
     def norm_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """An RMS norm's weight as `LeanLayers.norm` applies it: in float32 where the products take float32."""
@@ -578,6 +578,8 @@ class WeightFormat:
             return _int4_weight(weight)
         if self.name == "fp16":
             return _fp16_weight(weight)
+        if self.name == "fp16-fused":
+            return weight.to(torch.float16).contiguous()
         return weight
 
     @property
@@ -593,7 +595,7 @@ class WeightFormat:
         """Re-point the linears' weights at views of `prepared` (their fused rows, in order), so the two copies
         become one. oneDNN's packed layout and quantized weights cannot be viewed: there the model keeps its
         own weights."""
-        if self.name in ("onednn", "fp16") or self.lossy:
+        if self.name in ("onednn", *FP16_FORMATS) or self.lossy:
             return
         rows = prepared if self.name == "stored" else prepared.t()
         offset = 0
@@ -629,7 +631,19 @@ _PRODUCTS: dict[str, Callable] = {
     "int8": _int8_product,
     "int4": _int4_product,
     "fp16": _fp16_product,
+    "fp16-fused": lambda x, weight: _fused_product()(_cast(x, torch.float32), weight),
 }
+# weights packed as float16 (exact for bfloat16 values of its range), float32 activations and sums: FBGEMM's
+# product, or the fused kernels' (csrc/fused_cpu.cpp: each weight row read once for up to 8 rows; opt-in)
+FP16_FORMATS = ("fp16", "fp16-fused")
+
+
+def _fused_product():
+    ops = fused_ops()
+    if ops is None:
+        raise ConfigError("fp16-fused weights need the fused CPU kernels, which could not be built here (see the "
+                          "warning above): use --weights fp16")
+    return ops.half_product
 INT4_GROUP = 32  # weights per scale and zero point, as in llama.cpp's Q4_1 blocks
 
 
@@ -753,7 +767,7 @@ def fastest(runs: dict, rounds: int = 7, repeats: int = 3):
     return min(best, key=best.get)
 
 
-WEIGHT_CHOICES = ("auto", "fastest", "stored", "transposed", "onednn", "fp16", *QUANTIZED)
+WEIGHT_CHOICES = ("auto", "fastest", "stored", "transposed", "onednn", *FP16_FORMATS, *QUANTIZED)
 
 
 def choose_format(model: PreTrainedModel, weights: str = "auto") -> WeightFormat:
@@ -767,11 +781,11 @@ def choose_format(model: PreTrainedModel, weights: str = "auto") -> WeightFormat
         raise ConfigError(f"unknown weight format '{weights}': use one of {', '.join(WEIGHT_CHOICES)}")
     if weights == "auto":
         weights = "stored" if model.dtype == torch.float32 else "fastest"
-    if weights in (*QUANTIZED, "fp16") and model.device.type != "cpu":
+    if weights in (*QUANTIZED, *FP16_FORMATS) and model.device.type != "cpu":
         raise ConfigError(f"{weights} weights use CPU kernels (aten's, FBGEMM's); on {model.device.type} use "
                           "another format")
-    if weights == "fp16" and not model_fp16_holds(model):
-        raise ConfigError(f"fp16 weights would round this {model.dtype} model's weights (some have more significant "
+    if weights in FP16_FORMATS and not model_fp16_holds(model):
+        raise ConfigError(f"{weights} weights would round this {model.dtype} model's weights (some have more significant "
                           "bits than float16 holds, or exceed its range): use another format")
     if weights != "fastest":
         return WeightFormat(weights)
