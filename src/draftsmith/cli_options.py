@@ -29,7 +29,9 @@ Routers = Annotated[str, typer.Option(help="Routers for --lossy-sparse-verify: a
 Weights = Annotated[str, typer.Option(help="Lean forward's weight layout: auto (fp32: transformers' own, bit-faithful; "
                                            "else the fastest), fastest, stored, transposed, onednn, fp16 (packed "
                                            "float16 weights with float32 activations, where packing keeps them: "
-                                           "bf16 models; CPU); int8 / int4: quantized weights, lossy, CPU only.")]
+                                           "bf16 models; CPU), fp16-fused (the same weights through the fused "
+                                           "kernels' product: faster steps, slower prefill; CPU); int8 / int4: "
+                                           "quantized weights, lossy, CPU only.")]
 Backend = Annotated[str, typer.Option(help="torch (our lean Llama-family forward, else transformers') or llamacpp "
                                            "(a GGUF file run by llama.cpp, our drafters and acceptance on top; "
                                            "pip install 'draftsmith\\[llamacpp]').")]
