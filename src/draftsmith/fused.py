@@ -23,7 +23,8 @@ import torch
 from draftsmith.paths import cache_dir
 
 SOURCE = Path(__file__).parent / "csrc" / "fused_cpu.cpp"
-DISABLE_ENV = "DRAFTSMITH_FUSED"  # "0": never build or use the fused kernels
+DISABLE_ENV = "DRAFTSMITH_FUSED"  # "0": the lean forward's small operations stay eager (`--weights fp16-fused` still
+# names the kernels' product)
 
 
 def wanted(device: torch.device, fused: bool | None) -> bool:
