@@ -586,6 +586,9 @@ class WeightFormat:
     def product(self) -> Callable[[torch.Tensor, object], torch.Tensor]:
         """`x @ W.T` for weights this format prepared: one function per format, looked up once by the layers
         that call it 121 times a step."""
+        if self.name == "fp16-fused":  # the kernel looked up here, once, not at each of a step's products
+            half_product = _fused_product()
+            return lambda x, weight: half_product(_cast(x, torch.float32), weight)
         return _PRODUCTS.get(self.name, F.linear)
 
     def multiply(self, x: torch.Tensor, weight) -> torch.Tensor:
@@ -631,7 +634,6 @@ _PRODUCTS: dict[str, Callable] = {
     "int8": _int8_product,
     "int4": _int4_product,
     "fp16": _fp16_product,
-    "fp16-fused": lambda x, weight: _fused_product()(_cast(x, torch.float32), weight),
 }
 # weights packed as float16 (exact for bfloat16 values of its range), float32 activations and sums: FBGEMM's
 # product, or the fused kernels' (csrc/fused_cpu.cpp: each weight row read once for up to 8 rows; opt-in)
