@@ -3,6 +3,8 @@ prefills in chunks through the causal kernel path, and picks its weight layout o
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 import draftsmith.cached_lm as cached_lm_module
@@ -44,12 +46,32 @@ def test_float32_keeps_transformers_layout_and_other_dtypes_take_the_cached_fast
     target = tiny_llama(seed=2)
     assert choose_format(target) == WeightFormat("stored")
     timed = []
-    real = cached_lm_module.fastest_format
-    monkeypatch.setattr(cached_lm_module, "fastest_format", lambda *args: timed.append(1) or real(*args))
+    real = cached_lm_module.fastest_step_format
+    monkeypatch.setattr(cached_lm_module, "fastest_step_format", lambda *args: timed.append(1) or real(*args))
     bf16 = tiny_llama(seed=3).to(torch.bfloat16)
     first = choose_format(bf16)
     again = choose_format(tiny_llama(seed=4).to(torch.bfloat16))  # another load, same machine, dtype and shape
     assert first == again and len(timed) == 1  # measured once, then read from the cache
+    choose_format(bf16, fused=False)  # without the fused kernels a step costs otherwise: its own measurement
+    assert len(timed) == 2
+
+
+def test_fastest_format_is_judged_by_whole_steps_and_leaves_the_model_alone(monkeypatch):
+    """A format whose products are slow loses, however the rest of the step goes; the timing probe builds its own
+    weights and re-points none of the model's parameters."""
+    model = tiny_llama(seed=3).to(torch.bfloat16)
+    before = {name: _storage(p) for name, p in model.named_parameters()}
+    formats = cached_lm_module.candidate_formats(model.lm_head.weight, fp16=False)
+    assert WeightFormat("transposed") in formats
+
+    def slow_product(x, weight):
+        time.sleep(0.002)
+        return torch.matmul(x, weight)
+
+    monkeypatch.setitem(cached_lm_module._PRODUCTS, "transposed", slow_product)
+    chosen = cached_lm_module.fastest_step_format(model, formats, rounds=2)
+    assert chosen in formats and chosen != WeightFormat("transposed")
+    assert {name: _storage(p) for name, p in model.named_parameters()} == before
 
 
 def test_cache_grows_on_demand_geometrically():

@@ -142,16 +142,24 @@ class LeanWeights:
         lm_head = layout(model.lm_head.weight)
         if not tied:  # a tied head is the embedding, which F.embedding needs in its stored layout
             fmt.share(lm_head, [model.lm_head])
-        # RoPE tables from the model's own rotary module, so every scaling variant is honoured
+        return cls(fmt, inner.embed_tokens.weight, fmt.norm_weight(inner.norm.weight), lm_head, layers,
+                   *cls.rope_tables(model))
+
+    @staticmethod
+    @torch.no_grad()
+    def rope_tables(model: PreTrainedModel) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [positions, head_dim] from the model's own rotary module, so every scaling variant is
+        honoured."""
         probe = torch.zeros(1, dtype=model.dtype, device=model.device)
         positions = torch.arange(model.config.max_position_embeddings, device=model.device)[None]
-        cos, sin = inner.rotary_emb(probe, positions)
-        return cls(fmt, inner.embed_tokens.weight, fmt.norm_weight(inner.norm.weight), lm_head, layers, cos[0], sin[0])
+        cos, sin = model.model.rotary_emb(probe, positions)
+        return cos[0], sin[0]
 
 
 @torch.no_grad()
-def lean_layer(layer: torch.nn.Module, fmt: WeightFormat) -> dict:
-    """A Llama decoder layer's weights as the lean forward multiplies them (q/k/v and gate/up fused)."""
+def lean_layer(layer: torch.nn.Module, fmt: WeightFormat, share: bool = True) -> dict:
+    """A Llama decoder layer's weights as the lean forward multiplies them (q/k/v and gate/up fused). `share`:
+    re-point the layer's own linears at the fused weights (see `WeightFormat.share`); a timing probe does not."""
     attn, mlp, layout = layer.self_attn, layer.mlp, fmt.prepare
     qkv, gate_up = (attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)
     entry = dict(
@@ -164,19 +172,20 @@ def lean_layer(layer: torch.nn.Module, fmt: WeightFormat) -> dict:
         w_gate_up=layout(torch.cat([p.weight for p in gate_up])),
         w_down=layout(mlp.down_proj.weight),
     )
-    fmt.share(entry["wqkv"], qkv)
-    fmt.share(entry["wo"], [attn.o_proj])
-    fmt.share(entry["w_gate_up"], gate_up)
-    fmt.share(entry["w_down"], [mlp.down_proj])
+    if share:
+        fmt.share(entry["wqkv"], qkv)
+        fmt.share(entry["wo"], [attn.o_proj])
+        fmt.share(entry["w_gate_up"], gate_up)
+        fmt.share(entry["w_down"], [mlp.down_proj])
     return entry
 
 
 _LEAN_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {format name: LeanWeights}
 
 
-def lean_weights(model: PreTrainedModel, weights: str = "auto") -> LeanWeights:
+def lean_weights(model: PreTrainedModel, weights: str = "auto", fused: bool | None = None) -> LeanWeights:
     """The shared lean weights of `model` in the format `weights` names (see `choose_format`)."""
-    fmt = choose_format(model, weights)
+    fmt = choose_format(model, weights, fused)
     per_model = _LEAN_WEIGHTS.setdefault(model, {})
     if fmt.name not in per_model:
         per_model[fmt.name] = LeanWeights.build(model, fmt)
@@ -405,7 +414,7 @@ class LeanLlama(LeanLayers):
     def __init__(self, model: PreTrainedModel, compile: bool = False, weights: str = "auto",
                  graphs: bool | None = None, fused: bool | None = None):
         cfg = model.config
-        shared = lean_weights(model, weights)
+        shared = lean_weights(model, weights, fused=False if compile else fused)
         super().__init__(shared.layers, shared.format, shared.cos, shared.sin, cfg.num_attention_heads,
                          cfg.num_key_value_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
                          cfg.rms_norm_eps, model.dtype, model.device, fused=False if compile else fused)
@@ -772,13 +781,14 @@ def fastest(runs: dict, rounds: int = 7, repeats: int = 3):
 WEIGHT_CHOICES = ("auto", "fastest", "stored", "transposed", "onednn", *FP16_FORMATS, *QUANTIZED)
 
 
-def choose_format(model: PreTrainedModel, weights: str = "auto") -> WeightFormat:
+def choose_format(model: PreTrainedModel, weights: str = "auto", fused: bool | None = None) -> WeightFormat:
     """`auto`: float32 keeps transformers' own layout and kernel (F.linear), so its logits are transformers'
     bit for bit, as `--dtype float32` promises; other dtypes take the fastest format. `fastest`: the format
-    timed fastest on this machine for this dtype and shape, measured ONCE and cached on disk (timing at every
-    load could pick differently between two loads, and so round differently). Or a format by name: `int8` and
-    `int4` quantize the weights (lossy: another model, whose greedy output is compared, never promised equal;
-    never chosen unless named)."""
+    whose lean decoding step (`fastest_step_format`, with the fused kernels as `fused` asks) was timed fastest
+    on this machine for this dtype and shape, measured ONCE and cached on disk (timing at every load could pick
+    differently between two loads, and so round differently). Or a format by name: `int8` and `int4` quantize
+    the weights (lossy: another model, whose greedy output is compared, never promised equal; never chosen
+    unless named)."""
     if weights not in WEIGHT_CHOICES:
         raise ConfigError(f"unknown weight format '{weights}': use one of {', '.join(WEIGHT_CHOICES)}")
     if weights == "auto":
@@ -792,7 +802,64 @@ def choose_format(model: PreTrainedModel, weights: str = "auto") -> WeightFormat
     if weights != "fastest":
         return WeightFormat(weights)
     # fp16 is a CPU format: elsewhere its check would only cost time at load
-    return cached_fastest_format(model.lm_head.weight, fp16=model.device.type == "cpu" and model_fp16_holds(model))
+    fp16 = model.device.type == "cpu" and model_fp16_holds(model)
+    formats = candidate_formats(model.lm_head.weight, fp16)
+    if len(formats) == 1:
+        return formats[0]
+    # the fused kernels change what a format's step costs (they run only beside float32 products): part of the key
+    fused_on = fused_wanted(model.device, fused) and fused_ops() is not None
+    cfg = model.config
+    shape = (f"{cfg.num_hidden_layers}x{cfg.hidden_size}x{cfg.intermediate_size}-heads{cfg.num_attention_heads}/"
+             f"{cfg.num_key_value_heads}-vocab{model.lm_head.weight.shape[0]}")
+    key = (f"step-{model.dtype}-{shape}-{'+'.join(f.name for f in formats)}-rows{'+'.join(map(str, TIMED_ROWS))}"
+           f"-fused{int(fused_on)}")
+    return WeightFormat(measured_once(key, lambda: fastest_step_format(model, formats, fused).name))
+
+
+STEP_PROBE_BYTES = 512 * 2**20  # a format's step is timed on the model's first layers up to this many bytes
+
+
+@torch.no_grad()
+def fastest_step_format(model: PreTrainedModel, formats: list[WeightFormat], fused: bool | None = None,
+                        context: int = 256, rounds: int = 5) -> WeightFormat:
+    """The format whose lean decoding steps (1 and 8 tokens after `context` cached ones: a step and a
+    verification) run fastest here: every layer's products, norms, attention and cache writes as the lean
+    forward does them, and the output head. Timing the products alone misjudged it: on a 2-core AVX-512 EPYC
+    oneDNN's bf16 products were level with FBGEMM's fp16 ones, while the whole step ran 9.4 ms in `fp16`
+    (float32 activations, where the fused kernels apply) against 12.3 ms in `onednn`. A large model is timed on
+    its first layers (STEP_PROBE_BYTES, more than any CPU cache holds), run over as often as it has layers."""
+    cfg, inner = model.config, model.model
+    per_layer = sum(p.numel() * p.element_size() for p in inner.layers[0].parameters())
+    probe = max(1, min(len(inner.layers), STEP_PROBE_BYTES // max(per_layer, 1)))
+    passes = -(-len(inner.layers) // probe)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    rotary = LeanWeights.rope_tables(model)
+    runs = {}
+    for fmt in formats:
+        try:
+            layers = LeanLayers([lean_layer(layer, fmt, share=False) for layer in inner.layers[:probe]], fmt,
+                                *rotary, cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, cfg.rms_norm_eps,
+                                model.dtype, model.device, fused=fused)
+            layers.reset(context + max(TIMED_ROWS))
+            layers.length = context  # zeros in the cache: attention reads `context` entries all the same
+            runs[fmt] = functools.partial(_probe_steps, layers, fmt.prepare(model.lm_head.weight), passes, context)
+            runs[fmt]()  # warm-up
+        except RuntimeError:  # a torch build without this kernel
+            runs.pop(fmt, None)
+    return fastest(runs, rounds, repeats=1)
+
+
+def _probe_steps(layers: LeanLayers, head, passes: int, context: int) -> None:
+    """One step of each TIMED_ROWS size through the probe layers (`passes` times over) and the output head."""
+    hidden, norm = layers.layers[0]["attn_norm"].shape[0], layers.layers[0]["attn_norm"]
+    with torch.inference_mode():
+        for rows in TIMED_ROWS:
+            x = torch.randn(1, rows, hidden, device=layers.device).to(layers.stream_dtype)
+            positions = torch.arange(context, context + rows, device=layers.device)
+            mask = layers.attention_mask(rows, context, None, layers.device)
+            for _ in range(passes):
+                y = layers.decoder_layers(x, positions, mask, context, causal=False)
+            layers.weights.multiply(layers.norm(y, norm), head)
 
 
 def cached_fastest_format(weight: torch.Tensor, fp16: bool | None = None) -> WeightFormat:
