@@ -95,6 +95,49 @@ def test_greedy_on_fp16_fused_weights_equals_hf_greedy_of_the_same_weights(ops, 
         assert engine.generate(prompt, GenerationConfig(max_new_tokens=30, k=k)).tokens == reference
 
 
+@pytest.fixture(scope="module")
+def bf16_dot(ops):
+    if not ops.bf16_dot_supported():
+        pytest.skip("this CPU has no AVX512-BF16 dot products: the bf16-fused format is never offered here")
+    return ops
+
+
+# sizes: 576 (whole 32-lane steps), 40 and 20 (a masked tail); features 203 (a tail past the 4-row tiles)
+@pytest.mark.parametrize("rows, size", [(1, 576), (3, 576), (9, 576), (6, 40), (2, 20)])
+def test_bf16_product_is_the_product_of_bf16_rounded_rows_and_batching_changes_no_bit(bf16_dot, rows, size):
+    torch.manual_seed(rows)
+    x, weight = torch.randn(1, rows, size), (torch.randn(203, size) * 0.1).bfloat16()
+    got = bf16_dot.bf16_product(x, weight)
+    exact = x.bfloat16().double() @ weight.double().t()  # the rows rounded to bf16 once, then exact sums
+    assert (got.double() - exact).abs().max() <= 1e-5 * exact.abs().max()
+    # each row alone gives the batch's numbers bit for bit: a verification rounds as one-token steps do
+    for r in range(rows):
+        assert torch.equal(bf16_dot.bf16_product(x[:, r : r + 1], weight)[0, 0], got[0, r])
+
+
+def test_speculative_decoding_on_bf16_fused_weights_keeps_plain_decodings_tokens(bf16_dot, monkeypatch):
+    """With bf16-fused weights a batched verification rounds exactly as a one-token step: drafts accepted in full,
+    cut part way and rejected at once give plain decoding's tokens in the same format, not merely agree often."""
+    from scripted_drafters import OracleDrafter
+
+    model = bf16_llama(4, monkeypatch)
+    prompt = [5, 17, 33, 8, 21, 40, 9, 5, 17, 33]
+    plain = SpecEngine(model, None, weights="bf16-fused")
+    assert plain.runner.lm.weights.name == "bf16-fused" and plain.runner.lm.fused is not None
+    reference = plain.generate(prompt, GenerationConfig(max_new_tokens=40)).tokens
+    for wrong_at in (set(), {0}, {3}):
+        oracle = OracleDrafter(reference, len(prompt), wrong_at=wrong_at, vocab=model.config.vocab_size)
+        engine = SpecEngine(model, oracle, weights="bf16-fused")
+        assert engine.generate(prompt, GenerationConfig(max_new_tokens=40, k=6)).tokens == reference
+
+
+def test_bf16_fused_weights_refuse_other_dtypes(bf16_dot):
+    with pytest.raises(ConfigError, match="--dtype bfloat16"):
+        LeanLlama(tiny_llama(seed=2), weights="bf16-fused")
+    with pytest.raises(RuntimeError, match="contiguous bfloat16 CPU matrix"):
+        bf16_dot.bf16_product(torch.randn(1, 2, 8), torch.randn(4, 8).half())
+
+
 def test_the_kernels_refuse_what_they_cannot_compute(ops):
     with pytest.raises(RuntimeError, match="float32 CPU tensor is needed"):
         ops.rms_norm(torch.randn(2, 8).bfloat16(), torch.randn(8).bfloat16(), 1e-6)
@@ -168,6 +211,7 @@ def test_without_a_compiler_the_forward_says_why_and_runs_eager(monkeypatch, tmp
 
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
     monkeypatch.setattr(fused_module, "cache_dir", lambda: tmp_path)  # nothing built there
+    monkeypatch.setattr(fused_module, "_loaded_in_process", lambda: False)  # (this process has loaded a build)
     fused_module.fused_ops.cache_clear()
     try:
         with pytest.warns(UserWarning, match="fused CPU kernels unavailable.*g\\+\\+: command not found"):
@@ -175,8 +219,9 @@ def test_without_a_compiler_the_forward_says_why_and_runs_eager(monkeypatch, tmp
         assert lm.fused is None
         lm.reset(16)
         assert lm.forward([1, 2, 3]).shape[0] == 3
-        with pytest.raises(ConfigError, match="fp16-fused weights need the fused CPU kernels"):
-            LeanLlama(bf16_llama(6, monkeypatch), weights="fp16-fused").forward([1, 2])
+        for name in ("fp16-fused", "bf16-fused"):
+            with pytest.raises(ConfigError, match=f"{name} weights need the fused CPU kernels"):
+                LeanLlama(bf16_llama(6, monkeypatch), weights=name).forward([1, 2])
     finally:
         fused_module.fused_ops.cache_clear()
 

@@ -570,7 +570,7 @@ class WeightFormat:
     def float_products(self) -> bool:
         """Products take and give float32 whatever the model's dtype (`fp16`): the lean forward then feeds them
         float32 norms and attention, and casts only what joins the residual stream."""
-        return self.name in FP16_FORMATS
+        return self.name in FLOAT_PRODUCT_FORMATS
 
     def norm_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """An RMS norm's weight as `LeanLayers.norm` applies it: in float32 where the products take float32."""
@@ -589,15 +589,17 @@ class WeightFormat:
             return _fp16_weight(weight)
         if self.name == "fp16-fused":
             return weight.to(torch.float16).contiguous()
+        if self.name == "bf16-fused":
+            return weight.contiguous()
         return weight
 
     @property
     def product(self) -> Callable[[torch.Tensor, object], torch.Tensor]:
         """`x @ W.T` for weights this format prepared: one function per format, looked up once by the layers
         that call it 121 times a step."""
-        if self.name == "fp16-fused":  # the kernel looked up here, once, not at each of a step's products
-            half_product = _fused_product()
-            return lambda x, weight: half_product(_cast(x, torch.float32), weight)
+        if self.name in FUSED_PRODUCTS:  # the kernel looked up here, once, not at each of a step's products
+            kernel = _fused_product(self.name)
+            return lambda x, weight: kernel(_cast(x, torch.float32), weight)
         return _PRODUCTS.get(self.name, F.linear)
 
     def multiply(self, x: torch.Tensor, weight) -> torch.Tensor:
@@ -609,7 +611,7 @@ class WeightFormat:
         own weights."""
         if self.name in ("onednn", *FP16_FORMATS) or self.lossy:
             return
-        rows = prepared if self.name == "stored" else prepared.t()
+        rows = prepared if self.name in ("stored", "bf16-fused") else prepared.t()
         offset = 0
         for linear in linears:
             out = linear.weight.shape[0]
@@ -647,14 +649,31 @@ _PRODUCTS: dict[str, Callable] = {
 # weights packed as float16 (exact for bfloat16 values of its range), float32 activations and sums: FBGEMM's
 # product, or the fused kernels' (csrc/fused_cpu.cpp: each weight row read once for up to 8 rows; opt-in)
 FP16_FORMATS = ("fp16", "fp16-fused")
+# bfloat16 weights as stored, multiplied by the fused kernels' AVX512-BF16 dot products: float32 activations
+# rounded to bfloat16 inside the product (as bfloat16 products round them), float32 sums, float32 out
+BF16_DOT = "bf16-fused"
+FUSED_PRODUCTS = {"fp16-fused": "half_product", BF16_DOT: "bf16_product"}
+FLOAT_PRODUCT_FORMATS = (*FP16_FORMATS, BF16_DOT)  # formats whose products take and give float32
 
 
-def _fused_product():
+def _fused_product(name: str):
     ops = fused_ops()
     if ops is None:
-        raise ConfigError("fp16-fused weights need the fused CPU kernels, which could not be built here (see the "
+        raise ConfigError(f"{name} weights need the fused CPU kernels, which could not be built here (see the "
                           "warning above): use --weights fp16")
-    return ops.half_product
+    if name == BF16_DOT and not ops.bf16_dot_supported():
+        raise ConfigError(f"{name} weights need a CPU with AVX512-BF16 dot products, which this one lacks: use "
+                          "--weights fp16")
+    return getattr(ops, FUSED_PRODUCTS[name])
+
+
+def bf16_dot_available(device: torch.device, fused: bool | None = None) -> bool:
+    """Whether `bf16-fused` products can run here: on CPU, the fused kernels wanted and built, for a CPU with
+    AVX512-BF16 dot products."""
+    if not fused_wanted(device, fused):
+        return False
+    ops = fused_ops()
+    return ops is not None and ops.bf16_dot_supported()
 INT4_GROUP = 32  # weights per scale and zero point, as in llama.cpp's Q4_1 blocks
 
 
@@ -718,7 +737,8 @@ def _int4_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(quantized, 1), scales_and_zeros
 
 
-def candidate_formats(weight: torch.Tensor, fp16: bool | None = None) -> list[WeightFormat]:
+def candidate_formats(weight: torch.Tensor, fp16: bool | None = None, fused: bool | None = False
+                      ) -> list[WeightFormat]:
     """The formats worth timing for this weight. They agree with F.linear up to float rounding (the order of a
     dot product's additions differs by kernel, as it does between batch sizes within one kernel). `fp16`:
     whether packing the model's weights as float16 keeps them (`fp16_holds`; None: this weight's, for a model's
@@ -734,6 +754,10 @@ def candidate_formats(weight: torch.Tensor, fp16: bool | None = None) -> list[We
         fp16 = fp16_holds([weight])
     if fp16 and "fbgemm" in torch.backends.quantized.supported_engines:
         names.append("fp16")
+    # fused: whether the lean forward may use the fused kernels (False for a lone product's timing, which
+    # cannot see what they save; see fastest_step_format)
+    if weight.dtype == torch.bfloat16 and fused is not False and bf16_dot_available(weight.device, fused):
+        names.append(BF16_DOT)
     return [WeightFormat(name) for name in names]
 
 
@@ -778,7 +802,7 @@ def fastest(runs: dict, rounds: int = 7, repeats: int = 3):
     return min(best, key=best.get)
 
 
-WEIGHT_CHOICES = ("auto", "fastest", "stored", "transposed", "onednn", *FP16_FORMATS, *QUANTIZED)
+WEIGHT_CHOICES = ("auto", "fastest", "stored", "transposed", "onednn", *FP16_FORMATS, BF16_DOT, *QUANTIZED)
 
 
 def choose_format(model: PreTrainedModel, weights: str = "auto", fused: bool | None = None) -> WeightFormat:
@@ -793,17 +817,19 @@ def choose_format(model: PreTrainedModel, weights: str = "auto", fused: bool | N
         raise ConfigError(f"unknown weight format '{weights}': use one of {', '.join(WEIGHT_CHOICES)}")
     if weights == "auto":
         weights = "stored" if model.dtype == torch.float32 else "fastest"
-    if weights in (*QUANTIZED, *FP16_FORMATS) and model.device.type != "cpu":
+    if weights in (*QUANTIZED, *FP16_FORMATS, BF16_DOT) and model.device.type != "cpu":
         raise ConfigError(f"{weights} weights use CPU kernels (aten's, FBGEMM's); on {model.device.type} use "
                           "another format")
     if weights in FP16_FORMATS and not model_fp16_holds(model):
         raise ConfigError(f"{weights} weights would round this {model.dtype} model's weights (some have more significant "
                           "bits than float16 holds, or exceed its range): use another format")
+    if weights == BF16_DOT and model.dtype != torch.bfloat16:
+        raise ConfigError(f"{weights} weights multiply bfloat16 weights: load the model with --dtype bfloat16")
     if weights != "fastest":
         return WeightFormat(weights)
     # fp16 is a CPU format: elsewhere its check would only cost time at load
     fp16 = model.device.type == "cpu" and model_fp16_holds(model)
-    formats = candidate_formats(model.lm_head.weight, fp16)
+    formats = candidate_formats(model.lm_head.weight, fp16, fused)
     if len(formats) == 1:
         return formats[0]
     # the fused kernels change what a format's step costs (they run only beside float32 products): part of the key

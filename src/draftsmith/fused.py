@@ -35,11 +35,23 @@ def wanted(device: torch.device, fused: bool | None) -> bool:
     return fused is True or os.environ.get(DISABLE_ENV, "1") != "0"
 
 
+def _loaded_in_process() -> bool:
+    """Whether a build of the kernels is already loaded: a second one (another cache folder, as after a change
+    of XDG_CACHE_HOME) would register the same operators again, which aborts the process."""
+    try:
+        torch.ops.draftsmith_fused.rms_norm
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
 @functools.cache
 def fused_ops():
     """torch.ops.draftsmith_fused, built on first use; None (with one warning saying why) where it cannot be."""
     from torch.utils import cpp_extension
 
+    if _loaded_in_process():
+        return torch.ops.draftsmith_fused
     from draftsmith.cached_lm import cpu_key
 
     source = SOURCE.read_text()
