@@ -70,6 +70,29 @@ def test_decode_attention_equals_sdpa_over_the_cached_prefix(ops, length):
     torch.testing.assert_close(ops.decode_attention(q, k_cache, v_cache, length), expected, rtol=2e-5, atol=2e-6)
 
 
+def test_tree_attention_is_sdpa_under_the_mask_and_each_query_gets_its_one_token_steps_bits(ops):
+    """Each query of a verification attends to exactly its allowed entries; one whose allowed entries are the
+    cache up to its own slot (a chain's, an accepted path's) gets decode_attention's output at that length bit
+    for bit: the step that accepts a draft token computes what a one-token step would have."""
+    torch.manual_seed(3)
+    heads, kv_heads, d, start, n = 6, 2, 64, 37, 5
+    k_cache, v_cache = torch.randn(kv_heads, 64, d), torch.randn(kv_heads, 64, d)
+    q = torch.randn(1, heads, n, d)
+    tree = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 0, 1, 1, 0], [1, 1, 0, 0, 1]],
+                        dtype=torch.bool)
+    for block in (tree, torch.ones(n, n, dtype=torch.bool).tril()):
+        allowed = torch.cat([torch.ones(n, start, dtype=torch.bool), block], dim=1)
+        got = ops.tree_attention(q, k_cache, v_cache, allowed, start)
+        keys, values = k_cache[None, :, : start + n], v_cache[None, :, : start + n]
+        expected = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, enable_gqa=True)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for t in range(n):  # the chain: query t sees slots 0 .. start + t
+        one = ops.decode_attention(q[:, :, t : t + 1].contiguous(), k_cache, v_cache, start + t + 1)
+        assert torch.equal(got[:, :, t : t + 1], one)
+    with pytest.raises(RuntimeError, match="nothing to attend to"):
+        ops.tree_attention(q, k_cache, v_cache, torch.zeros(n, start + n, dtype=torch.bool), start)
+
+
 @pytest.mark.parametrize("rows, size", [(1, 576), (3, 576), (9, 576), (20, 64), (2, 20)])  # 20: no 8-lane path
 def test_half_product_is_the_float32_product_of_the_float16_weights(ops, rows, size):
     torch.manual_seed(rows)

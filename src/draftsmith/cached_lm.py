@@ -207,6 +207,9 @@ def last_hidden_states(model: PreTrainedModel):
         handle.remove()
 
 
+TREE_ATTENTION_ROWS = 64  # masked forwards up to this size (verifications) attend through the fused kernel
+
+
 class LeanLayers:
     """Llama decoder layers (lean weight entries) over a preallocated KV cache of their own: the part of the lean
     forward that a target and an EAGLE head's single layer share. Rolling back is moving `length`."""
@@ -313,7 +316,9 @@ class LeanLayers:
         end = start + n
         if n == 1 and mask is None:
             attn = ops.decode_attention(q, self.k_cache[i], self.v_cache[i], end)
-        else:
+        elif mask is not None and n <= TREE_ATTENTION_ROWS:  # a verification: rounds as one-token steps do
+            attn = ops.tree_attention(q, self.k_cache[i], self.v_cache[i], mask, start)
+        else:  # a prefill
             keys, values = self.k_cache[i : i + 1, :, :end], self.v_cache[i : i + 1, :, :end]
             attn = self._attention(q, keys, values, mask, causal)
         out = self._mm(attn.transpose(1, 2).reshape(1, n, self.n_heads * self.head_dim), w["wo"])

@@ -144,20 +144,83 @@ at::Tensor rope_write_kv(const at::Tensor& qkv_in, const at::Tensor& cos_in, con
   return q;
 }
 
+// Sums in a fixed order (16 running partial sums, then those in turn), not the order a vectorizer picks for a
+// reduction (which may depend on the data's alignment): attention over the same keys gives the same bits in a
+// one-token step and in a verification, where the queries sit elsewhere in memory.
+constexpr int kLanes = 16;
+
+inline float sum_fixed(const float* a, int64_t n) {
+  float lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) lanes[l] += a[i + l];
+  for (int l = 0; i < n; ++i, ++l) lanes[l] += a[i];
+  float total = 0.f;
+  for (int l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
+}
+
+inline float dot_fixed(const float* a, const float* b, int64_t n) {
+  float lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) lanes[l] += a[i + l] * b[i + l];
+  for (int l = 0; i < n; ++i, ++l) lanes[l] += a[i] * b[i];
+  float total = 0.f;
+  for (int l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
+}
+
+// The `group` query heads sharing one kv head (rows of q, `q_stride` apart) over the keys and values at rows
+// index[0..m) of kh / vh [capacity, d] (index null: rows 0..m): float32 softmax, the output rows (`o_stride`
+// apart) overwritten. One function, not inlined, for both kernels below, so both compute alike.
+__attribute__((noinline)) void attend_group(const float* q, int64_t q_stride, const float* kh, const float* vh,
+                                            const int64_t* index, int64_t m, int64_t group, int64_t d,
+                                            float scale, float* scores, float* out, int64_t o_stride) {
+  for (int64_t j = 0; j < m; ++j) {
+    const float* k = kh + (index ? index[j] : j) * d;
+    for (int64_t g = 0; g < group; ++g) scores[g * m + j] = dot_fixed(q + g * q_stride, k, d) * scale;
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    float* row = scores + g * m;
+    const float top = *std::max_element(row, row + m);
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) row[j] = exp_nonpositive(row[j] - top);
+    const float inverse = 1.0f / sum_fixed(row, m);
+    for (int64_t j = 0; j < m; ++j) row[j] *= inverse;
+    std::fill(out + g * o_stride, out + g * o_stride + d, 0.f);
+  }
+  for (int64_t j = 0; j < m; ++j) {
+    const float* v = vh + (index ? index[j] : j) * d;
+    for (int64_t g = 0; g < group; ++g) {
+      const float p = scores[g * m + j];
+      float* o = out + g * o_stride;
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) o[i] += p * v[i];
+    }
+  }
+}
+
+void check_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const char* name) {
+  check_float_contiguous(q, name);
+  check_float_contiguous(k_cache, name);
+  check_float_contiguous(v_cache, name);
+  TORCH_CHECK(q.dim() == 4 && q.size(0) == 1 && k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes(), name,
+              ": q [1, heads, n, d] and caches [kv_heads, capacity, d] needed");
+  TORCH_CHECK(q.size(1) % k_cache.size(0) == 0 && k_cache.size(2) == q.size(3), name, ": head shapes");
+}
+
 // One query per head [1, heads, 1, d] over the first `length` cached keys and values [kv_heads, capacity, d]
 // (grouped-query: heads h * group .. h * group + group - 1 read kv head h, each key and value row loaded once for
 // the group); softmax in float32. Returns [1, heads, 1, d].
 at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             int64_t length) {
   const at::Tensor q = q_in.contiguous();
-  check_float_contiguous(q, "decode_attention q");
-  check_float_contiguous(k_cache, "decode_attention k_cache");
-  check_float_contiguous(v_cache, "decode_attention v_cache");
+  check_attention(q, k_cache, v_cache, "decode_attention");
   const int64_t heads = q.size(1), d = q.size(3), kv_heads = k_cache.size(0), capacity = k_cache.size(1);
-  TORCH_CHECK(q.size(0) == 1 && q.size(2) == 1, "decode_attention: one query per head");
-  TORCH_CHECK(heads % kv_heads == 0 && k_cache.size(2) == d, "decode_attention: head shapes");
+  TORCH_CHECK(q.size(2) == 1, "decode_attention: one query per head");
   TORCH_CHECK(length > 0 && length <= capacity, "decode_attention: length outside the cache");
-  at::Tensor out = at::zeros_like(q);
+  at::Tensor out = at::empty_like(q);
   const float *pq = q.data_ptr<float>(), *pk = k_cache.data_ptr<float>(), *pv = v_cache.data_ptr<float>();
   float* po = out.data_ptr<float>();
   const int64_t group = heads / kv_heads;
@@ -166,40 +229,46 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache, c
   const int64_t grain = std::max<int64_t>(1, 2048 / length);
   at::parallel_for(0, kv_heads, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(group * length);
-    for (int64_t kv = begin; kv < end; ++kv) {
-      const float *kh = pk + kv * capacity * d, *vh = pv + kv * capacity * d, *qg = pq + kv * group * d;
-      for (int64_t j = 0; j < length; ++j) {
-        const float* k = kh + j * d;
-        for (int64_t g = 0; g < group; ++g) {
-          const float* qh = qg + g * d;
-          float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t i = 0; i < d; ++i) dot += qh[i] * k[i];
-          scores[g * length + j] = dot * scale;
-        }
-      }
-      for (int64_t g = 0; g < group; ++g) {
-        float* row = scores.data() + g * length;
-        const float top = *std::max_element(row, row + length);
-        float total = 0.f;
-#pragma omp simd reduction(+ : total)
-        for (int64_t j = 0; j < length; ++j) {
-          row[j] = exp_nonpositive(row[j] - top);
-          total += row[j];
-        }
-        const float inverse = 1.0f / total;
-        for (int64_t j = 0; j < length; ++j) row[j] *= inverse;
-      }
-      float* og = po + kv * group * d;
-      for (int64_t j = 0; j < length; ++j) {
-        const float* v = vh + j * d;
-        for (int64_t g = 0; g < group; ++g) {
-          const float p = scores[g * length + j];
-          float* o = og + g * d;
-#pragma omp simd
-          for (int64_t i = 0; i < d; ++i) o[i] += p * v[i];
-        }
-      }
+    for (int64_t kv = begin; kv < end; ++kv)
+      attend_group(pq + kv * group * d, d, pk + kv * capacity * d, pv + kv * capacity * d, nullptr, length, group,
+                   d, scale, scores.data(), po + kv * group * d, d);
+  });
+  return out;
+}
+
+// Queries of n new tokens [1, heads, n, d] (their keys and values already at slots start..start+n) under
+// `allowed` [n, start + n] bool (a draft tree's, or a chain's): each query attends to exactly its allowed
+// entries, in slot order, through the one-token kernel's arithmetic, so a draft token accepted in a
+// verification got the numbers a one-token step at its position would have. Returns [1, heads, n, d].
+at::Tensor tree_attention(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                          const at::Tensor& allowed_in, int64_t start) {
+  const at::Tensor q = q_in.contiguous(), allowed = allowed_in.contiguous();
+  check_attention(q, k_cache, v_cache, "tree_attention");
+  const int64_t heads = q.size(1), n = q.size(2), d = q.size(3), kv_heads = k_cache.size(0);
+  const int64_t capacity = k_cache.size(1), length = start + n;
+  TORCH_CHECK(allowed.scalar_type() == at::kBool && allowed.dim() == 2 && allowed.size(0) == n &&
+              allowed.size(1) == length, "tree_attention: a bool mask [n, start + n] is needed");
+  TORCH_CHECK(start >= 0 && length <= capacity, "tree_attention: slots outside the cache");
+  at::Tensor out = at::empty_like(q);
+  const float *pq = q.data_ptr<float>(), *pk = k_cache.data_ptr<float>(), *pv = v_cache.data_ptr<float>();
+  const bool* pa = allowed.data_ptr<bool>();
+  float* po = out.data_ptr<float>();
+  const int64_t group = heads / kv_heads;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  at::parallel_for(0, n * kv_heads, std::max<int64_t>(1, 2048 / length), [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> index;
+    std::vector<float> scores;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t t = item / kv_heads, kv = item % kv_heads;
+      index.clear();
+      for (int64_t j = 0; j < length; ++j)
+        if (pa[t * length + j]) index.push_back(j);
+      TORCH_CHECK(!index.empty(), "tree_attention: a query with nothing to attend to");
+      scores.resize(group * index.size());
+      const int64_t first = kv * group;  // q and out rows of head h, token t: (h * n + t) * d
+      attend_group(pq + (first * n + t) * d, n * d, pk + kv * capacity * d, pv + kv * capacity * d, index.data(),
+                   static_cast<int64_t>(index.size()), group, d, scale, scores.data(), po + (first * n + t) * d,
+                   n * d);
     }
   });
   return out;
@@ -399,6 +468,8 @@ TORCH_LIBRARY(draftsmith_fused, m) {
   m.def("rope_write_kv(Tensor qkv, Tensor cos, Tensor signed_sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "int start, int heads, int kv_heads) -> Tensor", &rope_write_kv);
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, int length) -> Tensor", &decode_attention);
+  m.def("tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor allowed, int start) -> Tensor",
+        &tree_attention);
   m.def("half_product(Tensor x, Tensor weight) -> Tensor", &half_product);
   m.def("bf16_product(Tensor x, Tensor weight) -> Tensor", &bf16_product);
   m.def("bf16_dot_supported() -> bool", &bf16_dot_supported);
