@@ -770,12 +770,12 @@ TIMED_ROWS = (1, 8)  # a one-token step and a verification: a format is timed on
 
 
 @torch.no_grad()
-def fastest_format(weight: torch.Tensor, fp16: bool | None = None, rounds: int = 7, repeats: int = 3
-                   ) -> WeightFormat:
+def fastest_format(weight: torch.Tensor, fp16: bool | None = None, rounds: int = 7, repeats: int = 3,
+                   fused: bool | None = False) -> WeightFormat:
     """Time products of 1 and 8 rows with `weight` in each candidate format and keep the fastest (see
     `fastest`): a format whose cost grows steeply with rows (aten's emulated bf16 on AVX2) loses there what
-    speculative decoding's verification would lose."""
-    formats = candidate_formats(weight, fp16)
+    speculative decoding's verification would lose. `fused`: whether the fused kernels' products compete."""
+    formats = candidate_formats(weight, fp16, fused)
     if len(formats) == 1:
         return formats[0]
     inputs = [torch.randn(1, rows, weight.shape[1], dtype=weight.dtype) for rows in TIMED_ROWS]
@@ -893,14 +893,15 @@ def _probe_steps(layers: LeanLayers, head, passes: int, context: int) -> None:
             layers.weights.multiply(layers.norm(y, norm), head)
 
 
-def cached_fastest_format(weight: torch.Tensor, fp16: bool | None = None) -> WeightFormat:
-    formats = candidate_formats(weight, fp16)
+def cached_fastest_format(weight: torch.Tensor, fp16: bool | None = None, fused: bool | None = False
+                          ) -> WeightFormat:
+    formats = candidate_formats(weight, fp16, fused)
     if len(formats) == 1:
         return formats[0]
     # the candidates and timed rows are part of the question: a new candidate is timed, not an old answer read
     names = "+".join(f.name for f in formats)
     key = f"{weight.dtype}-{tuple(weight.shape)}-{names}-rows{'+'.join(map(str, TIMED_ROWS))}"
-    return WeightFormat(measured_once(key, lambda: fastest_format(weight, fp16).name))
+    return WeightFormat(measured_once(key, lambda: fastest_format(weight, fp16, fused=fused).name))
 
 
 def measured_once(key: str, measure) -> str:

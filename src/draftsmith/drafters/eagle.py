@@ -186,7 +186,7 @@ def lean_head(head: EagleHead, head_rows: torch.Tensor) -> LeanLayers:
     head's own weights (a trained head holds values below float16's normal range): that changes proposals
     only, which the target verifies."""
     cfg, weight = head.config, head.fc.weight
-    fmt = cached_fastest_format(head_rows, fp16=True)
+    fmt = cached_fastest_format(head_rows, fp16=True, fused=None)  # the fused kernels' products compete too
     positions = torch.arange(cfg.max_position_embeddings, device=weight.device)[None]
     cos, sin = head.rotary(weight[:1, :1], positions)
     return LeanLayers([lean_layer(head.layer, fmt)], fmt, cos[0], sin[0], cfg.num_attention_heads,
