@@ -157,7 +157,7 @@ def test_speculative_decoding_on_bf16_fused_weights_keeps_plain_decodings_tokens
 def test_bf16_fused_weights_refuse_other_dtypes(bf16_dot):
     with pytest.raises(ConfigError, match="--dtype bfloat16"):
         LeanLlama(tiny_llama(seed=2), weights="bf16-fused")
-    with pytest.raises(RuntimeError, match="contiguous bfloat16 CPU matrix"):
+    with pytest.raises(RuntimeError, match="contiguous BFloat16 CPU matrix"):
         bf16_dot.bf16_product(torch.randn(1, 2, 8), torch.randn(4, 8).half())
 
 

@@ -30,7 +30,9 @@ Weights = Annotated[str, typer.Option(help="Lean forward's weight layout: auto (
                                            "else the fastest), fastest, stored, transposed, onednn, fp16 (packed "
                                            "float16 weights with float32 activations, where packing keeps them: "
                                            "bf16 models; CPU), fp16-fused (the same weights through the fused "
-                                           "kernels' product: faster steps, slower prefill; CPU); int8 / int4: "
+                                           "kernels' product: faster steps, slower prefill; CPU), bf16-fused "
+                                           "(bf16 weights as stored through the fused kernels' AVX512-BF16 dot "
+                                           "products, where the CPU has them); int8 / int4: "
                                            "quantized weights, lossy, CPU only.")]
 Backend = Annotated[str, typer.Option(help="torch (our lean Llama-family forward, else transformers') or llamacpp "
                                            "(a GGUF file run by llama.cpp, our drafters and acceptance on top; "

@@ -13,7 +13,8 @@ the shipped head without DIR;
 CUDA below fp32);
 `fused=0` / `fused=1`: the target's lean forward with its small operations eager / through the fused CPU kernels
 (default: fused on CPU below fp32; fused.py);
-`weights=NAME`: the lean forward's weight format (`--weights`: fastest, stored, transposed, onednn, fp16, fp16-fused; int8 /
+`weights=NAME`: the lean forward's weight format (`--weights`: fastest, stored, transposed, onednn, fp16, fp16-fused,
+bf16-fused; int8 /
 int4 quantized, lossy) or
 transformers' generate on the same model (`hf-greedy`, `hf-prompt-lookup[:N]`, `hf-assisted:PATH`), or
 llama.cpp's own decoding (`llamacpp[:FILE]`, `llamacpp-lookup[:N]`, `llama-server[:TYPE][:n=N,m=M]`; see

@@ -148,27 +148,40 @@ at::Tensor rope_write_kv(const at::Tensor& qkv_in, const at::Tensor& cos_in, con
 // reduction (which may depend on the data's alignment): attention over the same keys gives the same bits in a
 // one-token step and in a verification, where the queries sit elsewhere in memory.
 constexpr int kLanes = 16;
+typedef float Lanes16 __attribute__((vector_size(64)));  // GCC's vector extension: 16 floats, any instruction set
+typedef float Lanes8 __attribute__((vector_size(32)));
+typedef float Lanes4 __attribute__((vector_size(16)));
+
+inline Lanes16 load16(const float* p) {
+  Lanes16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// lanes l + (l + 8), then + 4, 2, 1: four dependent adds, not fifteen, in an order fixed by the source
+inline float fold_lanes(Lanes16 v) {
+  const Lanes8 eight = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                       __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const Lanes4 four = __builtin_shufflevector(eight, eight, 0, 1, 2, 3) +
+                      __builtin_shufflevector(eight, eight, 4, 5, 6, 7);
+  const float two[2] = {four[0] + four[2], four[1] + four[3]};
+  return two[0] + two[1];
+}
 
 inline float sum_fixed(const float* a, int64_t n) {
-  float lanes[kLanes] = {};
+  Lanes16 lanes = {};
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) lanes[l] += a[i + l];
+  for (; i + kLanes <= n; i += kLanes) lanes += load16(a + i);
   for (int l = 0; i < n; ++i, ++l) lanes[l] += a[i];
-  float total = 0.f;
-  for (int l = 0; l < kLanes; ++l) total += lanes[l];
-  return total;
+  return fold_lanes(lanes);
 }
 
 inline float dot_fixed(const float* a, const float* b, int64_t n) {
-  float lanes[kLanes] = {};
+  Lanes16 lanes = {};
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) lanes[l] += a[i + l] * b[i + l];
+  for (; i + kLanes <= n; i += kLanes) lanes += load16(a + i) * load16(b + i);
   for (int l = 0; i < n; ++i, ++l) lanes[l] += a[i] * b[i];
-  float total = 0.f;
-  for (int l = 0; l < kLanes; ++l) total += lanes[l];
-  return total;
+  return fold_lanes(lanes);
 }
 
 // The `group` query heads sharing one kv head (rows of q, `q_stride` apart) over the keys and values at rows
@@ -311,17 +324,23 @@ void half_rows_block(const float* x, const at::Half* w, float* out, int64_t in, 
   }
 }
 
-at::Tensor half_product(const at::Tensor& x_in, const at::Tensor& w) {
-  const at::Tensor x = x_in.contiguous();
-  check_float_contiguous(x, "half_product x");
-  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kHalf && w.is_contiguous() && w.dim() == 2,
-              "half_product weight: a contiguous float16 CPU matrix is needed");
-  const int64_t in = w.size(1), features = w.size(0);
-  TORCH_CHECK(x.size(-1) == in, "half_product: input size ", x.size(-1), " != weight's ", in);
-  const int64_t rows = x.numel() / in;
+// The checks and output of a product x [..., in] @ w.T for weights w [out, in] of `dtype`: x made contiguous,
+// the output [..., out] float32 allocated.
+std::tuple<at::Tensor, at::Tensor> product_operands(const at::Tensor& x_in, const at::Tensor& w,
+                                                    at::ScalarType dtype, const char* name) {
+  at::Tensor x = x_in.contiguous();
+  check_float_contiguous(x, name);
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == dtype && w.is_contiguous() && w.dim() == 2, name,
+              " weight: a contiguous ", c10::toString(dtype), " CPU matrix is needed");
+  TORCH_CHECK(x.size(-1) == w.size(1), name, ": input size ", x.size(-1), " != weight's ", w.size(1));
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = features;
-  at::Tensor out = at::empty(shape, x.options());
+  shape.back() = w.size(0);
+  return {x, at::empty(shape, x.options())};
+}
+
+at::Tensor half_product(const at::Tensor& x_in, const at::Tensor& w) {
+  const auto [x, out] = product_operands(x_in, w, at::kHalf, "half_product");
+  const int64_t in = w.size(1), features = w.size(0), rows = x.numel() / in;
   const float* px = x.data_ptr<float>();
   const at::Half* pw = w.data_ptr<at::Half>();
   float* po = out.data_ptr<float>();
@@ -427,16 +446,8 @@ bool bf16_dot_supported() { return kBf16Dot; }
 
 at::Tensor bf16_product(const at::Tensor& x_in, const at::Tensor& w) {
   TORCH_CHECK(kBf16Dot, "bf16_product: these kernels were built for a CPU without AVX512-BF16 dot products");
-  const at::Tensor x = x_in.contiguous();
-  check_float_contiguous(x, "bf16_product x");
-  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kBFloat16 && w.is_contiguous() && w.dim() == 2,
-              "bf16_product weight: a contiguous bfloat16 CPU matrix is needed");
-  const int64_t in = w.size(1), features = w.size(0);
-  TORCH_CHECK(x.size(-1) == in, "bf16_product: input size ", x.size(-1), " != weight's ", in);
-  const int64_t rows = x.numel() / in;
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = features;
-  at::Tensor out = at::empty(shape, x.options());
+  const auto [x, out] = product_operands(x_in, w, at::kBFloat16, "bf16_product");
+  const int64_t in = w.size(1), features = w.size(0), rows = x.numel() / in;
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
   std::vector<uint16_t> xb(rows * in);
   round_to_bf16(x.data_ptr<float>(), xb.data(), rows * in);
