@@ -190,6 +190,9 @@ inline float dot_fixed(const float* a, const float* b, int64_t n) {
 __attribute__((noinline)) void attend_group(const float* q, int64_t q_stride, const float* kh, const float* vh,
                                             const int64_t* index, int64_t m, int64_t group, int64_t d,
                                             float scale, float* scores, float* out, int64_t o_stride) {
+  constexpr int64_t kMaxChunks = 16;  // head sizes up to 256 in registers; others (or odd sizes) lane by lane
+  const int64_t chunks = d / kLanes;
+  const bool vector = d % kLanes == 0 && chunks <= kMaxChunks;
   for (int64_t j = 0; j < m; ++j) {
     const float* k = kh + (index ? index[j] : j) * d;
     for (int64_t g = 0; g < group; ++g) scores[g * m + j] = dot_fixed(q + g * q_stride, k, d) * scale;
@@ -201,15 +204,23 @@ __attribute__((noinline)) void attend_group(const float* q, int64_t q_stride, co
     for (int64_t j = 0; j < m; ++j) row[j] = exp_nonpositive(row[j] - top);
     const float inverse = 1.0f / sum_fixed(row, m);
     for (int64_t j = 0; j < m; ++j) row[j] *= inverse;
-    std::fill(out + g * o_stride, out + g * o_stride + d, 0.f);
   }
-  for (int64_t j = 0; j < m; ++j) {
-    const float* v = vh + (index ? index[j] : j) * d;
-    for (int64_t g = 0; g < group; ++g) {
-      const float p = scores[g * m + j];
-      float* o = out + g * o_stride;
-#pragma omp simd
-      for (int64_t i = 0; i < d; ++i) o[i] += p * v[i];
+  for (int64_t g = 0; g < group; ++g) {
+    const float* p = scores + g * m;
+    float* o = out + g * o_stride;
+    if (vector) {  // the head's output summed in registers over the keys, in key order, then stored once
+      Lanes16 acc[kMaxChunks] = {};
+      for (int64_t j = 0; j < m; ++j) {
+        const float* v = vh + (index ? index[j] : j) * d;
+        for (int64_t c = 0; c < chunks; ++c) acc[c] += p[j] * load16(v + c * kLanes);
+      }
+      for (int64_t c = 0; c < chunks; ++c) std::memcpy(o + c * kLanes, &acc[c], sizeof(Lanes16));
+    } else {
+      std::fill(o, o + d, 0.f);
+      for (int64_t j = 0; j < m; ++j) {
+        const float* v = vh + (index ? index[j] : j) * d;
+        for (int64_t i = 0; i < d; ++i) o[i] += p[j] * v[i];
+      }
     }
   }
 }
