@@ -204,6 +204,8 @@ def test_the_lean_head_computes_what_the_trained_module_computes(dtype):
         module = head(features[None], drafter.parts.embed_tokens(tokens)[None], torch.arange(1, n + 1)[None],
                       None, cache)[0]
     tolerance = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
+    # a bf16 head whose products take float32 (fp16, bf16-fused formats) keeps its hidden rows in float32
+    tolerance["check_dtype"] = False
     torch.testing.assert_close(lean, module, **tolerance)
     # a level of 3 nodes: nodes 0 and 1 have the committed pair 5 as parent, node 2 also sees node 0's row
     allowed = torch.zeros(3, n + 3, dtype=torch.bool)
@@ -304,15 +306,10 @@ def test_the_lookup_chain_grafted_on_a_tree_is_exact_and_accepted(target):
         assert result.tokens == hf_greedy(target, p, NEW)
 
 
-def test_auto_picks_the_shipped_head_with_lookup_only_where_it_can_run(target):
-    from types import SimpleNamespace
-
-    from draftsmith.drafters import build_drafter, default_drafter
+def test_auto_picks_prompt_lookup_the_fastest_drafter_measured(target):
+    from draftsmith.drafters import build_drafter
     from draftsmith.drafters.ngram import NgramDrafter
     from draftsmith.models import LoadedModel
 
-    assert default_drafter(LoadedModel(target, None, "smollm2")) == "eagle+ngram"  # a head ships for it
-    assert default_drafter(LoadedModel(target, None, "tiny")) == "ngram"  # none ships for this one
-    llamacpp = SimpleNamespace(new_cached_lm=lambda: None)  # llama.cpp hands over no features
-    assert default_drafter(LoadedModel(llamacpp, None, "smollm2")) == "ngram"
-    assert isinstance(build_drafter("auto", LoadedModel(target, None, "tiny")), NgramDrafter)
+    for name in ("smollm2", "tiny"):  # a head ships for smollm2: auto does not take it (README)
+        assert isinstance(build_drafter("auto", LoadedModel(target, None, name)), NgramDrafter)

@@ -47,8 +47,8 @@ def test_greedy_exact_on_humaneval_prompts(smollm2, prompts):
     runs += [("early-exit-8", shallow_copy_drafter(smollm2.model, 8), k) for k in (3, 8)]
     from draftsmith.drafters import build_drafter
 
-    # the default drafter: the shipped EAGLE head's tree with prompt lookup grafted on, and the head alone
-    runs += [(spec, build_drafter(spec, smollm2), 16) for spec in ("auto", "eagle", "medusa", "ctc")]
+    # the shipped EAGLE head's tree with prompt lookup grafted on, the head alone, and the other shipped heads
+    runs += [(spec, build_drafter(spec, smollm2), 16) for spec in ("eagle+ngram", "eagle", "medusa", "ctc")]
     # the shipped student, MaG with its shipped bigram table, and the default cascade of both
     runs += [(spec, build_drafter(spec, smollm2), k) for spec, k in (("student", 3), ("mag", 6), ("cascade", 8))]
     # self-speculation with the shipped routers and with a fixed layer set (SpaDec)

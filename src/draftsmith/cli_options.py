@@ -9,8 +9,8 @@ from draftsmith.errors import ConfigError
 
 Target = Annotated[str, typer.Option(help="HF hub id, local folder, .gguf file, or an embedded alias: "
                                           "'smollm2' (the default), 'gemma3'.")]
-Drafter = Annotated[str, typer.Option(help="auto (the shipped EAGLE head + prompt lookup where a head ships for the "
-                                           "target, else ngram) | none | ngram | model:PATH (draft LM with the target's tokenizer) | "
+Drafter = Annotated[str, typer.Option(help="auto (ngram: the fastest lossless drafter measured) | none | ngram | "
+                                           "model:PATH (draft LM with the target's tokenizer) | "
                                            "student[:DIR] (the shipped distilled student) | mag[:FILE] (prompt lookup + "
                                            "bigram chain) | cascade[:K-MATRIX|:FILE.toml] (CS-Drafting) | "
                                            "eagle[:DIR] | medusa[:DIR] | ctc[:DIR] (feature heads; the shipped one without DIR) | "

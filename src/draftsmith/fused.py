@@ -35,6 +35,20 @@ def wanted(device: torch.device, fused: bool | None) -> bool:
     return fused is True or os.environ.get(DISABLE_ENV, "1") != "0"
 
 
+# -march=native: a build is for one instruction set, so the CPU is part of its tag (a shared home folder);
+# -fopenmp: at::parallel_for splits work only when compiled with OpenMP (torch's own libgomp is the one loaded)
+FLAGS = ["-O3", "-march=native", "-fopenmp"]
+
+
+@functools.cache
+def build_tag() -> str:
+    """Names one build: the source, the flags, torch's version and the CPU. Cost calibrations of a fused forward
+    carry it too, since a change to a kernel changes what a step costs."""
+    from draftsmith.cached_lm import cpu_key
+
+    return hashlib.sha256(f"{SOURCE.read_text()}{FLAGS}{torch.__version__}{cpu_key()}".encode()).hexdigest()[:12]
+
+
 def _loaded_in_process() -> bool:
     """Whether a build of the kernels is already loaded: a second one (another cache folder, as after a change
     of XDG_CACHE_HOME) would register the same operators again, which aborts the process."""
@@ -52,13 +66,7 @@ def fused_ops():
 
     if _loaded_in_process():
         return torch.ops.draftsmith_fused
-    from draftsmith.cached_lm import cpu_key
-
-    source = SOURCE.read_text()
-    # -march=native: a build is for one instruction set, so the CPU is part of the key (a shared home folder);
-    # -fopenmp: at::parallel_for splits work only when compiled with OpenMP (torch's own libgomp is the one loaded)
-    flags = ["-O3", "-march=native", "-fopenmp"]
-    tag = hashlib.sha256(f"{source}{flags}{torch.__version__}{cpu_key()}".encode()).hexdigest()[:12]
+    tag = build_tag()
     name, build = f"draftsmith_fused_{tag}", cache_dir() / "fused" / tag
     build.mkdir(parents=True, exist_ok=True)
     if not (build / f"{name}.so").is_file():
@@ -66,7 +74,7 @@ def fused_ops():
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # cpp_extension's notes on compiler versions
-            cpp_extension.load(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+            cpp_extension.load(name, [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
                                build_directory=str(build), is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, no ninja, a failed build: each has its own exception type
         warnings.warn(f"fused CPU kernels unavailable, running eager operations: {type(e).__name__}: "

@@ -15,6 +15,7 @@ from draftsmith.cached_lm import LeanLlama, cached_lm
 from draftsmith.cuda_graphs import BUCKETS
 from draftsmith.draft import ROOT, Draft, common_prefix
 from draftsmith.errors import ConfigError
+from draftsmith.fused import build_tag as fused_build_tag
 
 
 def tree_mask(draft: Draft) -> torch.Tensor:
@@ -176,7 +177,7 @@ class TargetRunner:
 def backend_key(lm, model: PreTrainedModel) -> str:
     """What a forward's cost depends on beyond the model, device, dtype and threads, for its calibration's key:
     the backend, the lean forward's weight format (each has a cost curve of its own), compiled, captured or
-    fused."""
+    fused (and which build of the fused kernels: a changed kernel costs otherwise)."""
     if isinstance(lm, LeanLlama):
         key = f"lean-{lm.weights.name}"
     elif getattr(model, "weight_type", None):
@@ -188,5 +189,5 @@ def backend_key(lm, model: PreTrainedModel) -> str:
     if getattr(lm, "graphs", None) is not None:
         key += "-graphs"
     if getattr(lm, "fused", None) is not None:
-        key += "-fused"
+        key += f"-fused-{fused_build_tag()}"
     return key
