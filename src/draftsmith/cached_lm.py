@@ -597,7 +597,7 @@ class WeightFormat:
             return _fp16_weight(weight)
         if self.name == "fp16-fused":
             return weight.to(torch.float16).contiguous()
-        if self.name == "bf16-fused":
+        if self.name == BF16_DOT:
             return weight.contiguous()
         return weight
 
@@ -619,7 +619,7 @@ class WeightFormat:
         own weights."""
         if self.name in ("onednn", *FP16_FORMATS) or self.lossy:
             return
-        rows = prepared if self.name in ("stored", "bf16-fused") else prepared.t()
+        rows = prepared if self.name in ("stored", BF16_DOT) else prepared.t()
         offset = 0
         for linear in linears:
             out = linear.weight.shape[0]
@@ -682,6 +682,8 @@ def bf16_dot_available(device: torch.device, fused: bool | None = None) -> bool:
         return False
     ops = fused_ops()
     return ops is not None and ops.bf16_dot_supported()
+
+
 INT4_GROUP = 32  # weights per scale and zero point, as in llama.cpp's Q4_1 blocks
 
 
