@@ -306,6 +306,14 @@ def test_the_lookup_chain_grafted_on_a_tree_is_exact_and_accepted(target):
         assert result.tokens == hf_greedy(target, p, NEW)
 
 
+def test_a_target_cast_for_a_benchmark_finds_its_models_shipped_heads():
+    from draftsmith.drafters import shipped_head_folder
+
+    # `make demo` on a CPU with fast bf16 runs `eagle:lookup=8@bf16`, whose target is named smollm2@bfloat16
+    assert shipped_head_folder("smollm2@bfloat16", "eagle") == shipped_head_folder("smollm2", "eagle")
+    assert shipped_head_folder("smollm2", "eagle").is_dir()
+
+
 def test_auto_picks_prompt_lookup_the_fastest_drafter_measured(target):
     from draftsmith.drafters import build_drafter
     from draftsmith.drafters.ngram import NgramDrafter

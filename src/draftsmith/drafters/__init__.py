@@ -172,8 +172,9 @@ def shipped_file(target: LoadedModel, kind: str, filename: str, command: str) ->
 
 
 def shipped_head_folder(target_name: str, kind: str) -> Path:
-    """Where the package keeps the `kind` head trained for an embedded target (it may not exist)."""
-    return SHIPPED_HEADS / f"{target_name}-{kind}"
+    """Where the package keeps the `kind` head trained for an embedded target (it may not exist). A benchmark's
+    target cast to another dtype (`smollm2@bfloat16`) uses its model's heads: a head is cast on loading."""
+    return SHIPPED_HEADS / f"{target_name.split('@')[0]}-{kind}"
 
 
 def shipped_head(kind: str, target: LoadedModel) -> Path:
