@@ -18,8 +18,9 @@ Drafter = Annotated[str, typer.Option(help="auto (ngram: the fastest lossless dr
                                            "layerskip[:DIR|:auto|:skip=LAYERS] (self-speculation: the target skipping "
                                            "layers by trained routers, the shipped ones without DIR, by a measured "
                                            "fixed set, or by the layers given).")]
-Prune = Annotated[str, typer.Option(help="none | predictor[:DIR]: SpaDec's acceptance predictor cuts each draft "
-                                         "tree to one path after the target's first layers (lossless; the shipped "
+Prune = Annotated[str, typer.Option(help="none | predictor[:DIR]: SpaDec's acceptance predictor cuts a draft tree "
+                                         "to one path after the target's first layers where that is expected to "
+                                         "pay; predictor-path[:DIR] cuts every tree (lossless; the shipped "
                                          "predictor without DIR).")]
 LossySparseVerify = Annotated[bool, typer.Option(help="LOSSY: verify with the target's routers skipping layers "
                                                       "(SpaDec's sparse verification); the output is the sparse "

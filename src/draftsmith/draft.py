@@ -22,6 +22,9 @@ class Draft:
     parents: list[int] | None = None
     # probs[i] is the distribution node i was drawn from (sampling); None means the drafter is deterministic.
     probs: torch.Tensor | None = None
+    # confidence[i] is the drafter's log-probability of node i given its parent (what an acceptance predictor
+    # may weigh beside the target's own state); None where the drafter gives none.
+    confidence: list[float] | None = None
 
     def check(self, budget: int | None = None) -> None:
         """Refuse a malformed draft before the target sees it: parents before children, one distribution per
@@ -37,6 +40,8 @@ class Draft:
                     raise DraftError(f"node {node} has parent {parent}: parents must come before their children")
         if self.probs is not None and (self.probs.dim() != 2 or self.probs.shape[0] != n):
             raise DraftError(f"{n} draft tokens need {n} distributions, got probs of shape {tuple(self.probs.shape)}")
+        if self.confidence is not None and len(self.confidence) != n:
+            raise DraftError(f"{n} draft tokens but {len(self.confidence)} confidences")
 
     def __len__(self) -> int:
         return len(self.tokens)

@@ -78,6 +78,12 @@ class SpecEngine:
         self.runner = TargetRunner(model, lean=lean, compile=compile, weights=weights, graphs=graphs, fused=fused)
         if pruner is not None and sparse_verify is not None:
             raise ConfigError("predictor pruning and the lossy sparse verification do not combine: pick one")
+        wants_confidence = getattr(getattr(pruner, "predictor", None), "config", None)
+        if wants_confidence is not None and wants_confidence.confidence and not getattr(drafter, "gives_confidence",
+                                                                                        False):
+            raise ConfigError(f"this predictor weighs the drafter's confidence per node, which the "
+                              f"{getattr(drafter, 'name', 'chosen')} drafter does not give: train one for it with "
+                              "`draftsmith train predictor --no-confidence`")
         self.runner.pruner, self.runner.sparse_verify = pruner, sparse_verify
         self.rule = rule
         if hasattr(drafter, "bind"):  # self-speculation: the drafter runs on the target's own layers and cache
@@ -121,10 +127,15 @@ class SpecEngine:
         self._check(prompt_ids, config)
         sampling = config.sampling
         sizes_itself = getattr(self.drafter, "sizes_itself", False)  # tree drafters size trees from the costs
+        pruner = self.runner.pruner
+        if pruner is not None and not getattr(pruner, "always", True) and pruner.costs is None:  # path vs tree
+            pruner.costs, pruner.share = self.runner.costs(), pruner.layer / self.model.config.num_hidden_layers
+        if hasattr(pruner, "reset_statistics"):
+            pruner.reset_statistics()
         if sizes_itself and getattr(self.drafter, "costs", None) is None:
             self.drafter.costs = self.runner.costs()
-            if self.runner.pruner is not None:  # pruned nodes cost only the pruner's first layers: wider trees
-                share = self.runner.pruner.layer / self.model.config.num_hidden_layers
+            if getattr(pruner, "always", False):  # every tree is cut: pruned nodes cost only the first layers
+                share = pruner.layer / self.model.config.num_hidden_layers
                 self.drafter.costs = pruned_costs(self.drafter.costs, share)
         adaptive = None
         if config.adaptive and self.drafter is not None and not sizes_itself:
@@ -173,6 +184,8 @@ class SpecEngine:
         rule_statistics = getattr(self.rule, "statistics", None)
         if rule_statistics is not None:
             stats.drafter = {**stats.drafter, **rule_statistics()}
+        if hasattr(pruner, "statistics"):
+            stats.drafter = {**stats.drafter, **pruner.statistics()}
         if self.runner.sparse_verify is not None:  # lossy: the share of layers the routed target ran
             stats.drafter = {**stats.drafter, "verify_executed_ratio": self.runner.sparse_verify.executed_ratio}
         text = stream.finish() if stream is not None else None

@@ -1,12 +1,16 @@
-"""SpaDec's acceptance predictor: logistic regression on the target's hidden state after its first `layer` layers,
-one score per draft-tree node, used to cut the tree down to ONE path before the rest of the target runs.
+"""SpaDec's acceptance predictor: logistic regression on the target's hidden state after its first `layer` layers
+(and, where the drafter gives it, the drafter's log-probability of the node), one score per draft-tree node, used
+to cut the tree down to ONE path before the rest of the target runs.
 
-Verification with a predictor (`--prune predictor:DIR`, any tree drafter): the target runs its first `layer`
-layers over the whole tree; the predictor scores every node; nodes below the threshold (default: the mean score
-of the tree's nodes) are cut with their subtrees; dynamic programming picks the root-to-leaf path of highest
-sum of score x depth weight; the remaining layers run on that path only. Lossless: the target still verifies
-every token it emits, pruning only removes candidates. If no first-level node survives, the drafter's first
-node is kept, so a step still verifies something.
+Verification with a predictor (`--prune predictor[:DIR]`, any tree drafter): the target runs its first `layer`
+layers over the whole tree; the predictor gives each node's chance of acceptance given its parent's, and their
+products down the tree each node's chance of being accepted; nodes below the threshold (default: the tree's mean)
+are cut with their subtrees; dynamic programming picks the root-to-leaf path of highest sum of chance x depth
+weight. SpaDec cuts every tree to that path (`predictor-path`); by default the path is verified only where it is
+expected to yield more tokens per second than the whole tree (the target's measured costs: the path saves the
+later layers over the cut nodes, and loses the cut nodes' chances). Lossless either way: the target still
+verifies every token it emits, pruning only removes candidates. If no first-level node survives, the drafter's
+first node is kept, so a step still verifies something.
 
 Depth weights: ln(1 + d) up to depth 2, then sech(d - 3) (a deep node is worth a little, then less and less),
 the weighting of the SpaDec authors' tree selection.
@@ -70,6 +74,10 @@ class PredictorConfig:
     hidden_size: int
     layer: int  # the predictor reads the hidden state after this many layers (the input of layer `layer`)
     threshold: float | None = None  # None: each tree's mean score
+    confidence: bool = False  # the drafter's log-probability of each node is an input too
+    # the mean over the training nodes of the hidden state's part of the logit (bias included): with the
+    # confidence, a tree's worth judged before the first layers run (PathPruner.worth_scoring)
+    hidden_logit: float | None = None
     training: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -78,14 +86,25 @@ class PredictorConfig:
 
 
 class AcceptancePredictor(nn.Module):
+    """Logistic regression on a node's hidden state; with `config.confidence`, the drafter's log-probability of
+    the node given its parent is one more input."""
+
     def __init__(self, config: PredictorConfig):
         super().__init__()
         self.config = config
         self.linear = nn.Linear(config.hidden_size, 1)
+        if config.confidence:
+            self.confidence_weight = nn.Parameter(torch.zeros(1))
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits [n] of acceptance for hidden states [n, hidden]."""
-        return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1)
+    def forward(self, hidden: torch.Tensor, confidence: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [n] of acceptance given the parent's, for hidden states [n, hidden] (and confidences [n])."""
+        logits = self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1)
+        if self.config.confidence:
+            if confidence is None:
+                raise ConfigError("this predictor weighs the drafter's confidence, and the drafter gives none: "
+                                  "train one with `draftsmith train predictor --no-confidence` for this drafter")
+            logits = logits + self.confidence_weight * confidence.to(logits.dtype)
+        return logits
 
 
 def pruned_costs(costs: CostCurve, share: float, longest_path: int = 8) -> CostCurve:
@@ -95,29 +114,93 @@ def pruned_costs(costs: CostCurve, share: float, longest_path: int = 8) -> CostC
     return CostCurve(sizes, [share * costs(n) + (1 - share) * costs(min(n, longest_path + 1)) for n in sizes])
 
 
-class PathPruner:
-    """The runner's pruning step: scores a tree's nodes at `layer` and keeps one path."""
+def reach_probabilities(draft: Draft, accept: list[float]) -> list[float]:
+    """Each node's chance of being accepted, from each node's chance of acceptance given its parent's."""
+    reach: list[float] = []
+    for node, parent in enumerate(draft.parent_ids()):
+        reach.append(accept[node] * (reach[parent] if parent != ROOT else 1.0))
+    return reach
 
-    def __init__(self, predictor: AcceptancePredictor):
+
+class PathPruner:
+    """The runner's pruning step: scores a tree's nodes at `layer` and keeps one path.
+
+    The predictor gives each node's acceptance given its parent's; the DP runs on each node's chance of being
+    accepted (their product from the root: what SpaDec's predictor, trained on every node, estimates). With the
+    target's measured `costs` (set by the engine), a step keeps its whole tree when that is expected to yield
+    more tokens per second: in greedy decoding siblings exclude each other, so the expected accepted length of a
+    node set is the sum of its nodes' chances, and the path's saving is the later layers over the cut nodes."""
+
+    def __init__(self, predictor: AcceptancePredictor, always: bool = False):
         self.predictor, self.layer = predictor, predictor.config.layer
-        self.threshold = predictor.config.threshold
+        self.threshold, self.always = predictor.config.threshold, always  # always: SpaDec's rule, every tree cut
+        self.costs: CostCurve | None = None  # the target's forward costs (set by the engine unless `always`)
+        self.share = 0.0  # the part of the target's layers that runs before pruning
+        self.reset_statistics()
+
+    def worth_scoring(self, draft: Draft) -> bool:
+        """Before the first layers run: could cutting this tree pay? Judged by the same rule, from the drafter's
+        confidence and the hidden state's mean part of the logit over the training nodes. Where it could not, the
+        runner verifies the tree whole in one forward: splitting the forward for a tree that is kept costs time for
+        nothing. (A fixed mean, not one learnt while decoding: a request's steps never depend on earlier ones.)"""
+        if self.always or self.costs is None or draft.confidence is None:
+            return True
+        hidden_logit = self.predictor.config.hidden_logit
+        if hidden_logit is None:
+            return True
+        weight = self.predictor.confidence_weight.item()
+        accept = [1 / (1 + math.exp(-(hidden_logit + weight * c))) for c in draft.confidence]
+        reach = reach_probabilities(draft, accept)
+        if self._path_pays(reach, best_path(draft, reach, self.threshold)):
+            return True
+        self.kept_whole, self.screened, self.proposed_nodes = (self.kept_whole + 1, self.screened + 1,
+                                                               self.proposed_nodes + len(draft))
+        return False
 
     @torch.inference_mode()
     def select(self, draft: Draft, hidden: torch.Tensor) -> list[int] | None:
-        scores = torch.sigmoid(self.predictor(hidden).float()).tolist()
-        return best_path(draft, scores, self.threshold)
+        confidence = None if draft.confidence is None else torch.tensor(draft.confidence, device=hidden.device)
+        logits = self.predictor(hidden, confidence).float()
+        reach = reach_probabilities(draft, torch.sigmoid(logits).tolist())
+        path = best_path(draft, reach, self.threshold)
+        self.proposed_nodes += len(draft)
+        if not self.always and self.costs is not None and not self._path_pays(reach, path):
+            self.kept_whole += 1
+            return None
+        self.pruned += 1
+        return path
+
+    def _path_pays(self, reach: list[float], path: list[int]) -> bool:
+        whole = self.costs(len(reach) + 1)
+        cut = self.share * whole + (1 - self.share) * self.costs(len(path) + 1)
+        return (1 + sum(reach[node] for node in path)) / cut >= (1 + sum(reach)) / whole
 
     def observe(self, draft: Draft, path: list[int]) -> None:
         """Told the accepted path of each verified draft (used by a recording pruner)."""
 
+    def reset_statistics(self) -> None:
+        self.kept_whole = self.pruned = self.screened = self.proposed_nodes = 0  # trees since the last reset
+
+    def statistics(self) -> dict[str, float]:
+        """For reports: the shares of trees cut to a path and kept whole without a split forward, and the nodes
+        the drafter proposed per tree."""
+        trees = self.pruned + self.kept_whole
+        return {"pruned_trees": self.pruned / trees, "unsplit_trees": self.screened / trees,
+                "proposed_nodes": self.proposed_nodes / trees} if trees else {}
+
 
 class NodeRecorder(PathPruner):
-    """Keeps every node and records (hidden state at `layer`, accepted or not) per node: the training data of
-    `draftsmith train predictor`."""
+    """Keeps every node and records, per node, its hidden state at `layer`, the drafter's confidence (0 where it
+    gives none), whether its parent was accepted (a node whose parent was rejected was never put to the test)
+    and whether it was accepted: the training data of `draftsmith train predictor`."""
 
     def __init__(self, layer: int):
-        self.layer, self.features, self.labels = layer, [], []
+        self.layer = layer
+        self.features, self.confidences, self.reached, self.labels = [], [], [], []
         self._pending: torch.Tensor | None = None
+
+    def worth_scoring(self, draft: Draft) -> bool:
+        return True  # every tree is recorded
 
     def select(self, draft: Draft, hidden: torch.Tensor) -> list[int] | None:
         self._pending = hidden.float().cpu()
@@ -128,7 +211,10 @@ class NodeRecorder(PathPruner):
             return
         labels = torch.zeros(len(draft))
         labels[path] = 1.0
+        accepted = {ROOT, *path}
         self.features.append(self._pending)
+        self.confidences.append(torch.tensor(draft.confidence or [0.0] * len(draft)))
+        self.reached.append(torch.tensor([parent in accepted for parent in draft.parent_ids()]))
         self.labels.append(labels)
         self._pending = None
 
@@ -140,22 +226,23 @@ def save_predictor(predictor: AcceptancePredictor, folder: Path) -> None:
 
 
 def build_pruner(spec: str | None, target: LoadedModel) -> PathPruner | None:
-    """`none` / None, `predictor` (the one shipped for an embedded target) or `predictor:DIR`."""
+    """`none` / None; `predictor` (the one shipped for an embedded target) or `predictor:DIR`: prune where the
+    path is expected to pay; `predictor-path[:DIR]`: always cut to the path (SpaDec's rule)."""
     if spec in (None, "", "none"):
         return None
     kind, _, path = spec.partition(":")
-    if kind != "predictor":
+    if kind not in ("predictor", "predictor-path"):
         raise ConfigError(f"unknown pruning '{spec}': use none, predictor (the shipped one) or predictor:DIR "
-                          "(from `draftsmith train predictor`)")
+                          "(from `draftsmith train predictor`), or predictor-path[:DIR] to always cut to one path")
     if not path:
         from draftsmith.drafters import shipped_file
 
         path = str(shipped_file(target, "predictor", CONFIG, "train predictor").parent)
-    return load_pruner(Path(path), target.model)
+    return load_pruner(Path(path), target.model, always=kind == "predictor-path")
 
 
-def load_pruner(folder: Path, target: PreTrainedModel) -> PathPruner:
-    """The pruner of the predictor trained in `folder` for this target."""
+def load_pruner(folder: Path, target: PreTrainedModel, always: bool = False) -> PathPruner:
+    """The pruner of the predictor trained in `folder` for this target (`always`: cut every tree to a path)."""
     if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
         raise ConfigError(f"no predictor in {folder} (expected {CONFIG} and {WEIGHTS}): train one with "
                           f"`draftsmith train predictor --target ... --out {folder}`")
@@ -166,4 +253,4 @@ def load_pruner(folder: Path, target: PreTrainedModel) -> PathPruner:
                           f"this target has {layers} layers of {hidden}")
     predictor = AcceptancePredictor(config)
     predictor.load_state_dict(load_file(str(folder / WEIGHTS)))
-    return PathPruner(predictor.to(target.device).eval())
+    return PathPruner(predictor.to(target.device).eval(), always=always)

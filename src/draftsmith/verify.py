@@ -75,7 +75,7 @@ class TargetRunner:
         """With a pruner: run the target's first `pruner.layer` layers over the whole tree, let the pruner pick
         the nodes to verify (one path, or all), keep those rows' states; `score` then runs the other layers
         on them only. Returns the draft to verify. Chains pass unchanged."""
-        if self.pruner is None or draft.is_chain or not len(draft):
+        if self.pruner is None or draft.is_chain or not len(draft) or not self.pruner.worth_scoring(draft):
             return draft
         if not isinstance(self.lm, LeanLlama):
             raise ConfigError("pruning a draft tree between layers needs the lean forward (Llama-family targets)")

@@ -4,7 +4,8 @@ A method spec names one way of decoding: ours (`plain`, `ngram[:k=8,min_n=1,max_
 `student[:DIR][:k=4]` (the shipped distilled student), `mag[:FILE][:k=8]` (prompt lookup + bigram chain),
 `cascade[:K-MATRIX|:FILE.toml]` (CS-Drafting, drafters/cascade.py); `layerskip[:DIR|:auto][:k=4]` (self-speculation:
 the target skipping layers by routers, the shipped ones without DIR, or by a measured fixed set);
-`prune=1` on a tree drafter: the shipped acceptance predictor cuts each tree to one path (SpaDec, lossless);
+`prune=1` on a tree drafter: the shipped acceptance predictor cuts a tree to one path where that is expected to
+pay (lossless), `prune=2` cuts every tree (SpaDec's rule);
 `lossy_sparse=1`: LOSSY, the target verifies with the shipped routers skipping layers (SpaDec's sparse mode);
 `adaptive=1` lets the engine choose each step's draft length up to k; `eagle[:DIR][:k=32,depth=6,top_k=8]`
 `medusa[:DIR][:k=32]` and `ctc[:DIR][:k=32,top_k=4,beams=16,levels=1]`, feature heads drafting trees of at most k nodes,

@@ -90,7 +90,8 @@ def _engine_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int, s
     drafter_spec = {"plain": "none", "ngram": "ngram", "model": f"model:{spec.arg}"}.get(spec.kind)
     if spec.kind in ("eagle", "medusa", "ctc", "student", "mag", "cascade", "layerskip"):
         drafter_spec = f"{spec.kind}:{spec.arg}" if spec.arg else spec.kind
-    pruner = build_pruner("predictor", target) if options.pop("prune", 0) else None
+    prune = options.pop("prune", 0)  # 1: the shipped predictor cuts where the path pays; 2: always (SpaDec's rule)
+    pruner = build_pruner("predictor-path" if prune == 2 else "predictor", target) if prune else None
     sparse = RoutedVerify(load_routers_for("", target)) if options.pop("lossy_sparse", 0) else None
     # token ids in and out, like HF generate: no tokenizer, so no incremental detokenizing inside the timing
     weights = options.pop("weights", "auto")

@@ -50,6 +50,7 @@ class EagleDrafter:
     name = "eagle"
     needs_features = True
     sizes_itself = True  # the engine gives the node budget; the tree's size comes from the costs
+    gives_confidence = True  # each node's draft log-probability given its parent (Draft.confidence)
 
     def __init__(self, head: EagleHead, target: PreTrainedModel, tree: TreeConfig | None = None):
         self.head, self.tree = head, tree or TreeConfig()
@@ -169,7 +170,8 @@ class EagleDrafter:
         draft_ids = self.parts.to_target_ids(torch.tensor([tokens[i] for i in chosen], dtype=torch.long,
                                                           device=self.device))
         return Draft(tokens=draft_ids.tolist(), parents=[index.get(parents[i], ROOT) if parents[i] != ROOT else ROOT
-                                                          for i in chosen])
+                                                          for i in chosen],
+                     confidence=[_given_parent(scores, parents, i) for i in chosen])
 
     @staticmethod
     def _depth(parents: list[int], node: int) -> int:
@@ -177,6 +179,13 @@ class EagleDrafter:
         while parents[node] != ROOT:
             node, depth = parents[node], depth + 1
         return depth
+
+
+def _given_parent(scores: list[float], parents: list[int], node: int) -> float:
+    """A node's log-probability given its parent's, from cumulative ones; floored so that a zero-mass node
+    (a CTC candidate can carry none) stays a finite input."""
+    value = scores[node] - (scores[parents[node]] if parents[node] != ROOT else 0.0)
+    return value if value > -30.0 else -30.0  # also catches NaN (-inf minus -inf)
 
 
 @torch.no_grad()

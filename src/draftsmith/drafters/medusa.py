@@ -34,6 +34,7 @@ class MedusaDrafter:
     name = "medusa"
     needs_features = True
     sizes_itself = True  # the engine gives the node budget; how many paths to verify comes from the costs
+    gives_confidence = True  # each node's head log-probability (Draft.confidence)
 
     def __init__(self, heads: MedusaHeads, target: PreTrainedModel, paths: list[list[int]] | None = None):
         self.heads = heads
@@ -68,17 +69,18 @@ class MedusaDrafter:
         if self.feature is None or k < 1:
             return Draft()
         outputs = self.heads(self.feature[None].to(self.parts.dtype))[:, 0]  # [K, H]
-        ranked = self.parts.logits(outputs).topk(self.width, dim=-1).indices  # [K, width]
-        candidates = self.parts.to_target_ids(ranked).tolist()
+        log_probs, ranked = self.parts.logits(outputs).float().log_softmax(-1).topk(self.width, dim=-1)  # [K, width]
+        candidates, log_probs = self.parts.to_target_ids(ranked).tolist(), log_probs.tolist()
         n = best_tree_size(self.path_values, self.costs, k) if self.costs is not None else min(k, len(self.paths))
         paths = sorted(self.paths[:n], key=lambda p: (len(p), p))  # parents before children
         node_of = {(): ROOT}
-        tokens, parents = [], []
+        tokens, parents, confidence = [], [], []
         for path in paths:
             node_of[tuple(path)] = len(tokens)
             tokens.append(candidates[len(path) - 1][path[-1]])
             parents.append(node_of[tuple(path[:-1])])
-        return Draft(tokens=tokens, parents=parents)
+            confidence.append(log_probs[len(path) - 1][path[-1]])  # head j's own log-probability of its token
+        return Draft(tokens=tokens, parents=parents, confidence=confidence)
 
 
 def _path_probability(path: list[int], accuracy: list[list[float]] | None) -> float:

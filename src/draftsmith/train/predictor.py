@@ -3,9 +3,11 @@
 Collection: the target decodes held-out-free prompts (documented functions of the corpus, never a benchmark's)
 with the tree drafter the predictor will prune; at every step the runner's `NodeRecorder` keeps the whole tree,
 takes each node's hidden state after the predictor's layer from the verification forward itself (no extra
-forward) and labels it by the verdict: 1 for the nodes on the accepted path. Training: logistic regression
-(Linear(hidden, 1), BCE) on the project's trainer; evaluated on the nodes of held-out prompts (whole prompts are
-held out, so no step is in both splits).
+forward) and labels it by the verdict: 1 for the nodes on the accepted path. Only nodes whose parent was
+accepted are kept: a node below a rejected one was never put to the test, and the predictor estimates acceptance
+given the parent's (the pruner multiplies those down the tree). Training: logistic regression (Linear(hidden, 1),
+plus the drafter's log-probability of the node where `confidence`; BCE) on the project's trainer; evaluated on
+the nodes of held-out prompts (whole prompts are held out, so no step is in both splits).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class PredictorTrainConfig:
     heldout_prompts: int = 8
     new_tokens: int = 96
     instruct_share: float = 0.5  # prompts sent as a chat request to complete the function (the rest: bare code)
+    confidence: bool = True  # the drafter's log-probability of each node is an input (the drafter must give it)
     corpus: str | None = None  # default: the Python standard library
     seed: int = 0
     extra: dict = field(default_factory=dict)
@@ -42,16 +45,17 @@ class PredictorTrainConfig:
 
 
 class NodeData(Dataset):
-    def __init__(self, features: torch.Tensor, labels: torch.Tensor):
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, confidences: torch.Tensor | None = None):
         if not len(labels):
             raise ConfigError("no draft-tree nodes were collected: is the drafter a tree drafter?")
         self.features, self.labels = features, labels
+        self.confidences = torch.zeros(len(labels)) if confidences is None else confidences
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> Batch:
-        return {"hidden": self.features[i], "label": self.labels[i]}
+        return {"hidden": self.features[i], "confidence": self.confidences[i], "label": self.labels[i]}
 
 
 def collect_nodes(engine, prompts: list[list[int]], layer: int, new_tokens: int, progress: bool = True
@@ -71,11 +75,13 @@ def collect_nodes(engine, prompts: list[list[int]], layer: int, new_tokens: int,
         engine.runner.pruner = None
     if not recorder.labels:
         return NodeData(torch.empty(0), torch.empty(0))
-    return NodeData(torch.cat(recorder.features), torch.cat(recorder.labels))
+    reached = torch.cat(recorder.reached)  # nodes put to the test: their parent was accepted
+    return NodeData(torch.cat(recorder.features)[reached], torch.cat(recorder.labels)[reached],
+                    torch.cat(recorder.confidences)[reached])
 
 
 def predictor_loss(model: AcceptancePredictor, batch: Batch) -> tuple[torch.Tensor, dict]:
-    logits = model(batch["hidden"])
+    logits = model(batch["hidden"], batch["confidence"])
     loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch["label"])
     accuracy = ((logits > 0).float() == batch["label"]).float().mean()
     return loss, {"accuracy": accuracy}
@@ -93,7 +99,7 @@ class PredictorEval:
         from sklearn.metrics import roc_auc_score
 
         device = model.linear.weight.device
-        scores = torch.sigmoid(model(self.data.features.to(device)).float()).cpu()
+        scores = torch.sigmoid(model(self.data.features.to(device), self.data.confidences.to(device)).float()).cpu()
         labels = self.data.labels
         out = {"accuracy": float(((scores > 0.5).float() == labels).float().mean()),
                "accepted_share": float(labels.mean())}
@@ -132,8 +138,14 @@ def train_predictor(engine, tokenizer, cfg: PredictorTrainConfig, train: TrainCo
     heldout = collect_nodes(engine, heldout_prompts, layer, cfg.new_tokens, progress)
     collect_seconds = time.perf_counter() - started
     trainer = Trainer(train)
-    predictor = AcceptancePredictor(PredictorConfig(hidden_size=target.config.hidden_size, layer=layer))
+    if cfg.confidence and not getattr(engine.drafter, "gives_confidence", False):
+        raise ConfigError(f"the {engine.drafter.name} drafter gives no confidence per node: use --no-confidence")
+    predictor = AcceptancePredictor(PredictorConfig(hidden_size=target.config.hidden_size, layer=layer,
+                                                    confidence=cfg.confidence))
     result = trainer.fit(predictor, data, predictor_loss, PredictorEval(heldout))
+    with torch.no_grad():
+        predictor.config.hidden_logit = round(float(predictor.linear(data.features.to(
+            predictor.linear.weight.device)).mean()), 4)
     predictor.config.training = {
         "command": shlex.join(["draftsmith", *sys.argv[1:]]), **cfg.extra, "corpus": cfg.corpus or "python stdlib",
         "prompts": cfg.prompts, "nodes": len(data), "heldout_nodes": len(heldout),

@@ -75,6 +75,8 @@ def predictor_command(
     heldout_prompts: Annotated[int, typer.Option(help="Prompts whose nodes are held out for evaluation.")] = 8,
     new_tokens: Annotated[int, typer.Option(help="Tokens decoded per prompt.")] = 96,
     corpus: CorpusFolder = None,
+    confidence: Annotated[bool, typer.Option(help="Weigh the drafter's log-probability of each node too (the "
+                                                  "drafter must give it: eagle does).")] = True,
     dtype: Annotated[str, typer.Option(help="dtype the target decodes in (the one you will decode in).")]
     = "auto",
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 300,
@@ -94,7 +96,8 @@ def predictor_command(
     from draftsmith.train.trainer import TrainConfig
 
     cfg = PredictorTrainConfig(layer=layer, prompts=prompts, heldout_prompts=heldout_prompts, new_tokens=new_tokens,
-                               corpus=corpus_source(corpus), seed=seed, extra={"drafter": drafter})
+                               corpus=corpus_source(corpus), confidence=confidence, seed=seed,
+                               extra={"drafter": drafter})
     train = TrainConfig(out_dir=out, max_steps=steps, batch_size=batch_size, lr=lr, warmup_steps=10,
                         weight_decay=0.0, device="cpu", seed=seed, eval_every=eval_every, resume=resume,
                         progress=sys.stdout.isatty())
