@@ -78,8 +78,8 @@ class SpecEngine:
         self.runner = TargetRunner(model, lean=lean, compile=compile, weights=weights, graphs=graphs, fused=fused)
         if pruner is not None and sparse_verify is not None:
             raise ConfigError("predictor pruning and the lossy sparse verification do not combine: pick one")
-        wants_confidence = getattr(getattr(pruner, "predictor", None), "config", None)
-        if wants_confidence is not None and wants_confidence.confidence and not getattr(drafter, "gives_confidence",
+        predictor_config = getattr(getattr(pruner, "predictor", None), "config", None)
+        if predictor_config is not None and predictor_config.confidence and not getattr(drafter, "gives_confidence",
                                                                                         False):
             raise ConfigError(f"this predictor weighs the drafter's confidence per node, which the "
                               f"{getattr(drafter, 'name', 'chosen')} drafter does not give: train one for it with "
