@@ -149,9 +149,7 @@ class PathPruner:
         if hidden_logit is None:
             return True
         weight = self.predictor.confidence_weight.item()
-        accept = [1 / (1 + math.exp(-(hidden_logit + weight * c))) for c in draft.confidence]
-        reach = reach_probabilities(draft, accept)
-        if self._path_pays(reach, best_path(draft, reach, self.threshold)):
+        if self._best_path(draft, [1 / (1 + math.exp(-(hidden_logit + weight * c))) for c in draft.confidence])[1]:
             return True
         self.kept_whole, self.screened, self.proposed_nodes = (self.kept_whole + 1, self.screened + 1,
                                                                self.proposed_nodes + len(draft))
@@ -160,20 +158,24 @@ class PathPruner:
     @torch.inference_mode()
     def select(self, draft: Draft, hidden: torch.Tensor) -> list[int] | None:
         confidence = None if draft.confidence is None else torch.tensor(draft.confidence, device=hidden.device)
-        logits = self.predictor(hidden, confidence).float()
-        reach = reach_probabilities(draft, torch.sigmoid(logits).tolist())
-        path = best_path(draft, reach, self.threshold)
+        path, pays = self._best_path(draft, torch.sigmoid(self.predictor(hidden, confidence).float()).tolist())
         self.proposed_nodes += len(draft)
-        if not self.always and self.costs is not None and not self._path_pays(reach, path):
+        if not pays:
             self.kept_whole += 1
             return None
         self.pruned += 1
         return path
 
-    def _path_pays(self, reach: list[float], path: list[int]) -> bool:
+    def _best_path(self, draft: Draft, accept: list[float]) -> tuple[list[int], bool]:
+        """The DP's path from each node's acceptance given its parent's, and whether cutting to it pays (always,
+        under SpaDec's rule or without costs)."""
+        reach = reach_probabilities(draft, accept)
+        path = best_path(draft, reach, self.threshold)
+        if self.always or self.costs is None:
+            return path, True
         whole = self.costs(len(reach) + 1)
         cut = self.share * whole + (1 - self.share) * self.costs(len(path) + 1)
-        return (1 + sum(reach[node] for node in path)) / cut >= (1 + sum(reach)) / whole
+        return path, (1 + sum(reach[node] for node in path)) / cut >= (1 + sum(reach)) / whole
 
     def observe(self, draft: Draft, path: list[int]) -> None:
         """Told the accepted path of each verified draft (used by a recording pruner)."""

@@ -102,8 +102,8 @@ def load_routers(folder: Path, target: PreTrainedModel) -> Routers:
                           f"size {config.hidden_size}; this target has {layers} layers of {hidden}")
     routers = Routers(config)
     routers.load_state_dict(load_file(str(folder / WEIGHTS)))
-    # on a CPU they stay float32 (as trained): a bf16 product this small takes torch's slow path (0.34 ms a
-    # router layer, measured: a third of a layer-skipping draft's time)
+    # on a CPU they stay float32 (as trained): a bf16 product this small takes torch's slow path (a profile of
+    # layer-skipping drafts, taken while other jobs ran: a third of the time in the routers' products)
     dtype = torch.float32 if target.device.type == "cpu" else target.dtype
     return routers.to(device=target.device, dtype=dtype).eval()
 
