@@ -1,6 +1,9 @@
 """Report arithmetic on a crafted example, computed by hand, and the files it writes."""
 
 import json
+import math
+import random
+import statistics
 
 import pytest
 
@@ -77,3 +80,42 @@ def test_report_files_are_written(records, tmp_path):
     assert md == markdown_table(summaries) and "| ngram | 2 | 6.7 | 1.33x | 2.55x | 2.00 | 40.0% |" in md
     for name in ("speedup", "tau", "tokens_per_s"):
         assert paths[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _paired(ratios: list[float], base_seconds: list[float]) -> list[PromptRecord]:
+    """Records of a baseline and a method that runs each prompt `ratio` times faster."""
+    return ([PromptRecord("base", f"p{i}", 10, s, 10) for i, s in enumerate(base_seconds)]
+            + [PromptRecord("m", f"p{i}", 10, s / r, 10) for i, (s, r) in enumerate(zip(base_seconds, ratios))])
+
+
+def test_speedup_interval_is_a_t_interval_of_the_log_ratios():
+    from scipy import stats
+
+    ratios = [1.1, 1.3, 1.2, 1.25]
+    m = next(s for s in summarize(_paired(ratios, [1.0, 2.0, 3.0, 4.0]), baseline="base") if s.method == "m")
+    logs = [math.log(r) for r in ratios]
+    low, high = stats.t.interval(0.95, len(logs) - 1, loc=statistics.mean(logs), scale=stats.sem(logs))
+    assert m.speedup_interval == pytest.approx([math.exp(low), math.exp(high)])
+    constant = next(s for s in summarize(_paired([1.5] * 3, [1.0, 5.0, 2.0]), "base") if s.method == "m")
+    assert constant.speedup_interval == pytest.approx([1.5, 1.5])  # no spread between prompts: no doubt
+    assert next(s for s in summarize(_paired([1.5] * 2, [1.0, 2.0]), "base") if s.method == "m").speedup_interval is None
+    assert "| m | 4 |" in markdown_table(summarize(_paired(ratios, [1.0] * 4), "base"))
+    assert f"{math.exp(low):.3f}-{math.exp(high):.3f}x" in markdown_table(summarize(_paired(ratios, [1.0] * 4), "base"))
+
+
+def test_speedup_interval_covers_the_true_ratio_95_percent_and_tells_2_percent_apart():
+    """Simulated paired runs (30 prompts, lognormal noise per call): the interval holds the true speedup in
+    about 95% of runs, and at 2% noise it excludes 1 for a true 2% gain in nearly every run."""
+    rng = random.Random(0)
+
+    def intervals(true_ratio: float, noise: float, runs: int = 400) -> list[list[float]]:
+        out = []
+        for _ in range(runs):
+            base = [rng.uniform(0.5, 3.0) for _ in range(30)]
+            ratios = [true_ratio * math.exp(rng.gauss(0, noise)) for _ in base]
+            out.append(next(s for s in summarize(_paired(ratios, base), "base") if s.method == "m").speedup_interval)
+        return out
+
+    covered = sum(low <= 1.05 <= high for low, high in intervals(1.05, 0.1))
+    assert 0.91 * 400 <= covered <= 0.99 * 400
+    assert sum(low > 1.0 for low, _ in intervals(1.02, 0.02)) >= 0.95 * 400

@@ -1,6 +1,7 @@
 """The bench runner on a tiny model: interleaved order, records, metric arithmetic by hand, exactness, files, CLI."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -246,3 +247,28 @@ def test_a_method_that_fails_midway_is_reported_and_the_others_run_on(target, tm
     assert len([r for r in result.records if r.method == "plain"]) == 3
     assert "ngram:k=4 on" in result.notes and "peer library bug" in result.notes
     assert "peer library bug" in result.metadata["failed_methods"]["ngram:k=4"]
+
+
+def test_bench_report_recomputes_a_run_against_another_baseline(result, tmp_path):
+    from typer.testing import CliRunner
+
+    from draftsmith.bench.report import summarize
+    from draftsmith.cli import app
+
+    folder = result.paths["json"].parent
+    again = CliRunner().invoke(app, ["bench-report", str(folder), "--baseline", "plain", "--out", str(tmp_path / "vs")],
+                               env={"COLUMNS": "300", "TERM": "dumb"})
+    assert again.exit_code == 0, again.output
+    data = json.loads((tmp_path / "vs" / "report.json").read_text())
+    expected = {s.method: s for s in summarize(result.records, baseline="plain", plain="plain", reference="hf-greedy")}
+    assert data["metadata"]["baseline"] == "plain" and len(data["records"]) == len(result.records)
+    for s in data["summaries"]:
+        assert s["speedup"] == pytest.approx(expected[s["method"]].speedup)
+        assert s["speedup_interval"] == pytest.approx(expected[s["method"]].speedup_interval)
+        assert s["exactness"] == pytest.approx(expected[s["method"]].exactness)  # still against the run's reference
+    assert next(s for s in data["summaries"] if s["method"] == "plain")["speedup"] == pytest.approx(1.0)
+    for args, message in (([str(folder), "--baseline", "eagle"], "'eagle' is not a method of"),
+                          ([str(tmp_path / "nothing"), "--baseline", "plain"], "no benchmark report at")):
+        proc = subprocess.run([sys.executable, "-m", "draftsmith.cli", "bench-report", *args],
+                              capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "300"})
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
@@ -68,5 +69,22 @@ def bench_command(
     ))
 
 
+def bench_report_command(
+    folder: Annotated[Path, typer.Argument(help="A folder `draftsmith bench --out` wrote.")],
+    baseline: Annotated[str, typer.Option(help="The method speedups (and their 95% intervals) are measured "
+                                                "against, e.g. an identical twin of the run's reference.")],
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: FOLDER/vs-BASELINE).")] = None,
+) -> None:
+    """Recompute a benchmark's report from its report.json against another baseline method: no decoding."""
+    from draftsmith.bench.runner import rereport
+
+    result = rereport(folder, baseline, out)
+    out_console = Console(soft_wrap=True, highlight=False)
+    out_console.print(markdown_table(result.summaries), markup=False)
+    for name, path in result.paths.items():
+        out_console.print(f"{name:>12}: {path}", markup=False)
+
+
 def register(app: typer.Typer) -> None:
     app.command("bench")(bench_command)
+    app.command("bench-report")(bench_report_command)

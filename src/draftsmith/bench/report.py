@@ -8,7 +8,8 @@ records, so a report can always be recomputed from its own JSON.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -57,6 +58,8 @@ class MethodSummary:
     verify_ms_per_step: float | None
     speedup: float | None  # vs the baseline: total time / total time over the shared prompts
     speedup_per_prompt: float | None  # vs the baseline: mean of per-prompt time ratios
+    # vs the baseline: 95% interval of the per-prompt speedup's geometric mean (paired, prompts as samples)
+    speedup_interval: list[float] | None
     speedup_same_dtype: float | None  # vs HF greedy in the method's own dtype (when the run has it)
     bound: float | None  # tau * t_plain_step / (t_draft_step + t_verify_step)
     efficiency: float | None  # speedup over the plain method / bound
@@ -121,6 +124,23 @@ def speedups(method: list[PromptRecord], baseline: list[PromptRecord]) -> tuple[
         return None, None
     aggregate = _ratio(sum(b[p] for p in shared), sum(m[p] for p in shared))
     return aggregate, _mean(_ratio(b[p], m[p]) for p in shared)
+
+
+def speedup_interval(method: list[PromptRecord], baseline: list[PromptRecord]) -> list[float] | None:
+    """95% confidence interval [low, high] of the geometric mean of per-prompt speedups over `baseline` (a t
+    interval on the log ratios: each prompt ran both methods side by side, so the machine's drift between
+    prompts cancels). Whether a difference of a percent is real or noise: an interval holding 1 does not tell
+    the two apart. None below 3 shared prompts."""
+    from scipy.stats import t as student_t
+
+    m, b = _seconds_by_prompt(method), _seconds_by_prompt(baseline)
+    logs = [math.log(b[p] / m[p]) for p in b if p in m and b[p] > 0 and m[p] > 0]
+    if len(logs) < 3:
+        return None
+    mean = sum(logs) / len(logs)
+    spread = math.sqrt(sum((x - mean) ** 2 for x in logs) / (len(logs) - 1) / len(logs))
+    half = student_t.ppf(0.975, len(logs) - 1) * spread
+    return [math.exp(mean - half), math.exp(mean + half)]
 
 
 def _first_divergence(a: list[int], b: list[int]) -> int:
@@ -202,6 +222,8 @@ def summarize(
             verify_ms_per_step=_ratio(1000 * verify_s, steps) if timed_split else None,
             speedup=speedup,
             speedup_per_prompt=speedup_per_prompt,
+            speedup_interval=speedup_interval(recs, by_method[baseline]) if method != baseline and baseline in by_method
+            else None,
             speedup_same_dtype=speedups(recs, by_method[peer])[0] if peer in by_method else None,
             bound=bound,
             efficiency=_ratio(vs_plain, bound) if vs_plain is not None and bound else None,
@@ -222,6 +244,7 @@ def summarize(
 COLUMNS = [
     ("method", "method", "{}"), ("prompts", "prompts", "{}"), ("tok/s", "tokens_per_s", "{:.1f}"),
     ("speedup", "speedup", "{:.2f}x"), ("speedup (mean/prompt)", "speedup_per_prompt", "{:.2f}x"),
+    ("speedup 95% CI", "speedup_interval", "{:.3f}-{:.3f}x"),
     ("vs HF greedy same dtype", "speedup_same_dtype", "{:.2f}x"),
     ("tau", "tau", "{:.2f}"), ("acceptance", "acceptance", "{:.1%}"),
     ("steps accepting >= 1/2/3/4/5/6", "acceptance_by_depth", "{:.0%}"), ("nodes/step", "nodes_per_step", "{:.1f}"),
@@ -234,12 +257,20 @@ COLUMNS = [
 ]
 
 
+def _cell(value: Any, fmt: str) -> str:
+    """A table cell: a list fills one format with all its items (an interval), or each item its own, '/'-joined."""
+    if value is None:
+        return "-"
+    if not isinstance(value, list):
+        return fmt.format(value)
+    return fmt.format(*value) if fmt.count("{") == len(value) else "/".join(map(fmt.format, value))
+
+
 def markdown_table(summaries: list[MethodSummary]) -> str:
     cols = [c for c in COLUMNS if any(getattr(s, c[1]) is not None for s in summaries)]
     lines = ["| " + " | ".join(h for h, _, _ in cols) + " |", "|" + "---|" * len(cols)]
     for s in summaries:
-        cells = [("-" if (v := getattr(s, a)) is None else
-                  "/".join(map(fmt.format, v)) if isinstance(v, list) else fmt.format(v)) for _, a, fmt in cols]
+        cells = [_cell(getattr(s, a), fmt) for _, a, fmt in cols]
         lines.append("| " + " | ".join(cells) + " |")
     for s in summaries:
         if s.drafter_stats:
@@ -309,3 +340,16 @@ def write_report(
     paths["json"].write_text(json.dumps(payload, indent=1, default=str) + "\n")
     paths["markdown"].write_text(markdown_table(summaries) + (f"\n{notes}\n" if notes else ""))
     return paths | _plots(out_dir, records, summaries)
+
+
+def load_report(folder: str | Path) -> tuple[list[PromptRecord], dict[str, Any]]:
+    """The records and metadata of a report.json that `write_report` wrote (fields a later version added
+    take their defaults)."""
+    path = Path(folder) / "report.json"
+    if not path.is_file():
+        from draftsmith.errors import ConfigError
+
+        raise ConfigError(f"no benchmark report at {path} (a folder `draftsmith bench --out` wrote)")
+    data = json.loads(path.read_text())
+    known = {f.name for f in fields(PromptRecord)}
+    return [PromptRecord(**{k: v for k, v in r.items() if k in known}) for r in data["records"]], data["metadata"]

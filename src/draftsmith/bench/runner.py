@@ -27,7 +27,7 @@ from draftsmith.acceptance import SamplingConfig
 from draftsmith.bench.config import (BASELINE, DEFAULT_K, DEFAULT_METHODS, PEERS, PLAIN, BenchConfig, MethodSpec,
                                      parse_method)
 from draftsmith.bench.peers import llamacpp_method, server_method
-from draftsmith.bench.report import MethodSummary, PromptRecord, summarize, write_report
+from draftsmith.bench.report import MethodSummary, PromptRecord, load_report, summarize, write_report
 from draftsmith.bench.sandbox import SandboxConfig, available_isolation
 from draftsmith.collab.domains import resolve_domain
 from draftsmith.bench.workloads import INSTRUCT, Score, Task, completion, load_tasks, prompt_ids, score
@@ -368,6 +368,31 @@ def cast(target: LoadedModel, dtype: str) -> LoadedModel:
     return LoadedModel(model=model, tokenizer=target.tokenizer, name=f"{target.name}@{dtype}")
 
 
+def same_dtype_baselines(specs: list[MethodSpec], run_dtype: str) -> dict[str, str]:
+    """Method -> the run's HF greedy method in that method's dtype, where the run has one."""
+    dtype_of = {s.name: s.dtype or run_dtype for s in specs}
+    hf_greedy_in = {dtype_of[s.name]: s.name for s in specs if s.kind == "hf-greedy"}
+    return {s.name: hf_greedy_in[dtype_of[s.name]] for s in specs if dtype_of[s.name] in hf_greedy_in}
+
+
+def rereport(folder: Path, baseline: str, out: Path | None = None) -> BenchResult:
+    """A run's report recomputed from its report.json with another method as the baseline (speedups and their
+    intervals against it: e.g. a method against an identical twin of its reference, to see the noise floor),
+    written to `out` (default FOLDER/vs-BASELINE)."""
+    records, metadata = load_report(folder)
+    names = list(dict.fromkeys(r.method for r in records))
+    if baseline not in names:
+        raise ConfigError(f"'{baseline}' is not a method of {folder} (its methods: {', '.join(names)})")
+    specs = [parse_method(name) for name in names]
+    summaries = summarize(records, baseline=baseline, plain=PLAIN if PLAIN in names else None,
+                          reference=metadata.get("reference"),
+                          same_dtype_baseline=same_dtype_baselines(specs, metadata["dtype"]))
+    metadata = {**metadata, "baseline": baseline}
+    notes = report_notes(metadata)
+    out = out or folder / f"vs-{baseline.replace(':', '_').replace('/', '_')}"
+    return BenchResult(records, summaries, metadata, notes, write_report(out, records, summaries, metadata, notes))
+
+
 def run_bench(
     config: BenchConfig,
     console: Any = None,
@@ -420,8 +445,7 @@ def run_bench(
         for method in methods:
             if method.close is not None:
                 method.close()
-    hf_greedy_in = {dtype_of[s.name]: s.name for s in specs if s.kind == "hf-greedy"}
-    same_dtype_baseline = {s.name: hf_greedy_in[dtype_of[s.name]] for s in specs if dtype_of[s.name] in hf_greedy_in}
+    same_dtype_baseline = same_dtype_baselines(specs, run_dtype)
     names = [m.name for m in methods if m.name not in failures]
     if not names:
         raise DraftsmithError("every method failed: " + "; ".join(f"{m} {why}" for m, why in failures.items()))
