@@ -151,6 +151,25 @@ def test_a_predictor_weighing_confidence_refuses_a_drafter_without_it(target):
         SpecEngine(target, drafter, pruner=random_pruner(target, 2, confidence=True))
 
 
+def test_training_with_confidence_refuses_a_drafter_without_it_before_decoding(target, tmp_path, monkeypatch):
+    """`train predictor` weighs the drafter's confidence by default: a drafter that gives none is refused before
+    minutes of decoding, not after, and with --no-confidence it is taken."""
+    import draftsmith.train.predictor as training
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded before the refusal")
+
+    monkeypatch.setattr(training, "collect_nodes", no_decoding)
+    drafter = TreeOracleDrafter(hf_greedy(target, PROMPTS[0], 8), len(PROMPTS[0]), vocab=target.config.vocab_size)
+    engine = SpecEngine(target, drafter)
+    with pytest.raises(ConfigError, match="gives no confidence per node: use --no-confidence"):
+        training.train_predictor(engine, None, training.PredictorTrainConfig(), TrainConfig(out_dir=tmp_path))
+    monkeypatch.setattr(training, "collection_prompts", lambda *args: ([], []))
+    with pytest.raises(AssertionError, match="decoded before the refusal"):  # taken: it goes on to decode
+        training.train_predictor(engine, None, training.PredictorTrainConfig(confidence=False),
+                                 TrainConfig(out_dir=tmp_path))
+
+
 def test_recording_keeps_whole_trees_exact_and_labels_the_accepted_path(target):
     prompt, new = PROMPTS[0], 32
     reference = hf_greedy(target, prompt, new)
