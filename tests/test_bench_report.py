@@ -98,7 +98,8 @@ def test_speedup_interval_is_a_t_interval_of_the_log_ratios():
     assert m.speedup_interval == pytest.approx([math.exp(low), math.exp(high)])
     constant = next(s for s in summarize(_paired([1.5] * 3, [1.0, 5.0, 2.0]), "base") if s.method == "m")
     assert constant.speedup_interval == pytest.approx([1.5, 1.5])  # no spread between prompts: no doubt
-    assert next(s for s in summarize(_paired([1.5] * 2, [1.0, 2.0]), "base") if s.method == "m").speedup_interval is None
+    two_prompts = summarize(_paired([1.5] * 2, [1.0, 2.0]), "base")
+    assert next(s for s in two_prompts if s.method == "m").speedup_interval is None
     assert "| m | 4 |" in markdown_table(summarize(_paired(ratios, [1.0] * 4), "base"))
     assert f"{math.exp(low):.3f}-{math.exp(high):.3f}x" in markdown_table(summarize(_paired(ratios, [1.0] * 4), "base"))
 

@@ -50,7 +50,8 @@ STEPS_NOTE = ("our methods count target forwards after a prefill that yields no 
               "target forward (a forward hook), since HF's prefill yields the first token: both count the forwards "
               "that yield tokens, so tau = tokens / steps compares alike (plain and hf-greedy: 1)")
 LEGEND = (
-    "speedup: {baseline} total time / the method's, and the mean of per-prompt ratios. tau: generated tokens per "
+    "speedup: {baseline} total time / the method's, and the mean of per-prompt ratios; 95% CI: a t interval of "
+    "the per-prompt ratios' geometric mean (one holding 1.00x does not tell the two apart). tau: generated tokens per "
     "target step. draft / verify: share of the generation time, and ms per target step. bound: the speedup over "
     "plain decoding that tau allows at the measured draft + verify cost per step; efficiency: achieved / bound. "
     "exact: output equal to {reference}'s token for token. Target steps: {steps}. Peak MB: {memory}. "
