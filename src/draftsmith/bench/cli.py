@@ -21,6 +21,12 @@ def run_and_show(config: BenchConfig, console: Console | None = None) -> BenchRe
     from draftsmith.bench.runner import run_bench  # torch and transformers load only when a command runs
 
     result = run_bench(config, console or Console(stderr=True))
+    show_result(result)
+    return result
+
+
+def show_result(result: BenchResult) -> None:
+    """Print a report's heading, summary table, notes and files on stdout."""
     meta = result.metadata
     # the Markdown table as report.md holds it: plain text, never cut to the terminal's width
     out = Console(soft_wrap=True, highlight=False)
@@ -32,7 +38,6 @@ def run_and_show(config: BenchConfig, console: Console | None = None) -> BenchRe
         out.print("\n" + result.paths["collab_markdown"].read_text(), markup=False)
     for name, path in result.paths.items():
         out.print(f"{name:>12}: {path}", markup=False)
-    return result
 
 
 def bench_command(
@@ -78,11 +83,7 @@ def bench_report_command(
     """Recompute a benchmark's report from its report.json against another baseline method: no decoding."""
     from draftsmith.bench.runner import rereport
 
-    result = rereport(folder, baseline, out)
-    out_console = Console(soft_wrap=True, highlight=False)
-    out_console.print(markdown_table(result.summaries), markup=False)
-    for name, path in result.paths.items():
-        out_console.print(f"{name:>12}: {path}", markup=False)
+    show_result(rereport(folder, baseline, out))
 
 
 def register(app: typer.Typer) -> None:

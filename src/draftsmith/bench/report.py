@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import draftsmith
+from draftsmith.errors import ConfigError
 
 
 @dataclass
@@ -293,13 +294,12 @@ def _plots(out_dir: Path, records: list[PromptRecord], summaries: list[MethodSum
     xs = range(len(methods))
     ax.bar([x - 0.2 for x in xs], [s.speedup or 0 for s in summaries], 0.4, label="aggregate")
     ax.bar([x + 0.2 for x in xs], [s.speedup_per_prompt or 0 for s in summaries], 0.4, label="mean per prompt")
-    with_interval = [(x, s.speedup_interval) for x, s in zip(xs, summaries) if s.speedup_interval]
-    if with_interval:  # the interval's centre in log space is the per-prompt geometric mean
-        centres = [math.sqrt(low * high) for _, (low, high) in with_interval]
-        ax.errorbar([x + 0.2 for x, _ in with_interval], centres, fmt="k.", capsize=3,
-                    yerr=[[c - low for c, (_, (low, _)) in zip(centres, with_interval)],
-                          [high - c for c, (_, (_, high)) in zip(centres, with_interval)]],
-                    label="geometric mean per prompt, 95% interval")
+    intervals = [(x + 0.2, *s.speedup_interval) for x, s in zip(xs, summaries) if s.speedup_interval]
+    if intervals:  # the interval's centre in log space is the per-prompt geometric mean
+        at, lows, highs = zip(*intervals)
+        centres = [math.sqrt(low * high) for low, high in zip(lows, highs)]
+        ax.errorbar(at, centres, fmt="k.", capsize=3, label="geometric mean per prompt, 95% interval",
+                    yerr=[[c - low for c, low in zip(centres, lows)], [high - c for c, high in zip(centres, highs)]])
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xticks(list(xs), methods, rotation=30, ha="right")
     ax.set_ylabel("speedup vs baseline")
@@ -354,8 +354,6 @@ def load_report(folder: str | Path) -> tuple[list[PromptRecord], dict[str, Any]]
     take their defaults)."""
     path = Path(folder) / "report.json"
     if not path.is_file():
-        from draftsmith.errors import ConfigError
-
         raise ConfigError(f"no benchmark report at {path} (a folder `draftsmith bench --out` wrote)")
     data = json.loads(path.read_text())
     known = {f.name for f in fields(PromptRecord)}
