@@ -217,6 +217,29 @@ def test_corpus_index_answers_like_a_scan():
     assert context.statements == ["a = 1", "b = 2", "c = a + b"] and context.last == "c = a + b"
 
 
+@pytest.mark.parametrize("max_postings", [50, 150, 10_000])  # the first word alone, a few words, every word
+def test_corpus_neighbours_equal_jaccard_over_the_rarest_words_postings(max_postings):
+    """The numpy count gives exactly the (Jaccard, index) list of scoring each candidate's word set: candidates
+    from the rarest query words' postings until max_postings, best first, later statements first on ties."""
+    import random
+
+    from draftsmith.collab.features import TOP, jaccard, words
+
+    rng = random.Random(0)
+    vocab = [f"w{i}" for i in range(40)] + ["self", "x"]
+    lines = [" ".join(rng.choices(vocab, k=rng.randint(1, 8))) for _ in range(600)]
+    index = CorpusIndex([CodeDocument("c.py", "\n".join(lines))], max_postings=max_postings)
+    for trial in range(40):
+        query = set(words(" ".join(rng.choices(vocab + ["absent"], k=rng.randint(1, 6)))))
+        seen: set[int] = set()
+        for w in sorted(query, key=lambda w: len(index.postings.get(w, ()))):
+            seen.update(index.postings.get(w, ()).tolist() if w in index.postings else ())
+            if len(seen) >= index.max_postings:
+                break
+        expected = sorted(((jaccard(query, index.word_sets[i]), i) for i in seen), reverse=True)[:TOP]
+        assert index.neighbours(query) == expected
+
+
 @pytest.fixture(scope="module")
 def collab_folder(tmp_path_factory):
     """finetune -> collect -> train-classifier on a tiny model pair, through the commands' own functions."""
@@ -296,13 +319,24 @@ def test_collab_benchmark_runs_every_method_per_domain(collab_folder, tmp_path):
     config = BenchConfig(target="tiny", workload=f"collab:{domain.source}", methods=methods, limit=3,
                          max_new_tokens=24, out=str(tmp_path / "bench"))
     result = run_bench(config, target=target)
-    table = json.loads(result.paths["collab_json"].read_text())
-    assert set(table) == {domain.name, "overall"} and set(table["overall"]) == set(methods)
+    report = json.loads(result.paths["collab_json"].read_text())
+    table = report["lines"]
+    assert list(table) == [domain.name, "overall"] and list(table["overall"]) == methods  # run order, overall last
     assert table["overall"][f"small:{out}"]["large_calls_per_line"] == 0
     assert table["overall"]["plain"]["large_calls_per_line"] > 1
     summaries = {s.method: s for s in result.summaries}
     for lossless in (f"small-draft:{out}:k=4", f"collab:{out}:k=4,threshold=1"):  # equal to large greedy
         assert summaries[lossless].exactness == 1.0
+        assert table["overall"][lossless]["same_as_large"] == 100
+    never_asked = table["overall"][f"collab:{out}:k=4,threshold=1"]  # threshold 1 never consults the classifier
+    assert never_asked["disagreements_per_line"] is None and never_asked["classifier_kept"] is None
+    drafted = table["overall"][f"small-draft:{out}:k=4"]
+    assert 0 <= drafted["small_kept"] <= 1 and table["overall"]["plain"]["small_kept"] is None
+    # why the rules behave as they do: the folder's own held-out scores, as its commands recorded them
+    recorded = json.loads((out / "classifier.json").read_text())["validation"]
+    folder = report["folders"][domain.name][str(out)]
+    assert folder["classifier_auc"] == recorded["auc"] and 0 <= folder["small_accuracy"] <= 1
+    assert "clf AUC" in result.paths["collab_markdown"].read_text()
     assert result.paths["collab_plot"].is_file()
 
 

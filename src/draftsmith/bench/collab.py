@@ -108,48 +108,108 @@ def collab_method(spec: MethodSpec, target: LoadedModel, domains: list[str], max
     return Method(spec.name, generate, select=lambda task_id: current.update(domain=task_domain(task_id)))
 
 
-def domain_table(records: list[PromptRecord]) -> dict[str, Any]:
-    """Per domain and overall, per method: exact match (%), edit similarity, ms per line, large-model calls per
-    line, and the classifier's share of kept small tokens where it was asked."""
-    groups: dict[tuple[str, str], list[PromptRecord]] = defaultdict(list)
+def domain_table(records: list[PromptRecord], methods: list[str], reference: str = "plain") -> dict[str, Any]:
+    """Per domain (in run order, then overall) and per method (in the order given): exact match (%), edit similarity,
+    ms per line, large-model calls per line, the share of lines equal to large greedy's (`reference`), the share of the small
+    model's drafted tokens the rule kept, and where a classifier was asked, disagreements per line and the
+    share of them at which it kept the small token."""
+    greedy = {r.prompt_id: r.output_tokens for r in records if r.method == reference}
+    groups: dict[str, dict[str, list[PromptRecord]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
-        groups[task_domain(r.prompt_id), r.method].append(r)
-        groups["overall", r.method].append(r)
-    rows = {}
-    for (domain, method), recs in groups.items():
-        n = len(recs)
-        asked = sum((r.drafter_stats or {}).get("classifier_asked", 0) for r in recs)
-        rows.setdefault(domain, {})[method] = {
-            "lines": n, "exact_match": 100 * sum(bool(r.exact_match) for r in recs) / n,
-            "edit_similarity": sum(r.edit_similarity or 0 for r in recs) / n,
-            "ms_per_line": 1000 * sum(r.seconds for r in recs) / n,
-            "large_calls_per_line": sum(r.target_steps for r in recs) / n,
-            "classifier_kept": (sum((r.drafter_stats or {}).get("classifier_kept_small", 0) for r in recs) / asked
-                                if asked else None),
-        }
+        groups[task_domain(r.prompt_id)][r.method].append(r)
+        groups["overall"][r.method].append(r)
+    groups["overall"] = groups.pop("overall")  # last
+    rows: dict[str, Any] = {}
+    for domain, by_method in groups.items():
+        for method in (m for m in methods if m in by_method):  # each prompt rotates the order methods run in
+            recs = by_method[method]
+            n = len(recs)
+            asked = sum((r.drafter_stats or {}).get("classifier_asked", 0) for r in recs)
+            proposed = sum(r.proposed for r in recs)
+            compared = [r.output_tokens == greedy[r.prompt_id] for r in recs
+                        if method != reference and greedy.get(r.prompt_id) is not None]
+            rows.setdefault(domain, {})[method] = {
+                "lines": n, "exact_match": 100 * sum(bool(r.exact_match) for r in recs) / n,
+                "edit_similarity": sum(r.edit_similarity or 0 for r in recs) / n,
+                "ms_per_line": 1000 * sum(r.seconds for r in recs) / n,
+                "large_calls_per_line": sum(r.target_steps for r in recs) / n,
+                "same_as_large": 100 * sum(compared) / len(compared) if compared else None,
+                "small_kept": sum(r.accepted for r in recs) / proposed if proposed else None,
+                "disagreements_per_line": asked / n if asked else None,
+                "classifier_kept": (sum((r.drafter_stats or {}).get("classifier_kept_small", 0) for r in recs) / asked
+                                    if asked else None),
+            }
     return rows
 
 
-def domain_markdown(table: dict[str, Any]) -> str:
-    lines = ["| domain | method | lines | EM % | ES | ms/line | large calls/line | classifier kept |",
-             "|---|---|---|---|---|---|---|---|"]
-    for domain, methods in table.items():
-        for method, m in methods.items():
-            kept = f"{m['classifier_kept']:.0%}" if m["classifier_kept"] is not None else ""
-            lines.append(f"| {domain} | {method} | {m['lines']} | {m['exact_match']:.1f} | {m['edit_similarity']:.1f} "
-                         f"| {m['ms_per_line']:.0f} | {m['large_calls_per_line']:.2f} | {kept} |")
+def folder_diagnostics(specs: list[MethodSpec], target: LoadedModel, domains: list[str]) -> dict[str, Any]:
+    """Why a rule does what it does, per domain and collab folder the run used, from what the folder's own
+    commands recorded on the classifier split (never the test files): teacher-forced argmax accuracy of both
+    models on the answers, the share of one-right disagreements where the small model was the right one, and
+    the classifier's validation scores (accuracy, AUC, precision of 'small is right', how often it says so)."""
+    out: dict[str, Any] = {}
+    for domain in domains:
+        for folder in dict.fromkeys(collab_folder(s.arg, target, domain) for s in specs if s.kind != "plain"):
+            features, classifier = (_read_json(folder / name) for name in ("features.json", "classifier.json"))
+            validation = classifier.get("validation", {})
+            out.setdefault(domain, {})[_shown(folder)] = {
+                "large_accuracy": features.get("large_accuracy"), "small_accuracy": features.get("small_accuracy"),
+                "small_right_share": features.get("small_right_share"),
+                "classifier_accuracy": validation.get("accuracy"), "classifier_auc": validation.get("auc"),
+                "classifier_precision": validation.get("precision"),
+                "classifier_predicted_small": validation.get("predicted_small"),
+            }
+    return out
+
+
+def _shown(folder: Path) -> str:
+    """A folder as the report names it: relative to the working directory when inside it."""
+    return str(folder.resolve().relative_to(Path.cwd())) if folder.resolve().is_relative_to(Path.cwd()) else str(folder)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+# (column title, key, format) of the two tables; an absent value (not measured for that method) is left blank
+LINE_COLUMNS = [("lines", "lines", "d"), ("EM %", "exact_match", ".1f"), ("ES", "edit_similarity", ".1f"),
+                ("ms/line", "ms_per_line", ".0f"), ("large calls/line", "large_calls_per_line", ".2f"),
+                ("= large greedy %", "same_as_large", ".0f"), ("small tokens kept", "small_kept", ".1%"),
+                ("disagreements/line", "disagreements_per_line", ".2f"), ("classifier kept", "classifier_kept", ".0%")]
+FOLDER_COLUMNS = [("large acc", "large_accuracy", ".1%"), ("small acc", "small_accuracy", ".1%"),
+                  ("small right", "small_right_share", ".1%"), ("clf acc", "classifier_accuracy", ".1%"),
+                  ("clf AUC", "classifier_auc", ".2f"), ("clf precision", "classifier_precision", ".2f"),
+                  ("clf says small", "classifier_predicted_small", ".1%")]
+
+
+def _markdown(first: tuple[str, str], nested: dict[str, dict[str, dict[str, Any]]], columns) -> list[str]:
+    titles = [*first, *(title for title, _, _ in columns)]
+    lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
+    for outer, inner in nested.items():
+        for name, values in inner.items():
+            cells = ["" if values.get(key) is None else format(values[key], form) for _, key, form in columns]
+            lines.append("| " + " | ".join([outer, name, *cells]) + " |")
+    return lines
+
+
+def domain_markdown(table: dict[str, Any], diagnostics: dict[str, Any] | None = None) -> str:
+    lines = _markdown(("domain", "method"), table, LINE_COLUMNS)
+    if diagnostics:
+        lines += ["", "Collab folders, on their classifier split: teacher-forced argmax accuracy on the answers, the share "
+                  "of one-right disagreements where the small model was right, and the classifier's validation scores.",
+                  "", *_markdown(("domain", "folder"), diagnostics, FOLDER_COLUMNS)]
     return "\n".join(lines)
 
 
-def write_domain_report(out: Path, table: dict[str, Any]) -> dict[str, Path]:
+def write_domain_report(out: Path, table: dict[str, Any], diagnostics: dict[str, Any] | None = None) -> dict[str, Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     paths = {"collab_json": out / "collab.json", "collab_markdown": out / "collab.md", "collab_plot": out / "collab.png"}
-    paths["collab_json"].write_text(json.dumps(table, indent=1) + "\n")
-    paths["collab_markdown"].write_text(domain_markdown(table) + "\n")
+    paths["collab_json"].write_text(json.dumps({"lines": table, "folders": diagnostics or {}}, indent=1) + "\n")
+    paths["collab_markdown"].write_text(domain_markdown(table, diagnostics) + "\n")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, m in table.get("overall", {}).items():
         ax.scatter(m["large_calls_per_line"], m["exact_match"], s=60)

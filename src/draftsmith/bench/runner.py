@@ -469,9 +469,9 @@ def run_bench(
     out = Path(config.out or f"bench-results/{datetime.now():%Y%m%d-%H%M%S}")
     paths = write_report(out, records, summaries, metadata, notes)
     if collab:  # per domain: EM, ES, ms and large-model calls per line
-        from draftsmith.bench.collab import domain_table, write_domain_report
+        from draftsmith.bench.collab import domain_table, folder_diagnostics, write_domain_report
 
-        paths |= write_domain_report(out, domain_table(records))
+        paths |= write_domain_report(out, domain_table(records, names), folder_diagnostics(specs, target, domains))
     return BenchResult(records, summaries, metadata, notes, paths)
 
 

@@ -91,10 +91,12 @@ class CorpusIndex:
                 self.following[first].append(second)
         self.sorted = sorted(self.statements)
         self.word_sets = [set(words(s)) for s in self.statements]
-        self.postings: dict[str, list[int]] = defaultdict(list)
+        postings: dict[str, list[int]] = defaultdict(list)
         for i, ws in enumerate(self.word_sets):
             for w in ws:
-                self.postings[w].append(i)
+                postings[w].append(i)
+        self.postings = {w: np.asarray(rows, dtype=np.int64) for w, rows in postings.items()}
+        self.sizes = np.asarray([len(ws) for ws in self.word_sets], dtype=np.int64)
         self.max_postings = max_postings
 
     def prefix_count(self, prefix: str) -> int:
@@ -108,14 +110,23 @@ class CorpusIndex:
         return sum(s.startswith(candidate) for s in self.following.get(statement, ()))
 
     def neighbours(self, query: set[str]) -> list[tuple[float, int]]:
-        """(Jaccard, index) of the TOP statements most like `query`, found through the query's rarest words."""
-        seen: set[int] = set()
-        for w in sorted(query, key=lambda w: len(self.postings.get(w, ()))):
-            seen.update(self.postings.get(w, ()))
-            if len(seen) >= self.max_postings:
+        """(Jaccard, index) of the TOP statements most like `query`, found through the query's rarest words, best
+        first (ties: the later statement first). Counted with numpy over the postings: scoring each candidate's
+        word set in Python took ~85% of a collab step's classifier time."""
+        seen = np.zeros(len(self.statements), dtype=bool)
+        shared = np.zeros(len(self.statements), dtype=np.int64)  # query words each statement holds
+        found = [self.postings[w] for w in query if w in self.postings]
+        for rows in sorted(found, key=len):
+            seen[rows] = True
+            if np.count_nonzero(seen) >= self.max_postings:
                 break
-        scored = sorted(((jaccard(query, self.word_sets[i]), i) for i in seen), reverse=True)
-        return scored[:TOP]
+        for rows in found:
+            shared[rows] += 1
+        candidates = np.flatnonzero(seen)
+        inter = shared[candidates]
+        scores = inter / (self.sizes[candidates] + len(query) - inter)
+        best = np.lexsort((-candidates, -scores))[:TOP]
+        return [(float(scores[j]), int(candidates[j])) for j in best]
 
     def after_similar(self, last: str, candidate: str) -> float:
         """Mean Jaccard between the candidate and the statements that follow the corpus statements most like the
