@@ -233,7 +233,7 @@ def test_corpus_neighbours_equal_jaccard_over_the_rarest_words_postings(max_post
         query = set(words(" ".join(rng.choices(vocab + ["absent"], k=rng.randint(1, 6)))))
         seen: set[int] = set()
         for w in sorted(query, key=lambda w: len(index.postings.get(w, ()))):
-            seen.update(index.postings.get(w, ()).tolist() if w in index.postings else ())
+            seen.update(index.postings[w].tolist() if w in index.postings else ())
             if len(seen) >= index.max_postings:
                 break
         expected = sorted(((jaccard(query, index.word_sets[i]), i) for i in seen), reverse=True)[:TOP]

@@ -164,7 +164,8 @@ def folder_diagnostics(specs: list[MethodSpec], target: LoadedModel, domains: li
 
 def _shown(folder: Path) -> str:
     """A folder as the report names it: relative to the working directory when inside it."""
-    return str(folder.resolve().relative_to(Path.cwd())) if folder.resolve().is_relative_to(Path.cwd()) else str(folder)
+    resolved = folder.resolve()
+    return str(resolved.relative_to(Path.cwd())) if resolved.is_relative_to(Path.cwd()) else str(folder)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
