@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from draftsmith.bench.config import DEFAULT_K, MethodSpec
-from draftsmith.bench.report import PromptRecord
+from draftsmith.bench.report import PromptRecord, _exactness
 from draftsmith.bench.workloads import Task
 from draftsmith.collab.domains import DEFAULT_DOMAINS, completion_cases, resolve_domain
 from draftsmith.errors import ConfigError
@@ -113,7 +113,6 @@ def domain_table(records: list[PromptRecord], methods: list[str], reference: str
     ms per line, large-model calls per line, the share of lines equal to large greedy's (`reference`), the share of the small
     model's drafted tokens the rule kept, and where a classifier was asked, disagreements per line and the
     share of them at which it kept the small token."""
-    greedy = {r.prompt_id: r.output_tokens for r in records if r.method == reference}
     groups: dict[str, dict[str, list[PromptRecord]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         groups[task_domain(r.prompt_id)][r.method].append(r)
@@ -126,14 +125,13 @@ def domain_table(records: list[PromptRecord], methods: list[str], reference: str
             n = len(recs)
             asked = sum((r.drafter_stats or {}).get("classifier_asked", 0) for r in recs)
             proposed = sum(r.proposed for r in recs)
-            compared = [r.output_tokens == greedy[r.prompt_id] for r in recs
-                        if method != reference and greedy.get(r.prompt_id) is not None]
+            same = _exactness(recs, by_method.get(reference, []))[0] if method != reference else None
             rows.setdefault(domain, {})[method] = {
                 "lines": n, "exact_match": 100 * sum(bool(r.exact_match) for r in recs) / n,
                 "edit_similarity": sum(r.edit_similarity or 0 for r in recs) / n,
                 "ms_per_line": 1000 * sum(r.seconds for r in recs) / n,
                 "large_calls_per_line": sum(r.target_steps for r in recs) / n,
-                "same_as_large": 100 * sum(compared) / len(compared) if compared else None,
+                "same_as_large": 100 * same if same is not None else None,
                 "small_kept": sum(r.accepted for r in recs) / proposed if proposed else None,
                 "disagreements_per_line": asked / n if asked else None,
                 "classifier_kept": (sum((r.drafter_stats or {}).get("classifier_kept_small", 0) for r in recs) / asked
