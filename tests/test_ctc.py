@@ -8,8 +8,10 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+import draftsmith.drafters.eagle as eagle_module
 from draftsmith.acceptance import SamplingConfig
 from draftsmith.adaptive import CostCurve
+from draftsmith.cached_lm import WeightFormat
 from draftsmith.draft import ROOT
 from draftsmith.drafters import Feedback
 from draftsmith.drafters.ctc import CtcDrafter, CtcSearch, candidate_tree, ctc_collapse, prefix_beam_search
@@ -25,6 +27,7 @@ FLAT = CostCurve([1, 64], [1.0, 1.0])  # verification costs the same for any siz
 PROMPTS = [[5, 17, 33, 8, 21, 40, 9], [60, 2, 2, 71, 14], [3]]
 NEW = 40
 B = 99  # a blank id in the collapse tests
+BLANK_BIAS = 4.0  # the frames-equal test's blank bias: some frames best as blanks, some as tokens (checked)
 
 
 @pytest.fixture(scope="module")
@@ -32,19 +35,21 @@ def target():
     return tiny_llama(seed=4)
 
 
-def ctc_head(target, seed: int = 0, draft_vocab: int = 0) -> CtcHead:
+def ctc_head(target, seed: int = 0, draft_vocab: int = 0, feed: bool = False) -> CtcHead:
     torch.manual_seed(seed)
-    head = CtcHead(HeadConfig.for_target("ctc", target, draft_vocab=draft_vocab))
+    head = CtcHead(HeadConfig.for_target("ctc", target, draft_vocab=draft_vocab, ctc_feed=feed))
     with torch.no_grad():  # a random blank row, so that blanks take part in the search
         head.blank_weight.normal_(std=0.5)
         head.frame_embeddings.normal_(std=1.0)
+        if feed:
+            head.blank_embedding.normal_(std=1.0)
     if draft_vocab:
         head.draft_to_target.copy_(torch.randperm(target.config.vocab_size)[:draft_vocab].sort().values)
     return head.eval()
 
 
-def ctc(target, seed: int = 0, draft_vocab: int = 0, **search) -> CtcDrafter:
-    drafter = CtcDrafter(ctc_head(target, seed, draft_vocab), target, CtcSearch(**search))
+def ctc(target, seed: int = 0, draft_vocab: int = 0, feed: bool = False, **search) -> CtcDrafter:
+    drafter = CtcDrafter(ctc_head(target, seed, draft_vocab, feed), target, CtcSearch(**search))
     drafter.costs = FLAT
     return drafter
 
@@ -118,10 +123,11 @@ def _after_prefill(drafter: CtcDrafter, runner: TargetRunner, prompt: list[int])
 
 
 @pytest.mark.parametrize("lean", [True, False])
-def test_every_node_of_a_collapsed_tree_is_scored_as_its_own_chain(target, lean):
+@pytest.mark.parametrize("feed", [False, True])
+def test_every_node_of_a_collapsed_tree_is_scored_as_its_own_chain(target, lean, feed):
     """The check that catches upstream's misalignment: the verifier's logits for each node of a tree built
     from collapsed candidates equal those of the node's root-to-node chain fed alone."""
-    drafter = ctc(target, draft_vocab=40, top_k=4, beams=24)
+    drafter = ctc(target, draft_vocab=40, feed=feed, top_k=4, beams=24)
     runner = TargetRunner(target, lean=lean)
     prompt = PROMPTS[0]
     _after_prefill(drafter, runner, prompt)
@@ -136,11 +142,16 @@ def test_every_node_of_a_collapsed_tree_is_scored_as_its_own_chain(target, lean)
         torch.testing.assert_close(logits[node + 1], chain, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("draft_vocab", [0, 30])
-def test_decode_time_frames_compute_what_training_computes(target, draft_vocab):
+@pytest.mark.parametrize("draft_vocab,feed", [(0, False), (30, False), (0, True), (30, True)])
+def test_decode_time_frames_compute_what_training_computes(target, draft_vocab, feed, monkeypatch):
     """The drafter's frames (lean layers over its cache, one call per step) against the training computation
-    (all anchors' frames at once under the frame mask): same positions, same attention, same blank."""
-    head = ctc_head(target, seed=2, draft_vocab=draft_vocab)
+    (all anchors' frames at once under the frame mask): same positions, same attention, same blank, and for a
+    feeding head the same best entries fed forward. The head's weights stay float32: the fastest format,
+    timed once per session, may be float16, whose rounding (~1e-3) is not what this test is about."""
+    monkeypatch.setattr(eagle_module, "cached_fastest_format", lambda *args, **kwargs: WeightFormat("stored"))
+    head = ctc_head(target, seed=2, draft_vocab=draft_vocab, feed=feed)
+    with torch.no_grad():
+        head.blank_bias.fill_(BLANK_BIAS)  # some frames best as blanks, some as tokens
     parts = TargetParts(target, head.draft_to_target, dtype=torch.float32)
     torch.manual_seed(3)
     n, hidden = 7, target.config.hidden_size
@@ -151,6 +162,8 @@ def test_decode_time_frames_compute_what_training_computes(target, draft_vocab):
         predicted = head(features[None], parts.embed_tokens(tokens)[None], positions, None, cache)
         training = ctc_frame_log_probs(head, parts, predicted, positions, cache)[:, 0]  # [F, n, V + 1]
     assert training.shape[-1] == (draft_vocab or target.config.vocab_size) + 1
+    best = training.argmax(-1)
+    assert (best == training.shape[-1] - 1).any() and (best < training.shape[-1] - 1).any()  # both kinds get fed
     for anchor in (2, n - 1):
         drafter = CtcDrafter(head, target)
         drafter.reset([], SamplingConfig(), None)
@@ -245,6 +258,7 @@ class OracleCtc(CtcDrafter):
 def test_ctc_drafting_is_exact_against_hf_greedy(target, lean):
     for make in (lambda: ctc(target, top_k=3, beams=12), lambda: ctc(target, draft_vocab=40),
                  lambda: ctc(target, levels=2, top_k=3), lambda: ctc(target, levels=2, draft_vocab=40),
+                 lambda: ctc(target, feed=True, draft_vocab=40), lambda: ctc(target, feed=True, levels=2),
                  lambda: OracleCtc(target)):
         engine = SpecEngine(target, make(), lean=lean)
         for prompt in PROMPTS:

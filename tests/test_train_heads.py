@@ -72,9 +72,10 @@ def test_shards_hold_features_and_resume_without_redoing_work(shards, target, mo
         build_feature_shards(target, char_tokenizer(), other, folder, progress=False)
 
 
-@pytest.mark.parametrize("kind", ["eagle", "medusa", "ctc"])
+@pytest.mark.parametrize("kind", ["eagle", "medusa", "ctc", "ctc-feed"])
 def test_a_tiny_head_learns_and_its_folder_drafts_exactly(shards, target, tmp_path, kind):
     folder, _ = shards
+    kind, feed = kind.removesuffix("-feed"), kind.endswith("-feed")
     losses = []
     import draftsmith.train.heads as heads_module
 
@@ -88,7 +89,8 @@ def test_a_tiny_head_learns_and_its_folder_drafts_exactly(shards, target, tmp_pa
     setattr(heads_module, f"{kind}_loss", recording)
     try:
         head, info = train_head(target, folder, HeadTrainConfig(kind=kind, draft_vocab=0, medusa_heads=2,
-                                                                 medusa_tree_nodes=6, noise=0.0, w_ctc=1.0),
+                                                                 medusa_tree_nodes=6, noise=0.0, w_ctc=1.0,
+                                                                 ctc_feed=feed),
                                   train(tmp_path, lr=1e-2, max_steps=60))
     finally:
         setattr(heads_module, f"{kind}_loss", loss)
@@ -98,6 +100,7 @@ def test_a_tiny_head_learns_and_its_folder_drafts_exactly(shards, target, tmp_pa
         assert len(loaded.config.medusa_paths) == 6
     if kind == "ctc":  # held-out: the best alignments spell part of the target's next tokens, blanks included
         assert loaded.config.ctc_frames == 6 and 0 < info["heldout"]["ctc_prefix"] <= 3
+        assert loaded.config.ctc_feed == feed and hasattr(loaded, "blank_embedding") == feed
         assert 0 < info["heldout"]["ctc_blank_rate"] < 1
     from draftsmith.drafters import build_drafter
     from draftsmith.models import LoadedModel

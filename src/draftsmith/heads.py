@@ -14,6 +14,8 @@ draft step. The frozen parts are never stored with a head; `TargetParts` takes t
   blank fed), each frame attending to the committed pairs and the frames before it. Frames decode through the
   frozen norm and output rows plus one blank logit, and are trained with a CTC loss against the target's next
   L tokens, so a step's frames spell several future tokens with blanks and repeats, collapsed CTC-style.
+  With `ctc_feed`, frame f also reads the embedding of frame f-1's best entry (a token, or a learned blank
+  embedding), the same at training and decode time: the frames see the tokens their best alignment has spelled.
 
 A head folder holds `head.json` (HeadConfig) and `head.safetensors`; nothing is unpickled.
 """
@@ -58,6 +60,7 @@ class HeadConfig:
     medusa_paths: list[list[int]] = field(default_factory=list)
     ctc_frames: int = 6  # CTC: frames per step (upstream: 6 frames for 3 labels)
     ctc_labels: int = 3  # CTC: future tokens the frames are trained to spell out
+    ctc_feed: bool = False  # CTC: each frame reads the embedding of the previous frame's best entry
     target: str = ""  # what it was trained for (informational; compatibility is checked on shapes)
     training: dict = field(default_factory=dict)  # command, data, wall time: how it was made
 
@@ -134,11 +137,23 @@ class CtcHead(EagleHead):
         # the blank's logit: one more output row over the normed frame state (the real rows stay the target's)
         self.blank_weight = nn.Parameter(torch.zeros(hidden))
         self.blank_bias = nn.Parameter(torch.zeros(()))
+        if config.ctc_feed:  # what a frame reads when the frame before it was best as a blank
+            self.blank_embedding = nn.Parameter(torch.zeros(hidden))
 
-    def frame_input(self, previous: torch.Tensor, frame: int) -> torch.Tensor:
-        """[..., H]: frame `frame`'s fused input, from the previous frame's output (frame 0: the pair's)."""
+    def frame_input(self, previous: torch.Tensor, frame: int, fed: torch.Tensor | None = None) -> torch.Tensor:
+        """[..., H]: frame `frame`'s fused input, from the previous frame's output (frame 0: the pair's) and,
+        for a feeding head, `fed`, the embedding of the previous frame's best entry (frame 0: none)."""
         slot = self.frame_embeddings[frame].to(previous.dtype).expand_as(previous)
+        if fed is not None:
+            slot = slot + fed
         return self.fc(torch.cat([previous, slot], dim=-1))
+
+    def entry_embeddings(self, entries: torch.Tensor, blank: int, embed_draft_ids) -> torch.Tensor:
+        """[..., H] what the next frame reads for these best entries: the token's embedding (`embed_draft_ids`
+        maps draft-vocabulary ids to embeddings), or the learned blank embedding."""
+        is_blank = entries == blank
+        embeds = embed_draft_ids(entries.masked_fill(is_blank, 0))
+        return torch.where(is_blank[..., None], self.blank_embedding.to(embeds.dtype), embeds)
 
     def blank_logit(self, normed: torch.Tensor) -> torch.Tensor:
         """[..., 1] blank logits of normed frame states."""

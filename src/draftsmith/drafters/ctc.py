@@ -6,7 +6,8 @@ A CTC head (heads.CtcHead) keeps the EAGLE-style head's cache of the target's tr
    token); each of its top-k tokens x is fed as one EAGLE step (a tree level of k rows), and from each x the
    head runs its F frames, a chain in feature space (one layer call per frame for all branches, each frame
    attending to the committed pairs, its branch's node and its own earlier frames), reading per frame a
-   distribution over the draft vocabulary plus a blank;
+   distribution over the draft vocabulary plus a blank (a feeding head's frame also reads the embedding of the
+   frame before's best entry, as in training);
 1. candidates after each x: CTC prefix beam search over x's frames, alignments drawn from each frame's top-k
    tokens and the blank, each alignment CTC-collapsed as it grows (repeats merged, then blanks dropped:
    "a a _ a b" -> "a a b") and every alignment that collapses to the same candidate summed into its probability; the most probable
@@ -131,18 +132,30 @@ class CtcDrafter(EagleDrafter):
         """[m, F, draft vocabulary + 1] log-probabilities (the blank last) of the frames of m anchors: their
         outputs `anchors` [m, H], `sees` [m, cache] which cache entries each anchor's frames attend to, `position`
         the anchors' position. Frame f sits at position + 1 + f."""
-        rows, outputs = len(anchors), []
+        rows, outputs, logits = len(anchors), [], []
         own = torch.eye(rows, dtype=torch.bool, device=self.device)
         previous = anchors
         for frame, slot in enumerate(self.frame_embeddings):
-            x = self._fuse(previous, slot.expand(rows, -1))  # a frame embedding where a pair has its next token's
+            slot = slot.expand(rows, -1)  # a frame embedding where a pair has its next token's
+            if logits:  # a feeding head: plus what the frame before was best as
+                slot = slot + self.head.entry_embeddings(logits[-1].argmax(-1), self.blank, self._embed_draft_ids)
             sees = torch.cat([sees, own], dim=1)
             at = torch.full((rows,), position + 1 + frame, device=self.device)
-            previous = self.layers.append(x, at, sees)[0]
+            previous = self.layers.append(self._fuse(previous, slot), at, sees)[0]
             outputs.append(previous)
-        logits = self.layers.weights.multiply(self.parts.norm(torch.stack(outputs, dim=1)), self.frame_rows).float()
-        logits[..., -1] += self.blank_bias
+            if self.head.config.ctc_feed:  # its next frame needs this one's best entry now
+                logits.append(self._frame_logits(previous))
+        # without feeding, one product for all frames (the output rows are read once, not once a frame)
+        logits = torch.stack(logits, dim=1) if logits else self._frame_logits(torch.stack(outputs, dim=1))
         return logits.log_softmax(-1)
+
+    def _frame_logits(self, frames: torch.Tensor) -> torch.Tensor:
+        logits = self.layers.weights.multiply(self.parts.norm(frames), self.frame_rows).float()
+        logits[..., -1] += self.blank_bias
+        return logits
+
+    def _embed_draft_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.parts.embed_tokens(self.parts.to_target_ids(ids))
 
     def first_token_probs(self) -> torch.Tensor:
         """[draft vocabulary]: the head's distribution of the token after the root (its newest pair's output)."""

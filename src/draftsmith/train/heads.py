@@ -14,7 +14,9 @@ Losses, per real position, as in the papers:
   (a chain in feature space from the pair's output, each frame attending to the pairs up to its anchor and the
   anchor's frames up to itself, as at decode time) against
   the target's next L argmax tokens, with a blank that is one past the draft vocabulary, never a real token.
-  Upstream's weights by default: regression 1, cross-entropy 0.1, CTC 0.01.
+  Upstream's weights by default: regression 1, cross-entropy 0.1, CTC 0.01. With `ctc_feed` each frame also
+  reads the embedding of the frame before's best entry, chosen free-running from the head's own frames (as at
+  decode time, so training sees what drafting will: no teacher-forced alignment to mismatch).
 Held-out evaluation reports top-1 agreement with the target; for Medusa also each head's top-k accuracy, from
 which the static tree is chosen (the paths of highest estimated acceptance probability).
 """
@@ -55,6 +57,7 @@ class HeadTrainConfig:
     w_ctc: float = 0.01  # CTC: weight of the CTC term (upstream's)
     ctc_labels: int = 3  # CTC: future tokens the frames spell out
     ctc_frames: int = 0  # CTC: frames per step; 0 = 2 x ctc_labels (upstream: 6 frames for 3 labels)
+    ctc_feed: bool = False  # CTC: each frame reads the embedding of the previous frame's best entry
     eval_unroll: int = 3  # held-out agreement is reported for this many drafting steps
     eval_sequences: int = 64
     init_from: str | None = None  # a trained head folder to fine-tune (its shape and draft vocabulary kept)
@@ -138,15 +141,19 @@ def ctc_frame_log_probs(head: CtcHead, parts: TargetParts, predicted: torch.Tens
     """[F, B, pairs, draft vocabulary + 1] log-probabilities of every pair's frames. predicted: [B, pairs, H] the
     pairs' outputs over a cache holding the pairs. Frame f of anchor a sits at position a + 2 + f and sees the
     pairs up to a and the anchor's frames up to itself: a depth-(f + 2) step of `unrolled_mask`, the attention
-    the drafter's frames have at decode time."""
-    previous, outputs = predicted, []
+    the drafter's frames have at decode time. A feeding head's frame f also reads the embedding of frame f-1's
+    best entry, chosen from its own logits as at decode time (no gradient flows through the choice)."""
+    previous, fed, logits = predicted, None, []
+    blank = len(parts.head_rows)
     for frame in range(head.config.ctc_frames):
         mask = unrolled_mask(predicted.shape[1], frame + 2, predicted.device)[None, None]
-        previous = head.decode(head.frame_input(previous, frame), positions + frame + 1, mask, cache)
-        outputs.append(previous)
-    normed = parts.norm(torch.stack(outputs))
-    logits = torch.cat([F.linear(normed, parts.head_rows), head.blank_logit(normed)], dim=-1).float()
-    return logits.log_softmax(-1)
+        previous = head.decode(head.frame_input(previous, frame, fed), positions + frame + 1, mask, cache)
+        normed = parts.norm(previous)
+        logits.append(torch.cat([F.linear(normed, parts.head_rows), head.blank_logit(normed)], dim=-1).float())
+        if head.config.ctc_feed:
+            best = logits[-1].detach().argmax(-1)
+            fed = head.entry_embeddings(best, blank, lambda ids: parts.embed_tokens(parts.to_target_ids(ids)))
+    return torch.stack(logits).log_softmax(-1)
 
 
 def ctc_loss(model: HeadWithTarget, batch: Batch, cfg: HeadTrainConfig) -> tuple[torch.Tensor, dict]:
@@ -283,7 +290,8 @@ def initial_head(target: PreTrainedModel, counts: torch.Tensor, cfg: HeadTrainCo
     draft_ids = draft_vocabulary(counts, cfg.draft_vocab)
     config = HeadConfig.for_target(cfg.kind, target, draft_vocab=len(draft_ids) if cfg.draft_vocab else 0,
                                    medusa_heads=cfg.medusa_heads, ctc_frames=cfg.ctc_frames,
-                                   ctc_labels=cfg.ctc_labels, target=target_name)
+                                   ctc_labels=cfg.ctc_labels, ctc_feed=cfg.ctc_feed,
+                                   target=target_name)
     head = build_head(config)
     head.draft_to_target.copy_(draft_ids)
     return head

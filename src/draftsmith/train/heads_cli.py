@@ -63,6 +63,9 @@ def heads_command(
     w_ctc: Annotated[float, typer.Option(help="Weight of the CTC loss (CTC heads; upstream's 0.01).")] = 0.01,
     ctc_labels: Annotated[int, typer.Option(help="CTC: future tokens each step's frames are trained to spell.")] = 3,
     ctc_frames: Annotated[int, typer.Option(help="CTC: frames per step (0 = 2 x --ctc-labels).")] = 0,
+    ctc_feed: Annotated[bool, typer.Option(help="CTC: each frame also reads the embedding of the previous frame's "
+                                                "best entry (token or blank), at training as at decode time.")]
+    = False,
     max_minutes: MaxMinutes = 0.0,
     eval_every: int = 250,
     checkpoint_every: int = 250,
@@ -91,7 +94,7 @@ def heads_command(
                                     shard_size=shard_size, seed=seed)
     head_config = HeadTrainConfig(kind=kind, draft_vocab=draft_vocab, medusa_heads=medusa_heads,
                                   medusa_tree_nodes=medusa_tree_nodes, noise=noise, w_regression=w_regression,
-                                  w_ce=w_ce, w_ctc=w_ctc, ctc_labels=ctc_labels, ctc_frames=ctc_frames,
+                                  w_ce=w_ce, w_ctc=w_ctc, ctc_labels=ctc_labels, ctc_frames=ctc_frames, ctc_feed=ctc_feed,
                                   unroll=unroll, init_from=init_from)
     train = TrainConfig(out_dir=out, max_steps=steps, max_minutes=max_minutes, batch_size=batch_size,
                         grad_accum=grad_accum, lr=lr,
