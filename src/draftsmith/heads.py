@@ -148,11 +148,11 @@ class CtcHead(EagleHead):
             slot = slot + fed
         return self.fc(torch.cat([previous, slot], dim=-1))
 
-    def entry_embeddings(self, entries: torch.Tensor, blank: int, embed_draft_ids) -> torch.Tensor:
-        """[..., H] what the next frame reads for these best entries: the token's embedding (`embed_draft_ids`
-        maps draft-vocabulary ids to embeddings), or the learned blank embedding."""
-        is_blank = entries == blank
-        embeds = embed_draft_ids(entries.masked_fill(is_blank, 0))
+    def entry_embeddings(self, entries: torch.Tensor, parts: TargetParts) -> torch.Tensor:
+        """[..., H] what the next frame reads for these best entries (draft-vocabulary ids, the blank one past
+        them): the token's embedding, or the learned blank embedding."""
+        is_blank = entries == len(parts.draft_to_target)
+        embeds = parts.embed_tokens(parts.to_target_ids(entries.masked_fill(is_blank, 0)))
         return torch.where(is_blank[..., None], self.blank_embedding.to(embeds.dtype), embeds)
 
     def blank_logit(self, normed: torch.Tensor) -> torch.Tensor:

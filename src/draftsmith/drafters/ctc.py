@@ -138,7 +138,7 @@ class CtcDrafter(EagleDrafter):
         for frame, slot in enumerate(self.frame_embeddings):
             slot = slot.expand(rows, -1)  # a frame embedding where a pair has its next token's
             if logits:  # a feeding head: plus what the frame before was best as
-                slot = slot + self.head.entry_embeddings(logits[-1].argmax(-1), self.blank, self._embed_draft_ids)
+                slot = slot + self.head.entry_embeddings(logits[-1].argmax(-1), self.parts)
             sees = torch.cat([sees, own], dim=1)
             at = torch.full((rows,), position + 1 + frame, device=self.device)
             previous = self.layers.append(self._fuse(previous, slot), at, sees)[0]
@@ -153,9 +153,6 @@ class CtcDrafter(EagleDrafter):
         logits = self.layers.weights.multiply(self.parts.norm(frames), self.frame_rows).float()
         logits[..., -1] += self.blank_bias
         return logits
-
-    def _embed_draft_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.parts.embed_tokens(self.parts.to_target_ids(ids))
 
     def first_token_probs(self) -> torch.Tensor:
         """[draft vocabulary]: the head's distribution of the token after the root (its newest pair's output)."""

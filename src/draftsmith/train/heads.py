@@ -144,15 +144,13 @@ def ctc_frame_log_probs(head: CtcHead, parts: TargetParts, predicted: torch.Tens
     the drafter's frames have at decode time. A feeding head's frame f also reads the embedding of frame f-1's
     best entry, chosen from its own logits as at decode time (no gradient flows through the choice)."""
     previous, fed, logits = predicted, None, []
-    blank = len(parts.head_rows)
     for frame in range(head.config.ctc_frames):
         mask = unrolled_mask(predicted.shape[1], frame + 2, predicted.device)[None, None]
         previous = head.decode(head.frame_input(previous, frame, fed), positions + frame + 1, mask, cache)
         normed = parts.norm(previous)
         logits.append(torch.cat([F.linear(normed, parts.head_rows), head.blank_logit(normed)], dim=-1).float())
         if head.config.ctc_feed:
-            best = logits[-1].detach().argmax(-1)
-            fed = head.entry_embeddings(best, blank, lambda ids: parts.embed_tokens(parts.to_target_ids(ids)))
+            fed = head.entry_embeddings(logits[-1].detach().argmax(-1), parts)
     return torch.stack(logits).log_softmax(-1)
 
 
