@@ -82,22 +82,70 @@ class StaticStep:
         self.logits, self.hidden = lm._forward_stack(self.ids, self.positions, self.mask, self.slots, False, False)
 
 
+class GraphSet:
+    """Bodies captured on first use, one per key, all over one cache tensor (`owner`): graphs hold its address,
+    so a new (grown) cache drops them, and their memory pool with them (a pool whose graphs are gone but which
+    still holds memory, as cuBLAS's workspace, cannot take a new capture). A failed capture warns once and
+    every later call runs eagerly. Shared by the target's steps and the feature heads' drafting."""
+
+    def __init__(self, capture: Callable = cuda_capture):
+        self.capture = capture
+        self.graphs: dict = {}  # key -> (its buffers, its replay)
+        self.owner: torch.Tensor | None = None
+        self.pool = None
+        self.captures = 0  # graphs captured so far (tests and the bench see recaptures)
+        self.failed = False
+
+    def run(self, key, owner: torch.Tensor, build: Callable[[], tuple[object, Callable[[], None]]],
+            load: Callable[[object], None]):
+        """Load key's buffers and replay its graph, capturing it first (`build` gives fresh buffers and the body
+        that reads them). Returns the buffers, or None where the caller must run eagerly."""
+        if self.failed:
+            return None
+        with torch.cuda.device(owner.device) if owner.device.type == "cuda" else contextlib.nullcontext():
+            if owner is not self.owner:
+                self.graphs, self.owner = {}, owner
+                self.pool = torch.cuda.graph_pool_handle() if self.capture is cuda_capture else None
+            if key not in self.graphs:
+                buffers, body = build()
+                load(buffers)
+                try:
+                    self.graphs[key] = (buffers, self.capture(body, self.pool))
+                except Exception as e:  # an operation the capture rejects, memory, a driver error: eager still works
+                    warnings.warn(f"CUDA graph capture failed, running eager instead: {type(e).__name__}: "
+                                  f"{e}".splitlines()[0], stacklevel=3)
+                    self.failed, self.graphs = True, {}
+                    return None
+                self.captures += 1
+            buffers, replay = self.graphs[key]
+            load(buffers)
+            replay()
+        return buffers
+
+
 class CapturedSteps:
     """A lean forward's captured steps, one per bucket, captured on first use and shared with nothing else."""
 
     def __init__(self, lm, capture: Callable = cuda_capture):
-        self.lm, self.capture = lm, capture
-        self.steps: dict[int, tuple[StaticStep, Callable[[], None]]] = {}
-        self.cache: torch.Tensor | None = None  # the cache tensor the steps were captured over
-        self.pool = None  # one memory pool for the buckets of one cache (see `_drop`)
-        self.captures = 0  # graphs captured so far (a test and the bench can see recaptures)
-        self.failed = False  # a capture failed: every step runs eagerly from then on
+        self.lm = lm
+        self.set = GraphSet(capture)
 
-    def _drop(self) -> None:
-        """Forget the steps captured over the old cache. Their pool goes with them: a pool whose graphs are gone
-        but which still holds memory (cuBLAS keeps its workspace there) cannot take a new capture."""
-        self.steps, self.cache = {}, self.lm.k_cache
-        self.pool = torch.cuda.graph_pool_handle() if self.capture is cuda_capture else None
+    @property
+    def captures(self) -> int:
+        return self.set.captures
+
+    @property
+    def failed(self) -> bool:
+        return self.set.failed
+
+    @property
+    def cache(self) -> torch.Tensor | None:
+        """The cache tensor the steps were captured over."""
+        return self.set.owner
+
+    @property
+    def steps(self) -> dict:
+        return self.set.graphs
 
     @staticmethod
     def bucket(n: int) -> int | None:
@@ -111,23 +159,14 @@ class CapturedSteps:
         if size is None or self.failed:
             return None
         lm._reserve(start + size)  # the padding rows' slots too
-        with torch.cuda.device(lm.device) if lm.device.type == "cuda" else contextlib.nullcontext():
-            if lm.k_cache is not self.cache:  # a new (grown) cache: graphs hold the old one's address
-                self._drop()
-            if size not in self.steps:
-                step = StaticStep(lm, size)
-                step.load(ids, positions, start, tree_mask)
-                try:
-                    self.steps[size] = (step, self.capture(step.run, self.pool))
-                except Exception as e:  # an operation the capture rejects, memory, a driver error: eager still works
-                    warnings.warn(f"CUDA graph capture failed, running eager instead: {type(e).__name__}: "
-                                  f"{e}".splitlines()[0], stacklevel=3)
-                    self.failed, self.steps = True, {}
-                    return None
-                self.captures += 1
-            step, replay = self.steps[size]
-            step.load(ids, positions, start, tree_mask)
-            replay()
+
+        def build() -> tuple[StaticStep, Callable[[], None]]:
+            step = StaticStep(lm, size)
+            return step, step.run
+
+        step = self.set.run(size, lm.k_cache, build, lambda step: step.load(ids, positions, start, tree_mask))
+        if step is None:
+            return None
         lm.length = start + n
         # copies: the next replay overwrites the buffers, and a caller may keep what it was given
         logits = step.logits[:n].clone()
@@ -149,3 +188,14 @@ def check_graphs(graphs: bool | None, device: torch.device, dtype: torch.dtype, 
     if graphs and compile:
         raise ConfigError("--cuda-graphs captures the eager forward; --compile compiles it: pick one")
     return graphs
+
+
+def drafting_capture(graphs: bool | None, device: torch.device) -> Callable | None:
+    """How a drafter's own forwards are captured: by default on CUDA in any dtype (a draft's rounding changes
+    proposals only, which the target verifies), never under deterministic algorithms (see check_graphs)."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    if graphs is None:
+        graphs = device.type == "cuda" and not deterministic
+    if graphs and device.type != "cuda":
+        raise ConfigError(f"CUDA graphs need a CUDA device; the drafter is on {device.type}")
+    return cuda_capture if graphs else None

@@ -87,6 +87,10 @@ def _engine_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int, s
     adaptive = bool(options.pop("adaptive", 0))
     compile = bool(options.pop("compile", 0))
     graphs = bool(options.pop("graphs")) if "graphs" in options else None  # None: the backend's default
+    if "draft_graphs" in options:  # a feature head's drafting captured or eager, apart from the target's steps
+        options["graphs"] = bool(options.pop("draft_graphs"))
+    elif graphs is not None:
+        options["graphs"] = graphs
     fused = bool(options.pop("fused")) if "fused" in options else None
     drafter_spec = {"plain": "none", "ngram": "ngram", "model": f"model:{spec.arg}"}.get(spec.kind)
     if spec.kind in ("eagle", "medusa", "ctc", "student", "mag", "cascade", "layerskip"):

@@ -198,8 +198,8 @@ def _head_drafter(kind: str, path: str, target: LoadedModel, options: dict) -> D
     if head.config.kind != kind:
         raise ConfigError(f"{path} holds a {head.config.kind} head, not a {kind} head: use --drafter {head.config.kind}:{path}")
     if kind == "eagle":
-        tree = TreeConfig(**{k: v for k, v in options.items() if k in ("depth", "top_k")})
-        drafter = EagleDrafter(head, target.model, tree)
+        tree = TreeConfig.for_device(target.model.device, **{k: v for k, v in options.items() if k in ("depth", "top_k")})
+        drafter = EagleDrafter(head, target.model, tree, graphs=options.get("graphs"))
         if options.get("lookup"):
             from draftsmith.drafters.merged import TreeWithLookup
             from draftsmith.drafters.ngram import NgramDrafter
@@ -209,5 +209,5 @@ def _head_drafter(kind: str, path: str, target: LoadedModel, options: dict) -> D
         return drafter
     if kind == "ctc":
         search = {key: value for key, value in options.items() if key in ("top_k", "beams", "levels")}
-        return CtcDrafter(head, target.model, CtcSearch(**search))
+        return CtcDrafter(head, target.model, CtcSearch(**search), graphs=options.get("graphs"))
     return MedusaDrafter(head, target.model)

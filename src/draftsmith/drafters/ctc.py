@@ -114,8 +114,9 @@ def candidate_tree(candidates: dict[tuple[int, ...], float]) -> tuple[list[int],
 class CtcDrafter(EagleDrafter):
     name = "ctc"
 
-    def __init__(self, head: CtcHead, target: PreTrainedModel, search: CtcSearch | None = None):
-        super().__init__(head, target)
+    def __init__(self, head: CtcHead, target: PreTrainedModel, search: CtcSearch | None = None,
+                 graphs: bool | None = None):
+        super().__init__(head, target, graphs=graphs)  # its feedback replays captured; its frames run eagerly
         self.search = search or CtcSearch()
         self.blank = len(head.draft_to_target)  # one past the draft vocabulary: never a real token id
         rows = torch.cat([self.parts.head_rows, head.blank_weight.detach()[None].to(self.dtype)])
@@ -191,7 +192,7 @@ class CtcDrafter(EagleDrafter):
         self.counts["frames"] += len(best)
         self.counts["blank_frames"] += sum(entry == self.blank for entry in best)
         self.counts["collapsed_tokens"] += len(ctc_collapse(best, self.blank))
-        return self._select(tokens, parents, scores, k)
+        return self._select(self.target_ids(tokens), parents, scores, k)
 
     def _second_level(self, branch: torch.Tensor, sees: torch.Tensor, prefixes: list[tuple[int, ...]],
                       masses: list[float], weighted: dict[tuple[int, ...], float]):

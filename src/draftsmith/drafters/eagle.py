@@ -27,8 +27,10 @@ from transformers import PreTrainedModel
 from draftsmith.acceptance import SamplingConfig
 from draftsmith.adaptive import CostCurve, best_tree_size
 from draftsmith.cached_lm import LeanLayers, cached_fastest_format, lean_layer
+from draftsmith.cuda_graphs import drafting_capture
 from draftsmith.draft import ROOT, Draft
 from draftsmith.drafters import Feedback
+from draftsmith.drafters.captured_tree import CapturedTree
 from draftsmith.errors import ConfigError
 from draftsmith.heads import EagleHead, TargetParts
 
@@ -45,6 +47,14 @@ class TreeConfig:
         if self.depth < 1 or self.top_k < 1:
             raise ConfigError(f"tree depth and top_k must be >= 1, got depth={self.depth}, top_k={self.top_k}")
 
+    @classmethod
+    def for_device(cls, device: torch.device, **overrides) -> TreeConfig:
+        """On a GPU a captured level costs little whatever its width and verifying 64 nodes about what one
+        costs: wider and deeper trees there (EAGLE-2's own depth 6, top-8), from which the costs still choose
+        how many nodes to verify."""
+        defaults = {"depth": 6, "top_k": 8} if device.type == "cuda" else {}
+        return cls(**{**defaults, **overrides})
+
 
 class EagleDrafter:
     name = "eagle"
@@ -52,15 +62,19 @@ class EagleDrafter:
     sizes_itself = True  # the engine gives the node budget; the tree's size comes from the costs
     gives_confidence = True  # each node's draft log-probability given its parent (Draft.confidence)
 
-    def __init__(self, head: EagleHead, target: PreTrainedModel, tree: TreeConfig | None = None):
-        self.head, self.tree = head, tree or TreeConfig()
+    def __init__(self, head: EagleHead, target: PreTrainedModel, tree: TreeConfig | None = None,
+                 graphs: bool | None = None):
+        """`graphs`: draft from captured CUDA graphs (captured_tree.py; None: on CUDA)."""
         self.device, self.dtype = target.device, next(head.parameters()).dtype
+        self.head, self.tree = head, tree or TreeConfig.for_device(self.device)
         self.parts = TargetParts(target, head.draft_to_target, dtype=self.dtype)
         self.layers = lean_head(head, self.parts.head_rows)
         fmt = self.layers.weights
         self.fc_weight, self.head_rows = fmt.prepare(head.fc.weight.detach()), fmt.prepare(self.parts.head_rows)
         self.costs: CostCurve | None = None  # set by the engine
         self.calibration = 1.0  # accepted / predicted length, running
+        capture = drafting_capture(graphs, self.device)
+        self.captured = CapturedTree(self, capture) if capture is not None else None
         self.reset([], SamplingConfig(), None)
 
     def reset(self, prompt_ids: list[int], sampling: SamplingConfig, generator: torch.Generator | None) -> None:
@@ -93,17 +107,30 @@ class EagleDrafter:
         n = len(step.next_tokens)
         if n == 0:
             return
+        if self.captured is not None and self.captured.feedback(step.features, step.next_tokens):
+            self.length += n
+            self.root_feature = self.captured.root
+            return
         tokens = torch.tensor(step.next_tokens, device=self.device)
         positions = torch.arange(self.length + 1, self.length + 1 + n, device=self.device)
         allowed = torch.ones(n, self.length + n, dtype=torch.bool, device=self.device).tril(self.length)
         out = self._run(step.features, tokens, positions, allowed)
         self.length += n
+        if self.captured is not None:  # the captured tree reads the root feature from its buffer
+            self.captured.root.copy_(out[-1])
+            out = self.captured.root[None]
         self.root_feature = out[-1]
 
     @torch.inference_mode()
     def propose(self, context: list[int], k: int) -> Draft:
         if self.root_feature is None or k < 1:
             return Draft()
+        candidates = self.captured.propose() if self.captured is not None else None
+        return self._select(*(candidates or self._grow()), k)
+
+    def _grow(self) -> tuple[list[int], list[int], list[float]]:
+        """The tree's candidates, eagerly: target token ids, parents (ROOT: the root) and cumulative
+        log-probabilities, level by level."""
         top_k, base = self.tree.top_k, self.length  # base: the head's committed length
         # every scored candidate: token (draft vocabulary), parent candidate (-1: root), cumulative log-prob
         cand_tokens, cand_parents, cand_scores = [], [], []
@@ -140,7 +167,13 @@ class EagleDrafter:
             parents = torch.tensor(frontier, device=self.device)[best // child_tokens.shape[1]]
             frontier = self._add(cand_tokens, cand_parents, cand_scores, child_tokens.flatten()[best], parents, total[best])
             parent_features = out[best // child_tokens.shape[1]]
-        return self._select(cand_tokens, cand_parents, cand_scores, k)
+        return self.target_ids(cand_tokens), cand_parents, cand_scores
+
+    def target_ids(self, draft_ids: list[int]) -> list[int]:
+        """Target token ids of draft-vocabulary ids."""
+        if self.parts.full_vocab or not draft_ids:
+            return draft_ids
+        return self.parts.to_target_ids(torch.tensor(draft_ids, device=self.device)).tolist()
 
     @staticmethod
     def _add(tokens: list, parents: list, scores: list, new_tokens, new_parents, new_scores) -> list[int]:
@@ -151,7 +184,7 @@ class EagleDrafter:
         return list(range(first, len(tokens)))
 
     def _select(self, tokens: list[int], parents: list[int], scores: list[float], budget: int) -> Draft:
-        """The best nodes (a child never scores above its parent, so the set is prefix-closed), their number
+        """Of the candidates (target token ids, parents, cumulative log-probabilities), the best nodes (a child never scores above its parent, so the set is prefix-closed), their number
         chosen from the costs, ordered parents first."""
         order = sorted(range(len(tokens)), key=lambda i: -scores[i])
         values = torch.tensor([scores[i] for i in order]).exp() * self.calibration
@@ -167,9 +200,7 @@ class EagleDrafter:
         chosen = sorted(kept, key=lambda i: (self._depth(parents, i), -scores[i]))
         index = {node: i for i, node in enumerate(chosen)}
         self.predicted_length = float(values[: len(chosen)].sum())
-        draft_ids = self.parts.to_target_ids(torch.tensor([tokens[i] for i in chosen], dtype=torch.long,
-                                                          device=self.device))
-        return Draft(tokens=draft_ids.tolist(), parents=[index.get(parents[i], ROOT) if parents[i] != ROOT else ROOT
+        return Draft(tokens=[tokens[i] for i in chosen], parents=[index.get(parents[i], ROOT) if parents[i] != ROOT else ROOT
                                                           for i in chosen],
                      confidence=[_given_parent(scores, parents, i) for i in chosen])
 
