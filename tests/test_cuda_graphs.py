@@ -37,10 +37,13 @@ def close(a: torch.Tensor, b: torch.Tensor) -> bool:
 def test_replayed_steps_compute_what_the_forward_computes(target):
     plain, captured = LeanLlama(target), replayed(LeanLlama(target))
     ids = list(range(3, 40))
+    prefills = []
     for lm in (plain, captured):
         lm.reset()
-        lm.forward(ids, last_only=True)  # a prefill: never captured
-    assert captured.graphs.captures == 0
+        prefills.append(lm.forward(ids, last_only=True, features=True))  # a short prefill fits a bucket (48) too
+    assert captured.graphs.captures == 1
+    assert prefills[1][0].shape == (1, target.config.vocab_size) and close(prefills[0][0], prefills[1][0])
+    assert torch.allclose(prefills[0][1], prefills[1][1], rtol=1e-5, atol=1e-4)  # every row's features
     tree = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)  # root, two siblings
     steps = [([7], None, None), ([5, 6, 7], None, None), ([9, 4, 4], [40, 41, 41], tree), (list(range(20)), None, None)]
     for ids, positions, mask in steps:  # a step, a chain (bucket 4: one padding row), a tree, bucket 32
@@ -48,7 +51,7 @@ def test_replayed_steps_compute_what_the_forward_computes(target):
         b = captured.forward(ids, positions=positions, tree_mask=mask, features=True)
         assert close(a[0], b[0]) and torch.allclose(a[1], b[1], rtol=1e-5, atol=1e-4)
         assert captured.length == plain.length
-    assert captured.graphs.captures == 3  # buckets 1, 4 and 32, each captured once
+    assert captured.graphs.captures == 4  # buckets 48 (the prefill), 1, 4 and 32, each captured once
     # the masked attention reads every slot (weight 0 past the step), so a padding row's slot must hold numbers
     assert torch.isfinite(captured.k_cache).all() and torch.isfinite(captured.v_cache).all()
     plain.truncate(41)
@@ -69,9 +72,9 @@ def test_what_a_step_returns_is_not_overwritten_by_the_next(target):
 def test_steps_past_the_largest_bucket_run_eagerly(target):
     lm = replayed(LeanLlama(target))
     lm.reset()
-    lm.forward([3, 4], last_only=True)
+    lm.forward([3, 4], last_only=True)  # bucket 2
     lm.forward(list(range(BUCKETS[-1] + 1)))
-    assert lm.graphs.captures == 0 and lm.length == 2 + BUCKETS[-1] + 1
+    assert lm.graphs.captures == 1 and lm.length == 2 + BUCKETS[-1] + 1
 
 
 @pytest.mark.parametrize("wrong_at", [set(), {0}, {3}])
@@ -143,11 +146,11 @@ def test_captured_cuda_graphs_match_the_eager_forward():
     for chunk in ([7], [5, 6, 7], [8], list(range(20))):
         a, b = eager.forward(chunk), graphed.forward(chunk)
         assert torch.allclose(a, b, atol=5e-2) and (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
-    assert graphed.graphs.captures == 3
+    assert graphed.graphs.captures == 4  # the prefill's bucket (48), then 1, 4 and 32
     while graphed.length < CACHE_BLOCK + 8:  # the cache grows: the steps are captured again, in a new pool
         a, b = eager.forward([9, 10, 11]), graphed.forward([9, 10, 11])
         assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.6
-    assert graphed.k_cache.shape[2] > CACHE_BLOCK and graphed.graphs.captures == 4 and not graphed.graphs.failed
+    assert graphed.k_cache.shape[2] > CACHE_BLOCK and graphed.graphs.captures == 5 and not graphed.graphs.failed
 
 
 def test_bench_methods_take_the_graphs_option(target):
@@ -183,9 +186,9 @@ def test_a_failed_capture_warns_and_runs_eagerly_from_then_on(target):
     lm.graphs = CapturedSteps(lm, capture=broken_capture)
     for backend in (plain, lm):
         backend.reset()
-        backend.forward([3, 4, 5, 6], last_only=True)
     with pytest.warns(UserWarning, match="CUDA graph capture failed, running eager instead: RuntimeError: operation"):
-        assert close(lm.forward([7]), plain.forward([7]))
+        assert close(lm.forward([3, 4, 5, 6], last_only=True), plain.forward([3, 4, 5, 6], last_only=True))
+    assert close(lm.forward([7]), plain.forward([7]))
     assert close(lm.forward([8, 9]), plain.forward([8, 9]))  # no second try, no second warning
     assert lm.graphs.failed and lm.graphs.captures == 0 and lm.length == plain.length
 

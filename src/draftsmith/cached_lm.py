@@ -481,10 +481,12 @@ class LeanLlama(LeanLayers):
                 hidden.append(out[1])
             logits = logits[-1] if last_only else torch.cat(logits)  # last_only: only the final row is needed
             return (logits, torch.cat(hidden)) if features else logits
-        if self.graphs is not None and not last_only:  # steps, not prefills: replayed where a bucket holds them
+        if self.graphs is not None:  # steps (a draft model's too), replayed where a bucket holds them
             with torch.inference_mode():
                 replayed = self.graphs.forward(ids, positions, tree_mask, features)
             if replayed is not None:
+                if last_only:
+                    return (replayed[0][-1:], replayed[1]) if features else replayed[-1:]
                 return replayed
         end = start + n
         self._reserve(end)

@@ -98,6 +98,7 @@ class EagleDrafter:
         """Draft-vocabulary logits, the target's frozen norm and output rows in the head's weight format."""
         return self.layers.weights.multiply(self.parts.norm(features), self.head_rows)
 
+    @torch.inference_mode()
     def feedback(self, step: Feedback) -> None:
         accepted = len(step.accepted)
         if self.predicted_length and not step.pruned:  # how well the tree's predicted length matched what was accepted

@@ -70,7 +70,8 @@ class MedusaDrafter:
             return Draft()
         outputs = self.heads(self.feature[None].to(self.parts.dtype))[:, 0]  # [K, H]
         log_probs, ranked = self.parts.logits(outputs).float().log_softmax(-1).topk(self.width, dim=-1)  # [K, width]
-        candidates, log_probs = self.parts.to_target_ids(ranked).tolist(), log_probs.tolist()
+        both = torch.stack([self.parts.to_target_ids(ranked).double(), log_probs.double()]).tolist()  # one transfer
+        candidates, log_probs = [[int(token) for token in row] for row in both[0]], both[1]
         n = best_tree_size(self.path_values, self.costs, k) if self.costs is not None else min(k, len(self.paths))
         paths = sorted(self.paths[:n], key=lambda p: (len(p), p))  # parents before children
         node_of = {(): ROOT}
