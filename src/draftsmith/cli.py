@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from draftsmith.cli_options import (Adaptive, Backend, Compile, CudaGraphs, Device, DraftTokens, Drafter, Dtype,
-                                   Fused, LossySparseVerify, NgramMax, Prune, Routers, Target, TrustRemoteCode,
+                                   Fused, LossySparseVerify, NgramBranches, NgramMax, Prune, Routers, Target, TrustRemoteCode,
                                    Weights)
 from draftsmith.errors import DraftsmithError
 
@@ -48,6 +48,7 @@ def generate(
     device: Device = "cpu",
     dtype: Dtype = "auto",
     ngram_max: NgramMax = 4,
+    ngram_branches: NgramBranches = 1,
     compile: Compile = False,
     cuda_graphs: CudaGraphs = None,
     fused: Fused = None,
@@ -73,7 +74,7 @@ def generate(
         raise DraftsmithError("the prompt is empty: give at least one character of text")
     with console.status(f"loading {target}"):
         loaded = load_model(target, device=device, dtype=dtype, trust_remote_code=trust_remote_code, backend=backend)
-        draft = build_drafter(drafter, loaded, max_n=ngram_max)
+        draft = build_drafter(drafter, loaded, max_n=ngram_max, branches=ngram_branches)
         pruner = build_pruner(prune, loaded)
         sparse = RoutedVerify(load_routers_for(routers, loaded)) if lossy_sparse_verify else None
     if chat:

@@ -45,6 +45,8 @@ DraftTokens = Annotated[int, typer.Option("--k", help="Draft tokens per target s
 Adaptive = Annotated[bool, typer.Option("--adaptive/--fixed-k", help="Choose each step's draft length (up to k) "
                                         "from this machine's measured verify costs and recent acceptance.")]
 NgramMax = Annotated[int, typer.Option(help="Longest n-gram the ngram drafter looks up.")]
+NgramBranches = Annotated[int, typer.Option(help="Continuations the ngram drafter merges into a tree (1: a chain; "
+                                                 "more pays where verifying many tokens costs little, on GPUs).")]
 Compile = Annotated[bool, typer.Option("--compile/--eager", help="torch.compile the target's forward (once per "
                                        "process, time reported; eager if compiling fails). Measure before "
                                        "choosing it: on a 2-core CPU it was slower than eager.")]

@@ -39,7 +39,7 @@ PLAIN = "plain"  # our loop without a drafter: its seconds per step set the boun
 DEFAULT_METHODS = ("hf-greedy", "hf-prompt-lookup:10", "plain", "ngram:k=8")
 # method kind -> the key=value options its spec accepts
 OPTIONS = {"plain": ("compile", "graphs", "fused", "weights", "llamacpp", "lossy_sparse"),
-           "ngram": ("k", "min_n", "max_n", "adaptive", "compile", "graphs", "fused", "weights", "llamacpp"),
+           "ngram": ("k", "min_n", "max_n", "branches", "adaptive", "compile", "graphs", "fused", "weights", "llamacpp"),
            "model": ("k", "adaptive", "compile", "graphs", "fused", "weights", "llamacpp"),
            "student": ("k", "adaptive", "compile", "graphs", "fused", "weights", "llamacpp"),
            "mag": ("k", "adaptive", "compile", "graphs", "fused", "weights", "llamacpp"),

@@ -83,7 +83,7 @@ def build_drafter(spec: str, target: LoadedModel, **options) -> Drafter | None:
     if spec == "ngram":
         from draftsmith.drafters.ngram import NgramDrafter
 
-        return NgramDrafter(**{k: v for k, v in options.items() if k in ("min_n", "max_n")})
+        return NgramDrafter(**{k: v for k, v in options.items() if k in ("min_n", "max_n", "branches")})
     if kind in ("model", "student"):
         from draftsmith.drafters.model import ModelDrafter
         from draftsmith.models import logit_rows

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from draftsmith.cli_options import (Adaptive, Backend, Compile, CudaGraphs, Device, DraftTokens, Drafter, Dtype,
-                                   NgramMax, Prune, Target, TrustRemoteCode)
+                                   NgramBranches, NgramMax, Prune, Target, TrustRemoteCode)
 from draftsmith.serve.limits import ServerLimits
 
 DEFAULT_LIMITS = ServerLimits()
@@ -27,6 +27,7 @@ def serve_command(
     model_name: Annotated[Optional[str], typer.Option(help="Name clients use in 'model' (default: --target).")]
     = None,
     ngram_max: NgramMax = 4,
+    ngram_branches: NgramBranches = 1,
     compile: Compile = False,
     cuda_graphs: CudaGraphs = None,
     backend: Backend = "torch",
@@ -57,7 +58,7 @@ def serve_command(
     loaded = load_model(target, device=device, dtype=dtype, trust_remote_code=trust_remote_code, backend=backend)
     app = create_app(loaded, drafter, k=k, model_name=model_name or target, queue_size=queue_size,
                      adaptive=adaptive, compile=compile, limits=limits, prune=prune, graphs=cuda_graphs,
-                     max_n=ngram_max)
+                     max_n=ngram_max, branches=ngram_branches)
     compile_s = app.state.server.engine.runner.compile_s
     if compile_s is not None:
         typer.echo(f"compiled the target's forward in {compile_s:.1f} s", err=True)
