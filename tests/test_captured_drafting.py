@@ -110,6 +110,22 @@ def test_many_requests_keep_graphs_and_caches_bounded(target):
     assert sizes[-1][0] == sizes[-1][1] <= len(FEEDBACK_BUCKETS) + 1  # each graph captured once
 
 
+def test_what_a_captured_body_reads_outlives_its_capture(target):
+    """A CUDA graph keeps only the addresses its body read: a replay that holds the body by a weak reference
+    (as a graph holds Python objects: not at all) fails once a tensor only the body's closure held is freed."""
+    import gc
+    import weakref
+
+    def by_address(body, pool=None):
+        body = weakref.ref(body)
+        return lambda: body()()
+
+    drafter = captured(eagle(target, depth=3, top_k=2), capture=by_address)
+    result = SpecEngine(target, drafter).generate(PROMPTS[0], GenerationConfig(max_new_tokens=NEW, k=16))
+    gc.collect()
+    assert result.tokens == hf_greedy(target, PROMPTS[0], NEW) and drafter.captured.graphs.captures >= 2
+
+
 def test_a_failed_draft_capture_warns_once_and_drafts_eagerly(target):
     def broken(body, pool=None):
         raise RuntimeError("operation not permitted when stream is capturing")

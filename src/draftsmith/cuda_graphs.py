@@ -90,7 +90,7 @@ class GraphSet:
 
     def __init__(self, capture: Callable = cuda_capture):
         self.capture = capture
-        self.graphs: dict = {}  # key -> (its buffers, its replay)
+        self.graphs: dict = {}  # key -> (its buffers, its replay, its body)
         self.owner: torch.Tensor | None = None
         self.pool = None
         self.captures = 0  # graphs captured so far (tests and the bench see recaptures)
@@ -110,14 +110,15 @@ class GraphSet:
                 buffers, body = build()
                 load(buffers)
                 try:
-                    self.graphs[key] = (buffers, self.capture(body, self.pool))
+                    # the body stays referenced: tensors its closure holds are read by the graph at every replay
+                    self.graphs[key] = (buffers, self.capture(body, self.pool), body)
                 except Exception as e:  # an operation the capture rejects, memory, a driver error: eager still works
                     warnings.warn(f"CUDA graph capture failed, running eager instead: {type(e).__name__}: "
                                   f"{e}".splitlines()[0], stacklevel=3)
                     self.failed, self.graphs = True, {}
                     return None
                 self.captures += 1
-            buffers, replay = self.graphs[key]
+            buffers, replay, _ = self.graphs[key]
             load(buffers)
             replay()
         return buffers

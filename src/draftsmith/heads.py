@@ -190,7 +190,7 @@ class TargetParts(nn.Module):
         if self.dtype != target.dtype:
             self.norm = copy.deepcopy(self.norm).to(self.dtype)
         rows = target.get_output_embeddings().weight.detach()
-        full = len(draft_to_target) == rows.shape[0] and bool((draft_to_target == torch.arange(rows.shape[0])).all())
+        full = len(draft_to_target) == rows.shape[0] and bool((draft_to_target == torch.arange(rows.shape[0], device=draft_to_target.device)).all())
         self.head_rows = rows.to(self.dtype) if full else rows[draft_to_target.to(rows.device)].to(self.dtype)
         self.draft_to_target = draft_to_target.to(rows.device)
         self.full_vocab = full
