@@ -168,3 +168,15 @@ def test_cuda_captured_drafting_is_exact_and_proposes_the_eager_trees():
         config = GenerationConfig(max_new_tokens=NEW, k=24)
         assert engine.generate(prompt, config).tokens == plain.generate(prompt, config).tokens  # fp32
     assert twins.replayed.captured.graphs.captures >= 2 and not twins.replayed.captured.graphs.failed
+
+
+def test_a_tree_sized_to_the_whole_budget_leaves_the_lookup_chain_its_room(target):
+    """On a GPU the costs size a head's tree to the whole node budget; the grafted chain must still fit."""
+    prompt = [7, 8, 9, 10, 11, 12] * 4 + [7, 8]
+    merged = TreeWithLookup(eagle(target, depth=6, top_k=8), NgramDrafter(), max_chain=6)
+    SpecEngine(target, merged).generate(prompt, GenerationConfig(max_new_tokens=1, k=16))  # the prefill's feedback
+    draft = merged.propose(prompt, 16)
+    assert len(draft) == 16 and merged.tree_nodes == 10  # FLAT costs: the tree takes all the room it is given
+    chain, node = NgramDrafter().propose(prompt, 6).tokens, -1
+    for token in chain:  # the whole chain is a root path of the draft
+        node = next(i for i, (t, p) in enumerate(zip(draft.tokens, draft.parent_ids())) if t == token and p == node)

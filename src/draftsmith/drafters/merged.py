@@ -48,9 +48,11 @@ class TreeWithLookup:
         self.tree.feedback(Feedback(step.features, step.next_tokens, accepted, step.pruned))
 
     def propose(self, context: list[int], k: int) -> Draft:
-        draft = self.tree.propose(context, k)
-        self.tree_nodes = len(draft)
         chain = self.lookup.propose(context, min(k, self.max_chain)).tokens
+        # the chain's nodes are kept out of the tree's budget: a tree sized to the whole budget (a GPU's, where
+        # verifying more nodes costs little) would otherwise leave the chain no room
+        draft = self.tree.propose(context, max(1, k - len(chain)) if chain else k)
+        self.tree_nodes = len(draft)
         if not chain:
             return draft
         tokens, parents = list(draft.tokens), draft.parent_ids()
