@@ -6,9 +6,10 @@ import torch
 
 from draftsmith.acceptance import SamplingConfig
 from draftsmith.draft import ROOT, Draft
+from draftsmith.drafters.base import Drafter
 
 
-class OracleDrafter:
+class OracleDrafter(Drafter):
     """Proposes the true continuation (from a reference output), corrupting the token at chosen offsets."""
 
     name = "oracle"
@@ -44,7 +45,7 @@ class TreeOracleDrafter(OracleDrafter):
         return Draft(tokens=tokens[:k], parents=parents[:k])  # never past the node budget
 
 
-class SampledTreeDrafter:
+class SampledTreeDrafter(Drafter):
     """A sampling tree drafter with a known q: q(next | last token) is a fixed random table, peaked so that
     siblings often repeat. Level d holds widths[d] children, drawn i.i.d. from q, under each of the first
     `expand` nodes of level d - 1; every node carries the q it was drawn from."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import uvicorn
 
-from draftsmith.drafters import build_drafter
+from draftsmith.drafters.registry import build_drafter
 from draftsmith.engine import GenerationConfig, SpecEngine
 from draftsmith.models import load_model
 from draftsmith.serve import create_app

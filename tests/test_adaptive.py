@@ -8,6 +8,7 @@ import pytest
 
 import draftsmith.adaptive as adaptive
 from draftsmith.adaptive import CostCurve, DraftLength
+from draftsmith.drafters.base import Drafter
 from draftsmith.drafters.model import ModelDrafter
 from draftsmith.drafters.ngram import NgramDrafter
 from draftsmith.engine import GenerationConfig, SpecEngine
@@ -101,7 +102,7 @@ def test_a_fixed_draft_cost_ignores_measured_times():
     assert choices[0] == choices[1]
 
 
-class RecordingDrafter:
+class RecordingDrafter(Drafter):
     """Wraps a drafter and records, for every call, the tokens generated so far, the length asked for and the
     length returned."""
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from draftsmith.cuda_graphs import drafting_capture, run_eagerly
+from draftsmith.drafters.base import Drafter
 from draftsmith.drafters.captured_tree import FEEDBACK_BUCKETS, CapturedTree
 from draftsmith.drafters.eagle import TreeConfig
 from draftsmith.drafters.merged import TreeWithLookup
@@ -31,7 +32,7 @@ def captured(drafter, capture=run_eagerly):
     return drafter
 
 
-class Twins:
+class Twins(Drafter):
     """Drives an eager and a captured drafter with the same feedback; every proposal must be the same tree."""
 
     name, needs_features, sizes_itself = "twins", True, True

@@ -300,7 +300,7 @@ def test_build_bigram_and_a_cascade_from_the_command_line(saved_target, tmp_path
 
 
 def test_student_and_mag_need_a_shipped_file_or_a_path(saved_target):
-    from draftsmith.drafters import build_drafter
+    from draftsmith.drafters.registry import build_drafter
     from draftsmith.models import load_model
 
     target = load_model(str(saved_target))

@@ -274,7 +274,7 @@ def collab_folder(tmp_path_factory):
 
 def test_finetune_saves_an_adapter_that_loads_merged(collab_folder):
     from draftsmith.collab.finetune import load_small
-    from draftsmith.drafters import draft_model
+    from draftsmith.drafters.registry import draft_model
 
     target, out, summary, _ = collab_folder
     assert (out / "adapter_model.safetensors").is_file() and summary["step"] == 3

@@ -13,7 +13,7 @@ from draftsmith.acceptance import SamplingConfig
 from draftsmith.adaptive import CostCurve
 from draftsmith.cached_lm import WeightFormat
 from draftsmith.draft import ROOT
-from draftsmith.drafters import Feedback
+from draftsmith.drafters.base import Feedback
 from draftsmith.drafters.ctc import CtcDrafter, CtcSearch, candidate_tree, ctc_collapse, prefix_beam_search
 from draftsmith.engine import GenerationConfig, SpecEngine
 from draftsmith.errors import ConfigError

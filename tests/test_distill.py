@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from draftsmith.data.corpus import load_corpus
-from draftsmith.drafters import build_drafter
+from draftsmith.drafters.registry import build_drafter
 from draftsmith.engine import GenerationConfig, SpecEngine
 from draftsmith.models import LoadedModel
 from draftsmith.errors import ConfigError

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from draftsmith.acceptance import SamplingConfig
-from draftsmith.drafters import build_drafter
+from draftsmith.drafters.registry import build_drafter
 from draftsmith.drafters.model import ModelDrafter
 from draftsmith.engine import GenerationConfig, SpecEngine
 from draftsmith.models import load_model

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from draftsmith.acceptance import SamplingConfig
-from draftsmith.drafters import build_drafter
+from draftsmith.drafters.registry import build_drafter
 from draftsmith.engine import GenerationConfig, SpecEngine
 from draftsmith.errors import ConfigError, IncompatibleDrafterError, ModelLoadError
 from draftsmith.models import load_model

@@ -98,7 +98,7 @@ def test_the_reloaded_head_drafts_the_same_trees(exported, target):
     eagle = pytest.importorskip("draftsmith.drafters.eagle")
     from draftsmith.acceptance import SamplingConfig
     from draftsmith.adaptive import CostCurve
-    from draftsmith.drafters import Feedback
+    from draftsmith.drafters.base import Feedback
 
     head, out = exported
     prompt = [5, 17, 33, 8, 21, 40, 9]

@@ -10,6 +10,7 @@ import torch
 from draftsmith.acceptance import SamplingConfig
 from draftsmith.adaptive import CostCurve, best_tree_size
 from draftsmith.draft import Draft, DraftError
+from draftsmith.drafters.base import Drafter
 from draftsmith.drafters.eagle import EagleDrafter, TreeConfig
 from draftsmith.drafters.medusa import MedusaDrafter
 from draftsmith.engine import GenerationConfig, SpecEngine
@@ -78,7 +79,7 @@ def test_a_head_that_learned_the_target_gets_accepted_and_stays_exact(target):
     assert result.stats.accepted > NEW // 4  # most steps accept a node
 
 
-class _OneAheadMedusa:
+class _OneAheadMedusa(Drafter):
     """Wraps a Medusa drafter so that its tree is built from the ROOT's true next-token distribution (computed
     with the target itself, as a test oracle): first-level nodes are the target's top-4 for the next token."""
 
@@ -307,7 +308,7 @@ def test_the_lookup_chain_grafted_on_a_tree_is_exact_and_accepted(target):
 
 
 def test_a_target_cast_for_a_benchmark_finds_its_models_shipped_heads():
-    from draftsmith.drafters import shipped_head_folder
+    from draftsmith.artifacts import shipped_head_folder
 
     # `make demo` on a CPU with fast bf16 runs `eagle:lookup=8@bf16`, whose target is named smollm2@bfloat16
     assert shipped_head_folder("smollm2@bfloat16", "eagle") == shipped_head_folder("smollm2", "eagle")
@@ -315,7 +316,7 @@ def test_a_target_cast_for_a_benchmark_finds_its_models_shipped_heads():
 
 
 def test_auto_picks_prompt_lookup_the_fastest_drafter_measured(target):
-    from draftsmith.drafters import build_drafter
+    from draftsmith.drafters.registry import build_drafter
     from draftsmith.drafters.ngram import NgramDrafter
     from draftsmith.models import LoadedModel
 

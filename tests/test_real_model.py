@@ -45,7 +45,7 @@ def test_embedded_model_loads_offline(smollm2):
 def test_greedy_exact_on_humaneval_prompts(smollm2, prompts):
     runs = [("ngram", NgramDrafter(), k) for k in (1, 3, 8)]
     runs += [("early-exit-8", shallow_copy_drafter(smollm2.model, 8), k) for k in (3, 8)]
-    from draftsmith.drafters import build_drafter
+    from draftsmith.drafters.registry import build_drafter
 
     # the shipped EAGLE head's tree with prompt lookup grafted on, the head alone, and the other shipped heads
     runs += [(spec, build_drafter(spec, smollm2), 16) for spec in ("eagle+ngram", "eagle", "medusa", "ctc")]

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from draftsmith.drafters import build_drafter
+from draftsmith.drafters.registry import build_drafter
 from draftsmith.engine import GenerationConfig, SpecEngine
 from draftsmith.models import load_model
 from draftsmith.serve.limits import ServerLimits

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from draftsmith.drafters import SHIPPED_HEADS
+from draftsmith.artifacts import SHIPPED_HEADS
 from draftsmith.engine import GenerationConfig, SpecEngine
 from draftsmith.errors import ConfigError, ModelLoadError
 from draftsmith.heads import load_head
@@ -102,7 +102,7 @@ def test_a_tiny_head_learns_and_its_folder_drafts_exactly(shards, target, tmp_pa
         assert loaded.config.ctc_frames == 6 and 0 < info["heldout"]["ctc_prefix"] <= 3
         assert loaded.config.ctc_feed == feed and hasattr(loaded, "blank_embedding") == feed
         assert 0 < info["heldout"]["ctc_blank_rate"] < 1
-    from draftsmith.drafters import build_drafter
+    from draftsmith.drafters.registry import build_drafter
     from draftsmith.models import LoadedModel
 
     drafter = build_drafter(f"{kind}:{tmp_path}", LoadedModel(target, char_tokenizer(), "tiny"))

@@ -11,7 +11,6 @@ drafts for the level above hands those up as its draft distributions q, which ke
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
@@ -127,15 +126,27 @@ class Verdict:
         return len(self.path) + 1
 
 
-class AcceptanceRule(Protocol):
+class AcceptanceRule:
+    """What every acceptance rule inherits: `accept`, and capabilities with defaults that do nothing."""
+
+    needs_features = False  # also given `features` and `context` as keywords by `accept`'s caller
+
     def accept(self, draft: Draft, logits: torch.Tensor, generator: torch.Generator) -> Verdict:
         """Review `draft` against the reviewer's logits (one row per fed position). A rule with
         `needs_features = True` is also given `features` (the reviewer's hidden states, one row per fed position)
         and `context` (the committed tokens) as keywords."""
+        raise NotImplementedError
+
+    def reset(self, prompt_ids: list[int]) -> None:
+        """A new request starts (a rule with per-request state)."""
+
+    def statistics(self) -> dict[str, float]:
+        """Per-request numbers of the rule's own, for the bench."""
+        return {}
 
 
 @dataclass(frozen=True)
-class GreedyRule:
+class GreedyRule(AcceptanceRule):
     """Accept a draft token while it is the reviewer's argmax. A lenient reviewer (leniency l > 1, for cascade
     levels below the top only) also accepts a token within a factor l of the argmax's probability."""
 
@@ -158,7 +169,7 @@ class GreedyRule:
 
 
 @dataclass(frozen=True)
-class RejectionRule:
+class RejectionRule(AcceptanceRule):
     """Speculative sampling (recursive rejection over a tree): lossless at leniency 1. A lenient reviewer
     accepts x with probability min(1, l * p(x) / q(x)); it then no longer samples p, and its Verdict reports
     the distribution it did sample, so the level above stays exact."""

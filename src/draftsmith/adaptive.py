@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from draftsmith.cached_lm import cpu_key
+from draftsmith.machine import cpu_key
 from draftsmith.paths import cached_entry
 
 CALIBRATION_SIZES = (1, 2, 4, 8, 12, 16, 24, 32)

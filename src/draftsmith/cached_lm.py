@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
-import platform
 import time
 import warnings
 import weakref
@@ -29,7 +27,7 @@ from draftsmith.cuda_graphs import CapturedSteps, check_graphs
 from draftsmith.errors import ConfigError
 from draftsmith.fused import fused_ops
 from draftsmith.fused import wanted as fused_wanted
-from draftsmith.models import cpuinfo
+from draftsmith.machine import cpu_key
 from draftsmith.paths import cached_entry
 
 LEAN_MODEL_TYPES = {"llama", "mistral", "qwen2"}
@@ -966,16 +964,6 @@ def grouped_masked_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
 def _attend_as(probe: LeanLayers, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, dtype: torch.dtype):
     """Attention as `LeanLayers.layer` runs it with a cache of keys.dtype: queries cast in, the result out."""
     return probe._attention(q.to(keys.dtype), keys, values, None).to(dtype)
-
-
-@functools.cache
-def cpu_key() -> str:
-    """The CPU's model name and a hash of its instruction sets: one model name (\"AMD EPYC\" on a cloud VM)
-    covers machines with and without AVX-512, whose fastest kernels differ."""
-    lines = cpuinfo().splitlines()
-    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.machine())
-    flags = next((line.split(":", 1)[1] for line in lines if line.startswith("flags")), "")
-    return f"{name}-{hashlib.sha256(' '.join(sorted(flags.split())).encode()).hexdigest()[:8]}"
 
 
 def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -61,7 +61,7 @@ def generate(
 ) -> None:
     """Generate a continuation, streaming it, then print the speculative statistics."""
     from draftsmith.acceptance import SamplingConfig
-    from draftsmith.drafters import build_drafter
+    from draftsmith.drafters.registry import build_drafter
     from draftsmith.engine import GenerationConfig, SpecEngine
     from draftsmith.models import load_model
     from draftsmith.predictor import build_pruner

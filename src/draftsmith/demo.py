@@ -26,7 +26,7 @@ def demo_config(target: str = "smollm2", prompts: int = DEMO_PROMPTS, max_new_to
                 k: int = 16, device: str = "cpu", dtype: str = "float32") -> BenchConfig:
     from draftsmith.models import has_fast_bf16, resolve_device
 
-    from draftsmith.drafters import shipped_head_folder
+    from draftsmith.artifacts import shipped_head_folder
 
     with_bf16 = has_fast_bf16(resolve_device(device)) and dtype == "float32"
     return BenchConfig(target=target, workload="humaneval", limit=prompts, max_new_tokens=max_new_tokens,

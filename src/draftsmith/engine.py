@@ -12,7 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from draftsmith.acceptance import AcceptanceRule, SamplingConfig, acceptance_rule
 from draftsmith.adaptive import DraftLength
 from draftsmith.draft import Draft
-from draftsmith.drafters import Drafter, Feedback
+from draftsmith.drafters.base import Drafter, Feedback
 from draftsmith.step import Stats, speculative_step
 from draftsmith.errors import ConfigError
 from draftsmith.models import encode_prompt, eos_token_ids
@@ -79,14 +79,13 @@ class SpecEngine:
         if pruner is not None and sparse_verify is not None:
             raise ConfigError("predictor pruning and the lossy sparse verification do not combine: pick one")
         predictor_config = getattr(getattr(pruner, "predictor", None), "config", None)
-        if predictor_config is not None and predictor_config.confidence and not getattr(drafter, "gives_confidence",
-                                                                                        False):
+        if predictor_config is not None and predictor_config.confidence and not (drafter is not None and drafter.gives_confidence):
             raise ConfigError(f"this predictor weighs the drafter's confidence per node, which the "
-                              f"{getattr(drafter, 'name', 'chosen')} drafter does not give: train one for it with "
+                              f"{drafter.name if drafter else 'chosen'} drafter does not give: train one for it with "
                               "`draftsmith train predictor --no-confidence`")
         self.runner.pruner, self.runner.sparse_verify = pruner, sparse_verify
         self.rule = rule
-        if hasattr(drafter, "bind"):  # self-speculation: the drafter runs on the target's own layers and cache
+        if drafter is not None:  # self-speculation: a drafter may run on the target's own layers and cache
             drafter.bind(self.runner)
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.max_context = getattr(model.config, "max_position_embeddings", None)
@@ -94,20 +93,18 @@ class SpecEngine:
     @property
     def wants_features(self) -> bool:
         """The drafter drafts from the target's features: scoring returns them and the drafter gets feedback."""
-        return getattr(self.drafter, "needs_features", False)
+        return self.drafter is not None and self.drafter.needs_features
 
     def adaptive_length(self, max_k: int) -> DraftLength:
         """Fresh adaptive state for one request, from costs measured once per machine (the target's forward, and
         the drafter's where it offers `cost_per_token`): a request's draft lengths, and so its random draws,
         depend neither on what ran before it nor on the machine's load."""
-        calibrated = getattr(self.drafter, "cost_per_token", None)  # else learnt from measured draft times
-        return DraftLength(self.runner.costs(), max_k, draft_cost=calibrated() if calibrated else None)
+        return DraftLength(self.runner.costs(), max_k, draft_cost=self.drafter.cost_per_token())
 
     def draft_kind(self, context: list[int]) -> Hashable:
         """What the drafter says of its next proposal before making it (`draft_kind`, optional; the n-gram
         drafter's match length): the adaptive draft length keeps an acceptance estimate per kind."""
-        kind_of = getattr(self.drafter, "draft_kind", None)
-        return kind_of(context) if kind_of is not None else None
+        return self.drafter.draft_kind(context)
 
     def generate_text(
         self, prompt: str, config: GenerationConfig, on_text: Callable[[str], None] | None = None,
@@ -126,13 +123,13 @@ class SpecEngine:
         there with finish_reason "cancelled"."""
         self._check(prompt_ids, config)
         sampling = config.sampling
-        sizes_itself = getattr(self.drafter, "sizes_itself", False)  # tree drafters size trees from the costs
+        sizes_itself = self.drafter is not None and self.drafter.sizes_itself  # trees sized from the costs
         pruner = self.runner.pruner
         if pruner is not None and not getattr(pruner, "always", True) and pruner.costs is None:  # path vs tree
             pruner.costs, pruner.share = self.runner.costs(), pruner.layer / self.model.config.num_hidden_layers
         if hasattr(pruner, "reset_statistics"):
             pruner.reset_statistics()
-        if sizes_itself and getattr(self.drafter, "costs", None) is None:
+        if sizes_itself and self.drafter.costs is None:
             self.drafter.costs = self.runner.costs()
             if getattr(pruner, "always", False):  # every tree is cut: pruned nodes cost only the first layers
                 share = pruner.layer / self.model.config.num_hidden_layers
@@ -149,7 +146,7 @@ class SpecEngine:
                                                new_tokens=config.max_new_tokens + config.k)
         if self.drafter is not None:
             self.drafter.reset(prompt_ids, sampling, draft_generator)
-        if hasattr(self.rule, "reset"):  # a rule with per-request state (collab.rule.CollabRule)
+        if self.rule is not None:  # a rule may keep per-request state (collab.rule.CollabRule)
             self.rule.reset(prompt_ids)
         if wants_features:
             self.drafter.feedback(Feedback(prompt_features, prompt_ids[1:]))
@@ -178,12 +175,10 @@ class SpecEngine:
 
         stats.new_tokens = len(new)
         stats.total_s = time.perf_counter() - start
-        drafter_statistics = getattr(self.drafter, "statistics", None)
-        if drafter_statistics is not None:
-            stats.drafter = drafter_statistics()
-        rule_statistics = getattr(self.rule, "statistics", None)
-        if rule_statistics is not None:
-            stats.drafter = {**stats.drafter, **rule_statistics()}
+        if self.drafter is not None:
+            stats.drafter = self.drafter.statistics()
+        if self.rule is not None:
+            stats.drafter = {**stats.drafter, **self.rule.statistics()}
         if hasattr(pruner, "statistics"):
             stats.drafter = {**stats.drafter, **pruner.statistics()}
         if self.runner.sparse_verify is not None:  # lossy: the share of layers the routed target ran

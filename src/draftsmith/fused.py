@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from draftsmith.machine import cpu_key
 from draftsmith.paths import cache_dir
 
 SOURCE = Path(__file__).parent / "csrc" / "fused_cpu.cpp"
@@ -44,7 +45,6 @@ FLAGS = ["-O3", "-march=native", "-fopenmp"]
 def build_tag() -> str:
     """Names one build: the source, the flags, torch's version and the CPU. Cost calibrations of a fused forward
     carry it too, since a change to a kernel changes what a step costs."""
-    from draftsmith.cached_lm import cpu_key
 
     return hashlib.sha256(f"{SOURCE.read_text()}{FLAGS}{torch.__version__}{cpu_key()}".encode()).hexdigest()[:12]
 

@@ -9,7 +9,6 @@ A second embedded model, Gemma 3 270M (another architecture and tokenizer), ship
 from __future__ import annotations
 
 import importlib.util  # binds importlib too
-import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from draftsmith.errors import ConfigError, IncompatibleDrafterError, ModelLoadError
+from draftsmith.machine import cpuinfo
 from draftsmith.paths import cache_dir
 
 DEFAULT_TARGET = "smollm2"
@@ -102,15 +102,6 @@ def has_fast_bf16(device: torch.device) -> bool:
         return torch.cuda.is_bf16_supported()
     flags = cpuinfo()
     return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-@functools.cache
-def cpuinfo() -> str:
-    """/proc/cpuinfo's text, read once ("" where there is none)."""
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
 
 
 def _locate(spec: str) -> tuple[str, dict]:
@@ -234,3 +225,11 @@ def check_same_vocabulary(target: LoadedModel, drafter: LoadedModel) -> None:
     if draft_rows != target_rows:
         logging.getLogger(__name__).info("drafter has %d logits, target %d: compared on the shared ids",
                                          draft_rows, target_rows)
+
+
+def load_draft_model(path: str, target: LoadedModel) -> PreTrainedModel:
+    """A draft LM (a folder, hub id or GGUF), loaded like the target (device, dtype) and checked to share its
+    vocabulary."""
+    draft = load_model(path, device=str(target.device), dtype=str(target.dtype).removeprefix("torch."))
+    check_same_vocabulary(target, draft)
+    return draft.model

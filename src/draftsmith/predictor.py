@@ -237,7 +237,7 @@ def build_pruner(spec: str | None, target: LoadedModel) -> PathPruner | None:
         raise ConfigError(f"unknown pruning '{spec}': use none, predictor (the shipped one) or predictor:DIR "
                           "(from `draftsmith train predictor`), or predictor-path[:DIR] to always cut to one path")
     if not path:
-        from draftsmith.drafters import shipped_file
+        from draftsmith.artifacts import shipped_file
 
         path = str(shipped_file(target, "predictor", CONFIG, "train predictor").parent)
     return load_pruner(Path(path), target.model, always=kind == "predictor-path")

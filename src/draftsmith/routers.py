@@ -110,7 +110,7 @@ def load_routers(folder: Path, target: PreTrainedModel) -> Routers:
 
 def load_routers_for(spec: str, target: LoadedModel) -> Routers:
     """Routers from a folder, or (empty spec) those shipped for an embedded target."""
-    from draftsmith.drafters import shipped_file
+    from draftsmith.artifacts import shipped_file
 
     folder = Path(spec) if spec else shipped_file(target, "router", CONFIG, "train router").parent
     return load_routers(folder, target.model)

@@ -11,7 +11,7 @@ import torch
 
 from draftsmith.acceptance import AcceptanceRule, Verdict
 from draftsmith.draft import Draft
-from draftsmith.drafters import Drafter, Feedback
+from draftsmith.drafters.base import Drafter, Feedback
 from draftsmith.verify import TargetRunner
 
 
@@ -84,7 +84,7 @@ def speculative_step(
     draft.check(budget=k)
     t1 = time.perf_counter()
     proposed, draft = draft, runner.prune(context[-1], draft)  # with a pruner: the part worth verifying
-    rule_features = getattr(rule, "needs_features", False)  # a rule that weighs the reviewer's hidden states
+    rule_features = rule.needs_features  # a rule that weighs the reviewer's hidden states
     scored = runner.score(context[-1], draft, features=features or rule_features)
     logits, hidden = scored if features or rule_features else (scored, None)
     review = {"features": hidden, "context": context} if rule_features else {}

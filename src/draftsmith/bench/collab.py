@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from draftsmith.bench.config import DEFAULT_K, MethodSpec
+from draftsmith.bench.method import Method, Output, sync
 from draftsmith.bench.report import PromptRecord, _exactness
-from draftsmith.bench.workloads import Task
+from draftsmith.bench.workloads import Task, task_source
 from draftsmith.collab.domains import DEFAULT_DOMAINS, completion_cases, resolve_domain
 from draftsmith.errors import ConfigError
 from draftsmith.models import LoadedModel
@@ -34,6 +35,7 @@ def workload_domains(workload: str) -> list[str]:
     return [d for d in listed.split(",") if d] or list(DEFAULT_DOMAINS)
 
 
+@task_source("collab")
 def collab_tasks(workload: str, limit: int) -> list[Task]:
     """`limit` cases per domain, task ids DOMAIN/FILE:LINE."""
     tasks = []
@@ -49,7 +51,7 @@ def task_domain(task_id: str) -> str:
 
 
 def collab_folder(spec_arg: str | None, target: LoadedModel, domain: str) -> Path:
-    from draftsmith.drafters import shipped_head_folder
+    from draftsmith.artifacts import shipped_head_folder
 
     if spec_arg:
         return Path(spec_arg)
@@ -85,7 +87,6 @@ def collab_engine(spec: MethodSpec, target: LoadedModel, domain: str):
 
 def collab_method(spec: MethodSpec, target: LoadedModel, domains: list[str], max_new_tokens: int):
     """A bench Method whose engine follows the task's domain (`select` is told the task id before each call)."""
-    from draftsmith.bench.runner import Method, Output, _sync
     from draftsmith.collab.rule import line_end_ids
     from draftsmith.engine import GenerationConfig
 
@@ -96,10 +97,10 @@ def collab_method(spec: MethodSpec, target: LoadedModel, domains: list[str], max
 
     def generate(ids: list[int]) -> Output:
         engine = engines[current["domain"]]
-        _sync(target.device)
+        sync(target.device)
         start = time.perf_counter()
         result = engine.generate(ids, config)
-        _sync(target.device)
+        sync(target.device)
         seconds = time.perf_counter() - start
         # the small model alone never calls the large one; the others call it once more for the prefill
         large_calls = 0 if spec.kind == "small" else result.stats.target_steps + 1

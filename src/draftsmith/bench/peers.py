@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from draftsmith.bench.config import MethodSpec
+from draftsmith.bench.method import Method, Output
 from draftsmith.errors import ConfigError
 from draftsmith.models import LoadedModel, eos_token_ids, gguf_path
 from draftsmith.paths import cache_dir
@@ -63,7 +64,6 @@ def method_gguf(spec: MethodSpec, target: LoadedModel) -> Path:
 
 def llamacpp_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int):
     """llama.cpp's own generation loop (llama-cpp-python), plain or with its prompt lookup."""
-    from draftsmith.bench.runner import Method, Output
     from draftsmith.llamacpp import llama_cpp_module
 
     llama_cpp = llama_cpp_module()
@@ -115,7 +115,6 @@ def _free_port() -> int:
 
 def server_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int, binary: str | None):
     """A llama-server process for the run, greedy requests over loopback HTTP."""
-    from draftsmith.bench.runner import Method, Output
 
     if not binary:
         raise ConfigError(f"method '{spec.name}' needs the llama-server binary: bench --llama-server PATH")

@@ -24,14 +24,18 @@ from typing import Any
 import torch
 
 from draftsmith.acceptance import SamplingConfig
+# importing bench.collab also registers the collab workload's tasks
+from draftsmith.bench.collab import (COLLAB_METHODS, DEFAULT_COLLAB_METHODS, collab_method, domain_table,
+                                     folder_diagnostics, workload_domains, write_domain_report)
 from draftsmith.bench.config import (BASELINE, DEFAULT_K, DEFAULT_METHODS, PEERS, PLAIN, BenchConfig, MethodSpec,
                                      parse_method)
+from draftsmith.bench.method import Method, Output, sync
 from draftsmith.bench.peers import llamacpp_method, server_method
 from draftsmith.bench.report import MethodSummary, PromptRecord, load_report, summarize, write_report
 from draftsmith.bench.sandbox import SandboxConfig, available_isolation
 from draftsmith.collab.domains import resolve_domain
 from draftsmith.bench.workloads import INSTRUCT, Score, Task, completion, load_tasks, prompt_ids, score
-from draftsmith.drafters import build_drafter
+from draftsmith.drafters.registry import build_drafter
 from draftsmith.engine import GenerationConfig, SpecEngine, Stats
 from draftsmith.errors import ConfigError, DraftsmithError
 from draftsmith.models import LoadedModel, load_model
@@ -57,28 +61,6 @@ LEGEND = (
     "exact: output equal to {reference}'s token for token. Target steps: {steps}. Peak MB: {memory}. "
     "Warm-up (untimed): {warmup_prompt} through every method."
 )
-
-
-@dataclass
-class Output:
-    tokens: list[int]  # generated tokens, a final EOS included
-    seconds: float  # wall time of the generation, prefill included
-    target_steps: int  # token-yielding target forwards
-    stats: Stats | None = None  # our engine's statistics (draft / verify split, acceptance)
-
-
-@dataclass
-class Method:
-    name: str
-    generate: Callable[[list[int]], Output]
-    compile_s: float | None = None  # seconds torch.compile took before the run, for compiled methods
-    close: Callable[[], None] | None = None  # releases what the method holds outside this process (a server)
-    select: Callable[[str], None] | None = None  # told each task's id before its call (a per-domain method)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # time the work, not its launch
 
 
 def _engine_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int, seed: int) -> Method:
@@ -113,10 +95,10 @@ def _engine_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int, s
     config = GenerationConfig(max_new_tokens=max_new_tokens, k=k, adaptive=adaptive, sampling=SamplingConfig(seed=seed))
 
     def generate(ids: list[int]) -> Output:
-        _sync(target.device)
+        sync(target.device)
         start = time.perf_counter()
         result = engine.generate(ids, config)
-        _sync(target.device)
+        sync(target.device)
         seconds = time.perf_counter() - start
         return Output(result.tokens, seconds, result.stats.target_steps, result.stats)
 
@@ -137,7 +119,7 @@ def _hf_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int) -> Me
         forwards = [0]
         hook = model.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
         try:
-            _sync(target.device)
+            sync(target.device)
             start = time.perf_counter()
             out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
             tokens = out[0, len(ids) :].tolist()
@@ -351,10 +333,10 @@ def read_bandwidth_gb_s(device: torch.device, megabytes: int = 512) -> float:
     buffer = torch.ones(megabytes * 2**20 // 4, device=device)
     best = float("inf")
     for _ in range(5):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         buffer.sum()
-        _sync(device)
+        sync(device)
         best = min(best, time.perf_counter() - start)
     return buffer.numel() * 4 / best / 1e9
 
@@ -435,7 +417,6 @@ def run_bench(
         with _status(console, "building methods"):
             targets = {d: target if d == run_dtype else cast(target, d) for d in set(dtype_of.values())}
             if collab:
-                from draftsmith.bench.collab import collab_method, workload_domains
 
                 domains = [resolve_domain(d).name for d in workload_domains(config.workload)]
             for s in specs:
@@ -473,7 +454,6 @@ def run_bench(
     out = Path(config.out or f"bench-results/{datetime.now():%Y%m%d-%H%M%S}")
     paths = write_report(out, records, summaries, metadata, notes)
     if collab:  # per domain: EM, ES, ms and large-model calls per line
-        from draftsmith.bench.collab import domain_table, folder_diagnostics, write_domain_report
 
         paths |= write_domain_report(out, domain_table(records, names), folder_diagnostics(specs, target, domains))
     return BenchResult(records, summaries, metadata, notes, paths)
@@ -481,7 +461,6 @@ def run_bench(
 
 def collab_methods(methods: list[str]) -> list[str]:
     """The collab workload's methods: its own default set in place of the general default."""
-    from draftsmith.bench.collab import COLLAB_METHODS, DEFAULT_COLLAB_METHODS
 
     if list(methods) == list(DEFAULT_METHODS):
         return list(DEFAULT_COLLAB_METHODS)

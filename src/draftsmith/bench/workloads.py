@@ -10,6 +10,7 @@ with neither (a plain prompt) is timed only.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 from draftsmith.bench.humaneval import (
@@ -41,6 +42,18 @@ class Task:
     chat: bool = False  # prompt is a user message for the chat template; the reply's code block is scored
 
 
+# workloads defined elsewhere register how to load their tasks: kind -> (workload spec, limit) -> tasks
+TASK_SOURCES: dict[str, Callable[[str, int], list[Task]]] = {}
+
+
+def task_source(kind: str):
+    """Register a workload kind's task loader (bench/collab.py registers `collab`)."""
+    def register(load: Callable[[str, int], list[Task]]) -> Callable[[str, int], list[Task]]:
+        TASK_SOURCES[kind] = load
+        return load
+    return register
+
+
 def load_tasks(workload: str, limit: int) -> list[Task]:
     """The first `limit` HumanEval problems (raw or instruct form), or `limit` line ("lines") / block ("blocks")
     completion cases."""
@@ -52,10 +65,9 @@ def load_tasks(workload: str, limit: int) -> list[Task]:
         mode = "line" if workload == "lines" else "block"
         cases = build_cases(LineCaseConfig(num_cases=limit, mode=mode))
         return [Task(c.case_id, c.context, case=c, mode=mode) for c in cases]
-    if workload.partition(":")[0] == "collab":
-        from draftsmith.bench.collab import collab_tasks
-
-        return collab_tasks(workload, limit)
+    source = TASK_SOURCES.get(workload.partition(":")[0])
+    if source is not None:
+        return source(workload, limit)
     raise ConfigError(f"unknown workload '{workload}': use {', '.join(WORKLOADS)}")
 
 

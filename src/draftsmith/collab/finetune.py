@@ -22,10 +22,11 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from draftsmith.artifacts import draft_model_path
 from draftsmith.bench.linecomplete import LineCase
 from draftsmith.collab.domains import Domain, SplitConfig, completion_cases
 from draftsmith.errors import ConfigError
-from draftsmith.models import LoadedModel, encode_prompt
+from draftsmith.models import LoadedModel, encode_prompt, load_draft_model
 from draftsmith.train.distill import pad_id
 from draftsmith.train.trainer import Batch, TrainConfig, Trainer
 
@@ -129,10 +130,8 @@ def lora_model(small: PreTrainedModel, config: FinetuneConfig) -> torch.nn.Modul
 def finetune(target: LoadedModel, domain: Domain, config: FinetuneConfig, train: TrainConfig,
              split: SplitConfig = SplitConfig()) -> dict:
     """Fine-tune the small model on the domain; save the adapter in train.out_dir. Returns the summary."""
-    from draftsmith.drafters import draft_model
-
     trainer = Trainer(train)
-    small = draft_model(config.small, LoadedModel(target.model, target.tokenizer, target.name)).float()
+    small = load_draft_model(draft_model_path(config.small, target), target).float()
     fingerprint = weights_fingerprint(small)  # before LoRA wraps its modules
     tokenizer = target.tokenizer  # the small model shares it (checked when it loaded)
     train_cases = completion_cases(domain, "finetune", config.examples, config.seed, split=split)
@@ -172,13 +171,11 @@ def load_small(folder: Path, target: LoadedModel) -> PreTrainedModel:
     """The small model a fine-tuned folder adapts, with the adapter merged in, on the target's device and dtype."""
     from peft import PeftModel
 
-    from draftsmith.drafters import draft_model
-
     if not is_finetuned(folder):
         raise ConfigError(f"{folder} is not a fine-tuned small model (no {SMALL_FILE} and adapter_config.json): "
                           "make one with `draftsmith collab finetune --out DIR`")
     recorded = json.loads((folder / SMALL_FILE).read_text())
-    base = draft_model(recorded["small"], target)
+    base = load_draft_model(draft_model_path(recorded["small"], target), target)
     # an adapter is a delta on its own base's weights: on any other model (a re-trained student under the same
     # name) it would run, and draft nonsense
     if recorded.get("small_fingerprint") not in (None, weights_fingerprint(base)):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from draftsmith.acceptance import Verdict
+from draftsmith.acceptance import AcceptanceRule, Verdict
 from draftsmith.collab.classifier import load_classifier
 from draftsmith.collab.domains import Domain, SplitConfig, domain_documents, resolve_domain
 from draftsmith.collab.features import ContextIndex, CorpusIndex, FeatureBuilder, LineState, Position, token_texts
@@ -35,7 +35,7 @@ def chain_tokens(draft: Draft) -> list[int]:
 
 
 @dataclass
-class BildRule:
+class BildRule(AcceptanceRule):
     rollback: float = 2.0
 
     def accept(self, draft: Draft, logits: torch.Tensor, generator: torch.Generator | None = None) -> Verdict:
@@ -50,7 +50,7 @@ class BildRule:
 
 
 @dataclass
-class CollabRule:
+class CollabRule(AcceptanceRule):
     classifier: torch.nn.Module
     builder: FeatureBuilder
     drafter: ModelDrafter  # keep_features: its drafted tokens' hidden states and distributions

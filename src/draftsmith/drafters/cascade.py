@@ -33,7 +33,7 @@ import torch
 
 from draftsmith.acceptance import SamplingConfig, acceptance_rule
 from draftsmith.draft import Draft
-from draftsmith.drafters import Drafter
+from draftsmith.drafters.base import Drafter
 from draftsmith.errors import ConfigError
 from draftsmith.step import Stats, speculative_step
 from draftsmith.verify import TargetRunner
@@ -174,7 +174,7 @@ class ReviewingLevel:
         return Draft(tokens=tokens, probs=torch.cat(dists).float().cpu() if dists else None)
 
 
-class CascadeDrafter:
+class CascadeDrafter(Drafter):
     """Row 0 of the k-matrix over the levels: the drafter the target's engine sees."""
 
     name = "cascade"

@@ -29,7 +29,7 @@ from draftsmith.adaptive import CostCurve, best_tree_size
 from draftsmith.cached_lm import LeanLayers, cached_fastest_format, lean_layer
 from draftsmith.cuda_graphs import drafting_capture
 from draftsmith.draft import ROOT, Draft
-from draftsmith.drafters import Feedback
+from draftsmith.drafters.base import Drafter, Feedback
 from draftsmith.drafters.captured_tree import CapturedTree
 from draftsmith.errors import ConfigError
 from draftsmith.heads import EagleHead, TargetParts
@@ -56,7 +56,7 @@ class TreeConfig:
         return cls(**{**defaults, **overrides})
 
 
-class EagleDrafter:
+class EagleDrafter(Drafter):
     name = "eagle"
     needs_features = True
     sizes_itself = True  # the engine gives the node budget; the tree's size comes from the costs

@@ -15,12 +15,13 @@ import torch
 from draftsmith.acceptance import SamplingConfig, processed_probs
 from draftsmith.cached_lm import LeanLlama
 from draftsmith.draft import Draft
+from draftsmith.drafters.base import Drafter
 from draftsmith.errors import ConfigError
 from draftsmith.layer_search import SkipSearchConfig, auto_skip
 from draftsmith.sparse import SkipPolicy, SparseStep
 
 
-class LayerSkipDrafter:
+class LayerSkipDrafter(Drafter):
     name = "layerskip"
 
     def __init__(self, policy: SkipPolicy | None, vocab_size: int | None = None, confidence: float = 0.0,

@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from draftsmith.acceptance import SamplingConfig
 from draftsmith.data.corpus import CodeDocument
 from draftsmith.draft import Draft
+from draftsmith.drafters.base import Drafter
 from draftsmith.drafters.ngram import NgramDrafter
 from draftsmith.errors import ConfigError
 from draftsmith.progress import counted
@@ -99,7 +100,7 @@ def build_bigram(tokenizer: PreTrainedTokenizerBase, docs: list[CodeDocument], p
     return BigramTable(torch.from_numpy(successor), torch.from_numpy(count), tokenizer_fingerprint(tokenizer))
 
 
-class MagDrafter:
+class MagDrafter(Drafter):
     """Prompt lookup for as much as the longest suffix match copies, then the bigram chain up to k tokens."""
 
     name = "mag"

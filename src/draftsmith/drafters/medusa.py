@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 from draftsmith.acceptance import SamplingConfig
 from draftsmith.adaptive import CostCurve, best_tree_size
 from draftsmith.draft import ROOT, Draft
-from draftsmith.drafters import Feedback
+from draftsmith.drafters.base import Drafter, Feedback
 from draftsmith.errors import ConfigError
 from draftsmith.heads import MedusaHeads, TargetParts
 
@@ -30,7 +30,7 @@ def default_paths(heads: int, width: int = 4) -> list[list[int]]:
     return [[r] for r in range(width)] + [[0] * depth for depth in range(2, heads + 1)]
 
 
-class MedusaDrafter:
+class MedusaDrafter(Drafter):
     name = "medusa"
     needs_features = True
     sizes_itself = True  # the engine gives the node budget; how many paths to verify comes from the costs

@@ -16,12 +16,12 @@ import torch
 from draftsmith.acceptance import SamplingConfig
 from draftsmith.adaptive import CostCurve
 from draftsmith.draft import ROOT, Draft
-from draftsmith.drafters import Feedback
+from draftsmith.drafters.base import Drafter, Feedback
 from draftsmith.drafters.eagle import EagleDrafter
 from draftsmith.drafters.ngram import NgramDrafter
 
 
-class TreeWithLookup:
+class TreeWithLookup(Drafter):
     needs_features = True
     sizes_itself = True
 

@@ -12,9 +12,10 @@ from transformers import PreTrainedModel
 from draftsmith.acceptance import SamplingConfig, processed_probs
 from draftsmith.cached_lm import cached_lm
 from draftsmith.draft import Draft, common_prefix
+from draftsmith.drafters.base import Drafter
 
 
-class ModelDrafter:
+class ModelDrafter(Drafter):
     name = "model"
 
     def __init__(self, model: PreTrainedModel, vocab_size: int | None = None, confidence: float = 0.0,

@@ -21,10 +21,11 @@ import torch
 
 from draftsmith.acceptance import SamplingConfig
 from draftsmith.draft import Draft, common_prefix
+from draftsmith.drafters.base import Drafter
 from draftsmith.errors import ConfigError
 
 
-class NgramDrafter:
+class NgramDrafter(Drafter):
     name = "ngram"
 
     def __init__(self, min_n: int = 1, max_n: int = 4, branches: int = 1):

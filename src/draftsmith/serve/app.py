@@ -27,7 +27,7 @@ from jinja2 import TemplateError
 from starlette.exceptions import HTTPException
 
 from draftsmith.acceptance import SamplingConfig
-from draftsmith.drafters import build_drafter
+from draftsmith.drafters.registry import build_drafter
 from draftsmith.predictor import build_pruner
 from draftsmith.engine import GenerationConfig, SpecEngine
 from draftsmith.errors import DraftsmithError

@@ -96,7 +96,7 @@ def student_folder(spec: str | None, target: str) -> Path | None:
     """`student`: the student shipped for an embedded target; anything else: a folder."""
     if spec != "student":
         return Path(spec) if spec else None
-    from draftsmith.drafters import shipped_head_folder
+    from draftsmith.artifacts import shipped_head_folder
 
     folder = shipped_head_folder(target, "student")
     if not folder.is_dir():

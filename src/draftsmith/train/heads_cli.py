@@ -82,7 +82,7 @@ def heads_command(
 
     corpus_source(corpus)  # a missing corpus or head is refused before anything loads
     if init_from == kind:
-        from draftsmith.drafters import shipped_head_folder
+        from draftsmith.artifacts import shipped_head_folder
 
         if not (shipped := shipped_head_folder(Path(target).name, kind)).is_dir():
             raise ConfigError(f"no {kind} head ships for target '{target}': give a folder to --init-from")

@@ -133,7 +133,7 @@ def train_predictor(engine, tokenizer, cfg: PredictorTrainConfig, train: TrainCo
     layer = cfg.layer or max(1, round(layers / 5))
     if not 1 <= layer < layers:
         raise ConfigError(f"--layer must be in 1..{layers - 1} for this {layers}-layer target, got {layer}")
-    if cfg.confidence and not getattr(engine.drafter, "gives_confidence", False):  # before minutes of decoding
+    if cfg.confidence and (engine.drafter is None or not engine.drafter.gives_confidence):  # before minutes of decoding
         raise ConfigError(f"the {engine.drafter.name} drafter gives no confidence per node: use --no-confidence")
     train_prompts, heldout_prompts = collection_prompts(tokenizer, cfg)
     data = collect_nodes(engine, train_prompts, layer, cfg.new_tokens, progress)

@@ -89,7 +89,7 @@ def predictor_command(
 ) -> None:
     """Train SpaDec's acceptance predictor from the verification outcomes of a tree drafter
     (`--prune predictor:OUT`)."""
-    from draftsmith.drafters import build_drafter
+    from draftsmith.drafters.registry import build_drafter
     from draftsmith.engine import SpecEngine
     from draftsmith.models import load_model
     from draftsmith.train.predictor import PredictorTrainConfig, train_predictor

@@ -1,0 +1,131 @@
+"""Drafters by name: `build_drafter` turns a spec (`ngram`, `eagle:DIR`, `cascade:...`) into a drafter for a
+target; the spec grammar lives here and nowhere else."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from draftsmith.artifacts import draft_model_path, shipped_file, shipped_head
+from draftsmith.drafters.base import Drafter
+from draftsmith.errors import ConfigError
+
+if TYPE_CHECKING:
+    from draftsmith.models import LoadedModel
+
+# What `auto` picks: prompt lookup with the adaptive draft length, the fastest lossless drafter in every
+# 164-prompt run since the fused CPU kernels made the target's step cheap (AVX-512 bf16: 190 tok/s against the
+# shipped EAGLE head + lookup's 180; AVX2: 42.7 against 37.7; README "CPU speed against llama.cpp"), where the
+# head's ~3 ms of drafting a step outweighs its higher tau. The heads stay one flag away (`eagle+ngram`).
+DEFAULT_DRAFTER = "ngram"
+
+
+def build_drafter(spec: str, target: LoadedModel, **options) -> Drafter | None:
+    """`auto`, `none`, `ngram`, `model:PATH` (a smaller causal LM with the target's tokenizer), `student[:DIR]`
+    (the distilled student shipped for the target, or one in DIR), `mag[:FILE]` (prompt lookup + bigram chain),
+    `cascade[:K-MATRIX|:FILE.toml]` (CS-Drafting), `layerskip[:auto|:DIR|:skip=LAYERS]` (self-speculation),
+    `eagle[:DIR]`, `eagle+ngram[:DIR]`, `medusa[:DIR]` or `ctc[:DIR]`."""
+    if spec in ("none", "", None):
+        return None
+    if spec == "auto":
+        spec = DEFAULT_DRAFTER
+    kind, _, path = spec.partition(":")
+    if spec == "ngram":
+        from draftsmith.drafters.ngram import NgramDrafter
+
+        return NgramDrafter(**{k: v for k, v in options.items() if k in ("min_n", "max_n", "branches")})
+    if kind in ("model", "student"):
+        from draftsmith.drafters.model import ModelDrafter
+        from draftsmith.models import logit_rows
+
+        return ModelDrafter(draft_model(spec, target), vocab_size=logit_rows(target.model))
+    if kind == "mag":
+        from draftsmith.drafters.mag import BigramTable, MagDrafter
+
+        table = Path(path) if path else shipped_file(target, "bigram", "bigram.safetensors", "build-bigram")
+        return MagDrafter(BigramTable.load(table, target.tokenizer))
+    if kind == "cascade":
+        from draftsmith.drafters.cascade import build_cascade, parse_cascade
+        from draftsmith.models import logit_rows
+
+        def level(level_spec: str):
+            if level_spec.partition(":")[0] in ("model", "student"):
+                return "model", draft_model(level_spec, target)
+            if level_spec.partition(":")[0] in ("mag", "ngram"):
+                return "drafter", build_drafter(level_spec, target)
+            raise ConfigError(f"cascade level '{level_spec}': use model:PATH, student[:DIR], mag[:FILE] or ngram")
+
+        return build_cascade(parse_cascade(path), level, vocab_size=logit_rows(target.model))
+    if kind == "layerskip":
+        from draftsmith.drafters.layerskip import LayerSkipDrafter
+        from draftsmith.models import logit_rows
+
+        return LayerSkipDrafter(skip_policy(path, target), vocab_size=logit_rows(target.model),
+                                tokenizer=target.tokenizer, confidence=options.get("confidence", 0.0))
+    if kind == "eagle+ngram":  # the head's tree with prompt lookup's chain grafted on
+        kind, options = "eagle", {"lookup": 8, **options}
+    if kind in ("eagle", "medusa", "ctc"):
+        return _head_drafter(kind, path, target, options)
+    raise ConfigError(f"unknown drafter '{spec}': use auto, none, ngram, model:PATH, student[:DIR], mag[:FILE], "
+                      "cascade[:K-MATRIX|:FILE.toml], layerskip[:auto|:DIR|:skip=LAYERS], eagle[:DIR], "
+                      "eagle+ngram[:DIR], medusa[:DIR] or ctc[:DIR]")
+
+
+def skip_policy(spec: str, target: LoadedModel):
+    """`auto` (None: searched once bound to the target), `skip=2,5,7-9` (those layers), a router folder, or
+    nothing: the routers shipped for the target."""
+    from draftsmith.sparse import FixedSkip
+
+    if spec == "auto":
+        return None
+    layers = target.model.config.num_hidden_layers
+    if spec.startswith("skip="):
+        skipped = set()
+        try:
+            for part in filter(None, spec.removeprefix("skip=").split(",")):
+                first, _, last = part.partition("-")
+                skipped.update(range(int(first), int(last or first) + 1))
+        except ValueError:
+            raise ConfigError(f"layerskip:{spec}: give layer numbers and ranges, e.g. skip=2,5,7-9") from None
+        return FixedSkip(layers, frozenset(skipped))
+    from draftsmith.routers import load_routers_for
+
+    return load_routers_for(spec, target)  # no spec: the routers shipped for an embedded target
+
+
+def draft_model(spec: str, target: LoadedModel):
+    """The draft LM of `model:PATH` or `student[:DIR]`, loaded like the target and checked to share its
+    vocabulary; where PATH holds a LoRA adapter (collab finetune) on a small model named inside it, that small
+    model with the adapter merged."""
+    from draftsmith.collab.finetune import is_finetuned, load_small
+    from draftsmith.models import load_draft_model
+
+    path = draft_model_path(spec, target)
+    if is_finetuned(Path(path)):
+        return load_small(Path(path), target)
+    return load_draft_model(path, target)
+
+
+def _head_drafter(kind: str, path: str, target: LoadedModel, options: dict) -> Drafter:
+    from draftsmith.drafters.ctc import CtcDrafter, CtcSearch
+    from draftsmith.drafters.eagle import EagleDrafter, TreeConfig
+    from draftsmith.drafters.medusa import MedusaDrafter
+    from draftsmith.heads import load_head
+
+    head = load_head(Path(path) if path else shipped_head(kind, target), target.model)
+    if head.config.kind != kind:
+        raise ConfigError(f"{path} holds a {head.config.kind} head, not a {kind} head: use --drafter {head.config.kind}:{path}")
+    if kind == "eagle":
+        tree = TreeConfig.for_device(target.model.device, **{k: v for k, v in options.items() if k in ("depth", "top_k")})
+        drafter = EagleDrafter(head, target.model, tree, graphs=options.get("graphs"))
+        if options.get("lookup"):
+            from draftsmith.drafters.merged import TreeWithLookup
+            from draftsmith.drafters.ngram import NgramDrafter
+
+            lookup = NgramDrafter(**{k: v for k, v in options.items() if k in ("min_n", "max_n")})
+            return TreeWithLookup(drafter, lookup, max_chain=options["lookup"])
+        return drafter
+    if kind == "ctc":
+        search = {key: value for key, value in options.items() if key in ("top_k", "beams", "levels")}
+        return CtcDrafter(head, target.model, CtcSearch(**search), graphs=options.get("graphs"))
+    return MedusaDrafter(head, target.model)
