@@ -84,6 +84,11 @@ def test_no_pointer_outside_the_repository(page: Path):
     assert "shared/design" not in text and "../shared/" not in text, page
 
 
+def test_readme_stays_short():
+    """The README is the PyPI page: what draftsmith is, how to start, one table; the rest lives in docs/."""
+    assert len((ROOT / "README.md").read_text().splitlines()) < 200
+
+
 def test_the_checker_catches_a_dead_link(tmp_path: Path):
     page = tmp_path / "page.md"
     page.write_text("# Title\n\n[ok](#title) [dead](missing.md) `[in code](gone.md)`\n```\n[fenced](gone.md)\n```\n")
