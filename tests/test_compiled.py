@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import draftsmith.cached_lm as cached_lm_module
-from draftsmith.cached_lm import LeanLlama, WeightFormat, candidate_formats
+from draftsmith.cached_lm import BackendConfig, LeanLlama, WeightFormat, candidate_formats
 from draftsmith.drafters.ngram import NgramDrafter
 from draftsmith.engine import GenerationConfig, SpecEngine
 from scripted_drafters import OracleDrafter
@@ -66,7 +66,7 @@ def test_a_failing_compiler_falls_back_to_eager_with_a_warning(monkeypatch):
     monkeypatch.setattr(cached_lm_module, "compiled_stack", broken_compiler)
     target, tok = tiny_llama(seed=1), char_tokenizer()
     with pytest.warns(UserWarning, match="torch.compile failed, running eager instead: RuntimeError: no C"):
-        engine = SpecEngine(target, NgramDrafter(), tok, compile=True)
+        engine = SpecEngine(target, NgramDrafter(), tok, backend=BackendConfig(compile=True))
     assert engine.runner.compile_s is None
     ids = tok("for i in range(3):").input_ids
     assert engine.generate(ids, GenerationConfig(max_new_tokens=NEW, k=4)).tokens == hf_greedy(target, ids, NEW)

@@ -11,7 +11,7 @@ from transformers import DynamicCache
 import draftsmith.drafters.eagle as eagle_module
 from draftsmith.acceptance import SamplingConfig
 from draftsmith.adaptive import CostCurve
-from draftsmith.cached_lm import WeightFormat
+from draftsmith.cached_lm import BackendConfig, WeightFormat
 from draftsmith.draft import ROOT
 from draftsmith.drafters.base import Feedback
 from draftsmith.drafters.ctc import CtcDrafter, CtcSearch, candidate_tree, ctc_collapse, prefix_beam_search
@@ -128,7 +128,7 @@ def test_every_node_of_a_collapsed_tree_is_scored_as_its_own_chain(target, lean,
     """The check that catches upstream's misalignment: the verifier's logits for each node of a tree built
     from collapsed candidates equal those of the node's root-to-node chain fed alone."""
     drafter = ctc(target, draft_vocab=40, feed=feed, top_k=4, beams=24)
-    runner = TargetRunner(target, lean=lean)
+    runner = TargetRunner(target, backend=BackendConfig(lean=lean))
     prompt = PROMPTS[0]
     _after_prefill(drafter, runner, prompt)
     draft = drafter.propose(prompt, 24)
@@ -260,7 +260,7 @@ def test_ctc_drafting_is_exact_against_hf_greedy(target, lean):
                  lambda: ctc(target, levels=2, top_k=3), lambda: ctc(target, levels=2, draft_vocab=40),
                  lambda: ctc(target, feed=True, draft_vocab=40), lambda: ctc(target, feed=True, levels=2),
                  lambda: OracleCtc(target)):
-        engine = SpecEngine(target, make(), lean=lean)
+        engine = SpecEngine(target, make(), backend=BackendConfig(lean=lean))
         for prompt in PROMPTS:
             for k in (1, 3, 24):
                 result = engine.generate(prompt, GenerationConfig(max_new_tokens=NEW, k=k))

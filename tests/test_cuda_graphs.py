@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from draftsmith.cached_lm import CACHE_BLOCK, LeanLlama, cached_lm
+from draftsmith.cached_lm import BackendConfig, CACHE_BLOCK, LeanLlama, cached_lm
 from draftsmith.cuda_graphs import BUCKETS, CapturedSteps, check_graphs, run_eagerly
 from draftsmith.drafters.ngram import NgramDrafter
 from draftsmith.engine import GenerationConfig, SpecEngine
@@ -127,11 +127,11 @@ def test_graphs_are_refused_where_they_cannot_run(target):
     assert check_graphs(None, cuda, torch.float32, compile=False) is False  # fp32 is the exactness mode
     assert check_graphs(None, cuda, torch.bfloat16, compile=True) is False
     with pytest.raises(ConfigError, match="CUDA graphs need a CUDA device; the target is on cpu"):
-        cached_lm(target, graphs=True)
+        cached_lm(target, backend=BackendConfig(graphs=True))
     with pytest.raises(ConfigError, match="pick one"):
         check_graphs(True, cuda, torch.bfloat16, compile=True)
     with pytest.raises(ConfigError, match="CUDA graphs capture the lean Llama-family forward"):
-        cached_lm(target, lean=False, graphs=True)
+        cached_lm(target, backend=BackendConfig(lean=False, graphs=True))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the capture itself needs CUDA")

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from draftsmith.cached_lm import BackendConfig
 from draftsmith.drafters.model import ModelDrafter
 from draftsmith.drafters.ngram import NgramDrafter
 from draftsmith.engine import GenerationConfig, SpecEngine
@@ -35,7 +36,7 @@ def drafters(target):
 @pytest.mark.parametrize("k", [1, 3, 8])
 @pytest.mark.parametrize("drafter_name", ["ngram", "model-unrelated", "model-noisy-self"])
 def test_greedy_matches_hf_generate(target, tok, drafter_name, k, lean):
-    engine = SpecEngine(target, drafters(target)[drafter_name](), tok, lean=lean)
+    engine = SpecEngine(target, drafters(target)[drafter_name](), tok, backend=BackendConfig(lean=lean))
     accepted_any = False
     for prompt in PROMPTS:
         ids = tok(prompt).input_ids
@@ -117,7 +118,8 @@ def test_tree_draft_verification_keeps_only_the_accepted_path(target, tok, lean)
     ids = tok(PROMPTS[0]).input_ids
     reference = hf_greedy(target, ids, NEW)
     drafter = TreeOracleDrafter(reference, len(ids), vocab=target.config.vocab_size)
-    result = SpecEngine(target, drafter, tok, lean=lean).generate(ids, GenerationConfig(max_new_tokens=NEW, k=8))
+    engine = SpecEngine(target, drafter, tok, backend=BackendConfig(lean=lean))
+    result = engine.generate(ids, GenerationConfig(max_new_tokens=NEW, k=8))
     assert result.tokens == reference
     assert result.stats.tau >= 4  # 4 levels accepted per step plus the bonus token (fewer near the end)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import draftsmith.cached_lm as cached_lm_module
-from draftsmith.cached_lm import WeightFormat, candidate_formats, choose_format
+from draftsmith.cached_lm import BackendConfig, WeightFormat, candidate_formats, choose_format
 from draftsmith.drafters.ngram import NgramDrafter
 from draftsmith.engine import GenerationConfig, SpecEngine
 from draftsmith.errors import ConfigError
@@ -56,7 +56,7 @@ def test_greedy_on_fp16_weights_equals_hf_greedy_of_the_same_weights(wrong_at):
     reference = hf_greedy(target, prompt, 30)
     oracle = OracleDrafter(reference, len(prompt), wrong_at=wrong_at, vocab=target.config.vocab_size)
     for drafter, k in ((None, 0), (oracle, 6), (NgramDrafter(), 8)):
-        engine = SpecEngine(target, drafter, weights="fp16")
+        engine = SpecEngine(target, drafter, backend=BackendConfig(weights="fp16"))
         assert engine.runner.lm.weights == FP16
         assert engine.generate(prompt, GenerationConfig(max_new_tokens=30, k=k)).tokens == reference
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import draftsmith.cached_lm as cached_lm_module
 import draftsmith.fused as fused_module
-from draftsmith.cached_lm import LeanLlama, _swapped_rope
+from draftsmith.cached_lm import BackendConfig, LeanLlama, _swapped_rope
 from draftsmith.engine import GenerationConfig, SpecEngine
 from draftsmith.errors import ConfigError
 from draftsmith.verify import backend_key
@@ -113,7 +113,7 @@ def test_greedy_on_fp16_fused_weights_equals_hf_greedy_of_the_same_weights(ops, 
     reference = hf_greedy(target, prompt, 30)
     oracle = OracleDrafter(reference, len(prompt), wrong_at=wrong_at, vocab=target.config.vocab_size)
     for drafter, k in ((None, 0), (oracle, 6)):
-        engine = SpecEngine(target, drafter, weights="fp16-fused")
+        engine = SpecEngine(target, drafter, backend=BackendConfig(weights="fp16-fused"))
         assert engine.runner.lm.weights.name == "fp16-fused"
         assert engine.generate(prompt, GenerationConfig(max_new_tokens=30, k=k)).tokens == reference
 
@@ -145,12 +145,12 @@ def test_speculative_decoding_on_bf16_fused_weights_keeps_plain_decodings_tokens
 
     model = bf16_llama(4, monkeypatch)
     prompt = [5, 17, 33, 8, 21, 40, 9, 5, 17, 33]
-    plain = SpecEngine(model, None, weights="bf16-fused")
+    plain = SpecEngine(model, None, backend=BackendConfig(weights="bf16-fused"))
     assert plain.runner.lm.weights.name == "bf16-fused" and plain.runner.lm.fused is not None
     reference = plain.generate(prompt, GenerationConfig(max_new_tokens=40)).tokens
     for wrong_at in (set(), {0}, {3}):
         oracle = OracleDrafter(reference, len(prompt), wrong_at=wrong_at, vocab=model.config.vocab_size)
-        engine = SpecEngine(model, oracle, weights="bf16-fused")
+        engine = SpecEngine(model, oracle, backend=BackendConfig(weights="bf16-fused"))
         assert engine.generate(prompt, GenerationConfig(max_new_tokens=40, k=6)).tokens == reference
 
 
@@ -215,13 +215,13 @@ def test_speculative_decoding_through_the_kernels_keeps_the_eager_tokens(ops, mo
 
     model = bf16_llama(4, monkeypatch)
     prompt = [5, 17, 33, 8, 21, 40, 9, 5, 17, 33]
-    reference = SpecEngine(model, None, weights="fp16", fused=False).generate(
+    reference = SpecEngine(model, None, backend=BackendConfig(weights="fp16", fused=False)).generate(
         prompt, GenerationConfig(max_new_tokens=40)).tokens
     for wrong_at in (set(), {0}, {3}):
         oracle = OracleDrafter(reference, len(prompt), wrong_at=wrong_at, vocab=model.config.vocab_size)
-        engine = SpecEngine(model, oracle, weights="fp16", fused=True)
+        engine = SpecEngine(model, oracle, backend=BackendConfig(weights="fp16", fused=True))
         assert engine.generate(prompt, GenerationConfig(max_new_tokens=40, k=6)).tokens == reference
-    engine = SpecEngine(model, None, weights="fp16", fused=True)
+    engine = SpecEngine(model, None, backend=BackendConfig(weights="fp16", fused=True))
     assert engine.runner.lm.fused is not None
     # a cost curve of its own, for this build of the kernels
     assert backend_key(engine.runner.lm, model).endswith(f"-fused-{fused_module.build_tag()}")

@@ -9,6 +9,7 @@ import torch
 
 from draftsmith.acceptance import SamplingConfig
 from draftsmith.adaptive import CostCurve, best_tree_size
+from draftsmith.cached_lm import BackendConfig
 from draftsmith.draft import Draft, DraftError
 from draftsmith.drafters.base import Drafter
 from draftsmith.drafters.eagle import EagleDrafter, TreeConfig
@@ -55,7 +56,7 @@ def target():
     lambda t: medusa(t, paths=[[0], [1], [2], [0, 0], [1, 0], [0, 0, 0], [0, 1]]),
 ])
 def test_head_drafters_are_exact(target, lean, make):
-    engine = SpecEngine(target, make(target), lean=lean)
+    engine = SpecEngine(target, make(target), backend=BackendConfig(lean=lean))
     for prompt in PROMPTS[:2]:
         for k in (1, 24):
             result = engine.generate(prompt, GenerationConfig(max_new_tokens=NEW, k=k))

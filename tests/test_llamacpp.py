@@ -6,6 +6,7 @@ import torch
 
 pytest.importorskip("llama_cpp")
 
+from draftsmith.cached_lm import BackendConfig
 from draftsmith.draft import ROOT, Draft  # noqa: E402
 from draftsmith.drafters.model import ModelDrafter  # noqa: E402
 from draftsmith.drafters.ngram import NgramDrafter  # noqa: E402
@@ -135,7 +136,7 @@ def test_limits_and_features_give_clear_errors(target, tmp_path):
     with pytest.raises(ConfigError, match="runs GGUF files"):
         load_model(str(folder), backend="llamacpp")
     with pytest.raises(ConfigError, match="GGUF file's own weights"):
-        SpecEngine(target.model, None, weights="int4")
+        SpecEngine(target.model, None, backend=BackendConfig(weights="int4"))
     with pytest.raises(ConfigError, match="unknown backend"):
         load_model("smollm2", backend="vllm")
 

@@ -8,7 +8,7 @@ import time
 import torch
 
 import draftsmith.cached_lm as cached_lm_module
-from draftsmith.cached_lm import CACHE_BLOCK, LeanLlama, WeightFormat, choose_format, lean_weights
+from draftsmith.cached_lm import BackendConfig, CACHE_BLOCK, LeanLlama, WeightFormat, choose_format, lean_weights
 from draftsmith.drafters.ngram import NgramDrafter
 from draftsmith.engine import GenerationConfig, SpecEngine
 from tiny_models import hf_greedy, tiny_llama
@@ -36,7 +36,7 @@ def test_stored_layout_leaves_one_copy_of_each_weight():
     for linear in (mlp.gate_proj, mlp.up_proj):
         assert _storage(linear.weight) == _storage(fused_gate_up)
     # transformers' forward through the views is unchanged: it still equals the lean forward's greedy tokens
-    engine = SpecEngine(target, NgramDrafter(), weights="stored")
+    engine = SpecEngine(target, NgramDrafter(), backend=BackendConfig(weights="stored"))
     prompt = [5, 9, 14, 3]
     assert engine.generate(prompt, GenerationConfig(max_new_tokens=20, k=4)).tokens == hf_greedy(target, prompt, 20)
 

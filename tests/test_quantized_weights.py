@@ -5,7 +5,7 @@ quantized target lossless relative to that same quantized target's plain decodin
 import pytest
 import torch
 
-from draftsmith.cached_lm import INT4_GROUP, QUANTIZED, WeightFormat, candidate_formats, choose_format
+from draftsmith.cached_lm import BackendConfig, INT4_GROUP, QUANTIZED, WeightFormat, candidate_formats, choose_format
 from draftsmith.drafters.model import ModelDrafter
 from draftsmith.drafters.ngram import NgramDrafter
 from draftsmith.engine import GenerationConfig, SpecEngine
@@ -61,13 +61,13 @@ def test_speculation_on_a_quantized_target_equals_its_own_plain_decoding(name):
     target = tiny_llama(seed=4, hidden_size=64, vocab_size=112)  # int4 packing wants outputs divisible by 16
     ids = tok("def add(a, b):\n    return a + b\n\ndef add(").input_ids
     config = GenerationConfig(max_new_tokens=40, k=0, stop_on_eos=False)
-    plain = SpecEngine(target, None, weights=name)
+    plain = SpecEngine(target, None, backend=BackendConfig(weights=name))
     assert plain.runner.lm.weights.name == name
     reference = plain.generate(ids, config).tokens
     drafters = [NgramDrafter(min_n=1, max_n=3), ModelDrafter(noisy_copy(target, 0.3)),
                 OracleDrafter(reference, len(ids), wrong_at={2}, vocab=target.config.vocab_size)]
     for drafter in drafters:
         for k in (1, 4):
-            out = SpecEngine(target, drafter, weights=name).generate(ids, GenerationConfig(
+            out = SpecEngine(target, drafter, backend=BackendConfig(weights=name)).generate(ids, GenerationConfig(
                 max_new_tokens=40, k=k, stop_on_eos=False))
             assert out.tokens == reference, (type(drafter).__name__, k)

@@ -4,6 +4,7 @@ verification must stay exact once the context is longer than the window."""
 import pytest
 import torch
 
+from draftsmith.cached_lm import BackendConfig
 from draftsmith.draft import ROOT, Draft
 from draftsmith.drafters.model import ModelDrafter
 from draftsmith.drafters.ngram import NgramDrafter
@@ -76,7 +77,7 @@ def test_each_tree_node_scores_as_its_own_chain(backend):
     draft = Draft(tokens=[40, 41, 42, 43, 44, 45], parents=[ROOT, ROOT, 0, 0, 1, 2])
 
     def scored(d: Draft) -> torch.Tensor:
-        runner = TargetRunner(model, lean=lean)
+        runner = TargetRunner(model, backend=BackendConfig(lean=lean))
         runner.prefill(prompt)
         return runner.score(prompt[-1], d)
 

@@ -994,24 +994,34 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos + rotated * sin
 
 
-def cached_lm(
-    model: PreTrainedModel, lean: bool = True, compile: bool = False, weights: str = "auto", graphs: bool | None = None,
-    fused: bool | None = None,
-) -> LeanLlama | HFCachedLM:
+@dataclass(frozen=True)
+class BackendConfig:
+    """How the target's forward runs: one typed config from the command line to the forward, the same for
+    generate, serve and bench."""
+
+    lean: bool = True  # our own Llama-family forward over a static cache; False: transformers' forward
+    compile: bool = False  # torch.compile the lean forward (once per process; its time is the runner's compile_s)
+    weights: str = "auto"  # the lean forward's weight layout (choose_format)
+    graphs: bool | None = None  # replay captured CUDA graphs for steps (None: on CUDA below fp32; cuda_graphs.py)
+    fused: bool | None = None  # the lean forward's fused CPU kernels (None: on CPU below fp32; fused.py)
+
+
+def cached_lm(model: PreTrainedModel, backend: BackendConfig = BackendConfig()) -> LeanLlama | HFCachedLM:
     """The fastest backend that runs this model exactly (compiled on request: Llama-family models only); a
     model llama.cpp loaded gets its llama.cpp context."""
     if hasattr(model, "new_cached_lm"):
-        if compile or graphs or weights != "auto":
+        if backend.compile or backend.graphs or backend.weights != "auto":
             raise ConfigError("--compile, --cuda-graphs and --weights apply to the lean torch forward; the llama.cpp "
                               "backend runs the GGUF file's own weights (write another with `draftsmith export "
                               "--format gguf`)")
         return model.new_cached_lm()
-    if lean and LeanLlama.supports(model):
-        return LeanLlama(model, compile=compile, weights=weights, graphs=graphs, fused=fused)
-    if graphs:
+    if backend.lean and LeanLlama.supports(model):
+        return LeanLlama(model, compile=backend.compile, weights=backend.weights, graphs=backend.graphs,
+                         fused=backend.fused)
+    if backend.graphs:
         raise ConfigError(f"CUDA graphs capture the lean Llama-family forward; {model.config.model_type} runs "
                           "through transformers")
-    if compile:
+    if backend.compile:
         warnings.warn(f"--compile applies to the lean Llama-family forward; {model.config.model_type} runs eager",
                       stacklevel=2)
     return HFCachedLM(model)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from contextlib import nullcontext
 from typing import Annotated, Optional
 
 import typer
@@ -61,12 +60,10 @@ def generate(
 ) -> None:
     """Generate a continuation, streaming it, then print the speculative statistics."""
     from draftsmith.acceptance import SamplingConfig
-    from draftsmith.drafters.registry import build_drafter
-    from draftsmith.engine import GenerationConfig, SpecEngine
+    from draftsmith.builder import build_engine
+    from draftsmith.cached_lm import BackendConfig
+    from draftsmith.engine import GenerationConfig
     from draftsmith.models import load_model
-    from draftsmith.predictor import build_pruner
-    from draftsmith.routers import load_routers_for
-    from draftsmith.sparse import RoutedVerify
 
     config = GenerationConfig(max_new_tokens=max_new_tokens, k=k, stop=stop or [], adaptive=adaptive,
                               sampling=SamplingConfig(temperature, top_k, top_p, seed))
@@ -74,15 +71,14 @@ def generate(
         raise DraftsmithError("the prompt is empty: give at least one character of text")
     with console.status(f"loading {target}"):
         loaded = load_model(target, device=device, dtype=dtype, trust_remote_code=trust_remote_code, backend=backend)
-        draft = build_drafter(drafter, loaded, max_n=ngram_max, branches=ngram_branches)
-        pruner = build_pruner(prune, loaded)
-        sparse = RoutedVerify(load_routers_for(routers, loaded)) if lossy_sparse_verify else None
     if chat:
         prompt = loaded.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                       add_generation_prompt=True)
-    with console.status("compiling the target's forward (once per process)") if compile else nullcontext():
-        engine = SpecEngine(loaded.model, draft, loaded.tokenizer, compile=compile, weights=weights, pruner=pruner,
-                            sparse_verify=sparse, graphs=cuda_graphs, fused=fused)
+    with console.status("compiling the target's forward (once per process)" if compile else f"preparing {drafter}"):
+        engine = build_engine(loaded, drafter, BackendConfig(compile=compile, weights=weights, graphs=cuda_graphs,
+                                                       fused=fused),
+                              prune=prune, lossy_sparse_verify=lossy_sparse_verify, routers=routers,
+                              max_n=ngram_max, branches=ngram_branches)
     if compile:
         compile_s = engine.runner.compile_s
         console.print(f"compiled in {compile_s:.1f} s" if compile_s is not None else "compiling failed: eager")

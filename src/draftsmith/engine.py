@@ -11,6 +11,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from draftsmith.acceptance import AcceptanceRule, SamplingConfig, acceptance_rule
 from draftsmith.adaptive import DraftLength
+from draftsmith.cached_lm import BackendConfig
 from draftsmith.draft import Draft
 from draftsmith.drafters.base import Drafter, Feedback
 from draftsmith.step import Stats, speculative_step
@@ -65,21 +66,18 @@ class SpecEngine:
         model: PreTrainedModel,
         drafter: Drafter | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
-        lean: bool = True,  # our own Llama-family forward over a static cache; False: transformers' forward
-        compile: bool = False,  # torch.compile the lean forward (once per process; its time is runner.compile_s)
-        weights: str = "auto",  # the lean forward's weight layout (cached_lm.choose_format)
-        graphs: bool | None = None,  # replay captured CUDA graphs for steps (None: on CUDA below fp32; cuda_graphs.py)
-        fused: bool | None = None,  # the lean forward's fused CPU kernels (None: on CPU below fp32; fused.py)
+        backend: BackendConfig = BackendConfig(),  # how the target's forward runs (cached_lm.BackendConfig)
         pruner=None,  # cuts draft trees between the target's layers before verifying (predictor.PathPruner)
         sparse_verify=None,  # LOSSY: the target verifies with routers skipping layers (sparse.RoutedVerify)
         rule: AcceptanceRule | None = None,  # LOSSY where it is not greedy's: replaces the rule sampling implies
     ):
         self.model, self.drafter, self.tokenizer = model, drafter, tokenizer
-        self.runner = TargetRunner(model, lean=lean, compile=compile, weights=weights, graphs=graphs, fused=fused)
+        self.runner = TargetRunner(model, backend)
         if pruner is not None and sparse_verify is not None:
             raise ConfigError("predictor pruning and the lossy sparse verification do not combine: pick one")
         predictor_config = getattr(getattr(pruner, "predictor", None), "config", None)
-        if predictor_config is not None and predictor_config.confidence and not (drafter is not None and drafter.gives_confidence):
+        gives_confidence = drafter is not None and drafter.gives_confidence
+        if predictor_config is not None and predictor_config.confidence and not gives_confidence:
             raise ConfigError(f"this predictor weighs the drafter's confidence per node, which the "
                               f"{drafter.name if drafter else 'chosen'} drafter does not give: train one for it with "
                               "`draftsmith train predictor --no-confidence`")

@@ -11,7 +11,7 @@ import torch
 from transformers import PreTrainedModel
 
 from draftsmith.adaptive import CostCurve, calibrated_costs
-from draftsmith.cached_lm import LeanLlama, cached_lm
+from draftsmith.cached_lm import BackendConfig, LeanLlama, cached_lm
 from draftsmith.cuda_graphs import BUCKETS
 from draftsmith.draft import ROOT, Draft, common_prefix
 from draftsmith.errors import ConfigError
@@ -34,10 +34,9 @@ def tree_mask(draft: Draft) -> torch.Tensor:
 class TargetRunner:
     """Owns the target model and its KV cache for one request at a time."""
 
-    def __init__(self, model: PreTrainedModel, lean: bool = True, compile: bool = False, weights: str = "auto",
-                 graphs: bool | None = None, fused: bool | None = None):
+    def __init__(self, model: PreTrainedModel, backend: BackendConfig = BackendConfig()):
         self.model = model
-        self.lm = cached_lm(model, lean=lean, compile=compile, weights=weights, graphs=graphs, fused=fused)
+        self.lm = cached_lm(model, backend)
         self.compile_s: float | None = getattr(self.lm, "compile_s", None)  # None: eager
         self.length = 0  # committed tokens in the cache
         self.tokens: list[int] = []  # those tokens (a cascade level syncs its cache to each new context by them)

@@ -35,13 +35,12 @@ from draftsmith.bench.report import MethodSummary, PromptRecord, load_report, su
 from draftsmith.bench.sandbox import SandboxConfig, available_isolation
 from draftsmith.collab.domains import resolve_domain
 from draftsmith.bench.workloads import INSTRUCT, Score, Task, completion, load_tasks, prompt_ids, score
+from draftsmith.builder import build_engine
+from draftsmith.cached_lm import BackendConfig
 from draftsmith.drafters.registry import build_drafter
-from draftsmith.engine import GenerationConfig, SpecEngine, Stats
+from draftsmith.engine import GenerationConfig, Stats
 from draftsmith.errors import ConfigError, DraftsmithError
 from draftsmith.models import LoadedModel, load_model
-from draftsmith.predictor import build_pruner
-from draftsmith.routers import load_routers_for
-from draftsmith.sparse import RoutedVerify
 
 MEMORY_NOTE = {
     "cpu": "peak resident memory (VmHWM, reset before each call through /proc/self/clear_refs) of the whole "
@@ -63,6 +62,10 @@ LEGEND = (
 )
 
 
+# bench option prune=N: the shipped predictor cuts trees never, where the path is expected to pay, or always
+PRUNING = {0: "none", 1: "predictor", 2: "predictor-path"}
+
+
 def _engine_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int, seed: int) -> Method:
     options = dict(spec.options)
     k = options.pop("k", DEFAULT_K.get(spec.kind, 0))
@@ -77,10 +80,9 @@ def _engine_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int, s
     drafter_spec = {"plain": "none", "ngram": "ngram", "model": f"model:{spec.arg}"}.get(spec.kind)
     if spec.kind in ("eagle", "medusa", "ctc", "student", "mag", "cascade", "layerskip"):
         drafter_spec = f"{spec.kind}:{spec.arg}" if spec.arg else spec.kind
-    prune = options.pop("prune", 0)  # 1: the shipped predictor cuts where the path pays; 2: always (SpaDec's rule)
-    pruner = build_pruner("predictor-path" if prune == 2 else "predictor", target) if prune else None
-    sparse = RoutedVerify(load_routers_for("", target)) if options.pop("lossy_sparse", 0) else None
-    # token ids in and out, like HF generate: no tokenizer, so no incremental detokenizing inside the timing
+    prune = options.pop("prune", 0)
+    if prune not in PRUNING:
+        raise ConfigError(f"prune={prune}: use 0 (none), 1 (where the path pays) or 2 (always: SpaDec's rule)")
     weights = options.pop("weights", "auto")
     if options.pop("llamacpp", 0):  # our loop and drafter, llama.cpp scoring: the same weights as a GGUF
         from draftsmith.bench.peers import run_gguf
@@ -89,9 +91,11 @@ def _engine_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int, s
         llama_cpp_module()  # not installed: say how, before writing a GGUF for it
         model = LlamaCppModel(run_gguf(target), target.model.config)
         target = LoadedModel(model=model, tokenizer=target.tokenizer, name=target.name)
-    engine = SpecEngine(target.model, build_drafter(drafter_spec, target, **options), tokenizer=None, compile=compile,
-                        weights=weights, pruner=pruner, sparse_verify=sparse, graphs=graphs,
-                        fused=fused)
+    # token ids in and out, like HF generate: no tokenizer, so no incremental detokenizing inside the timing
+    engine = build_engine(target, drafter_spec, BackendConfig(compile=compile, weights=weights, graphs=graphs,
+                                                              fused=fused),
+                          prune=PRUNING[prune],
+                          lossy_sparse_verify=bool(options.pop("lossy_sparse", 0)), tokenizer=False, **options)
     config = GenerationConfig(max_new_tokens=max_new_tokens, k=k, adaptive=adaptive, sampling=SamplingConfig(seed=seed))
 
     def generate(ids: list[int]) -> Output:

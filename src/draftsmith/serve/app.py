@@ -27,9 +27,9 @@ from jinja2 import TemplateError
 from starlette.exceptions import HTTPException
 
 from draftsmith.acceptance import SamplingConfig
-from draftsmith.drafters.registry import build_drafter
-from draftsmith.predictor import build_pruner
-from draftsmith.engine import GenerationConfig, SpecEngine
+from draftsmith.builder import build_engine
+from draftsmith.cached_lm import BackendConfig
+from draftsmith.engine import GenerationConfig
 from draftsmith.errors import DraftsmithError
 from draftsmith.models import LoadedModel, logit_rows
 from draftsmith.serve.limits import ServerLimits
@@ -145,14 +145,12 @@ class Server:
     """The engine behind the routes: turns requests into validated jobs and jobs into responses."""
 
     def __init__(self, loaded: LoadedModel, drafter_spec: str, k: int, model_name: str, queue_size: int,
-                 adaptive: bool = False, compile: bool = False, limits: ServerLimits | None = None,
-                 prune: str = "none", graphs: bool | None = None, **drafter_options):
+                 adaptive: bool = False, backend: BackendConfig = BackendConfig(), limits: ServerLimits | None = None,
+                 prune: str = "none", **drafter_options):
         GenerationConfig(k=k)  # refuse a bad k at start-up rather than at the first request
         self.loaded, self.k, self.adaptive, self.model_name = loaded, k, adaptive, model_name
         self.limits = limits or ServerLimits()
-        self.engine = SpecEngine(loaded.model, build_drafter(drafter_spec, loaded, **drafter_options),
-                                 loaded.tokenizer, compile=compile, pruner=build_pruner(prune, loaded),
-                                 graphs=graphs)
+        self.engine = build_engine(loaded, drafter_spec, backend, prune=prune, **drafter_options)
         self.metrics = Metrics()
         self.worker = EngineWorker(self.engine, queue_size, self.metrics)
         self.created = int(time.time())
@@ -359,17 +357,16 @@ def create_app(
     model_name: str | None = None,
     queue_size: int = 64,
     adaptive: bool = False,
-    compile: bool = False,
+    backend: BackendConfig = BackendConfig(),
     limits: ServerLimits | None = None,
     prune: str = "none",
-    graphs: bool | None = None,
     **drafter_options,
 ) -> FastAPI:
     """An app serving `loaded` with speculative decoding; the engine worker runs while the app is up. `prune`:
-    none or predictor[:DIR], the acceptance predictor cutting tree drafts (lossless); `graphs`: captured CUDA
-    graphs for the target's steps (None: on CUDA below float32)."""
-    server = Server(loaded, drafter_spec, k, model_name or loaded.name, queue_size, adaptive, compile, limits,
-                    prune, graphs, **drafter_options)
+    none or predictor[:DIR], the acceptance predictor cutting tree drafts (lossless); `backend`: how the target's
+    forward runs (weights, CUDA graphs, compiled, fused kernels), as for generate and bench."""
+    server = Server(loaded, drafter_spec, k, model_name or loaded.name, queue_size, adaptive, backend, limits,
+                    prune, **drafter_options)
     limits = server.limits
 
     @asynccontextmanager

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from draftsmith.cli_options import (Adaptive, Backend, Compile, CudaGraphs, Device, DraftTokens, Drafter, Dtype,
-                                   NgramBranches, NgramMax, Prune, Target, TrustRemoteCode)
+                                   Fused, NgramBranches, NgramMax, Prune, Target, TrustRemoteCode, Weights)
 from draftsmith.serve.limits import ServerLimits
 
 DEFAULT_LIMITS = ServerLimits()
@@ -30,6 +30,8 @@ def serve_command(
     ngram_branches: NgramBranches = 1,
     compile: Compile = False,
     cuda_graphs: CudaGraphs = None,
+    fused: Fused = None,
+    weights: Weights = "auto",
     backend: Backend = "torch",
     trust_remote_code: TrustRemoteCode = False,
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body; larger ones get 413 unread.")]
@@ -49,6 +51,7 @@ def serve_command(
     """Serve the OpenAI completions and chat API with speculative decoding (one request at a time)."""
     import uvicorn
 
+    from draftsmith.cached_lm import BackendConfig
     from draftsmith.models import load_model
     from draftsmith.serve.app import create_app
 
@@ -57,8 +60,8 @@ def serve_command(
                           max_stop_chars=max_stop_chars, default_max_tokens=default_max_tokens)
     loaded = load_model(target, device=device, dtype=dtype, trust_remote_code=trust_remote_code, backend=backend)
     app = create_app(loaded, drafter, k=k, model_name=model_name or target, queue_size=queue_size,
-                     adaptive=adaptive, compile=compile, limits=limits, prune=prune, graphs=cuda_graphs,
-                     max_n=ngram_max, branches=ngram_branches)
+                     adaptive=adaptive, limits=limits, prune=prune, max_n=ngram_max, branches=ngram_branches,
+                     backend=BackendConfig(compile=compile, weights=weights, graphs=cuda_graphs, fused=fused))
     compile_s = app.state.server.engine.runner.compile_s
     if compile_s is not None:
         typer.echo(f"compiled the target's forward in {compile_s:.1f} s", err=True)
