@@ -185,7 +185,7 @@ def test_the_workload_is_listed_by_config_and_cli():
     from typer.testing import CliRunner
 
     from draftsmith.bench.config import BenchConfig
-    from draftsmith.cli import app
+    from draftsmith.cli.main import app
 
     assert BenchConfig(workload="humaneval-instruct").workload == "humaneval-instruct"
     with pytest.raises(ConfigError, match="humaneval, humaneval-instruct, lines, blocks"):
@@ -198,7 +198,7 @@ def test_help_shows_the_llamacpp_extra_verbatim():
     """typer renders help as rich markup, where an unescaped '[llamacpp]' is a style tag and vanished."""
     from typer.testing import CliRunner
 
-    from draftsmith.cli import app
+    from draftsmith.cli.main import app
 
     for command in ("bench", "generate"):
         result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "400", "TERM": "dumb"})

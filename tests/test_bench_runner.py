@@ -253,7 +253,7 @@ def test_bench_report_recomputes_a_run_against_another_baseline(result, tmp_path
     from typer.testing import CliRunner
 
     from draftsmith.bench.report import summarize
-    from draftsmith.cli import app
+    from draftsmith.cli.main import app
 
     folder = result.paths["json"].parent
     again = CliRunner().invoke(app, ["bench-report", str(folder), "--baseline", "plain", "--out", str(tmp_path / "vs")],

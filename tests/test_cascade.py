@@ -277,7 +277,7 @@ def test_build_bigram_and_a_cascade_from_the_command_line(saved_target, tmp_path
     reviewing a draft model that reviews MaG leniently): the same text as plain decoding."""
     from typer.testing import CliRunner
 
-    from draftsmith.cli import app
+    from draftsmith.cli.main import app
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -304,6 +304,6 @@ def test_student_and_mag_need_a_shipped_file_or_a_path(saved_target):
     from draftsmith.models import load_model
 
     target = load_model(str(saved_target))
-    for spec, command in (("student", "distill"), ("mag", "build-bigram"), ("cascade", "distill")):
+    for spec, command in (("student", "train student"), ("mag", "train bigram"), ("cascade", "train student")):
         with pytest.raises(ConfigError, match=f"no .* ships for target .*draftsmith {command}"):
             build_drafter(spec, target)

@@ -358,7 +358,7 @@ def test_collab_workload_refuses_other_methods(collab_folder, tmp_path):
 def test_collab_commands_refuse_bad_input_before_loading_a_model(args, message, tmp_path, capsys, monkeypatch):
     import sys
 
-    from draftsmith.cli import main
+    from draftsmith.cli.main import main
 
     monkeypatch.setattr(sys, "argv", ["draftsmith"] + [a.replace("{tmp}", str(tmp_path)) for a in args])
     with pytest.raises(SystemExit) as exit_:

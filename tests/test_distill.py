@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-import typer
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
@@ -17,7 +16,7 @@ from draftsmith.drafters.registry import build_drafter
 from draftsmith.engine import GenerationConfig, SpecEngine
 from draftsmith.models import LoadedModel
 from draftsmith.errors import ConfigError
-from draftsmith.train.cli import register
+from draftsmith.cli.main import app
 from draftsmith.data.onpolicy import OnPolicyConfig, OnPolicyData, build_onpolicy_shards, function_prompts
 from draftsmith.train.distill import (DistillConfig, DistillLoss, StudentConfig, TokenChunks, build_student,
                                       distill, distill_loss, principal_basis, topk_distill_loss)
@@ -232,10 +231,7 @@ def test_embedding_init_keeps_the_most_of_the_target():
     (["--instruct-share", "2"], "instruct_share is a share"),
 ])
 def test_bad_settings_raise_config_error(flags, message):
-    app = typer.Typer()
-    app.callback()(lambda: None)  # keep `distill` a subcommand
-    register(app)
-    result = CliRunner().invoke(app, ["distill", *flags])
+    result = CliRunner().invoke(app, ["train", "student", *flags])
     assert isinstance(result.exception, ConfigError), result.output
     assert message in str(result.exception)
 

@@ -136,7 +136,7 @@ def test_the_cli_writes_the_folder(tmp_path, target, monkeypatch):
     from typer.testing import CliRunner
 
     import draftsmith.export as export
-    from draftsmith.cli import app
+    from draftsmith.cli.main import app
     from draftsmith.models import LoadedModel
 
     save_head(random_head(target), tmp_path / "head")

@@ -5,7 +5,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from draftsmith.cli import app
+from draftsmith.cli.main import app
 from draftsmith.errors import ConfigError
 from draftsmith.gguf_export import write_gguf
 from draftsmith.models import embedded_gguf, load_model

@@ -90,3 +90,18 @@ def test_the_cycle_finder_finds_a_cycle_at_any_depth():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": {"e"} - {"e"}}
     assert cycles(graph) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_one_train_verb_per_drafter_and_the_old_spellings_hidden():
+    from typer.testing import CliRunner
+
+    from draftsmith.cli.main import app
+
+    runner = CliRunner()
+    listing = runner.invoke(app, ["train", "--help"]).output
+    assert all(verb in listing for verb in ("student", "heads", "router", "predictor", "bigram"))
+    top = runner.invoke(app, ["--help"]).output
+    assert "distill" not in top and "build-bigram" not in top
+    for old, new in ((["distill"], ["train", "student"]), (["build-bigram"], ["train", "bigram"])):
+        old_help, new_help = runner.invoke(app, [*old, "--help"]), runner.invoke(app, [*new, "--help"])
+        assert old_help.exit_code == new_help.exit_code == 0 and "--out" in old_help.output

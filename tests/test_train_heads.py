@@ -272,7 +272,7 @@ def test_fine_tuning_starts_from_the_given_head_and_keeps_its_vocabulary(shards,
 def test_a_bad_head_to_fine_tune_is_refused_before_any_data_is_built(flags, error, message, tmp_path):
     from typer.testing import CliRunner
 
-    from draftsmith.cli import app
+    from draftsmith.cli.main import app
 
     result = CliRunner().invoke(app, ["train", "heads", "--out", str(tmp_path / "out"), *flags])
     assert isinstance(result.exception, error), result.output

@@ -47,5 +47,5 @@ def draft_model_path(spec: str, target: LoadedModel) -> str:
     if kind == "model" and not path:
         raise ConfigError("give the draft model after 'model:', e.g. model:runs/student")
     if kind == "student" and not path:
-        path = str(shipped_file(target, "student", "config.json", "distill").parent)
+        path = str(shipped_file(target, "student", "config.json", "train student").parent)
     return path

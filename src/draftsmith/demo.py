@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from draftsmith.bench.cli import run_and_show
+from draftsmith.cli.bench import run_and_show
 from draftsmith.bench.config import BenchConfig
 from draftsmith.bench.runner import BenchResult
 

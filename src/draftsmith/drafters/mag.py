@@ -1,6 +1,6 @@
 """MaG, CS-Drafting's statistical bottom drafter: the longest suffix match in the prompt and the generated tokens
 (prompt lookup), then, past what the match copies, a bigram chain: each token's most frequent successor in a
-code corpus, read from a table built once with the target's tokenizer (`draftsmith build-bigram`).
+code corpus, read from a table built once with the target's tokenizer (`draftsmith train bigram`).
 
 The table is two int32 vectors in a safetensors file (successor and its count per token id), tagged with the
 tokenizer's vocabulary size and fingerprint, so a table built for another tokenizer is refused, not misread.
@@ -53,7 +53,7 @@ class BigramTable:
         """Read a table; with `tokenizer`, refuse one built for another vocabulary."""
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"bigram table not found: {path} (build one with `draftsmith build-bigram`)")
+            raise ConfigError(f"bigram table not found: {path} (build one with `draftsmith train bigram`)")
         try:
             with safe_open(str(path), "pt") as f:
                 tensors = {name: f.get_tensor(name) for name in f.keys()}
@@ -66,10 +66,10 @@ class BigramTable:
         if tokenizer is not None:
             if len(table.successor) != len(tokenizer):
                 raise ConfigError(f"{path} was built for a vocabulary of {len(table.successor)} tokens, the target's "
-                                  f"tokenizer has {len(tokenizer)}: build one for this target with `draftsmith build-bigram`")
+                                  f"tokenizer has {len(tokenizer)}: build one for this target with `draftsmith train bigram`")
             if table.fingerprint != tokenizer_fingerprint(tokenizer):
                 raise ConfigError(f"{path} was built with another tokenizer (same size, other tokens): build one "
-                                  "for this target with `draftsmith build-bigram`")
+                                  "for this target with `draftsmith train bigram`")
         return table
 
 

@@ -42,7 +42,7 @@ def build_drafter(spec: str, target: LoadedModel, **options) -> Drafter | None:
     if kind == "mag":
         from draftsmith.drafters.mag import BigramTable, MagDrafter
 
-        table = Path(path) if path else shipped_file(target, "bigram", "bigram.safetensors", "build-bigram")
+        table = Path(path) if path else shipped_file(target, "bigram", "bigram.safetensors", "train bigram")
         return MagDrafter(BigramTable.load(table, target.tokenizer))
     if kind == "cascade":
         from draftsmith.drafters.cascade import build_cascade, parse_cascade

@@ -11,7 +11,7 @@ from rich.console import Console
 from draftsmith.bench.config import DEFAULT_METHODS, BenchConfig, split_methods
 from draftsmith.bench.workloads import WORKLOADS
 from draftsmith.bench.report import markdown_table
-from draftsmith.cli_options import Device, Dtype, Target
+from draftsmith.cli.options import Device, Dtype, Target
 
 if TYPE_CHECKING:
     from draftsmith.bench.runner import BenchResult

@@ -1,4 +1,4 @@
-"""The `distill` command. The main CLI adds it with `register(app)`."""
+"""`draftsmith train student` (the old `distill`, kept as a hidden alias): distil a student drafter."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import torch
 import typer
 
-from draftsmith.cli_options import CorpusFolder, MaxMinutes, Resume, corpus_source
+from draftsmith.cli.options import CorpusFolder, MaxMinutes, Resume, corpus_source
 from draftsmith.errors import ConfigError
 
 
@@ -102,7 +102,3 @@ def student_folder(spec: str | None, target: str) -> Path | None:
     if not folder.is_dir():
         raise ConfigError(f"no student ships for target '{target}': give a folder to --init-from")
     return folder
-
-
-def register(app: typer.Typer) -> None:
-    app.command("distill")(distill_command)

@@ -1,5 +1,5 @@
-"""The `build-bigram` command: the successor table of CS-Drafting's MaG drafter. The main CLI adds it with
-`register(app)`."""
+"""`draftsmith train bigram` (the old `build-bigram`, kept as a hidden alias): the successor table of
+CS-Drafting's MaG drafter."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from draftsmith.cli_options import Target, TrustRemoteCode
-from draftsmith.cli_options import CorpusFolder, corpus_source
+from draftsmith.cli.options import Target, TrustRemoteCode
+from draftsmith.cli.options import CorpusFolder, corpus_source
 
 
 def build_bigram_command(
@@ -42,7 +42,3 @@ def build_bigram_command(
     typer.echo(f"bigram table for {known} of {len(table.successor)} tokens ({len(docs)} files, {len(written)} "
                f"on-policy replies) saved in {out} "
                f"in {time.perf_counter() - start:.0f} s")
-
-
-def register(app: typer.Typer) -> None:
-    app.command("build-bigram")(build_bigram_command)

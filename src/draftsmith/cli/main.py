@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from draftsmith.cli_options import (Adaptive, Backend, Compile, CudaGraphs, Device, DraftTokens, Drafter, Dtype,
+from draftsmith.cli.options import (Adaptive, Backend, Compile, CudaGraphs, Device, DraftTokens, Drafter, Dtype,
                                    Fused, LossySparseVerify, NgramBranches, NgramMax, Prune, Routers, Target, TrustRemoteCode,
                                    Weights)
 from draftsmith.errors import DraftsmithError
@@ -123,28 +123,24 @@ def main() -> None:
         raise
 
 
-from draftsmith.serve.cli import register as _register_serve  # noqa: E402
+from draftsmith.cli import train_heads, train_routers  # noqa: E402,F401  (add `train heads|router|predictor`)
+from draftsmith.cli.bench import register as _register_bench  # noqa: E402
+from draftsmith.cli.collab import register as _register_collab  # noqa: E402
+from draftsmith.cli.export import register as _register_export  # noqa: E402
+from draftsmith.cli.serve import register as _register_serve  # noqa: E402
+from draftsmith.cli.train import train_app  # noqa: E402
+from draftsmith.cli.train_bigram import build_bigram_command  # noqa: E402
+from draftsmith.cli.train_student import distill_command  # noqa: E402
 
 _register_serve(app)
-
-from draftsmith.export_cli import register as _register_export  # noqa: E402
-
 _register_export(app)
-
-from draftsmith.bench.cli import register as _register_bench  # noqa: E402
-from draftsmith.train.cli import register as _register_distill  # noqa: E402
-from draftsmith.bigram_cli import register as _register_bigram  # noqa: E402
-
-from draftsmith.train.heads_cli import train_app  # noqa: E402
-import draftsmith.train.router_cli  # noqa: E402,F401  (adds `train router` to train_app)
-
 _register_bench(app)
-_register_distill(app)
-_register_bigram(app)
+train_app.command("student")(distill_command)
+train_app.command("bigram")(build_bigram_command)
 app.add_typer(train_app, name="train")
-
-from draftsmith.collab.cli import register as _register_collab  # noqa: E402
-
+# the spellings of the last release, kept working (hidden) for one more
+app.command("distill", hidden=True)(distill_command)
+app.command("build-bigram", hidden=True)(build_bigram_command)
 _register_collab(app)
 
 

@@ -8,9 +8,9 @@ from typing import Annotated
 
 import typer
 
-from draftsmith.cli_options import CorpusFolder, MaxMinutes, Resume, corpus_source
+from draftsmith.cli.options import CorpusFolder, MaxMinutes, Resume, corpus_source
 from draftsmith.errors import ConfigError
-from draftsmith.train.heads_cli import train_app
+from draftsmith.cli.train import train_app
 
 
 @train_app.command("router")

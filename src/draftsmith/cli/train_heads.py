@@ -10,10 +10,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from draftsmith.cli_options import CorpusFolder, MaxMinutes, Resume, corpus_source
+from draftsmith.cli.train import train_app
+from draftsmith.cli.options import CorpusFolder, MaxMinutes, Resume, corpus_source
 from draftsmith.errors import ConfigError
 
-train_app = typer.Typer(no_args_is_help=True, help="Train drafters that need the target: feature heads, ...")
 
 
 @train_app.command("heads")

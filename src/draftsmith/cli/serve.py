@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from draftsmith.cli_options import (Adaptive, Backend, Compile, CudaGraphs, Device, DraftTokens, Drafter, Dtype,
+from draftsmith.cli.options import (Adaptive, Backend, Compile, CudaGraphs, Device, DraftTokens, Drafter, Dtype,
                                    Fused, NgramBranches, NgramMax, Prune, Target, TrustRemoteCode, Weights)
 from draftsmith.serve.limits import ServerLimits
 

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from draftsmith.cli_options import MaxMinutes, Resume
+from draftsmith.cli.options import MaxMinutes, Resume
 
 collab_app = typer.Typer(no_args_is_help=True, help="Collaborative domain code completion: a LoRA-fine-tuned small "
                                                     "model, the target, and a classifier between them.")

@@ -1,0 +1,3 @@
+from draftsmith.cli.main import main
+
+main()
