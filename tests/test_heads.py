@@ -321,5 +321,5 @@ def test_auto_picks_prompt_lookup_the_fastest_drafter_measured(target):
     from draftsmith.drafters.ngram import NgramDrafter
     from draftsmith.models import LoadedModel
 
-    for name in ("smollm2", "tiny"):  # a head ships for smollm2: auto does not take it (README)
+    for name in ("smollm2", "tiny"):  # a head ships for smollm2: auto does not take it (docs/drafters/ngram.md)
         assert isinstance(build_drafter("auto", LoadedModel(target, None, name)), NgramDrafter)

@@ -1,4 +1,4 @@
-"""The README's main job (`make demo`): a short interleaved benchmark on HumanEval prompts with the embedded
+"""`make demo`'s job: a short interleaved benchmark on HumanEval prompts with the embedded
 model, run by the bench runner. Its defaults are chosen to finish in about 10 minutes on a 2-core CPU."""
 
 from __future__ import annotations

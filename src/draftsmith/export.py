@@ -16,7 +16,7 @@ The embedding and lm_head are the verifier's and are not stored, as in speculato
 Their fusion concatenates [embedding, hidden]; ours concatenates [feature, embedding], so the fc weight's two
 column blocks are swapped on export and back on import.
 
-What the format cannot say exactly (see README, "Export a head for vLLM"):
+What the format cannot say exactly (see docs/usage/export.md):
 - speculators normalises the token embeddings before the fusion; our head does not. The ones written as
   `embedding_layernorm.weight` keep the layout complete, but a consumer running speculators' forward feeds
   the fc RMS-normalised embeddings, which our head was not trained on.

@@ -1,8 +1,9 @@
 """Fused float32 CPU kernels for the lean forward's small operations, compiled once per machine and torch.
 
 Why: on a small CPU a one-token step's weight products run near the memory's rate, but the ~20 small operations
-a layer also does (norms, rotary embedding, cache writes, attention over one query, the MLP's gate) each cost
-10-60 us of per-operation overhead in eager torch: ~9 ms of a ~38 ms step for SmolLM2-135M on a 2-core AVX2 EPYC.
+a layer also does (norms, rotary embedding, cache writes, attention over one query, the MLP's gate) each pay
+eager torch's per-operation overhead, a large share of a small model's step
+(docs/results/2026-11-27-fused-cpu-kernels.md).
 `csrc/fused_cpu.cpp` does each chain in one call. It is compiled with the machine's C++ compiler the first time
 it is needed (about a minute; kept in draftsmith's cache folder and reused); without a compiler, or if the build
 fails, the lean forward says why once and runs its eager operations. Used only below float32 on CPU, where the

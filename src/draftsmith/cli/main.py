@@ -99,7 +99,7 @@ def demo(
     dtype: Annotated[str, typer.Option(help="The run's dtype; with float32 on hardware with fast bf16, every "
                                             "method also runs in bf16.")] = "float32",
 ) -> None:
-    """The README's main job: `bench` with quick defaults (HF generate greedy and prompt lookup, our plain and
+    """`make demo`'s job: `bench` with quick defaults (HF generate greedy and prompt lookup, our plain and
     adaptive n-gram decoding, in fp32 and in bf16 where it is fast, interleaved on 10 HumanEval prompts, pass@1 in
     a sandbox); about 10 minutes on 2 CPU cores."""
     from draftsmith.demo import run_demo

@@ -112,7 +112,7 @@ class CorpusIndex:
     def neighbours(self, query: set[str]) -> list[tuple[float, int]]:
         """(Jaccard, index) of the TOP statements most like `query`, found through the query's rarest words, best
         first (ties: the later statement first). Counted with numpy over the postings: scoring each candidate's
-        word set in Python took ~88% of a collab step's classifier time."""
+        word set in Python took most of a collab step's classifier time (docs/results/2026-11-27-collab.md)."""
         seen = np.zeros(len(self.statements), dtype=bool)
         shared = np.zeros(len(self.statements), dtype=np.int64)  # query words each statement holds
         found = [self.postings[w] for w in query if w in self.postings]

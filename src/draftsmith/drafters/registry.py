@@ -13,10 +13,9 @@ from draftsmith.errors import ConfigError
 if TYPE_CHECKING:
     from draftsmith.models import LoadedModel
 
-# What `auto` picks: prompt lookup with the adaptive draft length, the fastest lossless drafter in every
-# 164-prompt run since the fused CPU kernels made the target's step cheap (AVX-512 bf16: 190 tok/s against the
-# shipped EAGLE head + lookup's 180; AVX2: 42.7 against 37.7; README "CPU speed against llama.cpp"), where the
-# head's ~3 ms of drafting a step outweighs its higher tau. The heads stay one flag away (`eagle+ngram`).
+# What `auto` picks: prompt lookup with the adaptive draft length, the fastest lossless drafter on CPUs in every
+# full HumanEval run (docs/results/2026-11-27-cpu-peers-avx512.md and -avx2.md), where a head's drafting costs more
+# than its higher tau brings. The heads stay one flag away (`eagle+ngram`).
 DEFAULT_DRAFTER = "ngram"
 
 

@@ -35,7 +35,7 @@ from draftsmith.train.trainer import Batch, TrainConfig, Trainer
 class RouterTrainConfig:
     ratio: float = 0.5  # target share of executed layers
     start_layer: int = 2
-    lam: float = 50.0  # weight of the ratio term (D-LLM's 5 is too weak for a frozen target: README)
+    lam: float = 50.0  # weight of the ratio term (D-LLM's 5 is too weak for a frozen target: docs/drafters/layerskip.md)
     tau: float = 1.0  # Gumbel-softmax temperature
     noise: float = 1.0  # scale of the Gumbel noise (1: D-LLM's sampling; 0: the argmax decoding uses, straight through)
     reserve: int = 2  # first positions of a sequence that always execute
