@@ -128,3 +128,89 @@ def test_a_head_for_another_target_is_refused_with_both_sides_named(tmp_path, ta
     message = str(error.value)
     assert named in message
     assert "hidden size 32, 4 layers" in message and str(target.config.vocab_size) in message
+
+
+@pytest.fixture(scope="module")
+def eagle3_shards(tmp_path_factory, target):
+    from draftsmith.train.features import FeatureDataConfig, build_feature_shards
+    from test_train_heads import DATA
+    from tiny_models import char_tokenizer
+
+    corpus = tmp_path_factory.mktemp("corpus")
+    for i in range(16):
+        body = "\n".join(f"    x{j} = x{j - 1} + {i * j % 7}" for j in range(1, 10))
+        (corpus / f"mod_{i}.py").write_text(f"def f{i}(x0):\n{body}\n    return x9\n")
+    folder = tmp_path_factory.mktemp("features")
+    config = FeatureDataConfig(**{**DATA.__dict__, "corpus": str(corpus), "feature_layers": LAYERS})
+    build_feature_shards(target, char_tokenizer(), config, folder, progress=False)
+    return folder
+
+
+def test_shards_hold_the_three_layers_and_an_eagle_folder_is_refused(eagle3_shards, target, tmp_path):
+    from draftsmith.errors import ConfigError
+    from draftsmith.train.features import FeatureShards
+    from draftsmith.train.heads import HeadTrainConfig, train_head
+    from test_train_heads import train
+
+    data = FeatureShards(eagle3_shards)
+    ids = data.ids[:2]
+    with torch.no_grad():
+        states = target(ids, output_hidden_states=True).hidden_states
+    want = torch.cat([states[i] for i in LAYERS], dim=-1)
+    torch.testing.assert_close(data.aux[:2].float(), want, atol=0.05, rtol=0.02)  # stored in bf16
+    with pytest.raises(ConfigError, match="EAGLE-3 layer features"):
+        train_head(target, eagle3_shards, HeadTrainConfig(kind="eagle", draft_vocab=0), train(tmp_path))
+
+
+def test_an_eagle3_head_learns_drafts_exactly_and_resumes_exactly(eagle3_shards, target, tmp_path):
+    """Training-time test (unroll 2) lowers the loss; the saved folder drafts exactly through `eagle3:DIR` and
+    `eagle3+ngram:DIR`; a run killed after a checkpoint resumes to identical weights."""
+    import draftsmith.train.heads as heads_module
+    from draftsmith.drafters import build_drafter
+    from draftsmith.models import LoadedModel
+    from draftsmith.train.heads import HeadTrainConfig, train_head
+    from draftsmith.train.trainer import list_checkpoints
+    from test_train_heads import PowerCut, train
+    from tiny_models import char_tokenizer
+
+    real, losses = heads_module.eagle_loss, []
+    config = dict(kind="eagle3", draft_vocab=0, unroll=2, feature_layers=LAYERS)
+
+    def run(out_dir, crash_at_call=None, **settings):
+        calls = 0
+
+        def recording(model, batch, cfg, **options):
+            nonlocal calls
+            calls += 1
+            if calls == crash_at_call:
+                raise PowerCut
+            value, metrics = real(model, batch, cfg, **options)
+            losses.append(float(value.detach()))
+            return value, metrics
+
+        heads_module.eagle_loss = recording
+        try:
+            return train_head(target, eagle3_shards, HeadTrainConfig(**config), train(out_dir, **settings))[0]
+        finally:
+            heads_module.eagle_loss = real
+
+    head = run(tmp_path / "learn", lr=1e-2, max_steps=60)
+    assert sum(losses[-5:]) < 0.9 * sum(losses[:5]), losses
+    assert head.config.feature_layers == LAYERS and head.config.target_layers == 4
+    loaded = LoadedModel(target, char_tokenizer(), "tiny")
+    prompt = char_tokenizer()("def f3(x0):\n    x1").input_ids
+    for spec in ("eagle3", "eagle3+ngram"):
+        drafter = build_drafter(f"{spec}:{tmp_path / 'learn'}", loaded)
+        result = SpecEngine(target, drafter).generate(prompt, GenerationConfig(max_new_tokens=30, k=8))
+        assert result.tokens == hf_greedy(target, prompt, 30)
+        assert result.stats.accepted > 0  # a trained head's drafts get accepted, so accepted paths run too
+
+    settings = dict(max_steps=8, checkpoint_every=3, batch_size=2, grad_accum=2)
+    config["noise"] = 0.2  # the RNG state must be restored too
+    reference = run(tmp_path / "straight", **settings).state_dict()
+    with pytest.raises(PowerCut):
+        run(tmp_path / "cut", crash_at_call=2 * 4 + 2, **settings)
+    assert [p.name for p in list_checkpoints(tmp_path / "cut" / "checkpoints")] == ["step-0000003"]
+    resumed = run(tmp_path / "cut", resume=True, **settings).state_dict()
+    for name, weight in reference.items():
+        assert torch.equal(weight, resumed[name]), name
