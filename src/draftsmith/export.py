@@ -21,6 +21,7 @@ the output head. How each name was checked against the engines' loaders: README,
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -136,10 +137,14 @@ def export_target_folder(target: str, out_dir: str | Path) -> Path:
     loaded = load_model(target)
     if loaded.tokenizer is None:
         raise ConfigError(f"'{target}' has no tokenizer to export")
+    return write_target_folder(loaded.model, loaded.tokenizer, out_dir)
+
+
+def write_target_folder(model: PreTrainedModel, tokenizer, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = loaded.model.config
-    config.architectures = config.architectures or [type(loaded.model).__name__]
+    config = copy.deepcopy(model.config)
+    config.architectures = config.architectures or [type(model).__name__]
     config.save_pretrained(out)
-    loaded.tokenizer.save_pretrained(out)
+    tokenizer.save_pretrained(out)
     return out
