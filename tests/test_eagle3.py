@@ -214,3 +214,26 @@ def test_an_eagle3_head_learns_drafts_exactly_and_resumes_exactly(eagle3_shards,
     resumed = run(tmp_path / "cut", resume=True, **settings).state_dict()
     for name, weight in reference.items():
         assert torch.equal(weight, resumed[name]), name
+
+
+def test_benchmark_form_prompts_are_the_corpus_functions_signature_and_docstring(tmp_path, target):
+    """--prompts benchmark: each self-distilled sequence starts with the tail of a function prompt as the
+    benchmarks pose it (imports, signature, docstring; chat form only for a tokenizer with a chat template)."""
+    from draftsmith.data.corpus import load_corpus
+    from draftsmith.data.onpolicy import function_prompts
+    from draftsmith.train.features import FeatureDataConfig, FeatureShards, build_feature_shards
+    from tiny_models import char_tokenizer
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(8):
+        (corpus / f"m{i}.py").write_text(f'import os\n\n\ndef g{i}(a, b):\n    """Add {i} to a, then b."""\n'
+                                         f"    return a + b + {i}\n")
+    config = FeatureDataConfig(corpus=str(corpus), sequences=8, heldout_sequences=8, seq_len=24, prompt_tokens=16,
+                               shard_size=8, self_distill=1.0, heldout_percent=25, prompts="benchmark")
+    build_feature_shards(target, char_tokenizer(), config, tmp_path / "data", progress=False)
+    wanted = function_prompts(load_corpus(str(corpus), split="train", heldout_percent=25))
+    tokenizer = char_tokenizer()
+    for row in FeatureShards(tmp_path / "data").ids:
+        prompt = tokenizer.decode(row[:16])
+        assert prompt.endswith('."""\n') and any(p.endswith(prompt) for p in wanted), prompt

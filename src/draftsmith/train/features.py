@@ -94,42 +94,41 @@ def docstring_ends(text: str) -> list[int]:
                   if node.body[0].end_lineno <= len(line_ends))
 
 
-def _function_prompts(docs, tokenizer, length: int, rng: random.Random) -> Iterator[list[int]]:
-    """Prompts of `length` tokens ending right after a function's docstring (the code before it as context);
-    functions with a body to write only, and too little code before them: skipped."""
-    order = list(range(len(docs)))
+def _long_enough(items: list, candidates, length: int, rng: random.Random, nothing: str) -> Iterator[list[int]]:
+    """Endless shuffled passes over `items`, yielding the last `length` tokens of each of an item's candidate
+    prompts (`candidates(item)`) that has as many; a pass that finds none raises `nothing`."""
+    order = list(range(len(items)))
     while True:
         rng.shuffle(order)
         found = False
         for i in order:
-            text = docs[i].text
-            ends = docstring_ends(text)
-            for end in rng.sample(ends, k=min(len(ends), 4)):
-                ids = tokenizer(text[max(0, end - 8 * length) : end], add_special_tokens=False).input_ids
+            for ids in candidates(items[i]):
                 if len(ids) >= length:
                     found = True
                     yield ids[-length:]
         if not found:
-            raise ConfigError(f"no function in the corpus has a docstring, a body and {length} tokens of code up to "
-                              "its docstring's end: use prompts='windows' or a shorter prompt")
+            raise ConfigError(nothing)
+
+
+def _function_prompts(docs, tokenizer, length: int, rng: random.Random) -> Iterator[list[int]]:
+    """Prompts of `length` tokens ending right after a function's docstring (the code before it as context);
+    functions with a body to write only, and too little code before them: skipped."""
+    def candidates(doc: CodeDocument):
+        ends = docstring_ends(doc.text)
+        for end in rng.sample(ends, k=min(len(ends), 4)):
+            yield tokenizer(doc.text[max(0, end - 8 * length) : end], add_special_tokens=False).input_ids
+
+    return _long_enough(docs, candidates, length, rng, f"no function in the corpus has a docstring, a body and "
+                        f"{length} tokens of code up to its docstring's end: use prompts='windows' or a shorter prompt")
 
 
 def _benchmark_prompts(functions: list[str], tokenizer, length: int, rng: random.Random) -> Iterator[list[int]]:
     """The corpus's functions in the benchmarks' prompt forms (raw code, or a chat request for a target with a
     chat template), the last `length` tokens of each prompt that has as many."""
     chat = bool(getattr(tokenizer, "chat_template", None))
-    order = list(range(len(functions)))
-    while True:
-        rng.shuffle(order)
-        found = False
-        for i in order:
-            ids = prompt_ids(tokenizer, functions[i], chat and rng.random() < 0.5)
-            if len(ids) >= length:
-                found = True
-                yield ids[-length:]
-        if not found:
-            raise ConfigError(f"no documented function of the corpus makes a prompt of {length} tokens: use "
-                              "prompts='windows' or a shorter prompt")
+    return _long_enough(functions, lambda code: [prompt_ids(tokenizer, code, chat and rng.random() < 0.5)], length,
+                        rng, f"no documented function of the corpus makes a prompt of {length} tokens: use "
+                        "prompts='windows' or a shorter prompt")
 
 
 @torch.inference_mode()
