@@ -84,34 +84,38 @@ def test_eagle3_with_the_lookup_chain_is_exact(target):
         assert result.tokens == hf_greedy(target, prompt, NEW)
 
 
-def test_the_lean_eagle3_head_computes_what_the_trained_module_computes(target):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_lean_eagle3_head_computes_what_the_trained_module_computes(dtype):
     """Verification repairs any draft, so the decode-time layer (the pair through the lean cache, the target's
     features fused, then a node reading its parent's output) is checked against the training module."""
     from transformers import DynamicCache
 
-    drafter = eagle3(target, draft_vocab=30)
-    head = drafter.head
+    target = tiny_llama(seed=4, num_layers=4).to(dtype)  # its own copy: casting the shared one would round it
+    head = eagle3_head(target, draft_vocab=30).to(dtype)
+    drafter = Eagle3Drafter(head, target)
     torch.manual_seed(1)
     n, hidden = 6, target.config.hidden_size
-    features, tokens = torch.randn(n, 3 * hidden), torch.randint(0, target.config.vocab_size, (n,))
+    features, tokens = torch.randn(n, 3 * hidden, dtype=dtype), torch.randint(0, target.config.vocab_size, (n,))
+    tolerance = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
+    tolerance["check_dtype"] = False  # a bf16 head whose products take float32 keeps float32 rows
     lean = drafter._run(features, tokens, torch.arange(1, n + 1), torch.ones(n, n, dtype=torch.bool).tril())
     cache = DynamicCache()
     with torch.no_grad():
         module = head(features[None], drafter.parts.embed_tokens(tokens)[None], torch.arange(1, n + 1)[None], None,
                       cache)[0]
-    torch.testing.assert_close(lean, module, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lean, module, **tolerance)
     allowed = torch.zeros(2, n + 2, dtype=torch.bool)
     allowed[:, :n] = True
     allowed[torch.arange(2), n + torch.arange(2)] = True
     node_tokens = torch.randint(0, target.config.vocab_size, (2,))
     lean_nodes = drafter._run(lean[-2:], node_tokens, torch.full((2,), n + 1), allowed)
-    additive = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    additive = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
     with torch.no_grad():
-        module_nodes = head(module[-2:][None], drafter.parts.embed_tokens(node_tokens)[None], torch.full((1, 2), n + 1),
-                            additive[None, None], cache)[0]
+        module_nodes = head(lean[-2:][None].to(dtype), drafter.parts.embed_tokens(node_tokens)[None],
+                            torch.full((1, 2), n + 1), additive[None, None], cache)[0]
         want_logits = head.logits(module_nodes)
-    torch.testing.assert_close(lean_nodes, module_nodes, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(drafter._logits(lean_nodes).float(), want_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lean_nodes, module_nodes, **tolerance)
+    torch.testing.assert_close(drafter._logits(lean_nodes).float(), want_logits.float(), **tolerance)
 
 
 @pytest.mark.parametrize("other, named", [
@@ -237,3 +241,16 @@ def test_benchmark_form_prompts_are_the_corpus_functions_signature_and_docstring
     for row in FeatureShards(tmp_path / "data").ids:
         prompt = tokenizer.decode(row[:16])
         assert prompt.endswith('."""\n') and any(p.endswith(prompt) for p in wanted), prompt
+
+
+def test_eagle3_without_a_folder_finds_the_head_shipped_for_smollm2_also_cast():
+    from draftsmith.drafters import shipped_head_folder
+    from draftsmith.heads import CONFIG_FILE, WEIGHTS_FILE, HeadConfig
+
+    folder = shipped_head_folder("smollm2@bfloat16", "eagle3")
+    assert folder == shipped_head_folder("smollm2", "eagle3")
+    assert (folder / WEIGHTS_FILE).stat().st_size < 40e6
+    import json
+
+    config = HeadConfig(**json.loads((folder / CONFIG_FILE).read_text()))
+    assert (config.kind, config.feature_layers, config.target_layers) == ("eagle3", [2, 15, 27], 30)
