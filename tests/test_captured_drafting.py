@@ -84,7 +84,7 @@ def test_the_captured_tree_is_one_transfer_of_fixed_shapes(target):
     graphs = drafter.captured.graphs
     assert "tree" in graphs.graphs and graphs.graphs["tree"][0].tokens.shape == (4 * 3,)
     # the prompt's feedback runs eagerly (no bucket holds it); the steps' feedbacks replay by bucket
-    assert {key[1] for key in graphs.graphs if key != "tree"} <= set(FEEDBACK_BUCKETS)
+    assert {key[1] for key in graphs.graphs if key != "tree"} <= set(FEEDBACK_BUCKETS)  # (feedback, bucket, width)
 
 
 def test_lookup_grafted_and_ctc_feedback_stay_exact_when_captured(target):

@@ -42,5 +42,5 @@ def test_the_cli_needs_a_gguf_to_take_the_tokenizer_from(tmp_path):
     result = CliRunner().invoke(app, ["export", "--format", "gguf", "--target", str(folder), "--out",
                                       str(tmp_path / "out.gguf")])
     assert result.exit_code != 0 and "--tokenizer-gguf" in str(result.exception)
-    missing = CliRunner().invoke(app, ["export", "--format", "speculators", "--out", str(tmp_path / "spec")])
+    missing = CliRunner().invoke(app, ["export", "--format", "eagle3", "--out", str(tmp_path / "spec")])
     assert missing.exit_code != 0 and "--head" in str(missing.exception)

@@ -41,6 +41,7 @@ class HFCachedLM:
 
     def __init__(self, model: PreTrainedModel):
         self.model = model
+        self.feature_layers: tuple[int, ...] = ()  # see LeanLayers.feature_layers
         self.reset()
 
     def reset(self, capacity: int = 0) -> None:
@@ -55,9 +56,9 @@ class HFCachedLM:
         """Float32 logits [n, vocab] (or [1, vocab] with last_only) for tokens fed after the cache; with
         `features`, also the last layer's hidden states [n, hidden] (every row, before the final norm)."""
         if features:
-            with last_hidden_states(self.model) as captured:
+            with last_hidden_states(self.model, self.feature_layers) as captured:
                 logits = self.forward(ids, positions, tree_mask, last_only)
-            return logits, captured[0][0]
+            return logits, torch.cat(captured, dim=-1)[0]
         device = self.model.device
         kwargs = {"logits_to_keep": 1} if last_only else {}
         if tree_mask is not None:
@@ -191,18 +192,26 @@ def lean_weights(model: PreTrainedModel, weights: str = "auto", fused: bool | No
 
 
 @contextlib.contextmanager
-def last_hidden_states(model: PreTrainedModel):
+def last_hidden_states(model: PreTrainedModel, layers: tuple[int, ...] = ()):
     """Capture the input of the model's final norm during a forward: the last layer's hidden states before the
-    norm, the features the lean forward returns (transformers' hidden_states[-1] is after the norm)."""
+    norm, the features the lean forward returns (transformers' hidden_states[-1] is after the norm). With
+    `layers` (ascending ids), the residual stream entering each of those decoder layers instead, in that order
+    (transformers' hidden_states[i]; EAGLE-3's features)."""
     captured: list[torch.Tensor] = []
-    norm = getattr(model.base_model, "norm", None)
-    if norm is None:
-        raise ConfigError(f"{model.config.model_type}: no final norm found to take hidden features from")
-    handle = norm.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach()))
+    if layers:
+        stack = model.base_model.layers
+        hook = lambda module, args, kwargs: captured.append((args[0] if args else kwargs["hidden_states"]).detach())
+        handles = [stack[i].register_forward_pre_hook(hook, with_kwargs=True) for i in layers]
+    else:
+        norm = getattr(model.base_model, "norm", None)
+        if norm is None:
+            raise ConfigError(f"{model.config.model_type}: no final norm found to take hidden features from")
+        handles = [norm.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach()))]
     try:
         yield captured
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 TREE_ATTENTION_ROWS = 64  # masked forwards up to this size (verifications) attend through the fused kernel
@@ -239,6 +248,10 @@ class LeanLayers:
             self.cos, self.sin = self.cos.float(), self.sin.float()
         self.k_cache = self.v_cache = torch.empty(0)
         self.length = 0
+        # the features a forward returns: empty, the last layer's output; else (EAGLE-3) the residual stream
+        # entering these layers, concatenated (set by the drafter that reads them)
+        self.feature_layers: tuple[int, ...] = ()
+        self.taken: list[torch.Tensor] = []
 
     def reset(self, capacity: int = 0) -> None:
         self.length = 0
@@ -286,6 +299,8 @@ class LeanLayers:
         start..start+n."""
         rope = self.rope(pos)
         for i in layers if layers is not None else range(len(self.layers)):
+            if i in self.feature_layers:
+                self.taken.append(x[0])
             x = self.layer(i, x, rope, mask, start, causal)
         return x
 
@@ -479,7 +494,9 @@ class LeanLlama(LeanLayers):
                 hidden.append(out[1])
             logits = logits[-1] if last_only else torch.cat(logits)  # last_only: only the final row is needed
             return (logits, torch.cat(hidden)) if features else logits
-        if self.graphs is not None:  # steps (a draft model's too), replayed where a bucket holds them
+        # steps (a draft model's too) replay where a bucket holds them; a step that must return middle layers'
+        # features (EAGLE-3) runs eagerly: the captured step returns the last layer's
+        if self.graphs is not None and not self.feature_layers:
             with torch.inference_mode():
                 replayed = self.graphs.forward(ids, positions, tree_mask, features)
             if replayed is not None:
@@ -539,8 +556,9 @@ class LeanLlama(LeanLayers):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The transformer proper, writing the new keys and values at start..end of the cache. Returns float32
         logits and the last layer's hidden states (before the final norm) of every fed token."""
+        self.taken = []
         x = self.decoder_layers(self.embed_tokens(ids), pos, mask, start, causal)
-        hidden = x[0]
+        hidden = torch.cat(self.taken, dim=-1) if self.feature_layers else x[0]
         return self.output_logits(x[:, -1:] if last_only else x), hidden
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:

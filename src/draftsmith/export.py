@@ -1,37 +1,28 @@
-"""Export an EAGLE-style head in the `speculators` layout (vllm-project/speculators), and read it back.
+"""Export an EAGLE-3 head in the checkpoint layout that vLLM, SGLang and llama.cpp load, and read it back;
+export the target's config and tokenizer as the folder llama.cpp's converter reads with `--target-model-dir`.
 
-The layout is speculators' EAGLE-1/HASS one (`speculators_model_type: "eagle"`, class `EagleSpeculator`, in
-speculators up to 0.4): a `config.json` and a `model.safetensors` holding
+The layout (EAGLE-3's own, as SpecForge writes it; class `LlamaForCausalLMEagle3`) is a `config.json`, a
+LlamaConfig of one layer plus EAGLE-3's keys (`draft_vocab_size`, `target_hidden_size`,
+`eagle_aux_hidden_state_layer_ids`, `norm_before_residual: false`), and a `model.safetensors` holding
 
-    embedding_layernorm.weight        RMSNorm on the token embeddings (written as ones, see below)
-    fusion_fc.weight, fusion_fc.bias  Linear(2H -> H) over concat(token embedding, verifier hidden state)
-    transformer.*                     one decoder layer (input_layernorm, self_attn.{q,k,v,o}_proj,
-                                      post_attention_layernorm, mlp.{gate,up,down}_proj)
-    pre_lm_head_layernorm.weight      RMSNorm before the verifier's lm_head
+    fc.weight                          Linear(3 x target hidden -> H), no bias, over the 3 layers concatenated
+    midlayer.input_layernorm.weight    RMSNorm of the token embedding
+    midlayer.hidden_norm.weight        RMSNorm of the fused feature
+    midlayer.self_attn.{q,k,v}_proj.weight   reading [normed embedding ; normed feature] (2H)
+    midlayer.self_attn.o_proj.weight, midlayer.post_attention_layernorm.weight, midlayer.mlp.{gate,up,down}_proj.weight
+    norm.weight, lm_head.weight        the head's own final norm and output rows (draft vocabulary)
+    d2t                                int64 [draft vocab]: target id - draft id (an offset, not the id)
+    t2d                                bool [target vocab]: which target ids the draft vocabulary holds
 
-with `layernorms: true, fusion_bias: true` (HASS-style: our fc has a bias, our decoder layer keeps its input
-norm, and our predicted features go through the target's final norm, copied here as the pre-lm-head norm).
-The embedding and lm_head are the verifier's and are not stored, as in speculators.
-
-Their fusion concatenates [embedding, hidden]; ours concatenates [feature, embedding], so the fc weight's two
-column blocks are swapped on export and back on import.
-
-What the format cannot say exactly (see docs/usage/export.md):
-- speculators normalises the token embeddings before the fusion; our head does not. The ones written as
-  `embedding_layernorm.weight` keep the layout complete, but a consumer running speculators' forward feeds
-  the fc RMS-normalised embeddings, which our head was not trained on.
-- The EAGLE-1 format has no reduced draft vocabulary (that exists only in EAGLE-3, as `d2t`/`t2d`). Ours is
-  kept in `draft_vocab.json` next to the weights (not a .safetensors file, so loaders that read every
-  .safetensors in the folder ignore it); speculators and vLLM draft over the whole vocabulary instead.
-  In EAGLE-3 terms our sorted `draft_to_target` ids are d2t = draft_to_target - arange(draft_vocab) and
-  t2d[i] = i in draft_to_target.
+The token embedding is the target's and is not stored (vLLM and llama.cpp then take the target's; SGLang's
+EAGLE-3 worker shares it). `tie_word_embeddings` is written false: SGLang would otherwise use the embedding as
+the output head. How each name was checked against the engines' loaders: docs/usage/export.md.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -39,168 +30,121 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
 from draftsmith.errors import ConfigError, IncompatibleDrafterError, ModelLoadError
-from draftsmith.heads import EagleHead, HeadConfig, load_head
+from draftsmith.heads import Eagle3Head, HeadConfig, load_head
 
-CONFIG_FILE, WEIGHTS_FILE, DRAFT_VOCAB_FILE = "config.json", "model.safetensors", "draft_vocab.json"
-MODEL_TYPE = "eagle"
-# the hub ids a serving engine loads for our embedded aliases (we run them from GGUF files)
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+ARCHITECTURE = "LlamaForCausalLMEagle3"  # vLLM and llama.cpp also register Eagle3LlamaForCausalLM; SGLang this one
+EXPORTABLE = ("eagle3",)
+# our names -> the layout's (the decoder layer is `midlayer` there)
+RENAMES = (("layer.", "midlayer."), ("hidden_norm.", "midlayer.hidden_norm."))
+# the hub ids of our embedded aliases (we run them from GGUF files), for the engines to load as the target
 VERIFIER_IDS = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct", "gemma3": "google/gemma-3-270m"}
 
 
-def export_speculators(
-    head_dir: str | Path, out_dir: str | Path, target_spec: str, *, target: PreTrainedModel | None = None,
-    verifier: str | None = None, speculative_tokens: int = 5,
-) -> Path:
-    """Write the EAGLE head in `head_dir` to `out_dir` in the speculators layout. `target_spec` names the
-    target (alias, hub id or folder; loaded unless `target` is given); `verifier` overrides the name written
-    for the serving engine to load (default: the alias's hub id, or `target_spec` itself)."""
-    if target is None:
-        from draftsmith.models import load_model
+def _exported_name(name: str) -> str:
+    for ours, theirs in RENAMES:
+        if name.startswith(ours):
+            return theirs + name[len(ours) :]
+    return name
 
-        target = load_model(target_spec, dtype="float32").model
-    head = load_head(head_dir, target)  # refuses a head trained for another target
-    if not isinstance(head, EagleHead):
-        raise ConfigError(f"{head_dir} holds a {head.config.kind} head; only EAGLE-style heads export to "
-                          "the speculators format")
-    if speculative_tokens < 1:
-        raise ConfigError(f"speculative_tokens must be >= 1, got {speculative_tokens}")
-    config, hidden = head.config, head.config.hidden_size
-    state = {name: t.detach().cpu().contiguous() for name, t in head.state_dict().items()}
-    dtype = state["fc.weight"].dtype
-    fc = state["fc.weight"]
-    weights = {
-        "embedding_layernorm.weight": torch.ones(hidden, dtype=dtype),
-        "fusion_fc.weight": torch.cat([fc[:, hidden:], fc[:, :hidden]], dim=1).contiguous(),
-        "fusion_fc.bias": state["fc.bias"],
-        "pre_lm_head_layernorm.weight": final_norm_scale(target).to(dtype),
-    }
-    weights.update({f"transformer.{name[len('layer.'):]}": t for name, t in state.items() if name.startswith("layer.")})
 
+def export_eagle3(head_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write the EAGLE-3 head in `head_dir` to `out_dir` (config.json + model.safetensors); weights in `dtype`
+    (default: bfloat16, what the engines serve in)."""
+    head = load_head(head_dir)
+    config = head.config
+    if config.kind not in EXPORTABLE:
+        raise ConfigError(f"{head_dir} holds a {config.kind} head; only {', '.join(EXPORTABLE)} heads export "
+                          "(`draftsmith train heads --kind eagle3`): the engines load EAGLE-3's layout alone")
+    dtype = dtype or torch.bfloat16
+    weights = {_exported_name(name): tensor.detach().to(dtype).contiguous()
+               for name, tensor in head.state_dict().items() if name != "draft_to_target"}
+    draft_ids = head.draft_to_target.long()
+    weights["d2t"] = draft_ids - torch.arange(len(draft_ids))
+    weights["t2d"] = torch.zeros(config.vocab_size, dtype=torch.bool).index_fill_(0, draft_ids, True)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(weights, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
-    name = verifier or VERIFIER_IDS.get(target_spec, target_spec)
-    speculators_config = _speculators_config(config, name, target, speculative_tokens, dtype)
-    (out / CONFIG_FILE).write_text(json.dumps(speculators_config, indent=2) + "\n")
-    draft_to_target = head.draft_to_target.cpu()
-    vocab_file = out / DRAFT_VOCAB_FILE
-    if config.draft_vocab:
-        vocab_file.write_text(json.dumps({"draft_to_target": draft_to_target.tolist()}))
-    elif vocab_file.exists():  # a stale mapping from an earlier export into the same folder
-        vocab_file.unlink()
+    save_file(weights, str(out / WEIGHTS_FILE))
+    (out / CONFIG_FILE).write_text(json.dumps(_config(config, dtype), indent=2) + "\n")
     return out
 
 
-def final_norm_scale(target: PreTrainedModel) -> torch.Tensor:
-    """The target's final RMSNorm as a plain scale vector (w in w * x / rms(x)), whatever its convention
-    (Llama stores w, Gemma stores w - 1): the norm of a vector of ones, whose RMS is 1, undone for eps."""
-    norm = copy.deepcopy(target.base_model.norm).float().cpu()
-    eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
-    size = next(norm.parameters()).shape[0]
-    with torch.no_grad():
-        return norm(torch.ones(1, size))[0] * math.sqrt(1 + eps)
-
-
-def _speculators_config(config: HeadConfig, verifier: str, target: PreTrainedModel, speculative_tokens: int,
-                        dtype: torch.dtype) -> dict:
-    layer = {  # the decoder layer's LlamaConfig, with both rope spellings (transformers 4.x and 5.x)
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size, "num_hidden_layers": 1,
+def _config(config: HeadConfig, dtype: torch.dtype) -> dict:
+    layer_ids = list(config.feature_layers)
+    return {
+        "architectures": [ARCHITECTURE], "model_type": "llama",
+        "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size, "num_hidden_layers": 1,
         "num_attention_heads": config.num_attention_heads, "num_key_value_heads": config.num_key_value_heads,
         "head_dim": config.head_dim, "hidden_act": "silu", "rms_norm_eps": config.rms_norm_eps,
         "max_position_embeddings": config.max_position_embeddings, "vocab_size": config.vocab_size,
         "rope_theta": config.rope_theta, "rope_scaling": None,
         "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
         "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
-    }
-    return {
-        "architectures": ["EagleSpeculator"],
-        "speculators_version": "0.4.0",  # the last release with the EAGLE-1/HASS model type
-        "speculators_model_type": MODEL_TYPE,
-        "transformer_layer_architecture": "LlamaDecoderLayer",
-        "transformer_layer_config": layer,
-        "layernorms": True,
-        "fusion_bias": True,
-        "draft_vocab_size": config.draft_vocab or config.vocab_size,
-        "speculators_config": {
-            "algorithm": MODEL_TYPE,
-            "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": speculative_tokens,
-                                  "verifier_accept_k": 1, "accept_tolerance": 0.0}],
-            "default_proposal_method": "greedy",
-            "verifier": {"name_or_path": verifier, "architectures": list(target.config.architectures or [type(target).__name__])},
-        },
+        "draft_vocab_size": config.draft_vocab or config.vocab_size, "target_hidden_size": config.hidden_size,
+        "eagle_aux_hidden_state_layer_ids": layer_ids, "norm_before_residual": False,
+        "eagle_config": {"use_aux_hidden_state": True, "eagle_aux_hidden_state_layer_ids": layer_ids},
         "torch_dtype": str(dtype).removeprefix("torch."),
-        # ours, ignored by speculators and vLLM: how the head was made, for `load_speculators`
-        "draftsmith": {"target": config.target, "training": config.training},
+        # ours, ignored by the engines: what `load_eagle3` needs back, and how the head was made
+        "draftsmith": {"target": config.target, "target_layers": config.target_layers, "training": config.training},
     }
 
 
-def load_speculators(out_dir: str | Path, target_model: PreTrainedModel | None = None) -> EagleHead:
-    """Read a speculators-layout EAGLE head (ours, or one with the same architecture) back as an EagleHead;
-    with `target_model`, refuse one whose shapes or pre-lm-head norm do not fit that target."""
+def load_eagle3(out_dir: str | Path, target: PreTrainedModel | None = None) -> Eagle3Head:
+    """Read an exported EAGLE-3 folder back as an Eagle3Head (float32); with `target`, refuse one made for
+    another target."""
     folder = Path(out_dir)
-    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-    if not config_path.is_file() or not weights_path.is_file():
-        raise ModelLoadError(f"{folder} is not a speculators folder: it needs {CONFIG_FILE} and {WEIGHTS_FILE}")
-    spec = json.loads(config_path.read_text())
-    if spec.get("speculators_model_type") != MODEL_TYPE or not spec.get("layernorms", False):
-        raise IncompatibleDrafterError(
-            f"{folder} holds a speculators '{spec.get('speculators_model_type')}' model with layernorms="
-            f"{spec.get('layernorms')}; draftsmith's EAGLE head reads only 'eagle' with layernorms=true")
-    config = _head_config(spec)
-    draft_vocab_path = folder / DRAFT_VOCAB_FILE
-    draft_to_target = None
-    if draft_vocab_path.is_file():
-        draft_to_target = torch.tensor(json.loads(draft_vocab_path.read_text())["draft_to_target"])
-        config.draft_vocab = len(draft_to_target)
-    weights = load_file(str(weights_path))
-    missing = {"embedding_layernorm.weight", "fusion_fc.weight", "pre_lm_head_layernorm.weight"} - weights.keys()
-    if missing:
-        raise ModelLoadError(f"{weights_path} lacks {', '.join(sorted(missing))}")
-    if not torch.equal(weights["embedding_layernorm.weight"], torch.ones_like(weights["embedding_layernorm.weight"])):
-        raise IncompatibleDrafterError(f"{folder} has a trained embedding norm, which draftsmith's head lacks")
-    if target_model is not None:
-        rows = target_model.get_output_embeddings().weight.shape[0]
-        if (config.hidden_size, config.vocab_size) != (target_model.config.hidden_size, rows):
-            raise IncompatibleDrafterError(
-                f"the head in {folder} has hidden size {config.hidden_size} and {config.vocab_size} output rows; "
-                f"this target has {target_model.config.hidden_size} and {rows}")
-        # our head decodes through the target's own final norm: the stored one must be that norm
-        stored, own = weights["pre_lm_head_layernorm.weight"].float(), final_norm_scale(target_model).float()
-        if not torch.allclose(stored, own, rtol=1e-2, atol=1e-3):
-            raise IncompatibleDrafterError(f"the pre-lm-head norm in {folder} is not this target's final norm")
-
-    hidden = config.hidden_size
-    fused = weights["fusion_fc.weight"]
-    state = {
-        "fc.weight": torch.cat([fused[:, hidden:], fused[:, :hidden]], dim=1),
-        "fc.bias": weights.get("fusion_fc.bias", torch.zeros(hidden, dtype=fused.dtype)),
-        "draft_to_target": draft_to_target if draft_to_target is not None else torch.arange(config.vocab_size),
-    }
-    state.update({f"layer.{name[len('transformer.'):]}": t for name, t in weights.items()
-                  if name.startswith("transformer.")})
-    head = EagleHead(config)
-    head.load_state_dict(state)
-    if target_model is not None:
-        head.to(device=target_model.device, dtype=target_model.dtype)
+    if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+        raise ModelLoadError(f"{folder} is not an EAGLE-3 folder: it needs {CONFIG_FILE} and {WEIGHTS_FILE}")
+    spec = json.loads((folder / CONFIG_FILE).read_text())
+    if "draft_vocab_size" not in spec or spec.get("num_hidden_layers") != 1:
+        raise ModelLoadError(f"{folder}/{CONFIG_FILE} is not an EAGLE-3 config (draft_vocab_size, one layer)")
+    ours = spec.get("draftsmith", {})
+    config = HeadConfig(
+        kind="eagle3", hidden_size=spec["hidden_size"], vocab_size=spec["vocab_size"],
+        num_attention_heads=spec["num_attention_heads"], num_key_value_heads=spec["num_key_value_heads"],
+        head_dim=spec.get("head_dim") or spec["hidden_size"] // spec["num_attention_heads"],
+        intermediate_size=spec["intermediate_size"], rms_norm_eps=spec["rms_norm_eps"],
+        rope_theta=spec.get("rope_theta", 10000.0), max_position_embeddings=spec["max_position_embeddings"],
+        draft_vocab=0 if spec["draft_vocab_size"] == spec["vocab_size"] else spec["draft_vocab_size"],
+        feature_layers=list(spec["eagle_aux_hidden_state_layer_ids"]), target_layers=ours.get("target_layers", 0),
+        target=ours.get("target", ""), training=ours.get("training", {}),
+    )
+    if target is not None:
+        rows, hidden = target.get_output_embeddings().weight.shape[0], target.config.hidden_size
+        if (config.hidden_size, config.vocab_size) != (hidden, rows):
+            raise IncompatibleDrafterError(f"{folder} was exported for a target with hidden size {config.hidden_size} "
+                                           f"and {config.vocab_size} output rows; this target has {hidden} and {rows}")
+    weights = load_file(str(folder / WEIGHTS_FILE))
+    d2t, _ = weights.pop("d2t"), weights.pop("t2d")
+    renamed = {}
+    for name, tensor in weights.items():
+        for ours_prefix, theirs in reversed(RENAMES):
+            if name.startswith(theirs):
+                name = ours_prefix + name[len(theirs) :]
+                break
+        renamed[name] = tensor.float()
+    renamed["draft_to_target"] = d2t + torch.arange(len(d2t))
+    head = Eagle3Head(config)
+    head.load_state_dict(renamed)
     return head.eval()
 
 
-def _head_config(spec: dict) -> HeadConfig:
-    layer = spec.get("transformer_layer_config")
-    if not isinstance(layer, dict) or layer.get("model_type", "llama") != "llama":
-        raise IncompatibleDrafterError("draftsmith's EAGLE head has a Llama decoder layer; this speculators "
-                                       f"config's transformer_layer_config is {layer and layer.get('model_type')}")
-    heads = layer["num_attention_heads"]
-    rope = layer.get("rope_parameters") or {}
-    ours = spec.get("draftsmith", {})
-    return HeadConfig(
-        kind="eagle", hidden_size=layer["hidden_size"], vocab_size=layer["vocab_size"], num_attention_heads=heads,
-        num_key_value_heads=layer.get("num_key_value_heads") or heads,
-        head_dim=layer.get("head_dim") or layer["hidden_size"] // heads,
-        intermediate_size=layer["intermediate_size"], rms_norm_eps=layer.get("rms_norm_eps", 1e-6),
-        rope_theta=float(rope.get("rope_theta", layer.get("rope_theta", 10000.0))),
-        max_position_embeddings=layer.get("max_position_embeddings", 8192),
-        target=ours.get("target") or spec.get("speculators_config", {}).get("verifier", {}).get("name_or_path", ""),
-        training=ours.get("training", {}),
-    )
+def export_target_folder(target: str, out_dir: str | Path) -> Path:
+    """The target's config.json and tokenizer files in `out_dir`: what llama.cpp's converter reads from
+    `--target-model-dir` for an EAGLE-3 head (layer count, hidden size, vocabulary, the tokenizer)."""
+    from draftsmith.models import load_model
+
+    loaded = load_model(target)
+    if loaded.tokenizer is None:
+        raise ConfigError(f"'{target}' has no tokenizer to export")
+    return write_target_folder(loaded.model, loaded.tokenizer, out_dir)
+
+
+def write_target_folder(model: PreTrainedModel, tokenizer, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = copy.deepcopy(model.config)
+    config.architectures = config.architectures or [type(model).__name__]
+    config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -16,6 +16,11 @@ draft step. The frozen parts are never stored with a head; `TargetParts` takes t
   L tokens, so a step's frames spell several future tokens with blanks and repeats, collapsed CTC-style.
   With `ctc_feed`, frame f also reads the embedding of frame f-1's best entry (a token, or a learned blank
   embedding), the same at training and decode time: the frames see the tokens their best alignment has spelled.
+- EAGLE-3 (arXiv 2503.01840), in the layout vLLM, SGLang and llama.cpp load: the target's residual stream
+  entering three of its layers (low, middle, high), concatenated and fused by one projection (3H -> H); one
+  decoder layer whose attention reads [normed embedding of token_t+1 ; normed fused feature] (2H) with the
+  feature as its residual; its own final norm and output head over the reduced draft vocabulary. Later draft
+  steps read the layer's own output (H) in place of the fused feature. Trained with cross-entropy only.
 
 A head folder holds `head.json` (HeadConfig) and `head.safetensors`; nothing is unpickled.
 """
@@ -33,13 +38,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlamaConfig, PreTrainedModel
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
 from draftsmith.errors import ConfigError, IncompatibleDrafterError, ModelLoadError
 
 CONFIG_FILE, WEIGHTS_FILE = "head.json", "head.safetensors"
-HeadKind = Literal["eagle", "medusa", "ctc"]
-HEAD_KINDS = ("eagle", "medusa", "ctc")
+HeadKind = Literal["eagle", "medusa", "ctc", "eagle3"]
+HEAD_KINDS = ("eagle", "medusa", "ctc", "eagle3")
 
 
 @dataclass
@@ -61,6 +66,8 @@ class HeadConfig:
     ctc_frames: int = 6  # CTC: frames per step (upstream: 6 frames for 3 labels)
     ctc_labels: int = 3  # CTC: future tokens the frames are trained to spell out
     ctc_feed: bool = False  # CTC: each frame reads the embedding of the previous frame's best entry
+    feature_layers: list[int] = field(default_factory=list)  # EAGLE-3: the target layers whose inputs it reads
+    target_layers: int = 0  # EAGLE-3: the target's layer count (0: not recorded)
     target: str = ""  # what it was trained for (informational; compatibility is checked on shapes)
     training: dict = field(default_factory=dict)  # command, data, wall time: how it was made
 
@@ -121,6 +128,61 @@ class EagleHead(nn.Module):
         rope = self.rotary(x, positions)
         return self.layer(x, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
                           use_cache=cache is not None, position_embeddings=rope)
+
+
+def default_feature_layers(layers: int) -> list[int]:
+    """EAGLE-3's low, middle and high layers of an L-layer target: 2, L/2, L-3 (what vLLM and llama.cpp assume
+    when a checkpoint names none)."""
+    return [2, layers // 2, layers - 3]
+
+
+class Eagle3Head(nn.Module):
+    """EAGLE-3's draft layer, named as the engines name its parts (see export.py)."""
+
+    def __init__(self, config: HeadConfig):
+        super().__init__()
+        if len(config.feature_layers) != 3 or sorted(set(config.feature_layers)) != list(config.feature_layers):
+            raise ConfigError(f"an EAGLE-3 head reads 3 distinct target layers in ascending order, got "
+                              f"{config.feature_layers}")
+        self.config = config
+        hidden, eps = config.hidden_size, config.rms_norm_eps
+        self.fc = nn.Linear(3 * hidden, hidden, bias=False)
+        layer_config = config.layer_config()
+        self.layer = LlamaDecoderLayer(layer_config, layer_idx=0)
+        attention = self.layer.self_attn
+        for name in ("q_proj", "k_proj", "v_proj"):  # queries, keys and values read [embedding ; feature]
+            setattr(attention, name, nn.Linear(2 * hidden, getattr(attention, name).out_features, bias=False))
+        self.hidden_norm = LlamaRMSNorm(hidden, eps=eps)
+        self.rotary = LlamaRotaryEmbedding(layer_config)
+        self.norm = LlamaRMSNorm(hidden, eps=eps)
+        rows = config.draft_vocab or config.vocab_size
+        self.lm_head = nn.Linear(hidden, rows, bias=False)
+        self.register_buffer("draft_to_target", torch.arange(rows))
+
+    def forward(
+        self, features: torch.Tensor, token_embeds: torch.Tensor, positions: torch.Tensor,
+        attention_mask: torch.Tensor | None = None, cache=None,
+    ) -> torch.Tensor:
+        """The layer's outputs [B, T, H] for pairs (feature_t, embedding of token_t+1) at `positions`: a feature
+        is the target's three layers [.., 3H], fused here, or the head's own earlier output [.., H]."""
+        hidden = self.fc(features) if features.shape[-1] != self.config.hidden_size else features
+        rope = self.rotary(hidden, positions)
+        pair = torch.cat([self.layer.input_layernorm(token_embeds), self.hidden_norm(hidden)], dim=-1)
+        attended, _ = self.layer.self_attn(hidden_states=pair, position_embeddings=rope, attention_mask=attention_mask,
+                                           past_key_values=cache)
+        hidden = hidden + attended
+        return hidden + self.layer.mlp(self.layer.post_attention_layernorm(hidden))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary logits of the layer's outputs (its own norm and output head)."""
+        return self.lm_head(self.norm(hidden))
+
+    @torch.no_grad()
+    def init_from_target(self, target: PreTrainedModel) -> None:
+        """Start the norm and output head as the target's (its rows of the draft vocabulary)."""
+        self.norm.weight.copy_(target.base_model.norm.weight.float())
+        rows = target.get_output_embeddings().weight
+        self.lm_head.weight.copy_(rows[self.draft_to_target.to(rows.device)].float())
 
 
 class CtcHead(EagleHead):
@@ -208,13 +270,13 @@ class TargetParts(nn.Module):
         return draft_ids if self.full_vocab else self.draft_to_target[draft_ids]
 
 
-def build_head(config: HeadConfig) -> EagleHead | MedusaHeads:
+def build_head(config: HeadConfig) -> EagleHead | MedusaHeads | Eagle3Head:
     if config.kind not in HEAD_KINDS:
         raise ConfigError(f"unknown head kind {config.kind!r}: use {', '.join(HEAD_KINDS)}")
-    return {"eagle": EagleHead, "medusa": MedusaHeads, "ctc": CtcHead}[config.kind](config)
+    return {"eagle": EagleHead, "medusa": MedusaHeads, "ctc": CtcHead, "eagle3": Eagle3Head}[config.kind](config)
 
 
-def save_head(head: EagleHead | MedusaHeads, folder: Path) -> None:
+def save_head(head: EagleHead | MedusaHeads | Eagle3Head, folder: Path) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     weights = {name: tensor.detach().contiguous().cpu() for name, tensor in head.state_dict().items()}
@@ -232,7 +294,7 @@ def head_dtype(target: PreTrainedModel, kind: HeadKind) -> torch.dtype:
     return target.dtype
 
 
-def load_head(folder: str | Path, target: PreTrainedModel | None = None) -> EagleHead | MedusaHeads:
+def load_head(folder: str | Path, target: PreTrainedModel | None = None) -> EagleHead | MedusaHeads | Eagle3Head:
     """Load a head folder; with `target`, refuse a head trained for another hidden size or vocabulary."""
     folder = Path(folder)
     config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
@@ -241,12 +303,13 @@ def load_head(folder: str | Path, target: PreTrainedModel | None = None) -> Eagl
                              "(written by `draftsmith train heads`)")
     config = HeadConfig(**json.loads(config_path.read_text()))
     if target is not None:
-        rows = target.get_output_embeddings().weight.shape[0]
-        if (config.hidden_size, config.vocab_size) != (target.config.hidden_size, rows):
+        rows, layers = target.get_output_embeddings().weight.shape[0], target.config.num_hidden_layers
+        head_layers = config.target_layers or layers  # a head that does not record it reads no middle layers
+        if (config.hidden_size, config.vocab_size, head_layers) != (target.config.hidden_size, rows, layers):
             raise IncompatibleDrafterError(
-                f"the head in {folder} was trained for a target with hidden size {config.hidden_size} and "
-                f"{config.vocab_size} output rows ({config.target or 'unknown'}); this target has "
-                f"{target.config.hidden_size} and {rows}"
+                f"the head in {folder} was trained for a target with hidden size {config.hidden_size}, "
+                f"{head_layers} layers and {config.vocab_size} output rows ({config.target or 'unknown'}); this "
+                f"target has hidden size {target.config.hidden_size}, {layers} layers and {rows} output rows"
             )
     head = build_head(config)
     head.load_state_dict(load_file(str(weights_path)))

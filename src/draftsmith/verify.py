@@ -63,7 +63,8 @@ class TargetRunner:
             out = self.lm.forward(prompt_ids[:-1], last_only=True, features=features)
             hidden = out[1] if features else None
         elif features:
-            hidden = torch.empty(0, self.model.config.hidden_size, dtype=self.model.dtype, device=self.model.device)
+            width = self.model.config.hidden_size * max(1, len(getattr(self.lm, "feature_layers", ())))
+            hidden = torch.empty(0, width, dtype=self.model.dtype, device=self.model.device)
         self.length = len(prompt_ids) - 1
         self.tokens, self.pending = list(prompt_ids[:-1]), []
         if self.sparse_verify is not None:

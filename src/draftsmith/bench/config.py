@@ -45,6 +45,7 @@ OPTIONS = {"plain": ("compile", "graphs", "fused", "weights", "llamacpp", "lossy
            "mag": ("k", "adaptive", "compile", "graphs", "fused", "weights", "llamacpp"),
            "cascade": ("k", "compile", "graphs", "fused", "weights"),
            "eagle": ("k", "draft_graphs", "depth", "top_k", "lookup", "compile", "graphs", "fused", "weights", "prune", "lossy_sparse"),
+           "eagle3": ("k", "draft_graphs", "depth", "top_k", "lookup", "compile", "graphs", "fused", "weights"),
            "medusa": ("k", "draft_graphs", "compile", "graphs", "fused", "weights", "prune", "lossy_sparse"),
            "ctc": ("k", "draft_graphs", "top_k", "beams", "levels", "compile", "graphs", "fused", "weights", "prune", "lossy_sparse"),
            "layerskip": ("k", "adaptive", "weights", "lossy_sparse"), "hf-greedy": (),
@@ -53,7 +54,7 @@ OPTIONS = {"plain": ("compile", "graphs", "fused", "weights", "llamacpp", "lossy
            # the collab workload's (bench/collab.py); fallback, rollback and threshold take decimals
            "small": (), "small-draft": ("k",), "bild": ("k", "fallback", "rollback"), "collab": ("k", "threshold")}
 PEERS = ("llamacpp", "llamacpp-lookup", "llama-server")  # llama.cpp's own decoding (bench/peers.py)
-DEFAULT_K = {"ngram": 8, "model": 4, "student": 4, "mag": 8, "cascade": 16, "eagle": 32, "medusa": 32,
+DEFAULT_K = {"ngram": 8, "model": 4, "student": 4, "mag": 8, "cascade": 16, "eagle": 32, "eagle3": 32, "medusa": 32,
              "ctc": 32, "layerskip": 4}  # heads: tree nodes, at most; cascade: its k-matrix's row 0 bounds it too
 
 

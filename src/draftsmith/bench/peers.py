@@ -2,8 +2,11 @@
 
 - `llamacpp[:FILE]`: llama.cpp's plain greedy decoding through llama-cpp-python's own `generate`.
 - `llamacpp-lookup[:N]`: its prompt-lookup decoding (`LlamaPromptLookupDecoding`, N draft tokens).
-- `llama-server[:TYPE][:n=N,m=M,draft_max=D]`: a `llama-server` binary (bench --llama-server PATH) with
-  `--spec-type TYPE` (none: plain), greedy over HTTP on loopback; timed from request to response.
+- `llama-server[:TYPE][:n=N,m=M,draft_max=D]`: a `llama-server` binary (bench --llama-server PATH, else
+  $DRAFTSMITH_LLAMA_SERVER, else PATH) with `--spec-type TYPE` (none: plain), greedy over HTTP on loopback;
+  timed from request to response. `llama-server:draft-eagle3[:HEAD]` drafts with one of our EAGLE-3 heads
+  (the one shipped for the target without HEAD), exported and converted once by llama.cpp's own converter
+  (convert_hf_to_gguf.py of the source the binary was built from) into draftsmith's cache.
 
 Without FILE the peers run the run's own weights, written once as an unquantized GGUF in the method's dtype
 (bf16 or f32) into draftsmith's cache: the same work as our methods, at the same precision.
@@ -14,8 +17,12 @@ from __future__ import annotations
 import atexit
 import hashlib
 import json
+import os
+import shutil
 import socket
 import subprocess
+import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -113,17 +120,77 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int, binary: str | None):
-    """A llama-server process for the run, greedy requests over loopback HTTP."""
+def llama_server_binary(given: str | None = None) -> str | None:
+    """The llama-server binary: the one given, else $DRAFTSMITH_LLAMA_SERVER, else `llama-server` on PATH."""
+    return given or os.environ.get("DRAFTSMITH_LLAMA_SERVER") or shutil.which("llama-server")
 
+
+def llama_cpp_converter(binary: str) -> Path:
+    """convert_hf_to_gguf.py of the llama.cpp source the binary was built from (named by its build folder's
+    CMake cache), or of the source folder $DRAFTSMITH_LLAMA_CPP names."""
+    source = os.environ.get("DRAFTSMITH_LLAMA_CPP")
+    cmake_cache = Path(binary).resolve().parent.parent / "CMakeCache.txt"
+    if not source and cmake_cache.is_file():
+        source = next((line.partition("=")[2] for line in cmake_cache.read_text().splitlines()
+                       if line.startswith("CMAKE_HOME_DIRECTORY:")), None)
+    converter = Path(source or ".") / "convert_hf_to_gguf.py"
+    if not source or not converter.is_file():
+        raise ConfigError(f"llama.cpp's convert_hf_to_gguf.py not found (looked in {source or 'no source folder'}): "
+                          "set DRAFTSMITH_LLAMA_CPP to the llama.cpp source folder the llama-server was built from")
+    return converter
+
+
+def eagle3_gguf(head: Path, target: LoadedModel, converter: Path) -> Path:
+    """Our EAGLE-3 head as llama.cpp's converter writes it (for `-md`), in the target's dtype: exported, then
+    converted once per head file, target and dtype, into draftsmith's cache."""
+    from draftsmith.export import export_eagle3, write_target_folder
+
+    weights = Path(head) / "head.safetensors"
+    if not weights.is_file():
+        raise ConfigError(f"{head} is not a head folder: train one with `draftsmith train heads --kind eagle3`")
+    dtype = GGUF_DTYPE.get(target.dtype, "f32")
+    stat = weights.stat()
+    key = f"{weights.resolve()}-{stat.st_size}-{stat.st_mtime_ns}-{target.name.split('@')[0]}-{dtype}"
+    path = cache_dir() / "gguf" / f"eagle3-{hashlib.sha1(key.encode()).hexdigest()[:10]}-{dtype}.gguf"
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        export_eagle3(head, Path(tmp) / "head", torch.float32)
+        write_target_folder(target.model, target.tokenizer, Path(tmp) / "target")
+        partial = Path(tmp) / "head.gguf"
+        done = subprocess.run([sys.executable, str(converter), str(Path(tmp) / "head"), "--target-model-dir",
+                               str(Path(tmp) / "target"), "--outfile", str(partial), "--outtype", dtype],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise ConfigError(f"llama.cpp's converter failed on the EAGLE-3 head {head}: "
+                              f"{(done.stderr.strip().splitlines() or ['no output'])[-1]}")
+        shutil.move(partial, path)
+    return path
+
+
+def server_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int, binary: str | None,
+                  model_gguf: Path | None = None):
+    """A llama-server process for the run (on `model_gguf`, default the run's weights), greedy requests over
+    loopback HTTP."""
+
+    binary = llama_server_binary(binary)
     if not binary:
-        raise ConfigError(f"method '{spec.name}' needs the llama-server binary: bench --llama-server PATH")
+        raise ConfigError(f"method '{spec.name}' needs the llama-server binary: bench --llama-server PATH, or "
+                          "DRAFTSMITH_LLAMA_SERVER, or llama-server on PATH")
     if not Path(binary).is_file():
         raise ConfigError(f"llama-server binary not found: {binary}")
+    spec_type, _, head = (spec.arg or "none").partition(":")
+    draft = []
+    if spec_type == "draft-eagle3":
+        from draftsmith.artifacts import shipped_head
+
+        head_dir = Path(head) if head else shipped_head("eagle3", target)
+        draft = ["-md", str(eagle3_gguf(head_dir, target, llama_cpp_converter(binary)))]
     port = _free_port()
-    command = [binary, "-m", str(run_gguf(target)), "--host", "127.0.0.1", "--port", str(port),
+    command = [binary, "-m", str(model_gguf or run_gguf(target)), *draft, "--host", "127.0.0.1", "--port", str(port),
                "-t", str(torch.get_num_threads()), "-c", str(target.model.config.max_position_embeddings),
-               "-np", "1", "--no-webui", "--spec-type", spec.arg or "none"]
+               "-np", "1", "--no-webui", "--spec-type", spec_type]
     flags = {"n": "--spec-ngram-simple-size-n", "m": "--spec-ngram-simple-size-m", "draft_max": "--spec-draft-n-max"}
     for key, value in spec.options.items():
         command += [flags[key], str(value)]

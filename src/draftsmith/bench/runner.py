@@ -78,7 +78,7 @@ def _engine_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int, s
         options["graphs"] = graphs
     fused = bool(options.pop("fused")) if "fused" in options else None
     drafter_spec = {"plain": "none", "ngram": "ngram", "model": f"model:{spec.arg}"}.get(spec.kind)
-    if spec.kind in ("eagle", "medusa", "ctc", "student", "mag", "cascade", "layerskip"):
+    if spec.kind in ("eagle", "eagle3", "medusa", "ctc", "student", "mag", "cascade", "layerskip"):
         drafter_spec = f"{spec.kind}:{spec.arg}" if spec.arg else spec.kind
     prune = options.pop("prune", 0)
     if prune not in PRUNING:

@@ -9,39 +9,50 @@ import typer
 
 from draftsmith.errors import ConfigError
 
-FORMATS = ("speculators", "gguf")
+FORMATS = ("eagle3", "hf", "gguf")
 
 
 def export_command(
-    out: Annotated[Path, typer.Option("--out", "-o", help="speculators: the folder to write (config.json + "
-                                                          "model.safetensors); gguf: the .gguf file to write.")],
-    format: Annotated[str, typer.Option(help="speculators: a trained EAGLE head for vLLM's speculative_config; "
-                                             "gguf: the target itself, unquantized, for llama.cpp.")]
-    = "speculators",
-    head: Annotated[Optional[Path], typer.Option(help="speculators: the head folder (head.json + head.safetensors) "
-                                                      "from `draftsmith train heads --kind eagle`.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="eagle3 / hf: the folder to write; gguf: the .gguf "
+                                                          "file to write.")],
+    format: Annotated[str, typer.Option(help="eagle3: a trained EAGLE-3 head in the layout vLLM, SGLang and "
+                                             "llama.cpp load (config.json + model.safetensors with d2t/t2d); hf: "
+                                             "the target's config and tokenizer (llama.cpp's converter reads them "
+                                             "with --target-model-dir); gguf: the target itself, unquantized, for "
+                                             "llama.cpp.")]
+    = "eagle3",
+    head: Annotated[Optional[Path], typer.Option(help="eagle3: the head folder (head.json + head.safetensors) "
+                                                      "from `draftsmith train heads --kind eagle3`.")] = None,
     target: Annotated[str, typer.Option(help="The target: HF hub id, local folder, .gguf file or embedded alias "
                                              "'smollm2' / 'gemma3'.")] = "smollm2",
-    verifier: Annotated[Optional[str], typer.Option(help="speculators: verifier name written for the serving engine "
-                                                         "to load; default: the alias's hub id, or --target.")] = None,
-    speculative_tokens: Annotated[int, typer.Option(help="speculators: default draft length in the config.")] = 5,
+    dtype: Annotated[str, typer.Option(help="eagle3: bf16 or f32 weights.")] = "bf16",
     gguf_dtype: Annotated[str, typer.Option(help="gguf: f32 or bf16 weights (norms stay f32).")] = "bf16",
     tokenizer_gguf: Annotated[Optional[Path], typer.Option(help="gguf: a GGUF to copy the tokenizer from; default: "
                                                                "the target's own file, when it is one.")] = None,
 ) -> None:
-    """Write a trained EAGLE head in the layout a serving engine loads, or the target as a GGUF for llama.cpp."""
+    """Write a trained EAGLE-3 head in the layout serving engines load, the target's config and tokenizer, or
+    the target as a GGUF for llama.cpp."""
+    if format == "speculators":
+        raise ConfigError("--format speculators (EAGLE-1) is retired: no serving engine loads that layout; train "
+                          "an EAGLE-3 head (`draftsmith train heads --kind eagle3`) and use --format eagle3")
     if format not in FORMATS:
         raise ConfigError(f"unknown export format '{format}': use {', '.join(FORMATS)}")
     if format == "gguf":
         path = export_gguf(target, out, gguf_dtype, tokenizer_gguf)
         typer.echo(f"wrote {path}")
         return
-    from draftsmith.export import export_speculators
+    from draftsmith.export import export_eagle3, export_target_folder
 
+    if format == "hf":
+        typer.echo(f"wrote {export_target_folder(target, out)}")
+        return
     if head is None:
-        raise ConfigError("--format speculators exports a trained head: give --head DIR")
-    folder = export_speculators(head, out, target, verifier=verifier, speculative_tokens=speculative_tokens)
-    typer.echo(f"wrote {folder}")
+        raise ConfigError("--format eagle3 exports a trained head: give --head DIR")
+    if dtype not in ("bf16", "f32"):
+        raise ConfigError(f"--dtype must be bf16 or f32, got {dtype}")
+    import torch
+
+    typer.echo(f"wrote {export_eagle3(head, out, torch.bfloat16 if dtype == 'bf16' else torch.float32)}")
 
 
 def export_gguf(target: str, out: Path, dtype: str, tokenizer_gguf: Path | None) -> Path:

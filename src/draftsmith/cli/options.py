@@ -15,6 +15,7 @@ Drafter = Annotated[str, typer.Option(help="auto (ngram: the fastest lossless dr
                                            "bigram chain) | cascade[:K-MATRIX|:FILE.toml] (CS-Drafting) | "
                                            "eagle[:DIR] | medusa[:DIR] | ctc[:DIR] (feature heads; the shipped one without DIR) | "
                                            "eagle+ngram[:DIR] (the head's tree with prompt lookup's chain grafted on) | "
+                                           "eagle3[:DIR] | eagle3+ngram[:DIR] (EAGLE-3 heads: three target layers) | "
                                            "layerskip[:DIR|:auto|:skip=LAYERS] (self-speculation: the target skipping "
                                            "layers by trained routers, the shipped ones without DIR, by a measured "
                                            "fixed set, or by the layers given).")]

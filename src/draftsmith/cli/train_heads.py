@@ -18,9 +18,14 @@ from draftsmith.errors import ConfigError
 
 @train_app.command("heads")
 def heads_command(
-    kind: Annotated[str, typer.Option(help="eagle (one decoder layer, tree drafting), medusa (K heads, static tree) "
-                                           "or ctc (the EAGLE layer with CTC-trained frames, collapsed into a tree).")]
+    kind: Annotated[str, typer.Option(help="eagle (one decoder layer, tree drafting), eagle3 (EAGLE-3: three target "
+                                           "layers fused, tree drafting; `draftsmith export --format eagle3` "
+                                           "writes it for vLLM, SGLang and llama.cpp), medusa (K heads, static "
+                                           "tree) or ctc (the EAGLE layer with CTC-trained frames, collapsed into a "
+                                           "tree).")]
     = "eagle",
+    feature_layers: Annotated[str, typer.Option(help="eagle3: the 3 target layers whose inputs it reads, e.g. "
+                                                     "2,15,27 (default: 2, L/2, L-3 of an L-layer target).")] = "",
     target: Annotated[str, typer.Option(help="HF hub id, local folder, .gguf file or embedded alias.")] = "smollm2",
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the head, checkpoints and logs.")]
     = Path("runs/eagle"),
@@ -33,7 +38,10 @@ def heads_command(
                                                      "continuations of code prompts (the rest: code as is).")] = 0.5,
     prompts: Annotated[str, typer.Option(help="Where self-distillation prompts end: windows (a line break "
                                               "anywhere in the code) or functions (right after a function's "
-                                              "docstring: a request to write its body).")] = "windows",
+                                              "docstring: a request to write its body) or benchmark "
+                                              "(signature + docstring, raw or as a chat request to write the "
+                                              "function: the benchmarks' forms, from the corpus's functions).")]
+    = "windows",
     prompt_tokens: Annotated[int, typer.Option(help="Prompt tokens of a self-distilled sequence (the rest of "
                                                     "--seq-len is generated).")] = 64,
     code_sequences: Annotated[int, typer.Option(help="More teacher-forced code sequences, in a second shard "
@@ -74,10 +82,10 @@ def heads_command(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     trust_remote_code: bool = False,
 ) -> None:
-    """Train an EAGLE-style or Medusa head for a target; `--drafter eagle:OUT` (or medusa:OUT) then uses it."""
+    """Train an EAGLE-style, EAGLE-3, Medusa or CTC head for a target; `--drafter KIND:OUT` then uses it."""
     from draftsmith.models import load_model
     from draftsmith.train.features import FeatureDataConfig, build_feature_shards
-    from draftsmith.train.heads import HeadTrainConfig, head_to_tune, train_head
+    from draftsmith.train.heads import HeadTrainConfig, head_feature_layers, head_to_tune, train_head
     from draftsmith.train.trainer import TrainConfig
 
     corpus_source(corpus)  # a missing corpus or head is refused before anything loads
@@ -89,27 +97,38 @@ def heads_command(
         init_from = str(shipped)
     if init_from is not None:
         head_to_tune(init_from, kind)  # refused before the data, which takes long to build
+    try:
+        layers = [int(i) for i in feature_layers.split(",") if i.strip()]
+    except ValueError:
+        raise ConfigError(f"--feature-layers takes layer numbers separated by commas, got {feature_layers!r}") from None
     data_config = FeatureDataConfig(corpus=corpus_source(corpus), sequences=sequences, seq_len=seq_len,
                                     self_distill=self_distill, prompts=prompts, prompt_tokens=prompt_tokens,
                                     shard_size=shard_size, seed=seed)
     head_config = HeadTrainConfig(kind=kind, draft_vocab=draft_vocab, medusa_heads=medusa_heads,
                                   medusa_tree_nodes=medusa_tree_nodes, noise=noise, w_regression=w_regression,
                                   w_ce=w_ce, w_ctc=w_ctc, ctc_labels=ctc_labels, ctc_frames=ctc_frames, ctc_feed=ctc_feed,
-                                  unroll=unroll, init_from=init_from)
+                                  unroll=unroll, init_from=init_from, feature_layers=layers)
     train = TrainConfig(out_dir=out, max_steps=steps, max_minutes=max_minutes, batch_size=batch_size,
                         grad_accum=grad_accum, lr=lr,
                         warmup_steps=warmup, device=device, seed=seed, eval_every=eval_every,
                         checkpoint_every=checkpoint_every, resume=resume,
                         progress=sys.stdout.isatty())  # a log file gets a plain line per log step instead
-    shards = data or out.parent / f"features-{Path(target).name}"
     loaded = load_model(target, device="cuda" if device == "cuda" else "cpu", dtype=data_dtype,
                         trust_remote_code=trust_remote_code)
+    if kind == "eagle3":  # its shards also hold the three layers' features: a folder of their own
+        head_config.feature_layers = layers = head_feature_layers(head_config, loaded.model)
+    else:
+        layers = []
+    suffix = f"-layers-{'-'.join(map(str, layers))}" if layers else ""
+    shards = data or out.parent / f"features-{Path(target).name}{suffix}"
+    data_config.feature_layers = layers
     started = time.perf_counter()
     build_feature_shards(loaded.model, loaded.tokenizer, data_config, shards)
     folders = [shards]
     if code_sequences:
         code_config = FeatureDataConfig(corpus=data_config.corpus, sequences=code_sequences, heldout_sequences=0,
-                                        seq_len=seq_len, self_distill=0.0, shard_size=shard_size, seed=seed + 1)
+                                        seq_len=seq_len, self_distill=0.0, shard_size=shard_size, seed=seed + 1,
+                                        feature_layers=layers)
         folders.append(build_feature_shards(loaded.model, loaded.tokenizer, code_config,
                                             shards.with_name(shards.name + "-code")))
     data_seconds = time.perf_counter() - started

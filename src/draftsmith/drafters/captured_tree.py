@@ -93,16 +93,17 @@ class CapturedTree:
             if self.staged is not None:
                 self.staged.record()
 
-        if self.graphs.run(("feedback", bucket), drafter.layers.k_cache, lambda: self._feedback_body(bucket),
-                           load) is None:
+        width = features.shape[-1]  # the target's features: one layer's, or EAGLE-3's three concatenated
+        if self.graphs.run(("feedback", bucket, width), drafter.layers.k_cache,
+                           lambda: self._feedback_body(bucket, width), load) is None:
             return False
         drafter.layers.length = base + n
         return True
 
-    def _feedback_body(self, bucket: int) -> tuple[FeedbackBuffers, Callable[[], None]]:
+    def _feedback_body(self, bucket: int, width: int) -> tuple[FeedbackBuffers, Callable[[], None]]:
         drafter, device = self.drafter, self.drafter.device
         with torch.inference_mode(False):
-            buffers = FeedbackBuffers(torch.zeros(bucket, self.root.shape[0], dtype=drafter.dtype, device=device),
+            buffers = FeedbackBuffers(torch.zeros(bucket, width, dtype=drafter.dtype, device=device),
                                       torch.zeros(bucket, dtype=torch.long, device=device),
                                       torch.zeros((), dtype=torch.long, device=device))
         columns, rows = self._columns(), torch.arange(bucket, device=device)

@@ -61,6 +61,7 @@ class EagleDrafter(Drafter):
     needs_features = True
     sizes_itself = True  # the engine gives the node budget; the tree's size comes from the costs
     gives_confidence = True  # each node's draft log-probability given its parent (Draft.confidence)
+    layers_class = LeanLayers  # how the head's layer runs over its cache (EAGLE-3's reads a pair: eagle3.py)
 
     def __init__(self, head: EagleHead, target: PreTrainedModel, tree: TreeConfig | None = None,
                  graphs: bool | None = None):
@@ -68,7 +69,7 @@ class EagleDrafter(Drafter):
         self.device, self.dtype = target.device, next(head.parameters()).dtype
         self.head, self.tree = head, tree or TreeConfig.for_device(self.device)
         self.parts = TargetParts(target, head.draft_to_target, dtype=self.dtype)
-        self.layers = lean_head(head, self.parts.head_rows)
+        self.layers = lean_head(head, self.parts.head_rows, self.layers_class)
         fmt = self.layers.weights
         self.fc_weight, self.head_rows = fmt.prepare(head.fc.weight.detach()), fmt.prepare(self.parts.head_rows)
         self.costs: CostCurve | None = None  # set by the engine
@@ -221,7 +222,7 @@ def _given_parent(scores: list[float], parents: list[int], node: int) -> float:
 
 
 @torch.no_grad()
-def lean_head(head: EagleHead, head_rows: torch.Tensor) -> LeanLayers:
+def lean_head(head: EagleHead, head_rows: torch.Tensor, layers_class: type[LeanLayers] = LeanLayers) -> LeanLayers:
     """The head's decoder layer as lean layers over a cache of its own, in the weight format that multiplies the
     draft vocabulary's output rows (the largest product of a tree level) fastest here. fp16 may round the
     head's own weights (a trained head holds values below float16's normal range): that changes proposals
@@ -230,5 +231,5 @@ def lean_head(head: EagleHead, head_rows: torch.Tensor) -> LeanLayers:
     fmt = cached_fastest_format(head_rows, fp16=True, fused=None)  # the fused kernels' products compete too
     positions = torch.arange(cfg.max_position_embeddings, device=weight.device)[None]
     cos, sin = head.rotary(weight[:1, :1], positions)
-    return LeanLayers([lean_layer(head.layer, fmt)], fmt, cos[0], sin[0], cfg.num_attention_heads,
+    return layers_class([lean_layer(head.layer, fmt)], fmt, cos[0], sin[0], cfg.num_attention_heads,
                       cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps, weight.dtype, weight.device)

@@ -38,6 +38,10 @@ class TreeWithLookup(Drafter):
     def costs(self, curve: CostCurve | None) -> None:  # the engine hands the tree drafter its cost curve
         self.tree.costs = curve
 
+    def bind(self, runner) -> None:  # a head that reads the target's middle layers says which (EAGLE-3)
+        if hasattr(self.tree, "bind"):
+            self.tree.bind(runner)
+
     def reset(self, prompt_ids: list[int], sampling: SamplingConfig, generator: torch.Generator | None) -> None:
         self.tree.reset(prompt_ids, sampling, generator)
         self.lookup.reset(prompt_ids, sampling, generator)

@@ -23,7 +23,7 @@ def build_drafter(spec: str, target: LoadedModel, **options) -> Drafter | None:
     """`auto`, `none`, `ngram`, `model:PATH` (a smaller causal LM with the target's tokenizer), `student[:DIR]`
     (the distilled student shipped for the target, or one in DIR), `mag[:FILE]` (prompt lookup + bigram chain),
     `cascade[:K-MATRIX|:FILE.toml]` (CS-Drafting), `layerskip[:auto|:DIR|:skip=LAYERS]` (self-speculation),
-    `eagle[:DIR]`, `eagle+ngram[:DIR]`, `medusa[:DIR]` or `ctc[:DIR]`."""
+    `eagle[:DIR]`, `eagle+ngram[:DIR]`, `eagle3[:DIR]`, `eagle3+ngram[:DIR]`, `medusa[:DIR]` or `ctc[:DIR]`."""
     if spec in ("none", "", None):
         return None
     if spec == "auto":
@@ -61,13 +61,13 @@ def build_drafter(spec: str, target: LoadedModel, **options) -> Drafter | None:
 
         return LayerSkipDrafter(skip_policy(path, target), vocab_size=logit_rows(target.model),
                                 tokenizer=target.tokenizer, confidence=options.get("confidence", 0.0))
-    if kind == "eagle+ngram":  # the head's tree with prompt lookup's chain grafted on
-        kind, options = "eagle", {"lookup": 8, **options}
-    if kind in ("eagle", "medusa", "ctc"):
+    if kind in ("eagle+ngram", "eagle3+ngram"):  # the head's tree with prompt lookup's chain grafted on
+        kind, options = kind.removesuffix("+ngram"), {"lookup": 8, **options}
+    if kind in ("eagle", "eagle3", "medusa", "ctc"):
         return _head_drafter(kind, path, target, options)
     raise ConfigError(f"unknown drafter '{spec}': use auto, none, ngram, model:PATH, student[:DIR], mag[:FILE], "
                       "cascade[:K-MATRIX|:FILE.toml], layerskip[:auto|:DIR|:skip=LAYERS], eagle[:DIR], "
-                      "eagle+ngram[:DIR], medusa[:DIR] or ctc[:DIR]")
+                      "eagle+ngram[:DIR], eagle3[:DIR], eagle3+ngram[:DIR], medusa[:DIR] or ctc[:DIR]")
 
 
 def skip_policy(spec: str, target: LoadedModel):
@@ -114,9 +114,12 @@ def _head_drafter(kind: str, path: str, target: LoadedModel, options: dict) -> D
     head = load_head(Path(path) if path else shipped_head(kind, target), target.model)
     if head.config.kind != kind:
         raise ConfigError(f"{path} holds a {head.config.kind} head, not a {kind} head: use --drafter {head.config.kind}:{path}")
-    if kind == "eagle":
+    if kind in ("eagle", "eagle3"):
+        from draftsmith.drafters.eagle3 import Eagle3Drafter
+
         tree = TreeConfig.for_device(target.model.device, **{k: v for k, v in options.items() if k in ("depth", "top_k")})
-        drafter = EagleDrafter(head, target.model, tree, graphs=options.get("graphs"))
+        drafter = (EagleDrafter if kind == "eagle" else Eagle3Drafter)(head, target.model, tree,
+                                                                       graphs=options.get("graphs"))
         if options.get("lookup"):
             from draftsmith.drafters.merged import TreeWithLookup
             from draftsmith.drafters.ngram import NgramDrafter

@@ -7,8 +7,11 @@ Two sources, mixed by `self_distill`:
   since on a CPU a batch of sequences costs little more per step than one. A head learns what the target
   WRITES, which is what it must predict at decode time. Prompts either end at a line break anywhere
   (`prompts="windows"`) or right after a function's docstring (`prompts="functions"`): the form of a request to
-  write a function body, the code assistants' workload.
-Never HumanEval: the benchmark measures it.
+  write a function body, the code assistants' workload), or in the benchmarks' own forms
+  (`prompts="benchmark"`): a function's signature and docstring as a bare code prompt, or inside a chat request
+  to complete it (half of them, for a target with a chat template), both as data/onpolicy.py builds them, the
+  prompt's last `prompt_tokens` tokens kept.
+Never HumanEval nor any benchmark's prompts: the benchmark measures them.
 
 Shards are written one at a time with a manifest of what is done, so an interrupted run resumes at the next shard.
 """
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
 
@@ -28,11 +31,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from draftsmith.cached_lm import last_hidden_states
 from draftsmith.data.corpus import CodeDocument, documented_functions, load_corpus
+from draftsmith.data.onpolicy import function_prompts, prompt_ids
 from draftsmith.data.shards import ShardFolder
 from draftsmith.errors import ConfigError
 from draftsmith.progress import counted
 
-PROMPT_KINDS = ("windows", "functions")
+PROMPT_KINDS = ("windows", "functions", "benchmark")
 
 
 @dataclass
@@ -44,9 +48,11 @@ class FeatureDataConfig:
     seq_len: int = 160  # tokens per sequence
     self_distill: float = 0.5  # share of sequences that are the target's own continuations
     prompt_tokens: int = 64  # prompt length of a self-distillation sequence (the rest is generated)
-    prompts: Literal["windows", "functions"] = "windows"  # where self-distillation prompts end (see above)
+    prompts: Literal["windows", "functions", "benchmark"] = "windows"  # self-distillation prompts (see above)
     shard_size: int = 64  # sequences per shard (and per generation batch: larger on a GPU)
     seed: int = 0
+    # EAGLE-3: shards also hold the residual stream entering these target layers, concatenated ("aux_features")
+    feature_layers: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not 0 <= self.self_distill <= 1:
@@ -88,24 +94,41 @@ def docstring_ends(text: str) -> list[int]:
                   if node.body[0].end_lineno <= len(line_ends))
 
 
-def _function_prompts(docs, tokenizer, length: int, rng: random.Random) -> Iterator[list[int]]:
-    """Prompts of `length` tokens ending right after a function's docstring (the code before it as context);
-    functions with a body to write only, and too little code before them: skipped."""
-    order = list(range(len(docs)))
+def _long_enough(items: list, candidates, length: int, rng: random.Random, nothing: str) -> Iterator[list[int]]:
+    """Endless shuffled passes over `items`, yielding the last `length` tokens of each of an item's candidate
+    prompts (`candidates(item)`) that has as many; a pass that finds none raises `nothing`."""
+    order = list(range(len(items)))
     while True:
         rng.shuffle(order)
         found = False
         for i in order:
-            text = docs[i].text
-            ends = docstring_ends(text)
-            for end in rng.sample(ends, k=min(len(ends), 4)):
-                ids = tokenizer(text[max(0, end - 8 * length) : end], add_special_tokens=False).input_ids
+            for ids in candidates(items[i]):
                 if len(ids) >= length:
                     found = True
                     yield ids[-length:]
         if not found:
-            raise ConfigError(f"no function in the corpus has a docstring, a body and {length} tokens of code up to "
-                              "its docstring's end: use prompts='windows' or a shorter prompt")
+            raise ConfigError(nothing)
+
+
+def _function_prompts(docs, tokenizer, length: int, rng: random.Random) -> Iterator[list[int]]:
+    """Prompts of `length` tokens ending right after a function's docstring (the code before it as context);
+    functions with a body to write only, and too little code before them: skipped."""
+    def candidates(doc: CodeDocument):
+        ends = docstring_ends(doc.text)
+        for end in rng.sample(ends, k=min(len(ends), 4)):
+            yield tokenizer(doc.text[max(0, end - 8 * length) : end], add_special_tokens=False).input_ids
+
+    return _long_enough(docs, candidates, length, rng, f"no function in the corpus has a docstring, a body and "
+                        f"{length} tokens of code up to its docstring's end: use prompts='windows' or a shorter prompt")
+
+
+def _benchmark_prompts(functions: list[str], tokenizer, length: int, rng: random.Random) -> Iterator[list[int]]:
+    """The corpus's functions in the benchmarks' prompt forms (raw code, or a chat request for a target with a
+    chat template), the last `length` tokens of each prompt that has as many."""
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    return _long_enough(functions, lambda code: [prompt_ids(tokenizer, code, chat and rng.random() < 0.5)], length,
+                        rng, f"no documented function of the corpus makes a prompt of {length} tokens: use "
+                        "prompts='windows' or a shorter prompt")
 
 
 @torch.inference_mode()
@@ -118,18 +141,23 @@ def _continue(target: PreTrainedModel, prompts: list[list[int]], new_tokens: int
 
 
 @torch.inference_mode()
-def target_features(target: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
-    """[B, T, H] last-layer features (before the final norm) of full sequences, as the engine hands them over."""
-    with last_hidden_states(target) as captured:
+def target_features(target: PreTrainedModel, ids: torch.Tensor, layers: tuple[int, ...] = ()
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[B, T, H] last-layer features (before the final norm) of full sequences, as the engine hands them over,
+    and with `layers` the residual stream entering those layers, concatenated ([B, T, 3H]; else None)."""
+    with last_hidden_states(target) as last, last_hidden_states(target, layers) as inputs:
         target(input_ids=ids.to(target.device), attention_mask=torch.ones_like(ids, device=target.device),
                logits_to_keep=1)
-    return captured[0]
+    return last[0], torch.cat(inputs, dim=-1) if layers else None
 
 
-def _shard(ids: list[list[int]], target: PreTrainedModel) -> dict[str, torch.Tensor]:
+def _shard(ids: list[list[int]], target: PreTrainedModel, layers: tuple[int, ...] = ()) -> dict[str, torch.Tensor]:
     tokens = torch.tensor(ids, dtype=torch.long)
-    features = target_features(target, tokens).to(torch.bfloat16).cpu()  # half the disk; heads train in fp32
-    return {"input_ids": tokens.to(torch.int32), "features": features.contiguous()}
+    features, aux = target_features(target, tokens, layers)
+    shard = {"input_ids": tokens.to(torch.int32), "features": features.to(torch.bfloat16).cpu().contiguous()}
+    if aux is not None:  # bf16: half the disk; heads train in fp32
+        shard["aux_features"] = aux.to(torch.bfloat16).cpu().contiguous()
+    return shard
 
 
 def build_feature_shards(
@@ -139,6 +167,8 @@ def build_feature_shards(
     """Write train and held-out shards under `folder` (resuming a partial run); returns the folder."""
     settings = {**asdict(config), "target": target.config.to_dict().get("_name_or_path", ""),
                 "hidden_size": target.config.hidden_size, "dtype": str(target.dtype)}
+    if not config.feature_layers:  # folders built before EAGLE-3 heads keep matching their manifests
+        del settings["feature_layers"]
     shards = ShardFolder(folder, settings)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     # held-out shards are never larger than the held-out set (a large --shard-size is for batching on GPUs)
@@ -148,6 +178,7 @@ def build_feature_shards(
     todo = [(split, i) for split, i in plan if not shards.is_done(split, i)]
     docs = {split: load_corpus(config.corpus, split=split, heldout_percent=config.heldout_percent)
             for split in {s for s, _ in todo}}
+    functions: dict[str, list[str]] = {}  # benchmark-form prompts: each split's documented functions, once
     with counted("features", disable=not progress) as bar:
         task = bar.add_task("shards", total=len(plan), completed=len(plan) - len(todo))
         for split, index in todo:
@@ -159,11 +190,15 @@ def build_feature_shards(
             if n_generated:
                 if config.prompts == "functions":
                     source = _function_prompts(docs[split], tokenizer, config.prompt_tokens, rng)
+                elif config.prompts == "benchmark":
+                    if split not in functions:
+                        functions[split] = function_prompts(docs[split])
+                    source = _benchmark_prompts(functions[split], tokenizer, config.prompt_tokens, rng)
                 else:
                     source = (w[: config.prompt_tokens] for w in windows)
                 prompts = [next(source) for _ in range(n_generated)]
                 rows += _continue(target, prompts, config.seq_len - config.prompt_tokens, pad)
-            shards.write(split, index, _shard(rows, target))
+            shards.write(split, index, _shard(rows, target, tuple(config.feature_layers)))
             bar.update(task, advance=1)
     return shards.folder
 
@@ -180,12 +215,28 @@ class FeatureShards(Dataset):
         shards = [load_file(str(p)) for p in paths]
         self.ids = torch.cat([s["input_ids"] for s in shards]).long()
         self.features = torch.cat([s["features"] for s in shards])
+        has_aux = {"aux_features" in s for s in shards}
+        if len(has_aux) > 1:
+            raise ConfigError(f"the shards in {', '.join(map(str, folders))} mix folders with and without EAGLE-3's "
+                              "layer features: build them all with the same --feature-layers")
+        self.aux = torch.cat([s["aux_features"] for s in shards]) if has_aux == {True} else None
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "features": self.features[i].float()}
+        item = {"input_ids": self.ids[i], "features": self.features[i].float()}
+        if self.aux is not None:
+            item["aux_features"] = self.aux[i].float()
+        return item
+
+    def batch(self, start: int, size: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """Sequences start..start+size as one batch on `device` (held-out evaluation)."""
+        return {key: (value if key == "input_ids" else value.float()).to(device)
+                for key, value in (("input_ids", self.ids[start : start + size]),
+                                   ("features", self.features[start : start + size]),
+                                   ("aux_features", None if self.aux is None else self.aux[start : start + size]))
+                if value is not None}
 
     def token_counts(self, vocab_size: int) -> torch.Tensor:
         return torch.bincount(self.ids.flatten(), minlength=vocab_size)[:vocab_size]

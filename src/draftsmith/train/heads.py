@@ -36,8 +36,8 @@ from transformers import DynamicCache, PreTrainedModel
 from draftsmith.errors import ConfigError
 from draftsmith.draft import common_prefix
 from draftsmith.drafters.ctc import ctc_collapse
-from draftsmith.heads import (HEAD_KINDS, CtcHead, EagleHead, HeadConfig, HeadKind, MedusaHeads, TargetParts, build_head,
-                              load_head, save_head)
+from draftsmith.heads import (HEAD_KINDS, CtcHead, Eagle3Head, EagleHead, HeadConfig, HeadKind, MedusaHeads,
+                              TargetParts, build_head, default_feature_layers, load_head, save_head)
 from draftsmith.train.features import FeatureShards
 from draftsmith.train.trainer import Batch, TrainConfig, Trainer
 
@@ -58,6 +58,7 @@ class HeadTrainConfig:
     ctc_labels: int = 3  # CTC: future tokens the frames spell out
     ctc_frames: int = 0  # CTC: frames per step; 0 = 2 x ctc_labels (upstream: 6 frames for 3 labels)
     ctc_feed: bool = False  # CTC: each frame reads the embedding of the previous frame's best entry
+    feature_layers: list[int] = field(default_factory=list)  # EAGLE-3: target layers read; [] = 2, L/2, L-3
     eval_unroll: int = 3  # held-out agreement is reported for this many drafting steps
     eval_sequences: int = 64
     init_from: str | None = None  # a trained head folder to fine-tune (its shape and draft vocabulary kept)
@@ -117,22 +118,29 @@ def unrolled_features(head: EagleHead, parts: TargetParts, ids: torch.Tensor, in
 
 def eagle_loss(model: HeadWithTarget, batch: Batch, cfg: HeadTrainConfig, unroll: int | None = None
                ) -> tuple[torch.Tensor, dict]:
+    """EAGLE's losses; an EAGLE-3 head (a batch with the target's three layers) reads those and is trained on
+    the cross-entropy alone, through its own norm and output head: its layer's output is no target feature."""
     ids, features = batch["input_ids"], batch["features"]
-    inputs = features[:, :-1]
+    eagle3 = isinstance(model.head, Eagle3Head)
+    inputs = (batch["aux_features"] if eagle3 else features)[:, :-1]
     if model.training and cfg.noise:
         inputs = inputs + torch.randn_like(inputs) * cfg.noise * model.feature_scale
+    logits = model.head.logits if eagle3 else model.parts.logits
     total, metrics = features.new_zeros(()), {}
     for step, predicted in enumerate(unrolled_features(model.head, model.parts, ids, inputs, unroll or cfg.unroll), 1):
         span = ids.shape[1] - step  # anchors whose target feature a + step exists
         following = features[:, step : step + span]
-        regression = F.smooth_l1_loss(predicted[:, :span] / model.feature_scale, following / model.feature_scale)
         p = model.target_probs(following)
-        log_q = model.parts.logits(predicted[:, :span]).float().log_softmax(-1)
+        log_q = logits(predicted[:, :span]).float().log_softmax(-1)
         ce = -(p * log_q).sum(-1).mean()
-        total = total + 0.8 ** (step - 1) * (cfg.w_regression * regression + cfg.w_ce * ce)
         suffix = "" if step == 1 else f"_step{step}"
-        metrics.update({f"regression{suffix}": regression.detach(), f"ce{suffix}": ce.detach(),
-                        f"top1{suffix}": (log_q.argmax(-1) == p.argmax(-1)).float().mean()})
+        if eagle3:
+            total = total + 0.8 ** (step - 1) * ce
+        else:
+            regression = F.smooth_l1_loss(predicted[:, :span] / model.feature_scale, following / model.feature_scale)
+            total = total + 0.8 ** (step - 1) * (cfg.w_regression * regression + cfg.w_ce * ce)
+            metrics[f"regression{suffix}"] = regression.detach()
+        metrics.update({f"ce{suffix}": ce.detach(), f"top1{suffix}": (log_q.argmax(-1) == p.argmax(-1)).float().mean()})
     return total, metrics
 
 
@@ -252,9 +260,8 @@ class HeldoutAgreement:
         sums: dict[str, float] = {}
         batches = 0
         for start in range(0, len(self.data), 16):
-            batch = {"input_ids": self.data.ids[start : start + 16].to(device),
-                     "features": self.data.features[start : start + 16].to(device, torch.float32)}
-            if self.cfg.kind == "eagle":
+            batch = self.data.batch(start, 16, device)
+            if self.cfg.kind in ("eagle", "eagle3"):
                 _, metrics = eagle_loss(model, batch, self.cfg, unroll=self.cfg.eval_unroll)
             else:
                 _, metrics = (ctc_loss if self.cfg.kind == "ctc" else medusa_loss)(model, batch, self.cfg)
@@ -286,13 +293,27 @@ def initial_head(target: PreTrainedModel, counts: torch.Tensor, cfg: HeadTrainCo
     if cfg.init_from:
         return head_to_tune(cfg.init_from, cfg.kind, target).float()
     draft_ids = draft_vocabulary(counts, cfg.draft_vocab)
+    eagle3 = dict(feature_layers=head_feature_layers(cfg, target), target_layers=target.config.num_hidden_layers
+                  ) if cfg.kind == "eagle3" else {}
     config = HeadConfig.for_target(cfg.kind, target, draft_vocab=len(draft_ids) if cfg.draft_vocab else 0,
                                    medusa_heads=cfg.medusa_heads, ctc_frames=cfg.ctc_frames,
                                    ctc_labels=cfg.ctc_labels, ctc_feed=cfg.ctc_feed,
-                                   target=target_name)
+                                   target=target_name, **eagle3)
     head = build_head(config)
     head.draft_to_target.copy_(draft_ids)
+    if isinstance(head, Eagle3Head):
+        head.init_from_target(target)
     return head
+
+
+def head_feature_layers(cfg: HeadTrainConfig, target: PreTrainedModel) -> list[int]:
+    """The target layers an EAGLE-3 head reads (ascending, inside the target), by default 2, L/2, L-3."""
+    layers = target.config.num_hidden_layers
+    chosen = list(cfg.feature_layers) or default_feature_layers(layers)
+    if len(chosen) != 3 or chosen != sorted(set(chosen)) or not 0 <= chosen[0] <= chosen[-1] < layers:
+        raise ConfigError(f"an EAGLE-3 head reads 3 distinct layers of the target's {layers}, ascending, from 0 to "
+                          f"{layers - 1}; got {chosen}")
+    return chosen
 
 
 def train_head(
@@ -310,9 +331,13 @@ def train_head(
     config = head.config
     coverage = float(counts[head.draft_to_target.cpu()].sum() / counts.sum())  # share of the data's tokens it holds
     parts = TargetParts(target, head.draft_to_target, dtype=torch.float32)  # frozen parts in fp32, like the head
-    scale = float(data.features[: min(len(data), 256)].float().pow(2).mean().sqrt())
+    inputs = data.features if data.aux is None else data.aux  # what the head reads (the noise's unit)
+    if (cfg.kind == "eagle3") != (data.aux is not None):
+        raise ConfigError(f"{', '.join(map(str, folders))}: {'no' if data.aux is None else ''} EAGLE-3 layer features "
+                          f"in the shards, for a {cfg.kind} head: use a data folder built for this kind")
+    scale = float(inputs[: min(len(data), 256)].float().pow(2).mean().sqrt())
     model = HeadWithTarget(head, parts, scale)
-    loss = {"eagle": eagle_loss, "medusa": medusa_loss, "ctc": ctc_loss}[cfg.kind]
+    loss = {"eagle": eagle_loss, "eagle3": eagle_loss, "medusa": medusa_loss, "ctc": ctc_loss}[cfg.kind]
     evaluate = HeldoutAgreement(heldout, cfg)
     if cfg.init_from:  # what fine-tuning gained is measured on the same held-out data
         with torch.no_grad():
