@@ -1,15 +1,20 @@
 """Bad input gets a clear error (a DraftsmithError subclass, or a CLI message without a traceback)."""
 
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
+import typer
 
+from draftsmith import cli
 from draftsmith.acceptance import SamplingConfig
 from draftsmith.drafters.registry import build_drafter
 from draftsmith.engine import GenerationConfig, SpecEngine
 from draftsmith.errors import ConfigError, IncompatibleDrafterError, ModelLoadError
 from draftsmith.models import load_model
+from draftsmith.train.trainer import list_checkpoints
 from tiny_models import char_tokenizer, tiny_llama
 
 
@@ -97,3 +102,55 @@ def test_cli_generates_with_a_folder_model(saved_target):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("def f(") and "tau" in proc.stderr
+
+
+@pytest.mark.parametrize("raised, status, line", [
+    (KeyboardInterrupt(), 130, "interrupted"),
+    (EOFError(), 1, "error: end of input"),
+    (RuntimeError("inner\nsecond line"), 1, "error: RuntimeError: inner (unexpected: DRAFTSMITH_TRACEBACK=1"),
+    (typer.Exit(3), 3, None),  # a command's own status (non-standalone typer returns it: it was dropped)
+])
+def test_every_way_a_command_can_end_gives_a_status_and_one_line(monkeypatch, capsys, raised, status, line):
+    app = typer.Typer()
+
+    @app.command()
+    def boom():
+        raise raised
+
+    monkeypatch.setattr(cli, "app", app)
+    monkeypatch.setattr(sys, "argv", ["draftsmith"])
+    with pytest.raises(SystemExit) as ended:
+        cli.main()
+    assert ended.value.code == status
+    err = capsys.readouterr().err
+    lines = [text for text in err.splitlines() if text.strip()]
+    assert len(lines) == (0 if line is None else 1), err
+    assert line is None or lines[0].startswith(line)
+    assert "Traceback" not in err
+
+
+def test_ctrl_c_during_distill_exits_130_with_a_checkpoint(saved_target, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(8):
+        (corpus / f"m{i}.py").write_text(f"def f{i}(x):\n" + "".join(f"    x = x + {j}\n" for j in range(20)))
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "draftsmith.cli", "distill", "--target", str(saved_target), "--out", str(out),
+         "--corpus", str(corpus), "--data", "corpus", "--steps", "100000", "--batch-size", "1", "--seq-len", "16",
+         "--layers", "1", "--hidden", "16", "--heads", "2", "--kv-heads", "1", "--eval-every", "0",
+         "--checkpoint-every", "0", "--device", "cpu", "--heldout-percent", "25"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "tb").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)  # the TensorBoard folder appears when the training loop starts
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "interrupted" and "Traceback" not in stderr
+    saved = list_checkpoints(out / "checkpoints")
+    assert len(saved) == 1 and int(saved[0].name[5:]) > 0  # the step it was in, not step 100000
