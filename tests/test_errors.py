@@ -1,5 +1,6 @@
 """Bad input gets a clear error (a DraftsmithError subclass, or a CLI message without a traceback)."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from draftsmith.acceptance import SamplingConfig
 from draftsmith.drafters.registry import build_drafter
 from draftsmith.engine import GenerationConfig, SpecEngine
 from draftsmith.errors import ConfigError, IncompatibleDrafterError, ModelLoadError
-from draftsmith.models import load_model
+from draftsmith.models import embedded_gguf, load_model
 from draftsmith.train.trainer import list_checkpoints
 from tiny_models import char_tokenizer, tiny_llama
 
@@ -58,6 +59,9 @@ def test_mismatched_vocabulary_is_refused(saved_target, tmp_path):
         (lambda: GenerationConfig(max_new_tokens=0), "max_new_tokens must be >= 1"),
         (lambda: SamplingConfig(temperature=-0.5), "temperature must be >= 0"),
         (lambda: SamplingConfig(top_p=0.0), "top_p must be in"),
+        (lambda: SamplingConfig(temperature=float("nan")), "temperature must be >= 0 and finite"),
+        (lambda: SamplingConfig(temperature=float("inf")), "temperature must be >= 0 and finite"),
+        (lambda: SamplingConfig(top_p=float("nan")), "top_p must be in"),
         (lambda: build_drafter("ngram", None, min_n=3, max_n=2), "min_n <= max_n"),
         (lambda: build_drafter("eagle9", None), "unknown drafter 'eagle9'"),
     ],
@@ -85,6 +89,9 @@ def test_empty_prompt_and_context_overflow():
         (["generate", "x", "--target", "{target}", "--k", "-2"], "must be >= 0"),
         (["generate", "x", "--target", "{target}", "--temperature", "-1"], "temperature must be >= 0"),
         (["generate", "x", "--target", "/no/such/dir"], "model path not found"),
+        (["generate", "x", "--target", "{target}", "--temperature", "nan"], "temperature must be >= 0 and finite"),
+        (["generate", "x", "--target", "{target}", "--temperature", "0.5", "--top-p", "nan"], "top_p must be in"),
+        (["serve", "--target", "{target}", "--port", "70000"], "Invalid value for '--port'"),
     ],
 )
 def test_cli_reports_errors_without_traceback(saved_target, args, message):
@@ -92,6 +99,18 @@ def test_cli_reports_errors_without_traceback(saved_target, args, message):
     proc = subprocess.run([sys.executable, "-m", "draftsmith.cli", *argv], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("damage", ["header cut", "weights cut", "garbage", "empty"])
+def test_a_damaged_gguf_is_a_clear_error(tmp_path, damage):
+    original = embedded_gguf("smollm2")
+    path = tmp_path / "model.gguf"
+    with original.open("rb") as f:
+        size = {"header cut": 1_000_000, "weights cut": original.stat().st_size - 8_000_000,
+                "garbage": 0, "empty": 0}[damage]
+        path.write_bytes(f.read(size) if size else (os.urandom(4096) if damage == "garbage" else b""))
+    with pytest.raises(ModelLoadError, match=r"could not read model .*model.gguf' \(a truncated or damaged GGUF"):
+        load_model(str(path))
 
 
 def test_cli_generates_with_a_folder_model(saved_target):

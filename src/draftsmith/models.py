@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util  # binds importlib too
 import logging
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,6 +126,14 @@ def _locate(spec: str) -> tuple[str, dict]:
 
 
 BACKENDS = ("torch", "llamacpp")
+# What transformers' readers raise on a damaged file (a truncated GGUF: struct.error or ValueError from numpy)
+UNREADABLE = (ValueError, KeyError, IndexError, EOFError, struct.error)
+
+
+def unreadable(spec: str, extra: dict, error: Exception) -> ModelLoadError:
+    detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    hint = " (a truncated or damaged GGUF file?)" if "gguf_file" in extra else ""
+    return ModelLoadError(f"could not read model '{spec}'{hint}: {detail}")
 
 
 def load_tokenizer(spec: str = DEFAULT_TARGET, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -134,6 +143,8 @@ def load_tokenizer(spec: str = DEFAULT_TARGET, trust_remote_code: bool = False) 
         return AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code, **extra)
     except OSError as e:
         raise ModelLoadError(f"could not load the tokenizer of '{spec}': {e}") from e
+    except UNREADABLE as e:
+        raise unreadable(spec, extra, e) from e
 
 
 def load_model(
@@ -163,6 +174,8 @@ def load_model(
             f"could not load model '{spec}': {e}. Give a local folder, a .gguf file, an embedded alias "
             f"({', '.join(EMBEDDED_MODELS)}), or a hub id on a machine with hub access."
         ) from e
+    except UNREADABLE as e:
+        raise unreadable(spec, extra, e) from e
     model.to(torch_device).eval()
     model.generation_config.pad_token_id = model.generation_config.pad_token_id or tokenizer.pad_token_id
     return LoadedModel(model=model, tokenizer=tokenizer, name=spec)
@@ -178,8 +191,11 @@ def _load_llamacpp(spec: str, location: str, extra: dict, device: str) -> Loaded
                           "`draftsmith export --format gguf`)")
     if device not in ("cpu", "auto"):
         raise ConfigError(f"the llama.cpp backend runs on the CPU here; device '{device}' is not supported")
-    tokenizer = AutoTokenizer.from_pretrained(location, **extra)
-    config = AutoConfig.from_pretrained(location, **extra)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **extra)
+        config = AutoConfig.from_pretrained(location, **extra)
+    except UNREADABLE as e:
+        raise unreadable(spec, extra, e) from e
     model = LlamaCppModel(Path(location) / extra["gguf_file"], config)  # _locate checked that it exists
     model.generation_config.pad_token_id = model.generation_config.pad_token_id or tokenizer.pad_token_id
     return LoadedModel(model=model, tokenizer=tokenizer, name=spec)

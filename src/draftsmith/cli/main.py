@@ -118,7 +118,7 @@ def main() -> None:
         # typer turns Ctrl-C into Exit(130), which non-standalone mode returns instead of raising
         status = app(standalone_mode=False)
     except DraftsmithError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:  # raised outside typer's own handling (while a command's module imports)
         status = INTERRUPTED

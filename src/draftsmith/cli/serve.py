@@ -20,7 +20,7 @@ def serve_command(
     k: DraftTokens = 16,
     adaptive: Adaptive = True,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port to listen on.")] = 8000,
+    port: Annotated[int, typer.Option(help="TCP port to listen on.", min=0, max=65535)] = 8000,
     device: Device = "cpu",
     dtype: Dtype = "auto",
     queue_size: Annotated[int, typer.Option(help="Requests that may wait for the engine; more get 429.")] = 64,
