@@ -41,9 +41,10 @@ def greedy(max_tokens: int, stop: list[str] | None = None) -> GenerationConfig:
 
 
 class LiveServer:
-    def __init__(self, folder: Path, queue_size: int = 64, limits: ServerLimits | None = None):
+    def __init__(self, folder: Path, queue_size: int = 64, limits: ServerLimits | None = None,
+                 api_key: str | None = None):
         self.app = create_app(load_model(str(folder)), "ngram", k=K, model_name=MODEL_NAME, queue_size=queue_size,
-                              limits=limits)
+                              limits=limits, api_key=api_key)
         config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
                                 timeout_graceful_shutdown=5)
         self.server = uvicorn.Server(config)

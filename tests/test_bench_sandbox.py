@@ -197,3 +197,53 @@ def test_each_humaneval_record_says_which_isolation_its_tests_had():
     assert record.passed is False and record.sandbox == ISOLATION
     record, = make_records(calls, [task], lambda ids: "    return False\n", run_tests=False)
     assert record.passed is None and record.sandbox is None
+
+
+# --- the escapes of the hardening issue: outliving the timeout, reading the host's files ---
+
+def _processes_named(comm: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "comm").read_text().strip() == comm:
+                found.append(int(entry.name))
+        except OSError:
+            pass
+    return found
+
+
+@isolated
+@pytest.mark.parametrize("escape", ["os.setsid()", "os.setpgid(0, 0)", "signal.signal(signal.SIGTERM, signal.SIG_IGN)"])
+def test_no_process_outlives_the_timeout(escape):
+    # The program renames itself (prctl PR_SET_NAME) so that this test can look for it among the host's
+    # processes, leaves the process group the harness kills, and sleeps past the timeout.
+    tag = uuid.uuid4().hex[:15]
+    code = (f"import ctypes, os, signal, time\n{escape}\n"
+            f"ctypes.CDLL(None).prctl(15, {tag.encode()!r}, 0, 0, 0)\n"
+            "print('started', flush=True)\ntime.sleep(60)\n")
+    result = run_python(code, dataclasses.replace(NO_HOOK, timeout_s=2.0))
+    assert result.status == "timeout" and "started" in result.stdout, result
+    assert _processes_named(tag) == []
+
+
+@isolated
+def test_the_hosts_files_are_not_readable(tmp_path):
+    secret = tmp_path / "secret.txt"  # world-readable, in a world-searchable directory
+    secret.write_text("s3cret")
+    secret.chmod(0o644)
+    tmp_path.chmod(0o755)
+    probes = [str(secret), "/etc/hostname", "/etc/passwd", str(Path(__file__).resolve())]
+    code = ("import os\nfor path in " + repr(probes) + ":\n"
+            "    try:\n        open(path, 'rb').read()\n"
+            "    except OSError as e:\n        print(type(e).__name__)\n"
+            "    else:\n        print('read', path)\n"
+            "print(sorted(os.listdir('/')))\n"
+            "print((os.listdir('/tmp'), [p for p in os.listdir('/proc') if p.isdigit()]))\n")
+    result = run_python(code, NO_HOOK)
+    assert result.passed, result
+    lines = result.stdout.splitlines()
+    assert lines[:len(probes)] == ["FileNotFoundError"] * len(probes), lines
+    top = eval(lines[-2])
+    assert set(top) <= {"bin", "dev", "etc", "lib", "lib32", "lib64", "libx32", "proc", "root", "sbin", "tmp", "usr"}
+    only_work, only_itself = eval(lines[-1])  # /tmp holds the work dir's base only; /proc the program only
+    assert len(only_work) == 1 and only_work[0].startswith("draftsmith-sandbox-") and only_itself == ["1"]

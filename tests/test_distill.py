@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import signal
+import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,35 +128,92 @@ class PowerCut(Exception):
     pass
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(corpus, teacher, tmp_path):
-    data = chunks(corpus, max_chunks=10)  # 5 batches an epoch: the run crosses epochs
+def resumable_run(teacher, data, out_dir, resume=False, at_call=None, interrupt=PowerCut):
+    """A tiny distillation whose loss function, at its `at_call`-th call, raises PowerCut or sends this
+    process a SIGINT (as Ctrl-C does)."""
     # dropout makes the result depend on the RNG state, not only on weights and data
     spec = StudentConfig(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, attention_dropout=0.2)
     loss_fn = DistillLoss(teacher, alpha=0.5, temperature=1.0)
-    settings = dict(max_steps=8, batch_size=2, grad_accum=2, checkpoint_every=3, warmup_steps=2)
+    trainer = Trainer(train_config(out_dir, resume=resume, max_steps=8, batch_size=2, grad_accum=2,
+                                   checkpoint_every=3, warmup_steps=2))
+    student = build_student(teacher, spec)
+    calls = 0
 
-    def run(out_dir, resume=False, crash_at_call=None):
-        trainer = Trainer(train_config(out_dir, resume=resume, **settings))
-        student = build_student(teacher, spec)
-        calls = 0
-
-        def maybe_crash(model, batch):
-            nonlocal calls
-            calls += 1
-            if calls == crash_at_call:
+    def maybe_interrupt(model, batch):
+        nonlocal calls
+        calls += 1
+        if calls == at_call:
+            if interrupt is PowerCut:
                 raise PowerCut
-            return loss_fn(model, batch)
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss_fn(model, batch)
 
-        trainer.fit(student, data, maybe_crash)
-        return student
+    trainer.fit(student, data, maybe_interrupt)
+    return student
 
-    reference = run(tmp_path / "straight").state_dict()
-    with pytest.raises(PowerCut):
-        run(tmp_path / "cut", crash_at_call=2 * 4 + 2)  # in step 5, after the step-3 checkpoint
-    assert [p.name for p in list_checkpoints(tmp_path / "cut" / "checkpoints")] == ["step-0000003"]
-    resumed = run(tmp_path / "cut", resume=True).state_dict()
+
+@pytest.mark.parametrize("interrupt, checkpoints", [(PowerCut, ["step-0000003"]),
+                                                    (KeyboardInterrupt, ["step-0000003", "step-0000005"])])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(corpus, teacher, tmp_path, interrupt, checkpoints):
+    # a power cut loses the step it was in; Ctrl-C (SIGINT) checkpoints it first
+    if interrupt is KeyboardInterrupt and threading.current_thread() is not threading.main_thread():
+        pytest.skip("only the main thread takes signals")
+    data = chunks(corpus, max_chunks=10)  # 5 batches an epoch: the run crosses epochs
+    reference = resumable_run(teacher, data, tmp_path / "straight").state_dict()
+    with pytest.raises(interrupt):
+        resumable_run(teacher, data, tmp_path / "cut", at_call=2 * 4 + 2, interrupt=interrupt)  # in step 5
+    assert [p.name for p in list_checkpoints(tmp_path / "cut" / "checkpoints")] == checkpoints
+    resumed = resumable_run(teacher, data, tmp_path / "cut", resume=True).state_dict()
     for name, weight in reference.items():
         assert torch.equal(weight, resumed[name]), name
+
+
+class Exploit:  # what an unsafe unpickler would run
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/draftsmith-unpickled",))
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+CORRUPTIONS = {
+    "truncated weights": lambda c: _truncate(c / "trainable.safetensors"),
+    "garbage weights": lambda c: (c / "trainable.safetensors").write_bytes(os.urandom(300)),
+    "truncated optimizer": lambda c: _truncate(c / "optimizer.pt"),
+    "pickled code in the optimizer": lambda c: torch.save({"state": Exploit()}, c / "optimizer.pt"),
+    "empty scheduler": lambda c: (c / "scheduler.pt").write_bytes(b""),
+    "empty rng": lambda c: (c / "rng-0.pt").write_bytes(b""),
+    "rng of another kind": lambda c: torch.save({"seed": torch.zeros(2)}, c / "rng-0.pt"),
+    "garbage state": lambda c: (c / "state.json").write_text("{not json"),
+    "missing state": lambda c: (c / "state.json").unlink(),
+}
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_a_damaged_checkpoint_is_named_and_the_previous_one_resumed(corpus, teacher, tmp_path, corruption, capsys):
+    data = chunks(corpus, max_chunks=10)
+    reference = resumable_run(teacher, data, tmp_path / "straight").state_dict()
+    with pytest.raises(PowerCut):
+        resumable_run(teacher, data, tmp_path / "cut", at_call=7 * 2 + 1)  # in step 8: checkpoints 3 and 6
+    latest = list_checkpoints(tmp_path / "cut" / "checkpoints")[-1]
+    assert latest.name == "step-0000006"
+    CORRUPTIONS[corruption](latest)
+    resumed = resumable_run(teacher, data, tmp_path / "cut", resume=True).state_dict()
+    out = capsys.readouterr().out
+    assert "step-0000006" in out and "resuming from the previous intact one, step-0000003" in out, out
+    assert not Path("/tmp/draftsmith-unpickled").exists()
+    for name, weight in reference.items():
+        assert torch.equal(weight, resumed[name]), name
+
+
+def test_no_intact_checkpoint_is_a_clear_error(corpus, teacher, tmp_path):
+    data = chunks(corpus, max_chunks=10)
+    with pytest.raises(PowerCut):
+        resumable_run(teacher, data, tmp_path, at_call=4 * 2 + 1)  # in step 5: checkpoint 3 only
+    (list_checkpoints(tmp_path / "checkpoints")[-1] / "rng-0.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"no intact checkpoint .*step-0000003 \(EOFError"):
+        resumable_run(teacher, data, tmp_path, resume=True)
 
 
 def test_saved_student_loads_with_from_pretrained(corpus, teacher, tmp_path):
@@ -184,6 +245,12 @@ def test_saved_student_loads_with_from_pretrained(corpus, teacher, tmp_path):
         for k in (1, 3, 8):
             result = SpecEngine(teacher, drafter).generate(ids, GenerationConfig(max_new_tokens=30, k=k))
             assert result.tokens == hf_greedy(teacher, ids, 30)
+
+    # resuming the finished run says so and changes nothing (it used to rewrite distill.json, evaluation empty)
+    before = {f: f.read_bytes() for f in out.rglob("*") if f.is_file()}
+    with pytest.raises(ConfigError, match="already finished: its latest checkpoint, step-0000004"):
+        distill(teacher, char_tokenizer(), config, train_config(out, max_steps=4, resume=True))
+    assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == before
 
 
 def test_init_from_continues_a_trained_student(corpus, teacher, tmp_path):

@@ -1,15 +1,21 @@
 """Bad input gets a clear error (a DraftsmithError subclass, or a CLI message without a traceback)."""
 
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
+import typer
 
+from draftsmith.cli import main as cli
 from draftsmith.acceptance import SamplingConfig
 from draftsmith.drafters.registry import build_drafter
 from draftsmith.engine import GenerationConfig, SpecEngine
 from draftsmith.errors import ConfigError, IncompatibleDrafterError, ModelLoadError
-from draftsmith.models import load_model
+from draftsmith.models import embedded_gguf, load_model
+from draftsmith.train.trainer import list_checkpoints
 from tiny_models import char_tokenizer, tiny_llama
 
 
@@ -53,6 +59,9 @@ def test_mismatched_vocabulary_is_refused(saved_target, tmp_path):
         (lambda: GenerationConfig(max_new_tokens=0), "max_new_tokens must be >= 1"),
         (lambda: SamplingConfig(temperature=-0.5), "temperature must be >= 0"),
         (lambda: SamplingConfig(top_p=0.0), "top_p must be in"),
+        (lambda: SamplingConfig(temperature=float("nan")), "temperature must be >= 0 and finite"),
+        (lambda: SamplingConfig(temperature=float("inf")), "temperature must be >= 0 and finite"),
+        (lambda: SamplingConfig(top_p=float("nan")), "top_p must be in"),
         (lambda: build_drafter("ngram", None, min_n=3, max_n=2), "min_n <= max_n"),
         (lambda: build_drafter("eagle9", None), "unknown drafter 'eagle9'"),
     ],
@@ -80,6 +89,9 @@ def test_empty_prompt_and_context_overflow():
         (["generate", "x", "--target", "{target}", "--k", "-2"], "must be >= 0"),
         (["generate", "x", "--target", "{target}", "--temperature", "-1"], "temperature must be >= 0"),
         (["generate", "x", "--target", "/no/such/dir"], "model path not found"),
+        (["generate", "x", "--target", "{target}", "--temperature", "nan"], "temperature must be >= 0 and finite"),
+        (["generate", "x", "--target", "{target}", "--temperature", "0.5", "--top-p", "nan"], "top_p must be in"),
+        (["serve", "--target", "{target}", "--port", "70000"], "Invalid value for '--port'"),
     ],
 )
 def test_cli_reports_errors_without_traceback(saved_target, args, message):
@@ -87,6 +99,18 @@ def test_cli_reports_errors_without_traceback(saved_target, args, message):
     proc = subprocess.run([sys.executable, "-m", "draftsmith.cli", *argv], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("damage", ["header cut", "weights cut", "garbage", "empty"])
+def test_a_damaged_gguf_is_a_clear_error(tmp_path, damage):
+    original = embedded_gguf("smollm2")
+    path = tmp_path / "model.gguf"
+    with original.open("rb") as f:
+        size = {"header cut": 1_000_000, "weights cut": original.stat().st_size - 8_000_000,
+                "garbage": 0, "empty": 0}[damage]
+        path.write_bytes(f.read(size) if size else (os.urandom(4096) if damage == "garbage" else b""))
+    with pytest.raises(ModelLoadError, match=r"could not read model .*model.gguf' \(a truncated or damaged GGUF"):
+        load_model(str(path))
 
 
 def test_cli_generates_with_a_folder_model(saved_target):
@@ -97,3 +121,55 @@ def test_cli_generates_with_a_folder_model(saved_target):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("def f(") and "tau" in proc.stderr
+
+
+@pytest.mark.parametrize("raised, status, line", [
+    (KeyboardInterrupt(), 130, "interrupted"),
+    (EOFError(), 1, "error: end of input"),
+    (RuntimeError("inner\nsecond line"), 1, "error: RuntimeError: inner (unexpected: DRAFTSMITH_TRACEBACK=1"),
+    (typer.Exit(3), 3, None),  # a command's own status (non-standalone typer returns it: it was dropped)
+])
+def test_every_way_a_command_can_end_gives_a_status_and_one_line(monkeypatch, capsys, raised, status, line):
+    app = typer.Typer()
+
+    @app.command()
+    def boom():
+        raise raised
+
+    monkeypatch.setattr(cli, "app", app)
+    monkeypatch.setattr(sys, "argv", ["draftsmith"])
+    with pytest.raises(SystemExit) as ended:
+        cli.main()
+    assert ended.value.code == status
+    err = capsys.readouterr().err
+    lines = [text for text in err.splitlines() if text.strip()]
+    assert len(lines) == (0 if line is None else 1), err
+    assert line is None or lines[0].startswith(line)
+    assert "Traceback" not in err
+
+
+def test_ctrl_c_during_distill_exits_130_with_a_checkpoint(saved_target, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(8):
+        (corpus / f"m{i}.py").write_text(f"def f{i}(x):\n" + "".join(f"    x = x + {j}\n" for j in range(20)))
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "draftsmith.cli", "distill", "--target", str(saved_target), "--out", str(out),
+         "--corpus", str(corpus), "--data", "corpus", "--steps", "100000", "--batch-size", "1", "--seq-len", "16",
+         "--layers", "1", "--hidden", "16", "--heads", "2", "--kv-heads", "1", "--eval-every", "0",
+         "--checkpoint-every", "0", "--device", "cpu", "--heldout-percent", "25"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "tb").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)  # the TensorBoard folder appears when the training loop starts
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "interrupted" and "Traceback" not in stderr
+    saved = list_checkpoints(out / "checkpoints")
+    assert len(saved) == 1 and int(saved[0].name[5:]) > 0  # the step it was in, not step 100000

@@ -8,6 +8,7 @@ pytest.importorskip("llama_cpp")
 
 from draftsmith.cached_lm import BackendConfig
 from draftsmith.draft import ROOT, Draft  # noqa: E402
+from draftsmith.drafters.registry import build_drafter  # noqa: E402
 from draftsmith.drafters.model import ModelDrafter  # noqa: E402
 from draftsmith.drafters.ngram import NgramDrafter  # noqa: E402
 from draftsmith.engine import GenerationConfig, SpecEngine  # noqa: E402
@@ -139,6 +140,9 @@ def test_limits_and_features_give_clear_errors(target, tmp_path):
         SpecEngine(target.model, None, backend=BackendConfig(weights="int4"))
     with pytest.raises(ConfigError, match="unknown backend"):
         load_model("smollm2", backend="vllm")
+    for kind in ("eagle", "eagle+ngram", "medusa", "ctc"):  # heads read hidden states llama.cpp does not give
+        with pytest.raises(ConfigError, match=f"the {kind.split('+')[0]} drafter reads the target's hidden states"):
+            build_drafter(kind, target)
 
 
 def test_bench_runs_llamacpp_peers_and_our_methods_on_the_llamacpp_backend(torch_model, target, tmp_path):

@@ -337,3 +337,96 @@ def test_default_cap_never_passes_the_context(roomy):
     usage = response.usage
     assert usage.prompt_tokens + usage.completion_tokens == 512
     assert response.choices[0].finish_reason == "length"
+
+
+# -- strings that do not encode, loose types, half-sent bodies, keys (the hardening issue)
+
+
+def post_raw(server, body: dict, path: str = "/v1/completions", **headers) -> httpx.Response:
+    """json.dumps escapes a lone surrogate as \\ud800, which httpx's own encoder refuses to send."""
+    return httpx.post(server.url + path, content=json.dumps(body).encode(), timeout=30,
+                      headers={"Content-Type": "application/json", **headers})
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {"prompt": "def f(\ud800):", "max_tokens": 2}, "prompt"),
+    ("/v1/completions", {"prompt": ["\udfff"], "max_tokens": 2}, "prompt"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 2, "model": "tiny\ud83d"}, "model"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 2, "stop": ["\ud800"]}, "stop"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi \udc00"}], "max_tokens": 2}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}],
+                              "max_tokens": 2}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "us\ud800er", "content": "hi"}], "max_tokens": 2}, "messages"),
+])
+def test_lone_surrogates_are_a_400_naming_the_field(roomy, path, body, param):
+    response = post_raw(roomy, body, path)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and "surrogate" in error["message"], error
+
+
+@pytest.mark.parametrize("field, value", [
+    ("stream", "yes"), ("stream", 1), ("prompt", [True, False]), ("seed", "7"), ("max_tokens", "4"),
+    ("max_tokens", 4.5), ("temperature", "0.5"), ("top_k", True), ("stop", 5), ("n", "1"),
+])
+def test_loose_types_are_refused_not_coerced(roomy, field, value):
+    response = post(roomy, {"prompt": "def f():", "max_tokens": 2, field: value})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == field
+
+
+def test_exact_types_still_pass(roomy):
+    response = post(roomy, {"prompt": [5, 6], "max_tokens": 2, "temperature": 1, "top_p": 1, "seed": 7,
+                            "stream": False, "stream_options": None, "n": 1})
+    assert response.status_code == 200, response.text
+
+
+def test_a_half_sent_body_is_dropped_after_the_body_timeout(model_dir):
+    import socket
+
+    limits = ServerLimits(body_timeout_s=1.0)
+    with LiveServer(model_dir, limits=limits) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        stalled = []
+        for _ in range(5):
+            s = socket.create_connection((host, int(port)), timeout=10)
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100\r\n\r\n{\"prompt\": ")
+            stalled.append(s)
+        start = time.monotonic()
+        for s in stalled:
+            reply = s.recv(4096)
+            assert reply.startswith(b"HTTP/1.1 408"), reply
+            while s.recv(4096):  # the server closes the connection
+                pass
+            s.close()
+        assert time.monotonic() - start < 5
+        assert post(server, {"prompt": PROMPT, "max_tokens": 2}).status_code == 200
+
+
+def test_api_key_is_required_when_set(model_dir, monkeypatch):
+    with LiveServer(model_dir, api_key="s3cret-key") as server:
+        body = {"prompt": PROMPT, "max_tokens": 2}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-key"},
+                        {"Authorization": "Basic s3cret-key"}):
+            response = post(server, body, headers=headers)
+            assert response.status_code == 401, (headers, response.text)
+            assert response.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(server.url + "/v1/models", timeout=30).status_code == 401
+        assert httpx.get(server.url + "/health", timeout=30).status_code == 200  # liveness probes need no key
+        assert post(server, body, headers={"Authorization": "Bearer s3cret-key"}).status_code == 200
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="s3cret-key", max_retries=0, timeout=30)
+        assert client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=2).choices[0].text is not None
+
+
+@pytest.mark.parametrize("host, key, warns", [
+    ("127.0.0.1", None, False), ("localhost", None, False), ("::1", None, False), ("127.0.0.2", None, False),
+    ("0.0.0.0", None, True), ("::", None, True), ("192.168.1.5", None, True), ("my-host.example", None, True),
+    ("0.0.0.0", "k", False),
+])
+def test_listening_beyond_loopback_without_a_key_warns(host, key, warns):
+    from draftsmith.cli.serve import exposure_warning
+
+    warning = exposure_warning(host, key)
+    assert (warning is not None) == warns
+    assert warning is None or ("--api-key" in warning and "DRAFTSMITH_API_KEY" in warning and host in warning)

@@ -25,8 +25,14 @@ def shipped_file(target: LoadedModel, kind: str, filename: str, command: str) ->
 
 def shipped_head_folder(target_name: str, kind: str) -> Path:
     """Where the package keeps the `kind` head trained for an embedded target (it may not exist). A benchmark's
-    target cast to another dtype (`smollm2@bfloat16`) uses its model's heads: a head is cast on loading."""
-    return SHIPPED_HEADS / f"{target_name.split('@')[0]}-{kind}"
+    target cast to another dtype (`smollm2@bfloat16`) uses its model's heads: a head is cast on loading; so does
+    a path to the embedded model's GGUF file, or to a copy of it."""
+    name = target_name.split('@')[0]
+    if name.endswith(".gguf") and Path(name).is_file():
+        from draftsmith.models import embedded_alias
+
+        name = embedded_alias(Path(name)) or name
+    return SHIPPED_HEADS / f"{name}-{kind}"
 
 
 def shipped_head(kind: str, target: LoadedModel) -> Path:

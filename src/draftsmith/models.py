@@ -9,7 +9,11 @@ A second embedded model, Gemma 3 270M (another architecture and tokenizer), ship
 from __future__ import annotations
 
 import importlib.util  # binds importlib too
+import functools
+import hashlib
 import logging
+import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,7 +97,15 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         return torch.bfloat16 if has_fast_bf16(device) else torch.float32
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16")
+    if DTYPES[dtype] == torch.float16 and device.type == "cpu" and not has_fast_fp16_cpu():
+        warnings.warn(f"--dtype {dtype} on a CPU without float16 arithmetic (no AVX-512 FP16 or AMX-FP16): "
+                      "torch emulates it, many times slower than float32; use float32 or auto", stacklevel=2)
     return DTYPES[dtype]
+
+
+def has_fast_fp16_cpu() -> bool:
+    flags = cpuinfo().split()
+    return "avx512_fp16" in flags or "amx_fp16" in flags
 
 
 def has_fast_bf16(device: torch.device) -> bool:
@@ -121,10 +133,63 @@ def _locate(spec: str) -> tuple[str, dict]:
     looks_local = spec.startswith((".", "/", "~")) or spec.count("/") > 1
     if looks_local:
         raise ModelLoadError(f"model path not found: {path}")
-    return spec, {}  # a hub id
+    return spec, hub_access(spec)  # a hub id
+
+
+HUB_PROBE_S = 3.0  # one try at reaching the hub, instead of transformers' retries (about a minute offline)
+
+
+def hub_access(repo_id: str) -> dict:
+    """from_pretrained's extra arguments for a hub id: none when the hub answers; local_files_only when it
+    does not (or HF_HUB_OFFLINE is set) but the model is in the local cache; otherwise a clear error at once."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    if constants.HF_HUB_OFFLINE:
+        why = "HF_HUB_OFFLINE is set"
+    else:
+        import httpx
+
+        try:
+            httpx.head(constants.ENDPOINT, timeout=HUB_PROBE_S)
+            return {}
+        except httpx.HTTPError as e:  # no answer at all: an HTTP error status would still be an answer
+            why = f"the hub at {constants.ENDPOINT} does not answer ({type(e).__name__})"
+    if cached:
+        return {"local_files_only": True}
+    raise ModelLoadError(f"'{repo_id}' is a hub id, {why}, and it is not in the local Hugging Face cache: give "
+                         f"a local folder, a .gguf file or an embedded alias ({', '.join(EMBEDDED_MODELS)})")
+
+
+def embedded_alias(path: Path) -> str | None:
+    """The embedded model a GGUF file holds (the very file, or a copy: same size and SHA-256), else None.
+    Only aliases whose file is already on disk are compared (none is assembled for this)."""
+    for alias, (package, filename) in EMBEDDED_MODELS.items():
+        spec = importlib.util.find_spec(package) if filename else None
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        shipped = Path(spec.submodule_search_locations[0]) / filename
+        if shipped.is_file() and shipped.stat().st_size == path.stat().st_size \
+                and _sha256(shipped.resolve(), shipped.stat().st_mtime) == _sha256(path.resolve(), path.stat().st_mtime):
+            return alias
+    return None
+
+
+@functools.cache
+def _sha256(path: Path, mtime: float) -> str:  # mtime: a file rewritten in place is hashed again
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 BACKENDS = ("torch", "llamacpp")
+# What transformers' readers raise on a damaged file (a truncated GGUF: struct.error or ValueError from numpy)
+UNREADABLE = (ValueError, KeyError, IndexError, EOFError, struct.error)
+
+
+def unreadable(spec: str, extra: dict, error: Exception) -> ModelLoadError:
+    detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    hint = " (a truncated or damaged GGUF file?)" if "gguf_file" in extra else ""
+    return ModelLoadError(f"could not read model '{spec}'{hint}: {detail}")
 
 
 def load_tokenizer(spec: str = DEFAULT_TARGET, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -134,6 +199,8 @@ def load_tokenizer(spec: str = DEFAULT_TARGET, trust_remote_code: bool = False) 
         return AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code, **extra)
     except OSError as e:
         raise ModelLoadError(f"could not load the tokenizer of '{spec}': {e}") from e
+    except UNREADABLE as e:
+        raise unreadable(spec, extra, e) from e
 
 
 def load_model(
@@ -163,6 +230,8 @@ def load_model(
             f"could not load model '{spec}': {e}. Give a local folder, a .gguf file, an embedded alias "
             f"({', '.join(EMBEDDED_MODELS)}), or a hub id on a machine with hub access."
         ) from e
+    except UNREADABLE as e:
+        raise unreadable(spec, extra, e) from e
     model.to(torch_device).eval()
     model.generation_config.pad_token_id = model.generation_config.pad_token_id or tokenizer.pad_token_id
     return LoadedModel(model=model, tokenizer=tokenizer, name=spec)
@@ -178,8 +247,11 @@ def _load_llamacpp(spec: str, location: str, extra: dict, device: str) -> Loaded
                           "`draftsmith export --format gguf`)")
     if device not in ("cpu", "auto"):
         raise ConfigError(f"the llama.cpp backend runs on the CPU here; device '{device}' is not supported")
-    tokenizer = AutoTokenizer.from_pretrained(location, **extra)
-    config = AutoConfig.from_pretrained(location, **extra)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **extra)
+        config = AutoConfig.from_pretrained(location, **extra)
+    except UNREADABLE as e:
+        raise unreadable(spec, extra, e) from e
     model = LlamaCppModel(Path(location) / extra["gguf_file"], config)  # _locate checked that it exists
     model.generation_config.pad_token_id = model.generation_config.pad_token_id or tokenizer.pad_token_id
     return LoadedModel(model=model, tokenizer=tokenizer, name=spec)

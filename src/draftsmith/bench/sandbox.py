@@ -2,9 +2,11 @@
 
 Layers, from the outside in:
   - isolation (`SandboxResult.isolation` says which one a run had):
-      * "unshare+setpriv" (as root): fresh mount, PID, network, IPC and UTS namespaces (`unshare`), the whole
-        file system remounted read-only, the work directory a size-limited tmpfs, then the program runs as
-        uid/gid 65534 with no capabilities, no supplementary groups and no_new_privs (`setpriv`);
+      * "unshare+setpriv" (as root): fresh mount, PID, network, IPC and UTS namespaces (`unshare`), a new
+        read-only root holding only the system's programs and libraries, the interpreter and a few devices
+        (the host's other files are not there to read), the work directory a size-limited tmpfs, then the
+        program runs as uid/gid 65534 with no capabilities, no supplementary groups and no_new_privs
+        (`setpriv`), as its PID namespace's init;
       * "bwrap" (bubblewrap; tried first when not root): the same plan through bwrap's own options. As root
         bwrap would map the sandbox user back to uid 0 outside, where RLIMIT_NPROC does not apply, so as root
         "unshare+setpriv" comes first;
@@ -12,7 +14,8 @@ Layers, from the outside in:
         (CLI: `--allow-unsandboxed`);
     each kind is probed once per process by running a small program in it that must find itself unprivileged
     and unable to write outside its work directory;
-  - a fresh process group, killed as a whole on a wall-clock timeout (and with it the PID namespace);
+  - a fresh process group, killed as a whole on a wall-clock timeout, and the PID namespace's init killed
+    by its host pid (the kernel then ends everything inside, whatever session or group it moved to);
   - `python -I -B`, a minimal environment, the program read from stdin (no file to find or rewrite);
   - resource limits (address space, CPU seconds, file size, processes, open files, no core dumps); as an
     unprivileged uid RLIMIT_NPROC=0 really forbids new processes, and the tmpfs caps all writes together;
@@ -199,42 +202,49 @@ _main()
 """
 
 # The setup runs as root inside the fresh namespaces of "unshare+setpriv", before any untrusted code:
-# `python -I -S -c SETUP spec_json`. It makes the interpreter reachable for the unprivileged uid, remounts
-# everything read-only, mounts the work tmpfs, enters it and execs `setpriv ... python BOOTSTRAP`.
+# `python -I -S -c SETUP spec_json`. It builds a new root file system holding only what the interpreter needs
+# (bind mounts of its directories, the system's libraries, a few devices, a fresh /proc), pivots into it, makes
+# every mount read-only, mounts the work tmpfs, enters it and execs `setpriv ... python BOOTSTRAP`.
 _SETUP = f"SETUP_MARK, EXIT_SETUP = {SETUP_MARK!r}, {EXIT_SETUP}\n"
 _SETUP += r"""
-import ctypes, json, os, struct, sys
+import ctypes, json, os, platform, struct, sys
 
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MNT_DETACH = 1, 2, 4, 4096, 16384, 2
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MNT_DETACH = 1, 2, 4, 8, 4096, 16384, 2
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}.get(platform.machine())
 libc = ctypes.CDLL(None, use_errno=True)
+
+def check(result, what):
+    if result != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"{what}: {os.strerror(errno)}")
 
 def mount(source, target, fstype, flags, data=None):
     enc = lambda s: None if s is None else os.fsencode(s)
-    if libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)) != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, f"mount {source} on {target}: {os.strerror(errno)}")
+    check(libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)), f"mount {source} on {target}")
 
-def reveal(paths, scratch):
-    # A directory the unprivileged uid cannot search (e.g. /root, mode 0700, above a pyenv interpreter) is
-    # covered by a small tmpfs holding only bind mounts of the paths needed below it; the rest stays hidden.
-    by_top = {}
-    for path in paths:
-        parts = path.strip("/").split("/")
-        for i in range(1, len(parts)):
-            top = "/" + "/".join(parts[:i])
-            if not os.stat(top).st_mode & 0o001:
-                by_top.setdefault(top, []).append(path)
-                break
-    for n, (top, below) in enumerate(by_top.items()):
-        stash = os.path.join(scratch, f"reveal-{n}")
-        os.mkdir(stash)
-        mount(top, stash, None, MS_BIND | MS_REC)
-        mount("tmpfs", top, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
-        for path in below:
-            rel = os.path.relpath(path, top)
-            os.makedirs(os.path.join(top, rel), exist_ok=True)
-            mount(os.path.join(stash, rel), os.path.join(top, rel), None, MS_BIND | MS_REC)
-        libc.umount2(os.fsencode(stash), MNT_DETACH)
+def expose(path, root):
+    # The host path appears at the same place under the new root: a symlink as the same symlink, anything
+    # else as a bind mount (the rest of the host stays out of reach).
+    if not os.path.lexists(path):
+        return
+    inside = root + path
+    os.makedirs(os.path.dirname(inside), exist_ok=True)
+    if os.path.islink(path):
+        os.symlink(os.readlink(path), inside)
+        return
+    if os.path.isdir(path):
+        os.makedirs(inside, exist_ok=True)
+    else:
+        open(inside, "a").close()
+    mount(path, inside, None, MS_BIND | MS_REC)
+
+def enter(root):
+    os.chdir(root)
+    if SYS_PIVOT_ROOT is not None and libc.syscall(SYS_PIVOT_ROOT, b".", b".") == 0:
+        check(libc.umount2(b".", MNT_DETACH), "detach the old root")  # the host's tree, stacked below
+    else:  # no pivot_root here (e.g. an initramfs root): chroot, which the capability-less program cannot undo
+        os.chroot(".")
+    os.chdir("/")
 
 def read_only_everywhere():
     # mount_setattr(2) (Linux 5.12+) makes every mount read-only in one call; older kernels: one by one.
@@ -250,9 +260,16 @@ def read_only_everywhere():
 try:
     spec = json.loads(sys.argv[1])
     os.umask(0o022)
-    reveal(spec["reveal"], spec["scratch"])
-    read_only_everywhere()
+    root = spec["root"]
+    mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
+    for path in spec["expose"]:
+        expose(path, root)
+    os.makedirs(root + "/proc")
+    mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)  # this PID namespace's only
     work = spec["work"]
+    os.makedirs(root + work)
+    enter(root)
+    read_only_everywhere()
     mount("tmpfs", work, "tmpfs", MS_NOSUID | MS_NODEV,
           f"size={spec['work_bytes']},mode=0700,uid={spec['uid']},gid={spec['gid']}")
     os.chdir(work)  # the tmpfs, not the directory it covers
@@ -261,6 +278,12 @@ except Exception as e:
     os.write(2, f"{SETUP_MARK} {e}\n".encode(errors="replace"))
     os._exit(EXIT_SETUP)
 """
+
+# What the sandboxed interpreter may read besides its own directories: the system's programs and libraries,
+# the loader's cache, the time zone, and the harmless devices. Nothing else of the host (no /etc, /home, /tmp,
+# /work, /proc of the host) exists inside.
+SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc/ld.so.cache",
+                "/etc/localtime", "/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
 
 
 def _python_dirs() -> list[str]:
@@ -286,11 +309,23 @@ def _drop() -> list[str]:
             "--bounding-set=-all", "--no-new-privs", "--"]
 
 
+def _exposed_paths() -> list[str]:
+    """Host paths the sandbox's new root shows: the system's, the interpreter's (outermost only: a path inside
+    another is bound with it), and where symlinks among them point."""
+    paths = {p for p in SYSTEM_PATHS if os.path.lexists(p)} | set(_python_dirs())
+    paths |= {os.path.realpath(p) for p in list(paths) if os.path.islink(p)}
+    def covered(p: str) -> bool:
+        return any(p.startswith(o + os.sep) for o in paths if not os.path.islink(o))
+    return sorted(p for p in paths if not covered(p))
+
+
 def unshare_command(config: SandboxConfig, base: Path, program: list[str]) -> list[str]:
-    """unshare (new namespaces, as root) -> the setup (read-only mounts, work tmpfs) -> setpriv (uid 65534)."""
-    spec = {"reveal": _python_dirs(), "scratch": str(base), "work": str(base / "work"),
+    """unshare (new namespaces, as root) -> the setup (a minimal read-only root, work tmpfs) -> setpriv (uid
+    65534). The program is the PID namespace's init: killing it (`_kill_namespace`) ends everything inside."""
+    (base / "root").mkdir()
+    spec = {"root": str(base / "root"), "expose": _exposed_paths(), "work": str(base / "work"),
             "work_bytes": config.work_mb * 2**20, "uid": NOBODY, "gid": NOBODY, "argv": _drop() + program}
-    return [_tool("unshare"), "--mount", "--pid", "--net", "--ipc", "--uts", "--fork", "--kill-child", "--mount-proc",
+    return [_tool("unshare"), "--mount", "--pid", "--net", "--ipc", "--uts", "--fork", "--kill-child",
             "--", sys.executable, "-I", "-S", "-B", "-c", _SETUP, json.dumps(spec)]
 
 
@@ -399,6 +434,35 @@ def _wait_without_reaping(pid: int, timeout_s: float) -> bool:
     return False
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+
+
+def _kill_namespace(unshare_pid: int, wait_s: float = 2.0) -> None:
+    """Kill the PID namespace's init (unshare's only child, the program itself once setpriv exec'd it); the
+    kernel then kills every process left in the namespace. The process group alone is not enough: the program
+    may leave it (setsid), and setpriv's uid change cleared the parent-death signal unshare gave it."""
+    for init in _children(unshare_pid):
+        try:
+            os.kill(init, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+        deadline = time.monotonic() + wait_s  # its exit waits for the namespace to empty
+        while time.monotonic() < deadline and _alive(init):
+            time.sleep(0.005)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
 def _tail(path: Path) -> str:
     with path.open("rb") as f:
         f.seek(max(0, path.stat().st_size - TAIL_BYTES))
@@ -453,6 +517,8 @@ def _execute(source: str, config: SandboxConfig, isolation: Isolation) -> Sandbo
                 _feed(proc.stdin, source.encode("utf-8"))
                 finished = _wait_without_reaping(proc.pid, config.timeout_s)
             finally:
+                if isolation == "unshare+setpriv":
+                    _kill_namespace(proc.pid)
                 try:
                     os.killpg(proc.pid, signal.SIGKILL)  # the whole group: anything it left running too
                 except ProcessLookupError:

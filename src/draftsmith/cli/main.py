@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Annotated, Optional
 
@@ -107,20 +108,38 @@ def demo(
     run_demo(console, target=target, prompts=prompts, max_new_tokens=max_new_tokens, k=k, device=device, dtype=dtype)
 
 
+INTERRUPTED = 130  # the shell's status for a process ended by SIGINT (128 + 2)
+
+
 def main() -> None:
+    """Run the CLI; whatever goes wrong ends in one line on stderr and a non-zero status, never a traceback
+    (DRAFTSMITH_TRACEBACK=1 shows the traceback of an unexpected error, for a bug report)."""
     try:
-        app(standalone_mode=False)
+        # typer turns Ctrl-C into Exit(130), which non-standalone mode returns instead of raising
+        status = app(standalone_mode=False)
     except DraftsmithError as e:
-        console.print(f"[bold red]error:[/] {e}")
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except typer.Abort:
+    except KeyboardInterrupt:  # raised outside typer's own handling (while a command's module imports)
+        status = INTERRUPTED
+    except typer.Abort as e:
+        why = "end of input" if isinstance(e.__cause__, EOFError) else "aborted"
+        console.print(f"[bold red]error:[/] {why}", highlight=False)
         sys.exit(1)
-    except Exception as e:  # click usage errors carry their own exit code and message
+    except Exception as e:
         # click's, or the copy of click that typer vendors: usage errors show their message, not a traceback
         if hasattr(e, "show") and isinstance(getattr(e, "exit_code", None), int):
             e.show()
             sys.exit(e.exit_code)
-        raise
+        if os.environ.get("DRAFTSMITH_TRACEBACK"):
+            raise
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        console.print(f"[bold red]error:[/] {type(e).__name__}{': ' + detail if detail else ''} "
+                      "(unexpected: DRAFTSMITH_TRACEBACK=1 shows where)", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    if status == INTERRUPTED:
+        console.print("interrupted", highlight=False)
+    sys.exit(status if isinstance(status, int) else 0)
 
 
 from draftsmith.cli import train_heads, train_routers  # noqa: E402,F401  (add `train heads|router|predictor`)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Annotated, Optional
 
 import typer
@@ -11,6 +12,7 @@ from draftsmith.cli.options import (Adaptive, Backend, Compile, CudaGraphs, Devi
 from draftsmith.serve.limits import ServerLimits
 
 DEFAULT_LIMITS = ServerLimits()
+API_KEY_ENV = "DRAFTSMITH_API_KEY"
 
 
 def serve_command(
@@ -20,7 +22,7 @@ def serve_command(
     k: DraftTokens = 16,
     adaptive: Adaptive = True,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port to listen on.")] = 8000,
+    port: Annotated[int, typer.Option(help="TCP port to listen on.", min=0, max=65535)] = 8000,
     device: Device = "cpu",
     dtype: Dtype = "auto",
     queue_size: Annotated[int, typer.Option(help="Requests that may wait for the engine; more get 429.")] = 64,
@@ -47,6 +49,12 @@ def serve_command(
     default_max_tokens: Annotated[int, typer.Option(
         help="Chat requests without max_tokens generate at most this many (and never past the context).")]
     = DEFAULT_LIMITS.default_max_tokens,
+    body_timeout: Annotated[float, typer.Option(help="Seconds a request's body may take to arrive; then 408.")]
+    = DEFAULT_LIMITS.body_timeout_s,
+    api_key: Annotated[Optional[str], typer.Option(
+        envvar=API_KEY_ENV, show_envvar=True,
+        help="Require 'Authorization: Bearer KEY' on every request but /health (OpenAI clients send their "
+             "api_key so).")] = None,
 ) -> None:
     """Serve the OpenAI completions and chat API with speculative decoding (one request at a time)."""
     import uvicorn
@@ -57,15 +65,34 @@ def serve_command(
 
     limits = ServerLimits(max_body_bytes=max_body_bytes, max_prompt_chars=max_prompt_chars,
                           max_prompt_tokens=max_prompt_tokens, max_stop_strings=max_stop_strings,
-                          max_stop_chars=max_stop_chars, default_max_tokens=default_max_tokens)
+                          max_stop_chars=max_stop_chars, default_max_tokens=default_max_tokens,
+                          body_timeout_s=body_timeout)
+    warning = exposure_warning(host, api_key)
+    if warning:
+        typer.echo(f"warning: {warning}", err=True)
     loaded = load_model(target, device=device, dtype=dtype, trust_remote_code=trust_remote_code, backend=backend)
     app = create_app(loaded, drafter, k=k, model_name=model_name or target, queue_size=queue_size,
                      adaptive=adaptive, limits=limits, prune=prune, max_n=ngram_max, branches=ngram_branches,
-                     backend=BackendConfig(compile=compile, weights=weights, graphs=cuda_graphs, fused=fused))
+                     backend=BackendConfig(compile=compile, weights=weights, graphs=cuda_graphs, fused=fused),
+                     api_key=api_key or None)
     compile_s = app.state.server.engine.runner.compile_s
     if compile_s is not None:
         typer.echo(f"compiled the target's forward in {compile_s:.1f} s", err=True)
     uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """What to tell someone who serves beyond this machine with no API key (None when loopback or keyed)."""
+    if api_key:
+        return None
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: only localhost is known to stay on this machine
+        loopback = host == "localhost"
+    if loopback:
+        return None
+    return (f"listening on {host}, beyond this machine, with no API key: anyone who reaches the port can use "
+            f"the model; set --api-key or {API_KEY_ENV}")
 
 
 def register(app: typer.Typer) -> None:

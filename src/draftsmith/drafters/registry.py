@@ -110,7 +110,12 @@ def _head_drafter(kind: str, path: str, target: LoadedModel, options: dict) -> D
     from draftsmith.drafters.eagle import EagleDrafter, TreeConfig
     from draftsmith.drafters.medusa import MedusaDrafter
     from draftsmith.heads import load_head
+    from draftsmith.llamacpp import LlamaCppModel
 
+    if isinstance(target.model, LlamaCppModel):  # a head reads the target's hidden states, which llama.cpp keeps
+        raise ConfigError(f"the {kind} drafter reads the target's hidden states, which the llama.cpp backend does "
+                          "not expose: use --backend torch, or a drafter that needs only tokens (ngram, mag, "
+                          "model:PATH, student)")
     head = load_head(Path(path) if path else shipped_head(kind, target), target.model)
     if head.config.kind != kind:
         raise ConfigError(f"{path} holds a {head.config.kind} head, not a {kind} head: use --drafter {head.config.kind}:{path}")

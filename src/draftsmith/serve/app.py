@@ -12,6 +12,7 @@ prompt length, stop strings, the default length) is capped by ServerLimits.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
@@ -78,12 +79,19 @@ async def cancel_on_disconnect(request: Request, job: Job) -> AsyncIterator[None
 
 class RequestGuard:
     """The outermost layer of our own (pure ASGI, so that it sees the raw body): gives every request an id,
-    sent back as X-Request-ID; refuses a body over the cap with 413 before anything parses it; and turns an
-    exception that nothing else handled into a generic 500 naming the request id, with the detail (paths,
-    device errors) in the log only."""
+    sent back as X-Request-ID; with an API key, refuses a request without it (401; /health stays open for
+    liveness probes); refuses a body over the cap with 413 before anything parses it, and one that has not
+    fully arrived `body_timeout_s` after the request began with 408 (a client sending half a body would
+    otherwise hold its connection forever); and turns an exception that nothing else handled into a generic
+    500 naming the request id, with the detail (paths, device errors) in the log only."""
 
-    def __init__(self, app, max_body_bytes: int, metrics: Metrics):
+    OPEN_PATHS = ("/health",)
+
+    def __init__(self, app, max_body_bytes: int, metrics: Metrics, body_timeout_s: float = 30.0,
+                 api_key: str | None = None):
         self.app, self.max_body_bytes, self.metrics = app, max_body_bytes, metrics
+        self.body_timeout_s = body_timeout_s
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -100,20 +108,34 @@ class RequestGuard:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
-        async def refuse(status: int, message: str, kind: str, code: str | None = None) -> None:
+        async def refuse(status: int, message: str, kind: str, code: str | None = None,
+                         headers: dict | None = None) -> None:
             self.metrics.count("invalid" if status < 500 else "failed")
-            await JSONResponse(error_body(message, kind, code=code), status_code=status)(scope, receive, send_with_id)
+            await JSONResponse(error_body(message, kind, code=code), status_code=status,
+                               headers=headers)(scope, receive, send_with_id)
 
+        headers = dict(scope["headers"])
+        if self.expected is not None and scope["path"] not in self.OPEN_PATHS \
+                and not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+            await refuse(401, "a valid API key is needed: send it as 'Authorization: Bearer KEY'",
+                         "invalid_request_error", "invalid_api_key")
+            return
         too_large = f"the request body is over this server's limit of {self.max_body_bytes} bytes"
-        declared = dict(scope["headers"]).get(b"content-length", b"")
+        declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_body_bytes:  # refused unread
             await refuse(413, too_large, "invalid_request_error", "request_too_large")
             return
         # read the body here, counting, so that a chunked body without a length is capped too; the app
         # then reads it from this buffer, and later receives (the disconnect) come from the server
         parts, size = [], 0
+        deadline = asyncio.get_running_loop().time() + self.body_timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except TimeoutError:
+                await refuse(408, f"the request body did not arrive within {self.body_timeout_s:g} s",
+                             "invalid_request_error", "request_timeout", {"Connection": "close"})
+                return
             if message["type"] != "http.request":  # the client left before sending its body
                 return
             parts.append(message.get("body", b""))
@@ -310,7 +332,8 @@ def add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_: Request, e: RequestValidationError) -> JSONResponse:
         errors = e.errors()
-        error = errors[0]
+        # our validators' messages (a lone surrogate, ...) say more than a union member's type mismatch
+        error = next((err for err in errors if err["type"] == "value_error"), errors[0])
         # a value that fits no member of a union fails once per member (prompt.str, prompt.list[str], ...):
         # name the path the failures share; [1:] drops the leading "body"
         same_field = [err["loc"] for err in errors if err["loc"][:2] == error["loc"][:2]]
@@ -360,11 +383,13 @@ def create_app(
     backend: BackendConfig = BackendConfig(),
     limits: ServerLimits | None = None,
     prune: str = "none",
+    api_key: str | None = None,
     **drafter_options,
 ) -> FastAPI:
     """An app serving `loaded` with speculative decoding; the engine worker runs while the app is up. `prune`:
     none or predictor[:DIR], the acceptance predictor cutting tree drafts (lossless); `backend`: how the target's
-    forward runs (weights, CUDA graphs, compiled, fused kernels), as for generate and bench."""
+    forward runs (weights, CUDA graphs, compiled, fused kernels), as for generate and bench; `api_key`: when
+    given, every request but /health needs `Authorization: Bearer API_KEY`."""
     server = Server(loaded, drafter_spec, k, model_name or loaded.name, queue_size, adaptive, backend, limits,
                     prune, **drafter_options)
     limits = server.limits
@@ -379,7 +404,8 @@ def create_app(
     app = FastAPI(title="draftsmith", lifespan=lifespan)
     app.state.server = server
     add_error_handlers(app, server.metrics)
-    app.add_middleware(RequestGuard, max_body_bytes=limits.max_body_bytes, metrics=server.metrics)
+    app.add_middleware(RequestGuard, max_body_bytes=limits.max_body_bytes, metrics=server.metrics,
+                       body_timeout_s=limits.body_timeout_s, api_key=api_key)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:

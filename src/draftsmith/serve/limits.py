@@ -16,6 +16,7 @@ class ServerLimits:
     max_stop_chars: int = 128  # per stop string: the stream holds back up to this much text
     default_max_tokens: int = 512  # chat requests without max_tokens: never more than the context leaves
     completion_default_max_tokens: int = 16  # OpenAI's default for /v1/completions
+    body_timeout_s: float = 30.0  # a body not fully received by then gets 408 and its connection closed
 
     def __post_init__(self) -> None:
         for f in fields(self):

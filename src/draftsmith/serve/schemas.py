@@ -1,6 +1,9 @@
 """Request and response bodies of the OpenAI completions and chat APIs (the subset one engine can serve).
 
-Requests allow unknown fields (clients send many we ignore) but validate the types of the ones we use.
+Requests allow unknown fields (clients send many we ignore) but validate the types of the ones we use,
+strictly: "stream": "yes", "seed": "7" or true among token ids are refused, not coerced (an int still passes
+where a float is asked for). Every string must encode as UTF-8: JSON's "\ud800" escapes decode to lone
+surrogates that the tokenizer and the response's encoder would choke on.
 Responses carry the engine's speculative statistics in an extra `draftsmith` field that clients ignore.
 """
 
@@ -8,9 +11,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from draftsmith.acceptance import MAX_SEED
 from draftsmith.engine import GenerationResult
@@ -18,21 +21,34 @@ from draftsmith.engine import GenerationResult
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}  # engine -> OpenAI
 
 
+def _encodable(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"the text holds a lone UTF-16 surrogate ({text[e.start]!r} at character {e.start}), "
+                         "which no UTF-8 text can hold") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+REQUEST = ConfigDict(extra="allow", strict=True)
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = REQUEST
     include_usage: bool = False
 
 
 class GenerationRequest(BaseModel):
     """What completions and chat share."""
 
-    model_config = ConfigDict(extra="allow")
-    model: str | None = None
+    model_config = REQUEST
+    model: Text | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)  # not OpenAI's, but common on local servers
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = None
     n: int | None = None
     stream: bool | None = False
@@ -75,7 +91,7 @@ class GenerationRequest(BaseModel):
 
 
 class CompletionRequest(GenerationRequest):
-    prompt: str | list[str] | list[int]
+    prompt: Text | list[Text] | list[int]
     echo: bool | None = None
     best_of: int | None = None
 
@@ -97,15 +113,15 @@ def refuse_unless_noop(value, name: str, noop: tuple = (None, 0, {})):
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = REQUEST
     type: Literal["text"]  # images and audio are not for a code model
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: str
-    content: str | list[ContentPart] | None = None
+    model_config = REQUEST
+    role: Text
+    content: Text | list[ContentPart] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):

@@ -17,8 +17,10 @@ import json
 import math
 import random
 import shutil
+import signal
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -155,6 +157,33 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@contextmanager
+def _interrupt_at_step_end():
+    """While training, the first Ctrl-C asks the loop to checkpoint the step it is in and stop (the event is
+    set); a second one interrupts at once. Only the main thread can take signals: elsewhere, nothing changes."""
+    interrupt = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupt
+        return
+
+    def handler(signum, frame):
+        interrupt.set()
+        signal.signal(signal.SIGINT, previous)
+        print("\ninterrupt: saving a checkpoint at the end of this step (Ctrl-C again stops at once)",
+              flush=True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield interrupt
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _one_line(error: Exception) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
 def list_checkpoints(folder: Path) -> list[Path]:
     """Complete checkpoints, oldest first (an interrupted save leaves only a .tmp folder)."""
     found = [p for p in folder.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
@@ -174,6 +203,11 @@ class Trainer:
         set_seed(config.seed)
         self.checkpoint_dir = config.out_dir / "checkpoints"
         self.console = Console()
+        found = list_checkpoints(self.checkpoint_dir) if config.resume else []
+        if found and int(found[-1].name[5:]) >= config.max_steps:  # checked before a recipe writes anything
+            raise ConfigError(f"the run in {config.out_dir} already finished: its latest checkpoint, "
+                              f"{found[-1].name}, reached max_steps {config.max_steps}; nothing to resume "
+                              "(pass more steps to train it further, or choose another output folder)")
 
     @property
     def device(self) -> torch.device:
@@ -199,6 +233,15 @@ class Trainer:
         raw = acc.unwrap_model(model)
 
         step = self._start(raw, optimizer, scheduler)
+        with _interrupt_at_step_end() as interrupt:
+            result = self._loop(model, raw, optimizer, scheduler, params, data, loss_fn, evaluate, step, interrupt)
+        if interrupt.is_set() and result.step < self.config.max_steps:
+            raise KeyboardInterrupt  # after the checkpoint of the step it was in
+        return result
+
+    def _loop(self, model, raw, optimizer, scheduler, params, data, loss_fn, evaluate, step: int,
+              interrupt: threading.Event) -> TrainResult:
+        cfg, acc = self.config, self.accelerator
         stream = BatchStream(data, cfg.batch_size, cfg.seed, acc.process_index, acc.num_processes)
         result = TrainResult(step)
         writer, progress, task = self._open_logs(step)
@@ -224,7 +267,8 @@ class Trainer:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            last = step >= cfg.max_steps or self._out_of_time(deadline)
+            stopped = self._stop_requested(deadline, interrupt.is_set())
+            last = step >= cfg.max_steps or stopped
 
             if step % cfg.log_every == 0 or last:
                 names = list(sums)
@@ -237,7 +281,9 @@ class Trainer:
                 result.metrics["sec_per_step"] = (time.perf_counter() - t0) * cfg.grad_accum / count
                 self._log(writer, progress, "train", result.metrics, step)
                 sums, count, t0 = {}, 0, time.perf_counter()
-            if evaluate is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
+            interrupted = stopped and interrupt.is_set()  # no final evaluation: checkpoint and leave
+            if evaluate is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or last) \
+                    and not interrupted:
                 if acc.is_main_process:
                     raw.eval()
                     with torch.no_grad(), acc.autocast():
@@ -257,12 +303,14 @@ class Trainer:
             writer.close()
         return result
 
-    def _out_of_time(self, deadline: float) -> bool:
-        """Past the wall-time budget, on any process (so that every process stops at the same step)."""
-        if deadline == math.inf:
-            return False
-        late = torch.tensor(float(time.perf_counter() >= deadline), device=self.accelerator.device)
-        return bool(self.accelerator.reduce(late, reduction="sum") > 0)
+    def _stop_requested(self, deadline: float, interrupted: bool) -> bool:
+        """Past the wall-time budget or interrupted, on any process (so that every process stops at the same
+        step)."""
+        local = interrupted or time.perf_counter() >= deadline
+        if self.accelerator.num_processes == 1:
+            return local
+        flag = torch.tensor(float(local), device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum") > 0)
 
     # ---- checkpoints -------------------------------------------------------------------------------
 
@@ -302,28 +350,60 @@ class Trainer:
             return 0
         if not found:
             raise ConfigError(f"nothing to resume: no checkpoint in {self.checkpoint_dir}")
-        ckpt, acc = found[-1], self.accelerator
-        state = json.loads((ckpt / "state.json").read_text())
+        ckpt, saved = self._latest_intact(found)
+        acc = self.accelerator
+        state = saved["state"]
         now = {**asdict(self.config), "world_size": acc.num_processes}
-        saved = {**state["config"], "world_size": state["world_size"]}
-        changed = [f"{k} {saved[k]} -> {now[k]}" for k in RESUME_INVARIANTS if saved[k] != now[k]]
+        before = {**state["config"], "world_size": state["world_size"]}
+        changed = [f"{k} {before[k]} -> {now[k]}" for k in RESUME_INVARIANTS if before[k] != now[k]]
         if changed:
             raise ConfigError(f"cannot resume {ckpt} exactly with different settings: {', '.join(changed)}")
 
-        weights = load_file(ckpt / "trainable.safetensors", device=str(acc.device))
+        weights = saved["weights"]
         missing = {n for n, p in raw.named_parameters() if p.requires_grad} - weights.keys()
         unexpected = weights.keys() - dict(raw.named_parameters()).keys()
         if missing or unexpected:
             raise ConfigError(f"checkpoint {ckpt} does not fit this model: missing {sorted(missing)[:5]}, "
                               f"unexpected {sorted(unexpected)[:5]}")
         raw.load_state_dict(weights, strict=False)
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
-        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-        rng = ckpt / f"rng-{acc.process_index}.pt"
-        _set_rng_state(torch.load(rng, weights_only=True))
+        try:
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            _set_rng_state(saved["rng"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise ConfigError(f"checkpoint {ckpt} does not fit this run: {e}") from e
         if acc.is_main_process:
             self.console.print(f"resumed from {ckpt} at step {state['step']}")
         return int(state["step"])
+
+    def _latest_intact(self, found: list[Path]) -> tuple[Path, dict]:
+        """The newest checkpoint whose every file reads back; each newer one that does not is named."""
+        broken = []
+        for ckpt in reversed(found):
+            try:
+                saved = self._read_checkpoint(ckpt)
+            except Exception as e:  # noqa: BLE001: any damage (truncation, garbage, a missing file) skips it
+                broken.append(f"{ckpt.name} ({_one_line(e)})")
+                continue
+            if broken and self.accelerator.is_main_process:
+                self.console.print(f"[yellow]checkpoint {'; '.join(broken)} is damaged: resuming from the "
+                                   f"previous intact one, {ckpt.name}[/]", highlight=False, soft_wrap=True)
+            return ckpt, saved
+        raise ConfigError(f"no intact checkpoint to resume in {self.checkpoint_dir}: {'; '.join(broken)}")
+
+    def _read_checkpoint(self, ckpt: Path) -> dict:
+        """Every part of a checkpoint, read (tensors by safetensors, the rest with weights_only=True) before
+        any of it is applied, so that a damaged one changes nothing."""
+        state = json.loads((ckpt / "state.json").read_text())
+        if not isinstance(state, dict) or not {"step", "config", "world_size"} <= state.keys():
+            raise ValueError("state.json lacks step, config or world_size")
+        rng = torch.load(ckpt / f"rng-{self.accelerator.process_index}.pt", weights_only=True)
+        if not isinstance(rng, dict) or not {"python", "numpy", "torch"} <= rng.keys():
+            raise ValueError(f"rng-{self.accelerator.process_index}.pt holds no RNG state")
+        return {"state": state, "rng": rng,
+                "weights": load_file(ckpt / "trainable.safetensors", device=str(self.accelerator.device)),
+                "optimizer": torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True),
+                "scheduler": torch.load(ckpt / "scheduler.pt", weights_only=True)}
 
     # ---- logging -----------------------------------------------------------------------------------
 
