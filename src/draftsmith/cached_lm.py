@@ -164,12 +164,12 @@ def lean_layer(layer: torch.nn.Module, fmt: WeightFormat, share: bool = True) ->
     qkv, gate_up = (attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)
     entry = dict(
         attn_norm=fmt.norm_weight(layer.input_layernorm.weight),
-        wqkv=layout(torch.cat([p.weight for p in qkv])),
+        wqkv=layout(joined_rows([p.weight for p in qkv])),
         bqkv=torch.cat([p.bias for p in qkv]) if attn.q_proj.bias is not None else None,
         wo=layout(attn.o_proj.weight),
         bo=attn.o_proj.bias,  # Llama's attention_bias covers o_proj too; Qwen2's does not
         mlp_norm=fmt.norm_weight(layer.post_attention_layernorm.weight),
-        w_gate_up=layout(torch.cat([p.weight for p in gate_up])),
+        w_gate_up=layout(joined_rows([p.weight for p in gate_up])),
         w_down=layout(mlp.down_proj.weight),
     )
     if share:
@@ -178,6 +178,19 @@ def lean_layer(layer: torch.nn.Module, fmt: WeightFormat, share: bool = True) ->
         fmt.share(entry["w_gate_up"], gate_up)
         fmt.share(entry["w_down"], [mlp.down_proj])
     return entry
+
+
+def joined_rows(weights: list[torch.Tensor]) -> torch.Tensor:
+    """The weights' rows stacked: the tensor they already are row blocks of, in order (as gguf_load stores a
+    layer's q/k/v and gate/up), else a concatenated copy."""
+    first = weights[0]
+    adjacent = all(w.is_contiguous() and w.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+                   for w in weights) and all(
+        b.storage_offset() == a.storage_offset() + a.numel() for a, b in zip(weights, weights[1:]))
+    if adjacent:
+        rows = sum(w.shape[0] for w in weights)
+        return first.detach().as_strided((rows, first.shape[1]), (first.shape[1], 1))
+    return torch.cat(weights)
 
 
 _LEAN_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {format name: LeanWeights}
