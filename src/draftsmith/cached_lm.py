@@ -139,7 +139,7 @@ class LeanWeights:
         inner, layout = model.model, fmt.prepare
         tied = model.lm_head.weight is inner.embed_tokens.weight
         layers = [lean_layer(layer, fmt) for layer in inner.layers]
-        lm_head = layout(model.lm_head.weight)
+        lm_head = fmt.prepare_linears([inner.embed_tokens if tied else model.lm_head])
         if not tied:  # a tied head is the embedding, which F.embedding needs in its stored layout
             fmt.share(lm_head, [model.lm_head])
         return cls(fmt, inner.embed_tokens.weight, fmt.norm_weight(inner.norm.weight), lm_head, layers,
@@ -160,17 +160,17 @@ class LeanWeights:
 def lean_layer(layer: torch.nn.Module, fmt: WeightFormat, share: bool = True) -> dict:
     """A Llama decoder layer's weights as the lean forward multiplies them (q/k/v and gate/up fused). `share`:
     re-point the layer's own linears at the fused weights (see `WeightFormat.share`); a timing probe does not."""
-    attn, mlp, layout = layer.self_attn, layer.mlp, fmt.prepare
+    attn, mlp, layout = layer.self_attn, layer.mlp, fmt.prepare_linears
     qkv, gate_up = (attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)
     entry = dict(
         attn_norm=fmt.norm_weight(layer.input_layernorm.weight),
-        wqkv=layout(joined_rows([p.weight for p in qkv])),
+        wqkv=layout(qkv),
         bqkv=torch.cat([p.bias for p in qkv]) if attn.q_proj.bias is not None else None,
-        wo=layout(attn.o_proj.weight),
+        wo=layout([attn.o_proj]),
         bo=attn.o_proj.bias,  # Llama's attention_bias covers o_proj too; Qwen2's does not
         mlp_norm=fmt.norm_weight(layer.post_attention_layernorm.weight),
-        w_gate_up=layout(joined_rows([p.weight for p in gate_up])),
-        w_down=layout(mlp.down_proj.weight),
+        w_gate_up=layout(gate_up),
+        w_down=layout([mlp.down_proj]),
     )
     if share:
         fmt.share(entry["wqkv"], qkv)
@@ -597,6 +597,13 @@ class WeightFormat:
         """An RMS norm's weight as `LeanLayers.norm` applies it: in float32 where the products take float32."""
         return weight.float() if self.float_products else weight
 
+    def prepare_linears(self, linears: list[torch.nn.Module] | tuple) -> object:
+        """The weights of these modules (rows stacked, in order) as this format multiplies them: the `gguf`
+        format takes the GGML blocks they were loaded from, the others their weights."""
+        if self.name == GGUF_BLOCKS:
+            return gguf_blocks(linears)
+        return self.prepare(joined_rows([linear.weight for linear in linears]))
+
     def prepare(self, weight: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if self.name == "transposed":
             return weight.t().contiguous()
@@ -618,6 +625,9 @@ class WeightFormat:
     def product(self) -> Callable[[torch.Tensor, object], torch.Tensor]:
         """`x @ W.T` for weights this format prepared: one function per format, looked up once by the layers
         that call it 121 times a step."""
+        if self.name == GGUF_BLOCKS:
+            kernel = _fused_product(self.name)
+            return lambda x, weight: kernel(_cast(x, torch.float32), *weight)
         if self.name in FUSED_PRODUCTS:  # the kernel looked up here, once, not at each of a step's products
             kernel = _fused_product(self.name)
             return lambda x, weight: kernel(_cast(x, torch.float32), weight)
@@ -630,7 +640,7 @@ class WeightFormat:
         """Re-point the linears' weights at views of `prepared` (their fused rows, in order), so the two copies
         become one. oneDNN's packed layout and quantized weights cannot be viewed: there the model keeps its
         own weights."""
-        if self.name in ("onednn", *FP16_FORMATS) or self.lossy:
+        if self.name in ("onednn", *FP16_FORMATS, GGUF_BLOCKS) or self.lossy:
             return
         rows = prepared if self.name in ("stored", BF16_DOT) else prepared.t()
         offset = 0
@@ -673,8 +683,33 @@ FP16_FORMATS = ("fp16", "fp16-fused")
 # bfloat16 weights as stored, multiplied by the fused kernels' AVX512-BF16 dot products: float32 activations
 # rounded to bfloat16 inside the product (as bfloat16 products round them), float32 sums, float32 out
 BF16_DOT = "bf16-fused"
-FUSED_PRODUCTS = {"fp16-fused": "half_product", BF16_DOT: "bf16_product"}
-FLOAT_PRODUCT_FORMATS = (*FP16_FORMATS, BF16_DOT)  # formats whose products take and give float32
+# a GGUF file's Q4_0 / Q4_1 / Q8_0 blocks as stored (float16 scales and minimums, 4.5-8.5 bits a weight),
+# multiplied by the fused kernels' block products: float32 activations and sums, batch-invariant
+GGUF_BLOCKS = "gguf"
+FUSED_PRODUCTS = {"fp16-fused": "half_product", BF16_DOT: "bf16_product", GGUF_BLOCKS: "block_product"}
+FLOAT_PRODUCT_FORMATS = (*FP16_FORMATS, BF16_DOT, GGUF_BLOCKS)  # formats whose products take and give float32
+
+
+def has_gguf_blocks(model: PreTrainedModel) -> bool:
+    """Whether every weight the lean forward multiplies came from GGML blocks the `gguf` format multiplies."""
+    inner = model.model
+    head = inner.embed_tokens if model.lm_head.weight is inner.embed_tokens.weight else model.lm_head
+    linears = [head] + [m for layer in inner.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+    return all(hasattr(m, "gguf_blocks") for m in linears)
+
+
+def gguf_blocks(linears: list[torch.nn.Module] | tuple) -> tuple[torch.Tensor, int]:
+    """The GGML blocks of these modules' weights, rows stacked in order, and their GGML type."""
+    missing = [m for m in linears if not hasattr(m, "gguf_blocks")]
+    if missing:
+        raise ConfigError(f"{GGUF_BLOCKS} weights multiply a GGUF file's Q4_0 / Q4_1 / Q8_0 blocks; this model's "
+                          "weights did not come from such a file: use another --weights format")
+    kinds = {m.gguf_qtype for m in linears}
+    if len(kinds) > 1:
+        raise ConfigError(f"{GGUF_BLOCKS} weights: one product's weights are stored in several GGML types "
+                          f"({sorted(kinds)}): use another --weights format")
+    blocks = [m.gguf_blocks() for m in linears]
+    return (blocks[0] if len(blocks) == 1 else torch.cat(blocks)), kinds.pop()
 
 
 def _fused_product(name: str):
@@ -682,6 +717,8 @@ def _fused_product(name: str):
     if ops is None:
         raise ConfigError(f"{name} weights need the fused CPU kernels, which could not be built here (see the "
                           "warning above): use --weights fp16")
+    if name == GGUF_BLOCKS and ops.vector_isa() == "generic":
+        raise ConfigError(f"{name} weights need a CPU with AVX2 and FMA (or AVX-512): use --dtype bfloat16")
     if name == BF16_DOT and not ops.bf16_dot_supported():
         raise ConfigError(f"{name} weights need a CPU with AVX512-BF16 dot products, which this one lacks: use "
                           "--weights fp16")
@@ -825,7 +862,8 @@ def fastest(runs: dict, rounds: int = 7, repeats: int = 3):
     return min(best, key=best.get)
 
 
-WEIGHT_CHOICES = ("auto", "fastest", "stored", "transposed", "onednn", *FP16_FORMATS, BF16_DOT, *QUANTIZED)
+WEIGHT_CHOICES = ("auto", "fastest", "stored", "transposed", "onednn", *FP16_FORMATS, BF16_DOT, GGUF_BLOCKS,
+                  *QUANTIZED)
 
 
 def choose_format(model: PreTrainedModel, weights: str = "auto", fused: bool | None = None) -> WeightFormat:
@@ -838,9 +876,11 @@ def choose_format(model: PreTrainedModel, weights: str = "auto", fused: bool | N
     unless named)."""
     if weights not in WEIGHT_CHOICES:
         raise ConfigError(f"unknown weight format '{weights}': use one of {', '.join(WEIGHT_CHOICES)}")
+    if weights == "auto" and getattr(model, "gguf_blocks_default", False) and has_gguf_blocks(model):
+        weights = GGUF_BLOCKS  # a GGUF target loaded without a --dtype: the file's own blocks
     if weights == "auto":
         weights = "stored" if model.dtype == torch.float32 else "fastest"
-    if weights in (*QUANTIZED, *FP16_FORMATS, BF16_DOT) and model.device.type != "cpu":
+    if weights in (*QUANTIZED, *FP16_FORMATS, BF16_DOT, GGUF_BLOCKS) and model.device.type != "cpu":
         raise ConfigError(f"{weights} weights use CPU kernels (aten's, FBGEMM's); on {model.device.type} use "
                           "another format")
     if weights in FP16_FORMATS and not model_fp16_holds(model):

@@ -13,11 +13,13 @@ forward's fused products need no second copy (see `cached_lm.joined_rows`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -195,11 +197,27 @@ def load_gguf_model(path: Path, dtype: torch.dtype) -> PreTrainedModel:
         raise KeyError(f"{path.name} lacks tensors for {sorted(missing)[:3]}")
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
+    for name, stored in tensors.items():  # the stored blocks, read when the `gguf` weight format asks for them
+        if stored.qtype in BLOCK_TYPES and name.endswith(".weight"):
+            attach_blocks(model.get_submodule(name.removesuffix(".weight")), stored.qtype,
+                          functools.partial(_stored_blocks, path, stored, processor))
     for name, module in list(model.named_modules()):  # buffers computed at construction (rotary frequencies)
         if any(b.is_meta for b in module.buffers(recurse=False)):
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent), attr, type(module)(config=config))
     return model.eval()
+
+
+def attach_blocks(module: torch.nn.Module, qtype: int, read: Callable[[], torch.Tensor]) -> None:
+    """Give a linear (or embedding) the GGML blocks its weight was dequantized from: `read()` gives them as
+    uint8 [rows, bytes], rows in the module's own order (for the `gguf` weight format of the lean forward)."""
+    module.gguf_qtype, module.gguf_blocks = qtype, read
+
+
+def _stored_blocks(path: Path, stored: StoredTensor, processor) -> torch.Tensor:
+    raw = torch.from_numpy(np.array(stored.raw(np.memmap(path, dtype=np.uint8, mode="r"))))
+    # rows permuted for llama.cpp's rotary layout go back as the dequantized weights did (rows are whole blocks)
+    return processor.process(weights=raw, name=stored.gguf_name).weights.contiguous()
 
 
 @contextlib.contextmanager

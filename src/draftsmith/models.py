@@ -171,6 +171,8 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, torch_device)
     if "gguf_file" in extra and (direct := _load_gguf_directly(spec, Path(location) / extra["gguf_file"], torch_dtype)):
         model, tokenizer = direct
+        # no --dtype given: the lean forward multiplies the file's own blocks (cached_lm's `gguf` format)
+        model.gguf_blocks_default = dtype == "auto" and torch_device.type == "cpu"
         model.to(torch_device)
         model.generation_config.pad_token_id = model.generation_config.pad_token_id or tokenizer.pad_token_id
         return LoadedModel(model=model, tokenizer=tokenizer, name=spec)
