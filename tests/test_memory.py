@@ -48,7 +48,8 @@ def test_float32_keeps_transformers_layout_and_other_dtypes_take_the_cached_fast
     assert choose_format(target) == WeightFormat("stored")
     timed = []
     real = cached_lm_module.fastest_step_format
-    monkeypatch.setattr(cached_lm_module, "fastest_step_format", lambda *args: timed.append(1) or real(*args))
+    monkeypatch.setattr(cached_lm_module, "fastest_step_format",
+                        lambda *args, **kwargs: timed.append(1) or real(*args, **kwargs))
     bf16 = tiny_llama(seed=3).to(torch.bfloat16)
     first = choose_format(bf16)
     again = choose_format(tiny_llama(seed=4).to(torch.bfloat16))  # another load, same machine, dtype and shape

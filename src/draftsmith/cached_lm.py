@@ -846,12 +846,22 @@ def fastest_format(weight: torch.Tensor, fp16: bool | None = None, rounds: int =
         for x in inputs:
             fmt.multiply(x, prepared[fmt])
 
-    return fastest({fmt: functools.partial(products, fmt) for fmt in prepared}, rounds, repeats)
+    return fastest({fmt: functools.partial(products, fmt) for fmt in preferred_first(list(prepared))}, rounds, repeats)
 
 
-def fastest(runs: dict, rounds: int = 7, repeats: int = 3):
-    """The key of the fastest of `runs` (warmed-up callables). They take turns over several rounds and each
-    keeps its best round, so a burst of load on a shared machine during one's turn cannot decide the choice."""
+CLEAR_MARGIN = 0.05  # a format must be this much faster than the preferred one to displace it
+# the order that decides when no candidate wins clearly: the fused kernels' formats (built for a whole step)
+# first, then FBGEMM's and oneDNN's packed products, then aten's
+FORMAT_PREFERENCE = (BF16_DOT, "fp16-fused", "fp16", "onednn", "transposed", "stored")
+
+
+def fastest(runs: dict, rounds: int = 7, repeats: int = 3, timing: dict | None = None):
+    """The key of the fastest of `runs` (warmed-up callables, in order of preference). They take turns over
+    several rounds and each keeps its best round, so a burst of load on a shared machine during one's turn
+    cannot decide the choice; and the fastest is kept only if it beats every candidate preferred to it by
+    CLEAR_MARGIN, else the most preferred candidate within that margin is: two formats level within the noise
+    do not flip between two machines or two measurements. `timing` (a dict) receives the best times (ms) and
+    the margin by which the choice beat the runner-up (negative: it was kept by preference, not speed)."""
     best = {key: float("inf") for key in runs}
     for _ in range(rounds):
         for key, run in runs.items():
@@ -859,7 +869,18 @@ def fastest(runs: dict, rounds: int = 7, repeats: int = 3):
             for _ in range(repeats):
                 run()
             best[key] = min(best[key], time.perf_counter() - start)
-    return min(best, key=best.get)
+    quickest = min(best.values())
+    choice = next(key for key in runs if best[key] <= quickest * (1 + CLEAR_MARGIN))
+    others = [t for key, t in best.items() if key != choice]
+    if timing is not None:
+        timing["ms"] = {str(getattr(key, "name", key)): round(t * 1e3 / repeats, 4) for key, t in best.items()}
+        timing["margin"] = round(min(others) / best[choice] - 1, 4) if others else None
+    return choice
+
+
+def preferred_first(formats: list[WeightFormat]) -> list[WeightFormat]:
+    rank = {name: i for i, name in enumerate(FORMAT_PREFERENCE)}
+    return sorted(formats, key=lambda f: rank.get(f.name, len(rank)))
 
 
 WEIGHT_CHOICES = ("auto", "fastest", "stored", "transposed", "onednn", *FP16_FORMATS, BF16_DOT, GGUF_BLOCKS,
@@ -901,8 +922,17 @@ def choose_format(model: PreTrainedModel, weights: str = "auto", fused: bool | N
     shape = (f"{cfg.num_hidden_layers}x{cfg.hidden_size}x{cfg.intermediate_size}-heads{cfg.num_attention_heads}/"
              f"{cfg.num_key_value_heads}-vocab{model.lm_head.weight.shape[0]}")
     key = (f"step-{model.dtype}-{shape}-{'+'.join(f.name for f in formats)}-rows{'+'.join(map(str, TIMED_ROWS))}"
-           f"-fused{int(fused_on)}")
-    return WeightFormat(measured_once(key, lambda: fastest_step_format(model, formats, fused).name))
+           f"-fused{int(fused_on)}-clear{CLEAR_MARGIN}")  # (choices made before margins were measured again)
+    def measure() -> dict:
+        timing = {}
+        return {"choice": fastest_step_format(model, formats, fused, timing=timing).name, **timing}
+
+    return WeightFormat(cached_choice(measured_once(key, measure)))
+
+
+def cached_choice(entry: str | dict) -> str:
+    """A cached format choice: its name (entries written before margins were recorded are the bare name)."""
+    return entry if isinstance(entry, str) else entry["choice"]
 
 
 STEP_PROBE_BYTES = 512 * 2**20  # a format's step is timed on the model's first layers up to this many bytes
@@ -910,7 +940,7 @@ STEP_PROBE_BYTES = 512 * 2**20  # a format's step is timed on the model's first 
 
 @torch.no_grad()
 def fastest_step_format(model: PreTrainedModel, formats: list[WeightFormat], fused: bool | None = None,
-                        context: int = 256, rounds: int = 5) -> WeightFormat:
+                        context: int = 256, rounds: int = 5, timing: dict | None = None) -> WeightFormat:
     """The format whose lean decoding steps (1 and 8 tokens after `context` cached ones: a step and a
     verification) run fastest here: every layer's products, norms, attention and cache writes as the lean
     forward does them, and the output head. Timing the products alone misjudged it: on a 2-core AVX-512 EPYC
@@ -924,7 +954,7 @@ def fastest_step_format(model: PreTrainedModel, formats: list[WeightFormat], fus
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     rotary = LeanWeights.rope_tables(model)
     runs = {}
-    for fmt in formats:
+    for fmt in preferred_first(formats):
         try:
             layers = LeanLayers([lean_layer(layer, fmt, share=False) for layer in inner.layers[:probe]], fmt,
                                 *rotary, cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, cfg.rms_norm_eps,
@@ -935,7 +965,7 @@ def fastest_step_format(model: PreTrainedModel, formats: list[WeightFormat], fus
             runs[fmt]()  # warm-up
         except RuntimeError:  # a torch build without this kernel
             runs.pop(fmt, None)
-    return fastest(runs, rounds, repeats=1)
+    return fastest(runs, rounds, repeats=1, timing=timing)
 
 
 def _probe_steps(layers: LeanLayers, head, passes: int, context: int) -> None:
@@ -959,7 +989,7 @@ def cached_fastest_format(weight: torch.Tensor, fp16: bool | None = None, fused:
     # the candidates and timed rows are part of the question: a new candidate is timed, not an old answer read
     names = "+".join(f.name for f in formats)
     key = f"{weight.dtype}-{tuple(weight.shape)}-{names}-rows{'+'.join(map(str, TIMED_ROWS))}"
-    return WeightFormat(measured_once(key, lambda: fastest_format(weight, fp16, fused=fused).name))
+    return WeightFormat(cached_choice(measured_once(key, lambda: fastest_format(weight, fp16, fused=fused).name)))
 
 
 def measured_once(key: str, measure) -> str:

@@ -134,6 +134,10 @@ from draftsmith.export_cli import register as _register_export  # noqa: E402
 
 _register_export(app)
 
+from draftsmith.doctor_cli import register as _register_doctor  # noqa: E402
+
+_register_doctor(app)
+
 from draftsmith.bench.cli import register as _register_bench  # noqa: E402
 from draftsmith.train.cli import register as _register_distill  # noqa: E402
 from draftsmith.bigram_cli import register as _register_bigram  # noqa: E402
