@@ -135,10 +135,10 @@ class LeanWeights:
     @classmethod
     @torch.no_grad()
     def build(cls, model: PreTrainedModel, fmt: WeightFormat) -> LeanWeights:
-        inner, layout = model.model, fmt.prepare
+        inner = model.model
         tied = model.lm_head.weight is inner.embed_tokens.weight
         layers = [lean_layer(layer, fmt) for layer in inner.layers]
-        lm_head = layout(model.lm_head.weight)
+        lm_head = fmt.prepare_linears([inner.embed_tokens if tied else model.lm_head])
         if not tied:  # a tied head is the embedding, which F.embedding needs in its stored layout
             fmt.share(lm_head, [model.lm_head])
         return cls(fmt, inner.embed_tokens.weight, fmt.norm_weight(inner.norm.weight), lm_head, layers,
@@ -159,17 +159,17 @@ class LeanWeights:
 def lean_layer(layer: torch.nn.Module, fmt: WeightFormat, share: bool = True) -> dict:
     """A Llama decoder layer's weights as the lean forward multiplies them (q/k/v and gate/up fused). `share`:
     re-point the layer's own linears at the fused weights (see `WeightFormat.share`); a timing probe does not."""
-    attn, mlp, layout = layer.self_attn, layer.mlp, fmt.prepare
+    attn, mlp, layout = layer.self_attn, layer.mlp, fmt.prepare_linears
     qkv, gate_up = (attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)
     entry = dict(
         attn_norm=fmt.norm_weight(layer.input_layernorm.weight),
-        wqkv=layout(torch.cat([p.weight for p in qkv])),
+        wqkv=layout(qkv),
         bqkv=torch.cat([p.bias for p in qkv]) if attn.q_proj.bias is not None else None,
-        wo=layout(attn.o_proj.weight),
+        wo=layout([attn.o_proj]),
         bo=attn.o_proj.bias,  # Llama's attention_bias covers o_proj too; Qwen2's does not
         mlp_norm=fmt.norm_weight(layer.post_attention_layernorm.weight),
-        w_gate_up=layout(torch.cat([p.weight for p in gate_up])),
-        w_down=layout(mlp.down_proj.weight),
+        w_gate_up=layout(gate_up),
+        w_down=layout([mlp.down_proj]),
     )
     if share:
         fmt.share(entry["wqkv"], qkv)
@@ -177,6 +177,19 @@ def lean_layer(layer: torch.nn.Module, fmt: WeightFormat, share: bool = True) ->
         fmt.share(entry["w_gate_up"], gate_up)
         fmt.share(entry["w_down"], [mlp.down_proj])
     return entry
+
+
+def joined_rows(weights: list[torch.Tensor]) -> torch.Tensor:
+    """The weights' rows stacked: the tensor they already are row blocks of, in order (as gguf_load stores a
+    layer's q/k/v and gate/up), else a concatenated copy."""
+    first = weights[0]
+    adjacent = all(w.is_contiguous() and w.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+                   for w in weights) and all(
+        b.storage_offset() == a.storage_offset() + a.numel() for a, b in zip(weights, weights[1:]))
+    if adjacent:
+        rows = sum(w.shape[0] for w in weights)
+        return first.detach().as_strided((rows, first.shape[1]), (first.shape[1], 1))
+    return torch.cat(weights)
 
 
 _LEAN_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {format name: LeanWeights}
@@ -602,6 +615,13 @@ class WeightFormat:
         """An RMS norm's weight as `LeanLayers.norm` applies it: in float32 where the products take float32."""
         return weight.float() if self.float_products else weight
 
+    def prepare_linears(self, linears: list[torch.nn.Module] | tuple) -> object:
+        """The weights of these modules (rows stacked, in order) as this format multiplies them: the `gguf`
+        format takes the GGML blocks they were loaded from, the others their weights."""
+        if self.name == GGUF_BLOCKS:
+            return gguf_blocks(linears)
+        return self.prepare(joined_rows([linear.weight for linear in linears]))
+
     def prepare(self, weight: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if self.name == "transposed":
             return weight.t().contiguous()
@@ -623,6 +643,9 @@ class WeightFormat:
     def product(self) -> Callable[[torch.Tensor, object], torch.Tensor]:
         """`x @ W.T` for weights this format prepared: one function per format, looked up once by the layers
         that call it 121 times a step."""
+        if self.name == GGUF_BLOCKS:
+            kernel = _fused_product(self.name)
+            return lambda x, weight: kernel(_cast(x, torch.float32), *weight)
         if self.name in FUSED_PRODUCTS:  # the kernel looked up here, once, not at each of a step's products
             kernel = _fused_product(self.name)
             return lambda x, weight: kernel(_cast(x, torch.float32), weight)
@@ -635,7 +658,7 @@ class WeightFormat:
         """Re-point the linears' weights at views of `prepared` (their fused rows, in order), so the two copies
         become one. oneDNN's packed layout and quantized weights cannot be viewed: there the model keeps its
         own weights."""
-        if self.name in ("onednn", *FP16_FORMATS) or self.lossy:
+        if self.name in ("onednn", *FP16_FORMATS, GGUF_BLOCKS) or self.lossy:
             return
         rows = prepared if self.name in ("stored", BF16_DOT) else prepared.t()
         offset = 0
@@ -678,8 +701,33 @@ FP16_FORMATS = ("fp16", "fp16-fused")
 # bfloat16 weights as stored, multiplied by the fused kernels' AVX512-BF16 dot products: float32 activations
 # rounded to bfloat16 inside the product (as bfloat16 products round them), float32 sums, float32 out
 BF16_DOT = "bf16-fused"
-FUSED_PRODUCTS = {"fp16-fused": "half_product", BF16_DOT: "bf16_product"}
-FLOAT_PRODUCT_FORMATS = (*FP16_FORMATS, BF16_DOT)  # formats whose products take and give float32
+# a GGUF file's Q4_0 / Q4_1 / Q8_0 blocks as stored (float16 scales and minimums, 4.5-8.5 bits a weight),
+# multiplied by the fused kernels' block products: float32 activations and sums, batch-invariant
+GGUF_BLOCKS = "gguf"
+FUSED_PRODUCTS = {"fp16-fused": "half_product", BF16_DOT: "bf16_product", GGUF_BLOCKS: "block_product"}
+FLOAT_PRODUCT_FORMATS = (*FP16_FORMATS, BF16_DOT, GGUF_BLOCKS)  # formats whose products take and give float32
+
+
+def has_gguf_blocks(model: PreTrainedModel) -> bool:
+    """Whether every weight the lean forward multiplies came from GGML blocks the `gguf` format multiplies."""
+    inner = model.model
+    head = inner.embed_tokens if model.lm_head.weight is inner.embed_tokens.weight else model.lm_head
+    linears = [head] + [m for layer in inner.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+    return all(hasattr(m, "gguf_blocks") for m in linears)
+
+
+def gguf_blocks(linears: list[torch.nn.Module] | tuple) -> tuple[torch.Tensor, int]:
+    """The GGML blocks of these modules' weights, rows stacked in order, and their GGML type."""
+    missing = [m for m in linears if not hasattr(m, "gguf_blocks")]
+    if missing:
+        raise ConfigError(f"{GGUF_BLOCKS} weights multiply a GGUF file's Q4_0 / Q4_1 / Q8_0 blocks; this model's "
+                          "weights did not come from such a file: use another --weights format")
+    kinds = {m.gguf_qtype for m in linears}
+    if len(kinds) > 1:
+        raise ConfigError(f"{GGUF_BLOCKS} weights: one product's weights are stored in several GGML types "
+                          f"({sorted(kinds)}): use another --weights format")
+    blocks = [m.gguf_blocks() for m in linears]
+    return (blocks[0] if len(blocks) == 1 else torch.cat(blocks)), kinds.pop()
 
 
 def _fused_product(name: str):
@@ -687,6 +735,8 @@ def _fused_product(name: str):
     if ops is None:
         raise ConfigError(f"{name} weights need the fused CPU kernels, which could not be built here (see the "
                           "warning above): use --weights fp16")
+    if name == GGUF_BLOCKS and ops.vector_isa() == "generic":
+        raise ConfigError(f"{name} weights need a CPU with AVX2 and FMA (or AVX-512): use --dtype bfloat16")
     if name == BF16_DOT and not ops.bf16_dot_supported():
         raise ConfigError(f"{name} weights need a CPU with AVX512-BF16 dot products, which this one lacks: use "
                           "--weights fp16")
@@ -814,12 +864,22 @@ def fastest_format(weight: torch.Tensor, fp16: bool | None = None, rounds: int =
         for x in inputs:
             fmt.multiply(x, prepared[fmt])
 
-    return fastest({fmt: functools.partial(products, fmt) for fmt in prepared}, rounds, repeats)
+    return fastest({fmt: functools.partial(products, fmt) for fmt in preferred_first(list(prepared))}, rounds, repeats)
 
 
-def fastest(runs: dict, rounds: int = 7, repeats: int = 3):
-    """The key of the fastest of `runs` (warmed-up callables). They take turns over several rounds and each
-    keeps its best round, so a burst of load on a shared machine during one's turn cannot decide the choice."""
+CLEAR_MARGIN = 0.05  # a format must be this much faster than the preferred one to displace it
+# the order that decides when no candidate wins clearly: the fused kernels' formats (built for a whole step)
+# first, then FBGEMM's and oneDNN's packed products, then aten's
+FORMAT_PREFERENCE = (BF16_DOT, "fp16-fused", "fp16", "onednn", "transposed", "stored")
+
+
+def fastest(runs: dict, rounds: int = 7, repeats: int = 3, timing: dict | None = None):
+    """The key of the fastest of `runs` (warmed-up callables, in order of preference). They take turns over
+    several rounds and each keeps its best round, so a burst of load on a shared machine during one's turn
+    cannot decide the choice; and the fastest is kept only if it beats every candidate preferred to it by
+    CLEAR_MARGIN, else the most preferred candidate within that margin is: two formats level within the noise
+    do not flip between two machines or two measurements. `timing` (a dict) receives the best times (ms) and
+    the margin by which the choice beat the runner-up (negative: it was kept by preference, not speed)."""
     best = {key: float("inf") for key in runs}
     for _ in range(rounds):
         for key, run in runs.items():
@@ -827,10 +887,22 @@ def fastest(runs: dict, rounds: int = 7, repeats: int = 3):
             for _ in range(repeats):
                 run()
             best[key] = min(best[key], time.perf_counter() - start)
-    return min(best, key=best.get)
+    quickest = min(best.values())
+    choice = next(key for key in runs if best[key] <= quickest * (1 + CLEAR_MARGIN))
+    others = [t for key, t in best.items() if key != choice]
+    if timing is not None:
+        timing["ms"] = {str(getattr(key, "name", key)): round(t * 1e3 / repeats, 4) for key, t in best.items()}
+        timing["margin"] = round(min(others) / best[choice] - 1, 4) if others else None
+    return choice
 
 
-WEIGHT_CHOICES = ("auto", "fastest", "stored", "transposed", "onednn", *FP16_FORMATS, BF16_DOT, *QUANTIZED)
+def preferred_first(formats: list[WeightFormat]) -> list[WeightFormat]:
+    rank = {name: i for i, name in enumerate(FORMAT_PREFERENCE)}
+    return sorted(formats, key=lambda f: rank.get(f.name, len(rank)))
+
+
+WEIGHT_CHOICES = ("auto", "fastest", "stored", "transposed", "onednn", *FP16_FORMATS, BF16_DOT, GGUF_BLOCKS,
+                  *QUANTIZED)
 
 
 def choose_format(model: PreTrainedModel, weights: str = "auto", fused: bool | None = None) -> WeightFormat:
@@ -843,9 +915,11 @@ def choose_format(model: PreTrainedModel, weights: str = "auto", fused: bool | N
     unless named)."""
     if weights not in WEIGHT_CHOICES:
         raise ConfigError(f"unknown weight format '{weights}': use one of {', '.join(WEIGHT_CHOICES)}")
+    if weights == "auto" and getattr(model, "gguf_blocks_default", False) and has_gguf_blocks(model):
+        weights = GGUF_BLOCKS  # a GGUF target loaded without a --dtype: the file's own blocks
     if weights == "auto":
         weights = "stored" if model.dtype == torch.float32 else "fastest"
-    if weights in (*QUANTIZED, *FP16_FORMATS, BF16_DOT) and model.device.type != "cpu":
+    if weights in (*QUANTIZED, *FP16_FORMATS, BF16_DOT, GGUF_BLOCKS) and model.device.type != "cpu":
         raise ConfigError(f"{weights} weights use CPU kernels (aten's, FBGEMM's); on {model.device.type} use "
                           "another format")
     if weights in FP16_FORMATS and not model_fp16_holds(model):
@@ -866,8 +940,17 @@ def choose_format(model: PreTrainedModel, weights: str = "auto", fused: bool | N
     shape = (f"{cfg.num_hidden_layers}x{cfg.hidden_size}x{cfg.intermediate_size}-heads{cfg.num_attention_heads}/"
              f"{cfg.num_key_value_heads}-vocab{model.lm_head.weight.shape[0]}")
     key = (f"step-{model.dtype}-{shape}-{'+'.join(f.name for f in formats)}-rows{'+'.join(map(str, TIMED_ROWS))}"
-           f"-fused{int(fused_on)}")
-    return WeightFormat(measured_once(key, lambda: fastest_step_format(model, formats, fused).name))
+           f"-fused{int(fused_on)}-clear{CLEAR_MARGIN}")  # (choices made before margins were measured again)
+    def measure() -> dict:
+        timing = {}
+        return {"choice": fastest_step_format(model, formats, fused, timing=timing).name, **timing}
+
+    return WeightFormat(cached_choice(measured_once(key, measure)))
+
+
+def cached_choice(entry: str | dict) -> str:
+    """A cached format choice: its name (entries written before margins were recorded are the bare name)."""
+    return entry if isinstance(entry, str) else entry["choice"]
 
 
 STEP_PROBE_BYTES = 512 * 2**20  # a format's step is timed on the model's first layers up to this many bytes
@@ -875,7 +958,7 @@ STEP_PROBE_BYTES = 512 * 2**20  # a format's step is timed on the model's first 
 
 @torch.no_grad()
 def fastest_step_format(model: PreTrainedModel, formats: list[WeightFormat], fused: bool | None = None,
-                        context: int = 256, rounds: int = 5) -> WeightFormat:
+                        context: int = 256, rounds: int = 5, timing: dict | None = None) -> WeightFormat:
     """The format whose lean decoding steps (1 and 8 tokens after `context` cached ones: a step and a
     verification) run fastest here: every layer's products, norms, attention and cache writes as the lean
     forward does them, and the output head. Timing the products alone misjudged it: on a 2-core AVX-512 EPYC
@@ -889,7 +972,7 @@ def fastest_step_format(model: PreTrainedModel, formats: list[WeightFormat], fus
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     rotary = LeanWeights.rope_tables(model)
     runs = {}
-    for fmt in formats:
+    for fmt in preferred_first(formats):
         try:
             layers = LeanLayers([lean_layer(layer, fmt, share=False) for layer in inner.layers[:probe]], fmt,
                                 *rotary, cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, cfg.rms_norm_eps,
@@ -900,7 +983,7 @@ def fastest_step_format(model: PreTrainedModel, formats: list[WeightFormat], fus
             runs[fmt]()  # warm-up
         except RuntimeError:  # a torch build without this kernel
             runs.pop(fmt, None)
-    return fastest(runs, rounds, repeats=1)
+    return fastest(runs, rounds, repeats=1, timing=timing)
 
 
 def _probe_steps(layers: LeanLayers, head, passes: int, context: int) -> None:
@@ -924,7 +1007,7 @@ def cached_fastest_format(weight: torch.Tensor, fp16: bool | None = None, fused:
     # the candidates and timed rows are part of the question: a new candidate is timed, not an old answer read
     names = "+".join(f.name for f in formats)
     key = f"{weight.dtype}-{tuple(weight.shape)}-{names}-rows{'+'.join(map(str, TIMED_ROWS))}"
-    return WeightFormat(measured_once(key, lambda: fastest_format(weight, fp16, fused=fused).name))
+    return WeightFormat(cached_choice(measured_once(key, lambda: fastest_format(weight, fp16, fused=fused).name)))
 
 
 def measured_once(key: str, measure) -> str:

@@ -38,8 +38,11 @@ def wanted(device: torch.device, fused: bool | None) -> bool:
 
 
 # -march=native: a build is for one instruction set, so the CPU is part of its tag (a shared home folder);
-# -fopenmp: at::parallel_for splits work only when compiled with OpenMP (torch's own libgomp is the one loaded)
-FLAGS = ["-O3", "-march=native", "-fopenmp"]
+# -fopenmp: at::parallel_for splits work only when compiled with OpenMP (torch's own libgomp is the one loaded).
+# ISA_ENV=avx2 builds for AVX2 (with FMA and F16C) only: how an AVX-512 machine tests what AVX2-only CPUs run.
+ISA_ENV = "DRAFTSMITH_ISA"
+ISA_FLAGS = {"native": ["-march=native"], "avx2": ["-mavx2", "-mfma", "-mf16c"]}
+FLAGS = ["-O3", *ISA_FLAGS.get(os.environ.get(ISA_ENV, "native"), ISA_FLAGS["native"]), "-fopenmp"]
 
 
 @functools.cache

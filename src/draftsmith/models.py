@@ -195,6 +195,13 @@ def unreadable(spec: str, extra: dict, error: Exception) -> ModelLoadError:
 def load_tokenizer(spec: str = DEFAULT_TARGET, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer of a model spec alone (no weights loaded)."""
     location, extra = _locate(spec)
+    if "gguf_file" in extra:  # converted once per file and kept (see gguf_load)
+        from draftsmith import gguf_load
+
+        try:
+            return gguf_load.load_tokenizer(Path(location) / extra["gguf_file"])
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelLoadError(f"could not load the tokenizer of '{spec}': {e}") from e
     try:
         return AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code, **extra)
     except OSError as e:
@@ -220,6 +227,13 @@ def load_model(
         return _load_llamacpp(spec, location, extra, device)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    if "gguf_file" in extra and (direct := _load_gguf_directly(spec, Path(location) / extra["gguf_file"], torch_dtype)):
+        model, tokenizer = direct
+        # no --dtype given: the lean forward multiplies the file's own blocks (cached_lm's `gguf` format)
+        model.gguf_blocks_default = dtype == "auto" and torch_device.type == "cpu"
+        model.to(torch_device)
+        model.generation_config.pad_token_id = model.generation_config.pad_token_id or tokenizer.pad_token_id
+        return LoadedModel(model=model, tokenizer=tokenizer, name=spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code, **extra)
         model = AutoModelForCausalLM.from_pretrained(
@@ -235,6 +249,20 @@ def load_model(
     model.to(torch_device).eval()
     model.generation_config.pad_token_id = model.generation_config.pad_token_id or tokenizer.pad_token_id
     return LoadedModel(model=model, tokenizer=tokenizer, name=spec)
+
+
+def _load_gguf_directly(spec: str, path: Path, dtype: torch.dtype
+                        ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase] | None:
+    """A Llama-family GGUF's model and tokenizer read by gguf_load (seconds less than transformers' GGUF
+    loading, and no float32 copy of every weight on the way); None for other architectures."""
+    from draftsmith import gguf_load
+
+    try:
+        if gguf_load.model_type_of(path, convert=True) not in gguf_load.DIRECT_MODEL_TYPES:
+            return None
+        return gguf_load.load_gguf_model(path, dtype), gguf_load.load_tokenizer(path)
+    except (OSError, ValueError, KeyError) as e:  # a truncated or foreign file: gguf-py and transformers raise these
+        raise ModelLoadError(f"could not load the GGUF file of '{spec}' ({path}): {e}") from e
 
 
 def _load_llamacpp(spec: str, location: str, extra: dict, device: str) -> LoadedModel:

@@ -29,7 +29,8 @@ from draftsmith.bench.linecomplete import exact_match as _exact_match
 from draftsmith.errors import ConfigError
 
 INSTRUCT = "humaneval-instruct"
-WORKLOADS = ("humaneval", INSTRUCT, "lines", "blocks", "collab[:DOMAINS]")
+HELDOUT = "stdlib"  # held-out prompts written from the standard library's docstrings (bench/heldout.py): timed only
+WORKLOADS = ("humaneval", INSTRUCT, "lines", "blocks", "collab[:DOMAINS]", HELDOUT)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,10 @@ def load_tasks(workload: str, limit: int) -> list[Task]:
         mode = "line" if workload == "lines" else "block"
         cases = build_cases(LineCaseConfig(num_cases=limit, mode=mode))
         return [Task(c.case_id, c.context, case=c, mode=mode) for c in cases]
+    if workload == HELDOUT:
+        from draftsmith.bench.heldout import PROMPTS
+
+        return [Task(f"stdlib/{i}", prompt) for i, prompt in enumerate(PROMPTS[:limit])]
     source = TASK_SOURCES.get(workload.partition(":")[0])
     if source is not None:
         return source(workload, limit)

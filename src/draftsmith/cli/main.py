@@ -145,6 +145,7 @@ def main() -> None:
 from draftsmith.cli import train_heads, train_routers  # noqa: E402,F401  (add `train heads|router|predictor`)
 from draftsmith.cli.bench import register as _register_bench  # noqa: E402
 from draftsmith.cli.collab import register as _register_collab  # noqa: E402
+from draftsmith.cli.doctor import register as _register_doctor  # noqa: E402
 from draftsmith.cli.export import register as _register_export  # noqa: E402
 from draftsmith.cli.serve import register as _register_serve  # noqa: E402
 from draftsmith.cli.train import train_app  # noqa: E402
@@ -153,6 +154,7 @@ from draftsmith.cli.train_student import distill_command  # noqa: E402
 
 _register_serve(app)
 _register_export(app)
+_register_doctor(app)
 _register_bench(app)
 train_app.command("student")(distill_command)
 train_app.command("bigram")(build_bigram_command)

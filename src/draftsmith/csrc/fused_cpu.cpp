@@ -5,7 +5,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#if (defined(__F16C__) && defined(__FMA__)) || defined(__AVX512BF16__)
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -481,6 +482,183 @@ at::Tensor bf16_product(const at::Tensor& x_in, const at::Tensor& w) {
   return out;
 }
 
+
+// x @ W.T for float32 rows x [..., in] and weights W [out, in] kept as GGML blocks of 32 (uint8 [out, in / 32 *
+// block bytes], as llama.cpp's files store them): Q4_0 d * (q - 8), Q4_1 d * q + m, Q8_0 d * q, with d and m the
+// block's own float16 scale and minimum. Each block is unpacked to float32 once and multiplied into every row
+// (up to kBlockRows at a time), so a verification reads each weight byte once, as a one-token step does. Plain
+// loops over 16 lanes that the compiler vectorizes for whatever ISA it builds for (AVX-512 or AVX2): each row
+// sums its products lane by lane in the same order whatever the number of rows, then adds the 16 lanes in one
+// fixed order, so a verification of n rows gives the one-token step's numbers bit for bit.
+constexpr int kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8;
+constexpr int64_t kBlock = 32, kBlockLanes = 16;
+
+inline int64_t block_bytes(int64_t qtype) {
+  switch (qtype) {
+    case kQ4_0: return 18;
+    case kQ4_1: return 20;
+    case kQ8_0: return 34;
+    default: TORCH_CHECK(false, "block_product: GGML type ", qtype, " is not one of Q4_0 (2), Q4_1 (3), Q8_0 (8)");
+  }
+  return 0;
+}
+
+inline float half_to_float(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, sizeof bits);
+  return c10::detail::fp16_ieee_to_fp32_value(bits);
+}
+
+// 16 float32 lanes: one AVX-512 register, or two AVX2 ones doing the same per-lane operations (FMA on both), so
+// both builds give the same bits
+#if defined(__AVX512F__)
+struct Vec16 {
+  __m512 v;
+  static Vec16 zero() { return {_mm512_setzero_ps()}; }
+  static Vec16 load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  static Vec16 set1(float a) { return {_mm512_set1_ps(a)}; }
+  static Vec16 from_bytes(__m128i b) { return {_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b))}; }
+  static Vec16 from_signed_bytes(__m128i b) { return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b))}; }
+  static Vec16 fma(Vec16 a, Vec16 b, Vec16 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+  static Vec16 mul(Vec16 a, Vec16 b) { return {_mm512_mul_ps(a.v, b.v)}; }
+  void store(float* p) const { _mm512_storeu_ps(p, v); }
+};
+#elif defined(__AVX2__) && defined(__FMA__)
+struct Vec16 {
+  __m256 lo, hi;
+  static Vec16 zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+  static Vec16 load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+  static Vec16 set1(float a) { return {_mm256_set1_ps(a), _mm256_set1_ps(a)}; }
+  static Vec16 from_bytes(__m128i b) {
+    return {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)))};
+  }
+  static Vec16 from_signed_bytes(__m128i b) {
+    return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)))};
+  }
+  static Vec16 fma(Vec16 a, Vec16 b, Vec16 c) { return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)}; }
+  static Vec16 mul(Vec16 a, Vec16 b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
+  void store(float* p) const { _mm256_storeu_ps(p, lo); _mm256_storeu_ps(p + 8, hi); }
+};
+#endif
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+constexpr bool kBlockKernels = true;
+
+// a block's 32 weights as two vectors of 16: Q4 low nibbles are weights 0-15, high nibbles 16-31
+template <int Q>
+inline void unpack_block(const uint8_t* b, Vec16& w_lo, Vec16& w_hi) {
+  const Vec16 d = Vec16::set1(half_to_float(b));
+  if constexpr (Q == kQ8_0) {
+    w_lo = Vec16::mul(d, Vec16::from_signed_bytes(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2))));
+    w_hi = Vec16::mul(d, Vec16::from_signed_bytes(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 18))));
+  } else {
+    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (Q == kQ4_1 ? 4 : 2)));
+    const __m128i nibble = _mm_set1_epi8(0x0F);
+    __m128i low = _mm_and_si128(packed, nibble), high = _mm_and_si128(_mm_srli_epi16(packed, 4), nibble);
+    if constexpr (Q == kQ4_0) {  // q - 8 as a signed byte
+      low = _mm_sub_epi8(low, _mm_set1_epi8(8));
+      high = _mm_sub_epi8(high, _mm_set1_epi8(8));
+      w_lo = Vec16::mul(d, Vec16::from_signed_bytes(low));
+      w_hi = Vec16::mul(d, Vec16::from_signed_bytes(high));
+    } else {
+      const Vec16 m = Vec16::set1(half_to_float(b + 2));
+      w_lo = Vec16::fma(d, Vec16::from_bytes(low), m);
+      w_hi = Vec16::fma(d, Vec16::from_bytes(high), m);
+    }
+  }
+}
+
+inline float sum_lanes(const Vec16& acc) {  // a fixed pairwise order
+  alignas(64) float s[kBlockLanes];
+  acc.store(s);
+  for (int width = kBlockLanes / 2; width >= 1; width /= 2)
+    for (int i = 0; i < width; ++i) s[i] += s[i + width];
+  return s[0];
+}
+
+// R rows x C weight rows in registers: each unpacked block serves R rows, each loaded input vector C weight rows
+template <int Q, int R, int C>
+inline void block_tile(const float* x, const uint8_t* w, float* out, int64_t in, int64_t features, int64_t row_bytes) {
+  const int64_t bytes = block_bytes(Q), blocks = in / kBlock;
+  Vec16 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = Vec16::zero();
+  for (int64_t b = 0; b < blocks; ++b) {
+    Vec16 lo[C], hi[C];
+    for (int c = 0; c < C; ++c) unpack_block<Q>(w + c * row_bytes + b * bytes, lo[c], hi[c]);
+    for (int r = 0; r < R; ++r) {
+      const Vec16 x_lo = Vec16::load(x + r * in + b * kBlock), x_hi = Vec16::load(x + r * in + b * kBlock + 16);
+      for (int c = 0; c < C; ++c) acc[r][c] = Vec16::fma(x_hi, hi[c], Vec16::fma(x_lo, lo[c], acc[r][c]));
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) out[r * features + c] = sum_lanes(acc[r][c]);
+}
+
+template <int Q, int C>
+void block_rows(const float* x, const uint8_t* w, float* out, int64_t rows, int64_t in, int64_t features) {
+  const int64_t row_bytes = in / kBlock * block_bytes(Q);
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) block_tile<Q, 4, C>(x + r * in, w, out + r * features, in, features, row_bytes);
+  switch (rows - r) {
+    case 1: block_tile<Q, 1, C>(x + r * in, w, out + r * features, in, features, row_bytes); break;
+    case 2: block_tile<Q, 2, C>(x + r * in, w, out + r * features, in, features, row_bytes); break;
+    case 3: block_tile<Q, 3, C>(x + r * in, w, out + r * features, in, features, row_bytes); break;
+    default: break;
+  }
+}
+
+template <int Q>
+void block_features(const float* x, const uint8_t* w, float* out, int64_t rows, int64_t in, int64_t features,
+                    int64_t first, int64_t last) {
+  const int64_t row_bytes = in / kBlock * block_bytes(Q);
+  int64_t f = first;
+  for (; f + 4 <= last; f += 4) block_rows<Q, 4>(x, w + f * row_bytes, out + f, rows, in, features);
+  for (; f < last; ++f) block_rows<Q, 1>(x, w + f * row_bytes, out + f, rows, in, features);
+}
+#else
+constexpr bool kBlockKernels = false;
+#endif
+
+at::Tensor block_product(const at::Tensor& x_in, const at::Tensor& w, int64_t qtype) {
+  const at::Tensor x = x_in.contiguous();
+  check_float_contiguous(x, "block_product x");
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.is_contiguous() && w.dim() == 2,
+              "block_product weight: a contiguous uint8 CPU matrix of GGML blocks is needed");
+  const int64_t in = x.size(-1), features = w.size(0), rows = x.numel() / in;
+  TORCH_CHECK(in % kBlock == 0 && w.size(1) == in / kBlock * block_bytes(qtype), "block_product: input size ", in,
+              " does not match ", w.size(1), " bytes of blocks a weight row");
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = features;
+  at::Tensor out = at::empty(shape, x.options());
+  const float* px = x.data_ptr<float>();
+  const uint8_t* pw = w.data_ptr<uint8_t>();
+  float* po = out.data_ptr<float>();
+  TORCH_CHECK(kBlockKernels, "block_product: these kernels were built without AVX2/FMA or AVX-512");
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+  at::parallel_for(0, (features + 3) / 4, 8, [&](int64_t begin, int64_t end) {
+    const int64_t first = begin * 4, last = std::min(features, end * 4);
+    switch (qtype) {
+      case kQ4_0: block_features<kQ4_0>(px, pw, po, rows, in, features, first, last); break;
+      case kQ4_1: block_features<kQ4_1>(px, pw, po, rows, in, features, first, last); break;
+      default: block_features<kQ8_0>(px, pw, po, rows, in, features, first, last); break;
+    }
+  });
+#endif
+  return out;
+}
+
+// which vector instructions this build was compiled for (DRAFTSMITH_ISA=avx2 builds an AVX2 one on any x86 CPU)
+std::string vector_isa() {
+#if defined(__AVX512F__)
+  return "avx512";
+#elif defined(__AVX2__)
+  return "avx2";
+#else
+  return "generic";
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY(draftsmith_fused, m) {
@@ -495,4 +673,6 @@ TORCH_LIBRARY(draftsmith_fused, m) {
   m.def("half_product(Tensor x, Tensor weight) -> Tensor", &half_product);
   m.def("bf16_product(Tensor x, Tensor weight) -> Tensor", &bf16_product);
   m.def("bf16_dot_supported() -> bool", &bf16_dot_supported);
+  m.def("block_product(Tensor x, Tensor blocks, int qtype) -> Tensor", &block_product);
+  m.def("vector_isa() -> str", &vector_isa);
 }
