@@ -103,15 +103,18 @@ def test_chunked_prefill_through_the_causal_path_is_exact(monkeypatch):
 
 
 MEMORY_PROBE = """
-import json, os, resource
+import json, os
 def resident():
     return int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+def peak_resident():  # this process image's own high-water mark (ru_maxrss carries a forking parent's across exec)
+    line = next(l for l in open('/proc/self/status') if l.startswith('VmHWM:'))
+    return int(line.split()[1]) * 1024
 from draftsmith.drafters.ngram import NgramDrafter
 from draftsmith.engine import GenerationConfig, SpecEngine
 from draftsmith.models import load_model
 base = resident()
 loaded = load_model('smollm2', dtype='float32')
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = peak_resident()
 engine = SpecEngine(loaded.model, NgramDrafter())
 engine.generate(loaded.encode('def fib(n):'), GenerationConfig(max_new_tokens=32))
 weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
