@@ -9,7 +9,7 @@ import time
 import pytest
 import typer
 
-from draftsmith import cli
+from draftsmith.cli import main as cli
 from draftsmith.acceptance import SamplingConfig
 from draftsmith.drafters.registry import build_drafter
 from draftsmith.engine import GenerationConfig, SpecEngine

@@ -8,7 +8,7 @@ pytest.importorskip("llama_cpp")
 
 from draftsmith.cached_lm import BackendConfig
 from draftsmith.draft import ROOT, Draft  # noqa: E402
-from draftsmith.drafters import build_drafter  # noqa: E402
+from draftsmith.drafters.registry import build_drafter  # noqa: E402
 from draftsmith.drafters.model import ModelDrafter  # noqa: E402
 from draftsmith.drafters.ngram import NgramDrafter  # noqa: E402
 from draftsmith.engine import GenerationConfig, SpecEngine  # noqa: E402
