@@ -145,9 +145,13 @@ def skip_policy(spec: str, target: LoadedModel):
 
 def draft_model(spec: str, target: LoadedModel):
     """The draft LM of `model:PATH` or `student[:DIR]`, loaded like the target (device, dtype) and checked to
-    share its vocabulary."""
+    share its vocabulary. A trailing `:layers=N` keeps only its first N layers (a smaller, untrained draft
+    level under the full model: `student:layers=3`)."""
     from draftsmith.models import check_same_vocabulary, load_model
 
+    spec, keep = _split_layers(spec)
+    if keep is not None:
+        return first_layers(draft_model(spec, target), keep)
     kind, _, path = spec.partition(":")
     if kind == "model" and not path:
         raise ConfigError("give the draft model after 'model:', e.g. model:runs/student")
@@ -160,6 +164,28 @@ def draft_model(spec: str, target: LoadedModel):
     draft = load_model(path, device=str(target.device), dtype=str(target.dtype).removeprefix("torch."))
     check_same_vocabulary(target, draft)
     return draft.model
+
+
+def _split_layers(spec: str) -> tuple[str, int | None]:
+    head, _, last = spec.rpartition(":")
+    if not head or not last.startswith("layers="):
+        return spec, None
+    count = last.removeprefix("layers=")
+    if not count.isdigit() or int(count) < 1:
+        raise ConfigError(f"'{spec}': layers=N keeps the first N layers, N a whole number >= 1")
+    return head, int(count)
+
+
+def first_layers(model, keep: int):
+    """The model with only its first `keep` decoder layers (then its final norm and head), in place."""
+    layers = model.model.layers
+    if keep > len(layers):
+        raise ConfigError(f"layers={keep}: the model has only {len(layers)} layers")
+    model.model.layers = layers[:keep]
+    model.config.num_hidden_layers = keep
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:keep]
+    return model
 
 
 def shipped_file(target: LoadedModel, kind: str, filename: str, command: str) -> Path:
