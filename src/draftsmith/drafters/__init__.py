@@ -73,7 +73,7 @@ DEFAULT_DRAFTER = "ngram"
 def build_drafter(spec: str, target: LoadedModel, **options) -> Drafter | None:
     """`auto`, `none`, `ngram`, `model:PATH` (a smaller causal LM with the target's tokenizer), `student[:DIR]`
     (the distilled student shipped for the target, or one in DIR), `mag[:FILE]` (prompt lookup + bigram chain),
-    `cascade[:K-MATRIX|:FILE.toml]` (CS-Drafting), `layerskip[:auto|:DIR|:skip=LAYERS]` (self-speculation),
+    `cascade[:K-MATRIX|:upstream[-lL]|:FILE.toml]` (CS-Drafting), `layerskip[:auto|:DIR|:skip=LAYERS]` (self-speculation),
     `eagle[:DIR]`, `eagle+ngram[:DIR]`, `medusa[:DIR]` or `ctc[:DIR]`."""
     if spec in ("none", "", None):
         return None
@@ -117,7 +117,7 @@ def build_drafter(spec: str, target: LoadedModel, **options) -> Drafter | None:
     if kind in ("eagle", "medusa", "ctc"):
         return _head_drafter(kind, path, target, options)
     raise ConfigError(f"unknown drafter '{spec}': use auto, none, ngram, model:PATH, student[:DIR], mag[:FILE], "
-                      "cascade[:K-MATRIX|:FILE.toml], layerskip[:auto|:DIR|:skip=LAYERS], eagle[:DIR], "
+                      "cascade[:K-MATRIX|:upstream[-lL]|:FILE.toml], layerskip[:auto|:DIR|:skip=LAYERS], eagle[:DIR], "
                       "eagle+ngram[:DIR], medusa[:DIR] or ctc[:DIR]")
 
 
