@@ -122,6 +122,38 @@ def test_lenient_sampling_reports_the_distribution_it_samples(leniency):
         assert_test_has_power(reported.double().numpy(), p_rows[0].double().numpy(), 20_000)
 
 
+def test_upstream_rule_accepts_above_q_over_l_and_not_at_it():
+    """CS-Drafting's review: x passes when p(x) > q(x) / l. A uniform reviewer over 4 tokens gives p = 1/4
+    exactly, so the boundary p = q / l is hit exactly: at it the token is refused, just past it accepted."""
+    logits = torch.zeros(2, 4)  # p = 1/4 for every token; the argmax is token 0
+    point_mass = Draft(tokens=[2])  # a deterministic drafter (MaG): q(x) = 1
+    assert GreedyRule(4.0, "upstream").accept(point_mass, logits).path == []  # 1/4 > 1/4 is false
+    assert GreedyRule(4.01, "upstream").accept(point_mass, logits).path == [0]
+    assert GreedyRule(3.99, "upstream").accept(point_mass, logits).path == []
+    q = torch.tensor([[0.1, 0.1, 0.5, 0.3]])  # a model drafter that gave x = 2 half its mass
+    model_draft = Draft(tokens=[2], probs=q)
+    assert GreedyRule(2.0, "upstream").accept(model_draft, logits).path == []  # 1/4 > 0.5 / 2 is false
+    verdict = GreedyRule(2.01, "upstream").accept(model_draft, logits)
+    assert verdict.path == [0] and verdict.next_token == 0
+    # the verdict hands the reviewer's own rows up as q, as upstream's review returns its probabilities
+    assert torch.equal(verdict.dists, logits.softmax(-1))
+    # ours measures against the argmax instead: a tie with the best token passes at any l > 1, not at l = 1
+    assert GreedyRule(1.001).accept(point_mass, logits).path == [0]
+    assert GreedyRule(1.0, "upstream").accept(Draft(tokens=[0]), logits).path == [0]  # the argmax always passes
+    assert GreedyRule(1.0, "upstream").accept(Draft(tokens=[2], probs=torch.full((1, 4), 0.01)), logits).path == []
+
+
+def test_upstream_rule_at_leniency_one_is_the_exact_greedy_review():
+    """p > q / l would pass a non-argmax token whose q is small even at l = 1; upstream relaxes nothing there."""
+    rng = torch.Generator().manual_seed(0)
+    for trial in range(50):
+        logits = torch.randn(4, 6, generator=rng)
+        draft = Draft(tokens=torch.randint(0, 6, (3,), generator=rng).tolist(), probs=torch.full((3, 6), 1e-3))
+        exact = GreedyRule().accept(draft, logits)
+        upstream = GreedyRule(1.0, "upstream").accept(draft, logits)
+        assert (upstream.path, upstream.next_token) == (exact.path, exact.next_token), trial
+
+
 def test_leniency_below_one_is_refused():
     with pytest.raises(ConfigError, match="leniency must be >= 1"):
         acceptance_rule(SamplingConfig(), 0.5)
@@ -139,6 +171,11 @@ def test_k_matrix_inline_and_toml(tmp_path):
                     "leniency = [2.0, 4]\n")
     config = parse_cascade(str(file))
     assert config.drafters == ["model:a", "model:b", "mag"] and config.leniency == [2.0, 4.0]
+    assert config.leniency_rule == "argmax"
+    upstream = parse_cascade("upstream")  # upstream's main.py: two models above MaG, lenience 2, its rule
+    assert upstream.k_matrix == [[5, 14, 10], [0, 1, 10], [0, 0, 10]] and upstream.leniency == [2.0, 2.0]
+    assert upstream.leniency_rule == "upstream" and len(upstream.drafters) == 3
+    assert parse_cascade("upstream-l4").leniency == [4.0, 4.0]
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -148,6 +185,8 @@ def test_k_matrix_inline_and_toml(tmp_path):
     ("4,2/0,3/0,0,1", "1 to 2 rows"),
     ("4/0", "must hold 2 counts"),
     ("missing.toml", "not found"),
+    ("upstream-lx", "upstream-lL with a leniency"),
+    ("upstream-l0.5", "leniency"),
 ])
 def test_bad_cascade_settings_raise_config_error(spec, message):
     with pytest.raises(ConfigError, match=message):
@@ -161,6 +200,9 @@ def test_bad_toml_and_leniency_raise_config_error(tmp_path):
         parse_cascade(str(bad))
     bad.write_text("k_matrix = [[1, 2]]\nlenience = 2\n")
     with pytest.raises(ConfigError, match="unknown keys"):
+        parse_cascade(str(bad))
+    bad.write_text('k_matrix = [[1, 2]]\nleniency_rule = "max"\n')
+    with pytest.raises(ConfigError, match="leniency_rule must be one of argmax, upstream"):
         parse_cascade(str(bad))
     with pytest.raises(ConfigError, match="leniency"):
         CascadeConfig(leniency=0.5)
@@ -202,9 +244,9 @@ def mag_for(vocab: int, seed: int = 0) -> MagDrafter:
     return MagDrafter(BigramTable(successor, torch.ones(vocab, dtype=torch.int32), "x"), min_n=1)
 
 
-def cascade_over(models: dict, k_matrix, leniency, vocab: int, mag: MagDrafter):
+def cascade_over(models: dict, k_matrix, leniency, vocab: int, mag: MagDrafter, rule: str = "argmax"):
     drafters = [*models, "mag"]
-    config = CascadeConfig(drafters=drafters, k_matrix=k_matrix, leniency=leniency)
+    config = CascadeConfig(drafters=drafters, k_matrix=k_matrix, leniency=leniency, leniency_rule=rule)
     return build_cascade(config, lambda spec: ("model", models[spec]) if spec in models else ("drafter", mag), vocab)
 
 
@@ -221,12 +263,15 @@ DEPTHS = {
 }
 
 
-@pytest.mark.parametrize("depth", DEPTHS)
-def test_cascade_greedy_output_is_the_targets(greedy_models, depth):
+@pytest.mark.parametrize("depth, rule, leniency", [*((d, "argmax", None) for d in DEPTHS),
+                                                    (3, "upstream", None), (3, "upstream", 1.0)])
+def test_cascade_greedy_output_is_the_targets(greedy_models, depth, rule, leniency):
+    """Whatever the levels below accept, by either rule, the target's exact review keeps its greedy output."""
     target, a, b = greedy_models
-    names, k_matrix, leniency = DEPTHS[depth]
+    names, k_matrix, default_leniency = DEPTHS[depth]
     vocab = target.config.vocab_size
-    cascade = cascade_over({n: m for n, m in zip(names, (a, b))}, k_matrix, leniency, vocab, mag_for(vocab))
+    cascade = cascade_over({n: m for n, m in zip(names, (a, b))}, k_matrix, leniency or default_leniency, vocab,
+                           mag_for(vocab), rule)
     engine = SpecEngine(target, cascade)
     rng = np.random.default_rng(depth)
     accepted = proposed = level_accepted = level_proposed = 0
@@ -289,14 +334,36 @@ def test_build_bigram_and_a_cascade_from_the_command_line(saved_target, tmp_path
     assert BigramTable.load(table, char_tokenizer()).successor[char_tokenizer().convert_tokens_to_ids("d")] >= 0
     config = tmp_path / "cascade.toml"
     config.write_text(f'drafters = ["model:{saved_target}", "mag:{table}"]\nk_matrix = [[3, 2], [0, 3]]\nleniency = 2\n')
+    # upstream's shape: two models above MaG, the smaller one the first layer of the larger, upstream's rule
+    upstream = tmp_path / "upstream.toml"
+    upstream.write_text(f'drafters = ["model:{saved_target}", "model:{saved_target}:layers=1", "mag:{table}"]\n'
+                        'k_matrix = [[2, 2, 1], [0, 1, 2], [0, 0, 3]]\nleniency = 2\nleniency_rule = "upstream"\n')
     outputs = {}
-    for drafter in ("none", f"cascade:{config}"):
+    for drafter in ("none", f"cascade:{config}", f"cascade:{upstream}"):
         result = runner.invoke(app, ["generate", "def add(a", "--target", str(saved_target), "--drafter", drafter,
                                      "--max-new-tokens", "24", "--dtype", "float32"])
         assert result.exit_code == 0, result.output
         # the generated text is the first printed line (progress bars of the loaders go elsewhere or later)
         outputs[drafter] = next(line for line in result.output.split("\n") if line.startswith("def add(a"))
-    assert outputs["none"] == outputs[f"cascade:{config}"]
+    assert outputs["none"] == outputs[f"cascade:{config}"] == outputs[f"cascade:{upstream}"]
+
+
+def test_layers_keeps_a_draft_models_first_layers(saved_target):
+    from draftsmith.drafters.registry import draft_model
+    from draftsmith.models import load_model
+
+    target = load_model(str(saved_target))
+    full, cut = draft_model(f"model:{saved_target}", target), draft_model(f"model:{saved_target}:layers=1", target)
+    assert len(cut.model.layers) == cut.config.num_hidden_layers == 1 < len(full.model.layers)
+    # the kept layer is the full model's first: its hidden state after one layer is the same
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        states = full(ids, output_hidden_states=True).hidden_states[1]
+        assert torch.allclose(cut.model(ids).last_hidden_state, cut.model.norm(states), atol=1e-5)
+    for spec, message in ((f"model:{saved_target}:layers=0", "layers=N keeps the first N"),
+                          (f"model:{saved_target}:layers=9", "has only")):
+        with pytest.raises(ConfigError, match=message):
+            draft_model(spec, target)
 
 
 def test_student_and_mag_need_a_shipped_file_or_a_path(saved_target):

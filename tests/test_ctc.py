@@ -35,9 +35,15 @@ def target():
     return tiny_llama(seed=4)
 
 
-def ctc_head(target, seed: int = 0, draft_vocab: int = 0, feed: bool = False) -> CtcHead:
+def ctc_head(target, seed: int = 0, draft_vocab: int = 0, feed: bool = False, frames_from: str = "chain") -> CtcHead:
     torch.manual_seed(seed)
-    head = CtcHead(HeadConfig.for_target("ctc", target, draft_vocab=draft_vocab, ctc_feed=feed))
+    head = CtcHead(HeadConfig.for_target("ctc", target, draft_vocab=draft_vocab, ctc_feed=feed,
+                                         ctc_frames_from=frames_from))
+    if frames_from == "upstream":  # no frame parameters; the blank is a token of the draft vocabulary
+        if draft_vocab:
+            head.draft_to_target.copy_(torch.randperm(target.config.vocab_size)[:draft_vocab].sort().values)
+            head.config.ctc_blank_token = int(head.draft_to_target[3])
+        return head.eval()
     with torch.no_grad():  # a random blank row, so that blanks take part in the search
         head.blank_weight.normal_(std=0.5)
         head.frame_embeddings.normal_(std=1.0)
@@ -48,8 +54,9 @@ def ctc_head(target, seed: int = 0, draft_vocab: int = 0, feed: bool = False) ->
     return head.eval()
 
 
-def ctc(target, seed: int = 0, draft_vocab: int = 0, feed: bool = False, **search) -> CtcDrafter:
-    drafter = CtcDrafter(ctc_head(target, seed, draft_vocab, feed), target, CtcSearch(**search))
+def ctc(target, seed: int = 0, draft_vocab: int = 0, feed: bool = False, frames_from: str = "chain", **search
+        ) -> CtcDrafter:
+    drafter = CtcDrafter(ctc_head(target, seed, draft_vocab, feed, frames_from), target, CtcSearch(**search))
     drafter.costs = FLAT
     return drafter
 
@@ -183,6 +190,60 @@ def test_decode_time_frames_compute_what_training_computes(target, draft_vocab, 
     torch.testing.assert_close(frames[0], training[:, n - 1], rtol=1e-4, atol=1e-4)
 
 
+def test_upstream_frames_and_labels_on_a_toy_sequence(target, monkeypatch):
+    """Upstream frames (the CTC drafter's `logits_cycle`): anchor a's frames are the head's own teacher-forced
+    pair outputs a..a+5, its labels the target's next tokens after features a+1..a+3, the blank the row of a
+    vocabulary token, whose own slot can never be spelled; a window whose labels hold the blank token is dropped."""
+    import torch.nn.functional as F
+
+    import draftsmith.train.heads as train_heads
+    from draftsmith.train.heads import HeadTrainConfig, HeadWithTarget, ctc_loss
+
+    head = ctc_head(target, seed=1, frames_from="upstream")
+    parts = TargetParts(target, head.draft_to_target, dtype=torch.float32)
+    torch.manual_seed(5)
+    length, hidden = 14, target.config.hidden_size
+    features, ids = torch.randn(1, length, hidden), torch.randint(0, target.config.vocab_size, (1, length))
+    with torch.no_grad():
+        next_tokens = parts.logits(features[0, 1:]).argmax(-1).tolist()  # after feature a+1, for a = 0, 1, ..
+    head.config.ctc_blank_token = next_tokens[6]  # the blank token is a label of windows 4..6: they go
+    captured = {}
+
+    real_ctc_loss = F.ctc_loss
+
+    def spy(log_probs, labels, *args, **kwargs):
+        captured.update(log_probs=log_probs, labels=labels)
+        return real_ctc_loss(log_probs, labels, *args, **kwargs)
+
+    monkeypatch.setattr(train_heads.F, "ctc_loss", spy)
+    model = HeadWithTarget(head, parts, feature_scale=1.0).eval()
+    with torch.no_grad():
+        ctc_loss(model, {"input_ids": ids, "features": features}, HeadTrainConfig(kind="ctc", noise=0.0))
+        positions = torch.arange(1, length)[None]
+        pairs = head(features[:, :-1], parts.embed_tokens(ids[:, 1:]), positions)[0]  # pair a at a+1
+        by_hand = head.frame_logits(parts.norm(pairs), parts).float().log_softmax(-1)  # [pairs, V + 1]
+    blank_row = head.blank_row()
+    assert torch.isinf(by_hand[:, blank_row]).all()  # the blank token itself is never spelled as a token
+    anchors = length - 1 - 5  # six frames: pairs a..a+5 must exist
+    kept = [a for a in range(anchors) if blank_row not in next_tokens[a : a + 3]]
+    assert kept == [a for a in range(anchors) if a not in (4, 5, 6)]
+    log_probs, labels = captured["log_probs"], captured["labels"]
+    assert log_probs.shape == (6, len(kept), target.config.vocab_size + 1)
+    for window, anchor in enumerate(kept):
+        assert labels[window].tolist() == next_tokens[anchor : anchor + 3]
+        for frame in range(6):
+            torch.testing.assert_close(log_probs[frame, window], by_hand[anchor + frame])
+
+
+def test_upstream_frames_refuse_a_blank_outside_the_draft_vocabulary(target):
+    head = ctc_head(target, draft_vocab=40, frames_from="upstream")
+    head.config.ctc_blank_token = int(next(t for t in range(target.config.vocab_size) if t not in head.draft_to_target))
+    with pytest.raises(ConfigError, match="blank token .* is not in the head's draft vocabulary"):
+        head.blank_row()
+    with pytest.raises(ConfigError, match="CTC frames come from one of chain, upstream"):
+        CtcHead(HeadConfig.for_target("ctc", target, ctc_frames_from="side"))
+
+
 def test_impossible_search_settings_are_refused():
     with pytest.raises(ConfigError, match="top_k >= 1 and beams >= 1"):
         CtcSearch(beams=0)
@@ -259,6 +320,8 @@ def test_ctc_drafting_is_exact_against_hf_greedy(target, lean):
     for make in (lambda: ctc(target, top_k=3, beams=12), lambda: ctc(target, draft_vocab=40),
                  lambda: ctc(target, levels=2, top_k=3), lambda: ctc(target, levels=2, draft_vocab=40),
                  lambda: ctc(target, feed=True, draft_vocab=40), lambda: ctc(target, feed=True, levels=2),
+                 lambda: ctc(target, frames_from="upstream", top_k=3), lambda: ctc(target, frames_from="upstream",
+                                                                                    draft_vocab=40, levels=2),
                  lambda: OracleCtc(target)):
         engine = SpecEngine(target, make(), backend=BackendConfig(lean=lean))
         for prompt in PROMPTS:

@@ -72,10 +72,11 @@ def test_shards_hold_features_and_resume_without_redoing_work(shards, target, mo
         build_feature_shards(target, char_tokenizer(), other, folder, progress=False)
 
 
-@pytest.mark.parametrize("kind", ["eagle", "medusa", "ctc", "ctc-feed"])
+@pytest.mark.parametrize("kind", ["eagle", "medusa", "ctc", "ctc-feed", "ctc-upstream"])
 def test_a_tiny_head_learns_and_its_folder_drafts_exactly(shards, target, tmp_path, kind):
     folder, _ = shards
-    kind, feed = kind.removesuffix("-feed"), kind.endswith("-feed")
+    frames_from = "upstream" if kind.endswith("-upstream") else "chain"
+    kind, feed = kind.removesuffix("-feed").removesuffix("-upstream"), kind.endswith("-feed")
     losses = []
     import draftsmith.train.heads as heads_module
 
@@ -90,7 +91,7 @@ def test_a_tiny_head_learns_and_its_folder_drafts_exactly(shards, target, tmp_pa
     try:
         head, info = train_head(target, folder, HeadTrainConfig(kind=kind, draft_vocab=0, medusa_heads=2,
                                                                  medusa_tree_nodes=6, noise=0.0, w_ctc=1.0,
-                                                                 ctc_feed=feed),
+                                                                 ctc_feed=feed, ctc_frames_from=frames_from),
                                   train(tmp_path, lr=1e-2, max_steps=60))
     finally:
         setattr(heads_module, f"{kind}_loss", loss)
@@ -101,6 +102,8 @@ def test_a_tiny_head_learns_and_its_folder_drafts_exactly(shards, target, tmp_pa
     if kind == "ctc":  # held-out: the best alignments spell part of the target's next tokens, blanks included
         assert loaded.config.ctc_frames == 6 and 0 < info["heldout"]["ctc_prefix"] <= 3
         assert loaded.config.ctc_feed == feed and hasattr(loaded, "blank_embedding") == feed
+        assert loaded.config.ctc_frames_from == frames_from  # upstream: no frame parameters, the blank a token
+        assert hasattr(loaded, "frame_embeddings") == (frames_from == "chain")
         assert 0 < info["heldout"]["ctc_blank_rate"] < 1
     from draftsmith.drafters.registry import build_drafter
     from draftsmith.models import LoadedModel

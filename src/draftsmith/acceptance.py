@@ -148,14 +148,29 @@ class AcceptanceRule:
         return {}
 
 
+LENIENCY_RULES = ("argmax", "upstream")  # how a lenient greedy review measures a token: see GreedyRule
+
+
 @dataclass(frozen=True)
 class GreedyRule(AcceptanceRule):
     """Accept a draft token while it is the reviewer's argmax. A lenient reviewer (leniency l > 1, for cascade
-    levels below the top only) also accepts a token within a factor l of the argmax's probability."""
+    levels below the top only) also accepts some other tokens, by one of two rules:
+
+    - `argmax` (ours): p(x) >= max p / l, the token within a factor l of the reviewer's own best;
+    - `upstream` (CS-Drafting's own review): p(x) > q(x) / l, with q the drafter's probability of x (1 for a
+      deterministic drafter such as MaG). Its Verdict hands the reviewer's distributions up as the q of the
+      tokens it emits, as the upstream code does, for a lenient reviewer above to weigh them."""
 
     leniency: float = 1.0
+    rule: str = "argmax"
+
+    def __post_init__(self) -> None:
+        if self.rule not in LENIENCY_RULES:
+            raise ConfigError(f"leniency rule must be one of {', '.join(LENIENCY_RULES)}, got '{self.rule}'")
 
     def accept(self, draft: Draft, logits: torch.Tensor, generator: torch.Generator | None = None) -> Verdict:
+        if self.rule == "upstream":
+            return self._upstream(draft, logits)
         if self.leniency == 1.0:
             path, next_token = accept_greedy(draft, logits)
             return Verdict(path, next_token)
@@ -168,6 +183,27 @@ class GreedyRule(AcceptanceRule):
             node = next((c for c in children.get(node, ()) if row[draft.tokens[c]] >= floor[node + 1]), None)
             if node is None:
                 return Verdict(path, int(best[path[-1] + 1 if path else 0]))
+            path.append(node)
+
+    def _upstream(self, draft: Draft, logits: torch.Tensor) -> Verdict:
+        probs = logits.float().softmax(-1)
+        best = probs.argmax(-1).tolist()
+        children, path, node = draft.children(), [], ROOT
+
+        def passes(child: int, row: int) -> bool:
+            x = draft.tokens[child]
+            if x == best[row]:
+                return True
+            # upstream tests the relaxed condition only when lenient, so leniency 1 is the exact greedy review
+            p = probs[row]
+            return self.leniency > 1 and bool(p[x] > _draft_distribution(draft, child, p)[x] / self.leniency)
+
+        while True:
+            row = node + 1
+            node = next((c for c in children.get(node, ()) if passes(c, row)), None)
+            if node is None:
+                rows = [0] + [n + 1 for n in path]
+                return Verdict(path, best[rows[-1]], probs[rows])
             path.append(node)
 
 
@@ -213,8 +249,10 @@ class RejectionRule(AcceptanceRule):
             node = chosen
 
 
-def acceptance_rule(sampling: SamplingConfig, leniency: float = 1.0) -> AcceptanceRule:
-    """The rule for these sampling settings; leniency > 1 only where a lossy review is allowed."""
+def acceptance_rule(sampling: SamplingConfig, leniency: float = 1.0, leniency_rule: str = "argmax") -> AcceptanceRule:
+    """The rule for these sampling settings; leniency > 1 only where a lossy review is allowed. When sampling,
+    both leniency rules are the same test (accept x with min(1, l p(x) / q(x)): upstream's p > q / l made a
+    probability), so `leniency_rule` chooses only between the greedy reviews."""
     if leniency < 1:
         raise ConfigError(f"leniency must be >= 1 (1 = exact review), got {leniency}")
-    return GreedyRule(leniency) if sampling.greedy else RejectionRule(sampling, leniency)
+    return GreedyRule(leniency, leniency_rule) if sampling.greedy else RejectionRule(sampling, leniency)

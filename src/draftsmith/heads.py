@@ -16,6 +16,10 @@ draft step. The frozen parts are never stored with a head; `TargetParts` takes t
   L tokens, so a step's frames spell several future tokens with blanks and repeats, collapsed CTC-style.
   With `ctc_feed`, frame f also reads the embedding of frame f-1's best entry (a token, or a learned blank
   embedding), the same at training and decode time: the frames see the tokens their best alignment has spelled.
+  With `ctc_frames_from = "upstream"`, the frames are those of the CTC drafter's own code instead: a step's
+  frames are the head's own consecutive outputs (teacher-forced pair outputs at t..t+F-1 in training; at decode
+  time the anchor's output, then the head's chain fed its best entries), and the blank is a vocabulary token
+  (`ctc_blank_token`, upstream's id 0), whose output row gives the blank logit and which is never drafted.
 - EAGLE-3 (arXiv 2503.01840), in the layout vLLM, SGLang and llama.cpp load: the target's residual stream
   entering three of its layers (low, middle, high), concatenated and fused by one projection (3H -> H); one
   decoder layer whose attention reads [normed embedding of token_t+1 ; normed fused feature] (2H) with the
@@ -45,6 +49,7 @@ from draftsmith.errors import ConfigError, IncompatibleDrafterError, ModelLoadEr
 CONFIG_FILE, WEIGHTS_FILE = "head.json", "head.safetensors"
 HeadKind = Literal["eagle", "medusa", "ctc", "eagle3"]
 HEAD_KINDS = ("eagle", "medusa", "ctc", "eagle3")
+CTC_FRAME_SOURCES = ("chain", "upstream")  # ours, and the CTC drafter's own code (HeadConfig.ctc_frames_from)
 
 
 @dataclass
@@ -68,6 +73,8 @@ class HeadConfig:
     ctc_feed: bool = False  # CTC: each frame reads the embedding of the previous frame's best entry
     feature_layers: list[int] = field(default_factory=list)  # EAGLE-3: the target layers whose inputs it reads
     target_layers: int = 0  # EAGLE-3: the target's layer count (0: not recorded)
+    ctc_frames_from: str = "chain"  # CTC: "chain" (ours: a side chain of frames) or "upstream" (the head's outputs)
+    ctc_blank_token: int = 0  # CTC, upstream frames: the target token that stands for the blank
     target: str = ""  # what it was trained for (informational; compatibility is checked on shapes)
     training: dict = field(default_factory=dict)  # command, data, wall time: how it was made
 
@@ -193,7 +200,13 @@ class CtcHead(EagleHead):
         if config.ctc_frames < 1 or config.ctc_labels < 1:
             raise ConfigError(f"a CTC head needs frames >= 1 and labels >= 1, got {config.ctc_frames} and "
                               f"{config.ctc_labels}")
+        if config.ctc_frames_from not in CTC_FRAME_SOURCES:
+            raise ConfigError(f"CTC frames come from one of {', '.join(CTC_FRAME_SOURCES)}, got "
+                              f"'{config.ctc_frames_from}'")
         hidden = config.hidden_size
+        self.upstream = config.ctc_frames_from == "upstream"
+        if self.upstream:  # frames are the head's own outputs and the blank a token: no parameters of their own
+            return
         # frame f's stand-in for the next token's embedding, which a frame does not have
         self.frame_embeddings = nn.Parameter(torch.randn(config.ctc_frames, hidden) * 0.02)
         # the blank's logit: one more output row over the normed frame state (the real rows stay the target's)
@@ -201,6 +214,23 @@ class CtcHead(EagleHead):
         self.blank_bias = nn.Parameter(torch.zeros(()))
         if config.ctc_feed:  # what a frame reads when the frame before it was best as a blank
             self.blank_embedding = nn.Parameter(torch.zeros(hidden))
+
+    def blank_row(self) -> int:
+        """Upstream frames: the draft-vocabulary row of the blank token."""
+        rows = (self.draft_to_target == self.config.ctc_blank_token).nonzero()
+        if not len(rows):
+            raise ConfigError(f"the CTC blank token {self.config.ctc_blank_token} is not in the head's draft vocabulary")
+        return int(rows[0])
+
+    def frame_logits(self, normed: torch.Tensor, parts: TargetParts) -> torch.Tensor:
+        """[..., draft vocabulary + 1] logits of normed frame states, the blank last. Upstream frames: the blank
+        token's own row moves to the blank's place (its token slot can never win)."""
+        logits = F.linear(normed, parts.head_rows)
+        if not self.upstream:
+            return torch.cat([logits, self.blank_logit(normed)], dim=-1)
+        row = self.blank_row()
+        blank = logits[..., row : row + 1]
+        return torch.cat([logits.index_fill(-1, torch.tensor([row], device=logits.device), float("-inf")), blank], -1)
 
     def frame_input(self, previous: torch.Tensor, frame: int, fed: torch.Tensor | None = None) -> torch.Tensor:
         """[..., H]: frame `frame`'s fused input, from the previous frame's output (frame 0: the pair's) and,
@@ -214,6 +244,8 @@ class CtcHead(EagleHead):
         """[..., H] what the next frame reads for these best entries (draft-vocabulary ids, the blank one past
         them): the token's embedding, or the learned blank embedding."""
         is_blank = entries == len(parts.draft_to_target)
+        if self.upstream:  # the blank is a token: its own embedding
+            return parts.embed_tokens(parts.to_target_ids(entries.masked_fill(is_blank, self.blank_row())))
         embeds = parts.embed_tokens(parts.to_target_ids(entries.masked_fill(is_blank, 0)))
         return torch.where(is_blank[..., None], self.blank_embedding.to(embeds.dtype), embeds)
 

@@ -2,7 +2,7 @@
 
 A method spec names one way of decoding: ours (`plain`, `ngram[:k=8,min_n=1,max_n=4]`, `model:PATH[:k=4]`,
 `student[:DIR][:k=4]` (the shipped distilled student), `mag[:FILE][:k=8]` (prompt lookup + bigram chain),
-`cascade[:K-MATRIX|:FILE.toml]` (CS-Drafting, drafters/cascade.py); `layerskip[:DIR|:auto][:k=4]` (self-speculation:
+`cascade[:K-MATRIX|:upstream[-lL]|:FILE.toml]` (CS-Drafting, drafters/cascade.py); `layerskip[:DIR|:auto][:k=4]` (self-speculation:
 the target skipping layers by routers, the shipped ones without DIR, or by a measured fixed set);
 `prune=1` on a tree drafter: the shipped acceptance predictor cuts a tree to one path where that is expected to
 pay (lossless), `prune=2` cuts every tree (SpaDec's rule);

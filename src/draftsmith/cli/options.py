@@ -12,7 +12,7 @@ Target = Annotated[str, typer.Option(help="HF hub id, local folder, .gguf file, 
 Drafter = Annotated[str, typer.Option(help="auto (ngram: the fastest lossless drafter measured) | none | ngram | "
                                            "model:PATH (draft LM with the target's tokenizer) | "
                                            "student[:DIR] (the shipped distilled student) | mag[:FILE] (prompt lookup + "
-                                           "bigram chain) | cascade[:K-MATRIX|:FILE.toml] (CS-Drafting) | "
+                                           "bigram chain) | cascade[:K-MATRIX|:upstream[-lL]|:FILE.toml] (CS-Drafting) | "
                                            "eagle[:DIR] | medusa[:DIR] | ctc[:DIR] (feature heads; the shipped one without DIR) | "
                                            "eagle+ngram[:DIR] (the head's tree with prompt lookup's chain grafted on) | "
                                            "eagle3[:DIR] | eagle3+ngram[:DIR] (EAGLE-3 heads: three target layers) | "

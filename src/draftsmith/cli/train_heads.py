@@ -74,6 +74,10 @@ def heads_command(
     ctc_feed: Annotated[bool, typer.Option(help="CTC: each frame also reads the embedding of the previous frame's "
                                                 "best entry (token or blank), at training as at decode time.")]
     = False,
+    ctc_frames_from: Annotated[str, typer.Option(help="CTC: where a step's frames come from: chain (ours: a side "
+                                                      "chain of frames with a learned blank) or upstream (the CTC "
+                                                      "drafter's code: the head's own consecutive outputs, a "
+                                                      "vocabulary token as the blank).")] = "chain",
     max_minutes: MaxMinutes = 0.0,
     eval_every: int = 250,
     checkpoint_every: int = 250,
@@ -107,6 +111,7 @@ def heads_command(
     head_config = HeadTrainConfig(kind=kind, draft_vocab=draft_vocab, medusa_heads=medusa_heads,
                                   medusa_tree_nodes=medusa_tree_nodes, noise=noise, w_regression=w_regression,
                                   w_ce=w_ce, w_ctc=w_ctc, ctc_labels=ctc_labels, ctc_frames=ctc_frames, ctc_feed=ctc_feed,
+                                  ctc_frames_from=ctc_frames_from,
                                   unroll=unroll, init_from=init_from, feature_layers=layers)
     train = TrainConfig(out_dir=out, max_steps=steps, max_minutes=max_minutes, batch_size=batch_size,
                         grad_accum=grad_accum, lr=lr,

@@ -21,6 +21,11 @@ drafters) or `cascade:FILE.toml` holding
     drafters = ["student", "mag"]      # largest first: any --drafter spec of a model, `mag[:FILE]` or `ngram`
     k_matrix = [[4, 2], [0, 3]]
     leniency = 1.0                     # the reviews below the top; one number, or one per row from row 1
+    leniency_rule = "argmax"           # argmax: p(x) >= max p / l (ours); upstream: p(x) > q(x) / l (CS-Drafting's)
+
+`cascade:upstream` is the cascade as the upstream code configures it: two draft models above MaG (the shipped
+student, then the student's first 3 layers), its k-matrix [[5, 14, 10], [0, 1, 10], [0, 0, 10]], leniency 2 by
+its rule; `cascade:upstream-l4` (any number >= 1 after `-l`) changes only the leniency.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from draftsmith.acceptance import SamplingConfig, acceptance_rule
+from draftsmith.acceptance import LENIENCY_RULES, SamplingConfig, acceptance_rule
 from draftsmith.draft import Draft
 from draftsmith.drafters.base import Drafter
 from draftsmith.errors import ConfigError
@@ -40,6 +45,10 @@ from draftsmith.verify import TargetRunner
 
 DEFAULT_DRAFTERS = ("student", "mag")
 DEFAULT_K_MATRIX = ((4, 2), (0, 3))
+# upstream's main.py: FLAN-T5 base and small above MaG; here the student and its first 3 layers (no training)
+UPSTREAM_DRAFTERS = ("student", "student:layers=3", "mag")
+UPSTREAM_K_MATRIX = ((5, 14, 10), (0, 1, 10), (0, 0, 10))
+UPSTREAM_LENIENCY = 2.0
 
 
 @dataclass
@@ -47,8 +56,11 @@ class CascadeConfig:
     drafters: list[str] = field(default_factory=lambda: list(DEFAULT_DRAFTERS))
     k_matrix: list[list[int]] = field(default_factory=lambda: [list(row) for row in DEFAULT_K_MATRIX])
     leniency: float | list[float] = 1.0
+    leniency_rule: str = "argmax"
 
     def __post_init__(self) -> None:
+        if self.leniency_rule not in LENIENCY_RULES:
+            raise ConfigError(f"leniency_rule must be one of {', '.join(LENIENCY_RULES)}, got '{self.leniency_rule}'")
         n = len(self.drafters)
         if n == 0:
             raise ConfigError("a cascade needs at least one drafter")
@@ -71,9 +83,19 @@ class CascadeConfig:
 
 
 def parse_cascade(spec: str) -> CascadeConfig:
-    """`` (defaults), `R0/R1/...` (k-matrix rows of comma-separated counts) or a .toml file."""
+    """`` (defaults), `upstream[-lL]` (upstream's configuration, leniency L), `R0/R1/...` (k-matrix rows of
+    comma-separated counts) or a .toml file."""
     if not spec:
         return CascadeConfig()
+    if spec.startswith("upstream"):
+        leniency = spec.removeprefix("upstream").removeprefix("-l") or str(UPSTREAM_LENIENCY)
+        try:
+            leniency_value = float(leniency)
+        except ValueError:
+            raise ConfigError(f"cascade:{spec}: write upstream, or upstream-lL with a leniency L >= 1, "
+                              "e.g. upstream-l4") from None
+        return CascadeConfig(list(UPSTREAM_DRAFTERS), [list(row) for row in UPSTREAM_K_MATRIX], leniency_value,
+                             "upstream")
     if spec.endswith(".toml"):
         path = Path(spec)
         if not path.is_file():
@@ -82,26 +104,26 @@ def parse_cascade(spec: str) -> CascadeConfig:
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path} is not valid TOML: {e}") from e
-        unknown = set(data) - {"drafters", "k_matrix", "leniency"}
+        unknown = set(data) - {"drafters", "k_matrix", "leniency", "leniency_rule"}
         if unknown:
-            raise ConfigError(f"{path}: unknown keys {sorted(unknown)} (use drafters, k_matrix, leniency)")
+            raise ConfigError(f"{path}: unknown keys {sorted(unknown)} (use drafters, k_matrix, leniency, leniency_rule)")
         return CascadeConfig(**data)
     try:
         rows = [[int(x) for x in row.split(",")] for row in spec.split("/")]
     except ValueError:
         raise ConfigError(f"cannot read the k-matrix '{spec}': rows of comma-separated counts separated by '/', "
-                          "e.g. 4,2/0,3, or a .toml file") from None
+                          "e.g. 4,2/0,3, upstream[-lL] or a .toml file") from None
     return CascadeConfig(k_matrix=rows)
 
 
 class Horizontal:
     """One row of the k-matrix as a drafter: drafter j's count of tokens, in column order, each continuing the
     tokens before it. Distributions: a model level's as its acceptance rule reports them, point masses for the
-    deterministic drafters (only when sampling: greedy drafts carry none)."""
+    deterministic drafters (when sampling, or for a reviewer whose rule weighs q: `with_probs`)."""
 
-    def __init__(self, parts: list[tuple[Drafter, int]], vocab_size: int):
+    def __init__(self, parts: list[tuple[Drafter, int]], vocab_size: int, with_probs: bool = False):
         self.parts = [(drafter, n) for drafter, n in parts if n > 0]
-        self.vocab_size = vocab_size
+        self.vocab_size, self.with_probs = vocab_size, with_probs
         self.greedy = True
         # per part: tokens it proposed, and those its reviewer accepted (read from the next context it is given)
         self.proposed = [0] * len(self.parts)
@@ -123,7 +145,7 @@ class Horizontal:
             tokens += draft.tokens
             owner += [index] * len(draft)
             self.proposed[index] += len(draft)
-            if not self.greedy and len(draft):
+            if (self.with_probs or not self.greedy) and len(draft):
                 probs.append(draft.probs[:, : self.vocab_size] if draft.probs is not None
                              else torch.nn.functional.one_hot(torch.tensor(draft.tokens), self.vocab_size).float())
         self._last = (len(context), tokens, owner)
@@ -145,15 +167,16 @@ class ReviewingLevel:
     being the row of the k-matrix below it and its rule the (lenient) acceptance rule; with nothing below it,
     the same step drafts one token per forward."""
 
-    def __init__(self, name: str, model, below: Horizontal | None, leniency: float, vocab_size: int):
-        self.name, self.below, self.leniency = name, below, leniency
+    def __init__(self, name: str, model, below: Horizontal | None, leniency: float, vocab_size: int,
+                 leniency_rule: str = "argmax"):
+        self.name, self.below, self.leniency, self.leniency_rule = name, below, leniency, leniency_rule
         self.runner = TargetRunner(model)
         self.runner.vocab_size = vocab_size  # a draft model's padded logits beyond the target's ids are never drafted
         self.stats = Stats()
         self.generator, self.rule = None, acceptance_rule(SamplingConfig())
 
     def reset(self, prompt_ids: list[int], sampling: SamplingConfig, generator: torch.Generator) -> None:
-        self.generator, self.rule = generator, acceptance_rule(sampling, self.leniency)
+        self.generator, self.rule = generator, acceptance_rule(sampling, self.leniency, self.leniency_rule)
         self.runner.prefill(prompt_ids)
         self.stats = Stats(prompt_tokens=len(prompt_ids))
         if self.below is not None:
@@ -224,7 +247,8 @@ def build_cascade(config: CascadeConfig, build_level, vocab_size: int) -> Cascad
                                   "its row must be all 0")
             levels[j] = obj
             continue
-        below = Horizontal(list(zip(levels, row)), vocab_size) if any(row) else None
+        weighs_q = config.leniency_rule == "upstream" and config.leniency[j] > 1  # greedy drafts then carry q
+        below = Horizontal(list(zip(levels, row)), vocab_size, with_probs=weighs_q) if any(row) else None
         name = kinds[j] if kinds.count(kinds[j]) == 1 else f"{kinds[j]}{j + 1}"
-        levels[j] = ReviewingLevel(name, obj, below, config.leniency[j], vocab_size)
+        levels[j] = ReviewingLevel(name, obj, below, config.leniency[j], vocab_size, config.leniency_rule)
     return CascadeDrafter(levels, config, vocab_size)

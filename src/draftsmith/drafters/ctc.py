@@ -119,10 +119,13 @@ class CtcDrafter(EagleDrafter):
         super().__init__(head, target, graphs=graphs)  # its feedback replays captured; its frames run eagerly
         self.search = search or CtcSearch()
         self.blank = len(head.draft_to_target)  # one past the draft vocabulary: never a real token id
-        rows = torch.cat([self.parts.head_rows, head.blank_weight.detach()[None].to(self.dtype)])
-        self.frame_rows = self.layers.weights.prepare(rows)
-        self.frame_embeddings = head.frame_embeddings.detach().to(self.dtype)
-        self.blank_bias = float(head.blank_bias.detach())
+        if head.upstream:  # the blank is a token: its output row gives the blank logit, its own slot never wins
+            self.blank_token_row = head.blank_row()
+            blank_row, self.blank_bias = self.parts.head_rows[self.blank_token_row], 0.0
+        else:
+            blank_row, self.blank_bias = head.blank_weight.detach().to(self.dtype), float(head.blank_bias.detach())
+            self.frame_embeddings = head.frame_embeddings.detach().to(self.dtype)
+        self.frame_rows = self.layers.weights.prepare(torch.cat([self.parts.head_rows, blank_row[None]]))
 
     def reset(self, prompt_ids: list[int], sampling: SamplingConfig, generator: torch.Generator | None) -> None:
         super().reset(prompt_ids, sampling, generator)
@@ -132,7 +135,10 @@ class CtcDrafter(EagleDrafter):
     def frame_log_probs(self, anchors: torch.Tensor, sees: torch.Tensor, position: int) -> torch.Tensor:
         """[m, F, draft vocabulary + 1] log-probabilities (the blank last) of the frames of m anchors: their
         outputs `anchors` [m, H], `sees` [m, cache] which cache entries each anchor's frames attend to, `position`
-        the anchors' position. Frame f sits at position + 1 + f."""
+        the anchors' position. Frame f sits at position + 1 + f (upstream frames: at position + f, frame 0 being
+        the anchor's own output)."""
+        if self.head.upstream:
+            return self._upstream_frame_log_probs(anchors, sees, position)
         rows, outputs, logits = len(anchors), [], []
         own = torch.eye(rows, dtype=torch.bool, device=self.device)
         previous = anchors
@@ -150,9 +156,25 @@ class CtcDrafter(EagleDrafter):
         logits = torch.stack(logits, dim=1) if logits else self._frame_logits(torch.stack(outputs, dim=1))
         return logits.log_softmax(-1)
 
+    def _upstream_frame_log_probs(self, anchors: torch.Tensor, sees: torch.Tensor, position: int) -> torch.Tensor:
+        """Upstream's frames: the anchor's output, then the head's own chain, each step fed the embedding of the
+        frame before's best entry (the blank as its token) with that frame's output."""
+        rows = len(anchors)
+        own = torch.eye(rows, dtype=torch.bool, device=self.device)
+        previous, logits = anchors, [self._frame_logits(anchors)]
+        for frame in range(1, self.head.config.ctc_frames):
+            fed = self.head.entry_embeddings(logits[-1].argmax(-1), self.parts)
+            sees = torch.cat([sees, own], dim=1)
+            at = torch.full((rows,), position + frame, device=self.device)
+            previous = self.layers.append(self._fuse(previous, fed), at, sees)[0]
+            logits.append(self._frame_logits(previous))
+        return torch.stack(logits, dim=1).log_softmax(-1)
+
     def _frame_logits(self, frames: torch.Tensor) -> torch.Tensor:
         logits = self.layers.weights.multiply(self.parts.norm(frames), self.frame_rows).float()
         logits[..., -1] += self.blank_bias
+        if self.head.upstream:
+            logits[..., self.blank_token_row] = float("-inf")
         return logits
 
     def first_token_probs(self) -> torch.Tensor:

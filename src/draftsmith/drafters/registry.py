@@ -22,7 +22,8 @@ DEFAULT_DRAFTER = "ngram"
 def build_drafter(spec: str, target: LoadedModel, **options) -> Drafter | None:
     """`auto`, `none`, `ngram`, `model:PATH` (a smaller causal LM with the target's tokenizer), `student[:DIR]`
     (the distilled student shipped for the target, or one in DIR), `mag[:FILE]` (prompt lookup + bigram chain),
-    `cascade[:K-MATRIX|:FILE.toml]` (CS-Drafting), `layerskip[:auto|:DIR|:skip=LAYERS]` (self-speculation),
+    `cascade[:K-MATRIX|:upstream[-lL]|:FILE.toml]` (CS-Drafting), `layerskip[:auto|:DIR|:skip=LAYERS]`
+    (self-speculation),
     `eagle[:DIR]`, `eagle+ngram[:DIR]`, `eagle3[:DIR]`, `eagle3+ngram[:DIR]`, `medusa[:DIR]` or `ctc[:DIR]`."""
     if spec in ("none", "", None):
         return None
@@ -66,7 +67,7 @@ def build_drafter(spec: str, target: LoadedModel, **options) -> Drafter | None:
     if kind in ("eagle", "eagle3", "medusa", "ctc"):
         return _head_drafter(kind, path, target, options)
     raise ConfigError(f"unknown drafter '{spec}': use auto, none, ngram, model:PATH, student[:DIR], mag[:FILE], "
-                      "cascade[:K-MATRIX|:FILE.toml], layerskip[:auto|:DIR|:skip=LAYERS], eagle[:DIR], "
+                      "cascade[:K-MATRIX|:upstream[-lL]|:FILE.toml], layerskip[:auto|:DIR|:skip=LAYERS], eagle[:DIR], "
                       "eagle+ngram[:DIR], eagle3[:DIR], eagle3+ngram[:DIR], medusa[:DIR] or ctc[:DIR]")
 
 
@@ -95,14 +96,40 @@ def skip_policy(spec: str, target: LoadedModel):
 def draft_model(spec: str, target: LoadedModel):
     """The draft LM of `model:PATH` or `student[:DIR]`, loaded like the target and checked to share its
     vocabulary; where PATH holds a LoRA adapter (collab finetune) on a small model named inside it, that small
-    model with the adapter merged."""
+    model with the adapter merged. A trailing `:layers=N` keeps only its first N layers (a smaller, untrained
+    draft level under the full model: `student:layers=3`)."""
     from draftsmith.collab.finetune import is_finetuned, load_small
     from draftsmith.models import load_draft_model
 
+    spec, keep = _split_layers(spec)
+    if keep is not None:
+        return first_layers(draft_model(spec, target), keep)
     path = draft_model_path(spec, target)
     if is_finetuned(Path(path)):
         return load_small(Path(path), target)
     return load_draft_model(path, target)
+
+
+def _split_layers(spec: str) -> tuple[str, int | None]:
+    head, _, last = spec.rpartition(":")
+    if not head or not last.startswith("layers="):
+        return spec, None
+    count = last.removeprefix("layers=")
+    if not count.isdigit() or int(count) < 1:
+        raise ConfigError(f"'{spec}': layers=N keeps the first N layers, N a whole number >= 1")
+    return head, int(count)
+
+
+def first_layers(model, keep: int):
+    """The model with only its first `keep` decoder layers (then its final norm and head), in place."""
+    layers = model.model.layers
+    if keep > len(layers):
+        raise ConfigError(f"layers={keep}: the model has only {len(layers)} layers")
+    model.model.layers = layers[:keep]
+    model.config.num_hidden_layers = keep
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:keep]
+    return model
 
 
 def _head_drafter(kind: str, path: str, target: LoadedModel, options: dict) -> Drafter:

@@ -17,6 +17,8 @@ Losses, per real position, as in the papers:
   Upstream's weights by default: regression 1, cross-entropy 0.1, CTC 0.01. With `ctc_feed` each frame also
   reads the embedding of the frame before's best entry, chosen free-running from the head's own frames (as at
   decode time, so training sees what drafting will: no teacher-forced alignment to mismatch).
+  With upstream frames (`ctc_frames_from = "upstream"`, the CTC drafter's own training), anchor t's frames are
+  the head's teacher-forced pair outputs at t..t+F-1, the labels the same target tokens, the blank a token.
 Held-out evaluation reports top-1 agreement with the target; for Medusa also each head's top-k accuracy, from
 which the static tree is chosen (the paths of highest estimated acceptance probability).
 """
@@ -36,7 +38,7 @@ from transformers import DynamicCache, PreTrainedModel
 from draftsmith.errors import ConfigError
 from draftsmith.draft import common_prefix
 from draftsmith.drafters.ctc import ctc_collapse
-from draftsmith.heads import (HEAD_KINDS, CtcHead, Eagle3Head, EagleHead, HeadConfig, HeadKind, MedusaHeads,
+from draftsmith.heads import (CTC_FRAME_SOURCES, HEAD_KINDS, CtcHead, Eagle3Head, EagleHead, HeadConfig, HeadKind, MedusaHeads,
                               TargetParts, build_head, default_feature_layers, load_head, save_head)
 from draftsmith.train.features import FeatureShards
 from draftsmith.train.trainer import Batch, TrainConfig, Trainer
@@ -59,6 +61,7 @@ class HeadTrainConfig:
     ctc_frames: int = 0  # CTC: frames per step; 0 = 2 x ctc_labels (upstream: 6 frames for 3 labels)
     ctc_feed: bool = False  # CTC: each frame reads the embedding of the previous frame's best entry
     feature_layers: list[int] = field(default_factory=list)  # EAGLE-3: target layers read; [] = 2, L/2, L-3
+    ctc_frames_from: str = "chain"  # CTC: "chain" (ours) or "upstream" (the head's own consecutive outputs)
     eval_unroll: int = 3  # held-out agreement is reported for this many drafting steps
     eval_sequences: int = 64
     init_from: str | None = None  # a trained head folder to fine-tune (its shape and draft vocabulary kept)
@@ -71,6 +74,10 @@ class HeadTrainConfig:
         if self.ctc_labels < 1 or self.ctc_frames < self.ctc_labels:
             raise ConfigError(f"CTC needs labels >= 1 and at least as many frames as labels, got {self.ctc_labels} "
                               f"labels and {self.ctc_frames} frames")
+        if self.ctc_frames_from not in CTC_FRAME_SOURCES:
+            raise ConfigError(f"--ctc-frames must be one of {', '.join(CTC_FRAME_SOURCES)}, got '{self.ctc_frames_from}'")
+        if self.ctc_feed and self.ctc_frames_from == "upstream":
+            raise ConfigError("--ctc-feed is for chain frames: upstream frames are always fed the head's best entries")
         if min(self.w_regression, self.w_ce, self.w_ctc) < 0:
             raise ConfigError("loss weights must be >= 0")
         if self.draft_vocab < 0 or self.medusa_heads < 1 or self.medusa_tree_nodes < 1:
@@ -156,17 +163,25 @@ def ctc_frame_log_probs(head: CtcHead, parts: TargetParts, predicted: torch.Tens
         mask = unrolled_mask(predicted.shape[1], frame + 2, predicted.device)[None, None]
         previous = head.decode(head.frame_input(previous, frame, fed), positions + frame + 1, mask, cache)
         normed = parts.norm(previous)
-        logits.append(torch.cat([F.linear(normed, parts.head_rows), head.blank_logit(normed)], dim=-1).float())
+        logits.append(head.frame_logits(normed, parts).float())
         if head.config.ctc_feed:
             fed = head.entry_embeddings(logits[-1].detach().argmax(-1), parts)
     return torch.stack(logits).log_softmax(-1)
+
+
+def upstream_frames(pair_log_probs: torch.Tensor, frames: int, anchors: int) -> torch.Tensor:
+    """[F, B, anchors, entries]: anchor a's frames are the pairs' own outputs a, a+1, .., a+F-1 (upstream's
+    `logits_cycle`: the head's consecutive teacher-forced outputs). pair_log_probs: [B, pairs, entries]."""
+    return torch.stack([pair_log_probs[:, f : f + anchors] for f in range(frames)])
 
 
 def ctc_loss(model: HeadWithTarget, batch: Batch, cfg: HeadTrainConfig) -> tuple[torch.Tensor, dict]:
     head, parts = model.head, model.parts
     ids, features = batch["input_ids"], batch["features"]
     labels_per_anchor = head.config.ctc_labels
-    anchors = ids.shape[1] - 1 - labels_per_anchor  # anchor a's labels: the target's argmax at features a+1..a+L
+    # anchor a's labels: the target's argmax at features a+1..a+L; upstream frames also need pairs a..a+F-1
+    reach = max(labels_per_anchor, head.config.ctc_frames - 1) if head.upstream else labels_per_anchor
+    anchors = ids.shape[1] - 1 - reach
     if anchors < 1:
         raise ConfigError(f"sequences of {ids.shape[1]} tokens are too short for {labels_per_anchor} CTC labels")
     inputs = features[:, :-1]
@@ -181,9 +196,16 @@ def ctc_loss(model: HeadWithTarget, batch: Batch, cfg: HeadTrainConfig) -> tuple
     log_q = parts.logits(predicted).float().log_softmax(-1)
     ce = -(p * log_q).sum(-1).mean()
 
-    log_probs = ctc_frame_log_probs(head, parts, predicted, positions, cache)[:, :, :anchors]
+    if head.upstream:
+        pair_log_probs = head.frame_logits(parts.norm(predicted), parts).float().log_softmax(-1)
+        log_probs = upstream_frames(pair_log_probs, head.config.ctc_frames, anchors)
+    else:
+        log_probs = ctc_frame_log_probs(head, parts, predicted, positions, cache)[:, :, :anchors]
     log_probs = log_probs.reshape(log_probs.shape[0], -1, log_probs.shape[-1])  # [F, B * anchors, V + 1]
     labels = p.argmax(-1).unfold(1, labels_per_anchor, 1)[:, :anchors].reshape(-1, labels_per_anchor)
+    if head.upstream:  # a label that is the blank token cannot be spelled: upstream's rare <unk>; drop its window
+        keep = (labels != head.blank_row()).all(-1)
+        log_probs, labels = log_probs[:, keep], labels[keep]
     blank = log_probs.shape[-1] - 1
     frames = log_probs.shape[0]
     ctc = F.ctc_loss(log_probs, labels, torch.full((labels.shape[0],), frames, dtype=torch.long),
@@ -298,7 +320,11 @@ def initial_head(target: PreTrainedModel, counts: torch.Tensor, cfg: HeadTrainCo
     config = HeadConfig.for_target(cfg.kind, target, draft_vocab=len(draft_ids) if cfg.draft_vocab else 0,
                                    medusa_heads=cfg.medusa_heads, ctc_frames=cfg.ctc_frames,
                                    ctc_labels=cfg.ctc_labels, ctc_feed=cfg.ctc_feed,
-                                   target=target_name, **eagle3)
+                                   ctc_frames_from=cfg.ctc_frames_from, target=target_name, **eagle3)
+    if cfg.kind == "ctc" and cfg.ctc_frames_from == "upstream":  # the blank token must be a draft entry
+        counts = counts.clone()
+        counts[config.ctc_blank_token] = counts.max() + 1
+        draft_ids = draft_vocabulary(counts, cfg.draft_vocab)
     head = build_head(config)
     head.draft_to_target.copy_(draft_ids)
     if isinstance(head, Eagle3Head):
