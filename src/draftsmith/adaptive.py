@@ -23,13 +23,16 @@ from draftsmith.paths import cached_entry
 
 CALIBRATION_SIZES = (1, 2, 4, 8, 12, 16, 24, 32)
 CALIBRATION_CONTEXT = 200
-COST_MODEL_VERSION = 4  # part of the cache key: bump when a backend's forward changes, so costs are re-measured
+COST_MODEL_VERSION = 5  # part of the cache key: bump when a backend's forward changes, so costs are re-measured
+DRIFT = 2.0  # a forward observed this many times slower or faster than its calibrated cost: measure again
+DRIFT_EVIDENCE = 16  # forwards of one size a request must have timed before its drift counts
 
 
 @dataclass
 class CostCurve:
     sizes: list[int]  # tokens fed in one forward
-    seconds: list[float]  # median wall time of that forward
+    seconds: list[float]  # wall time of that forward: the least of its rounds' medians
+    noise: float = 0.0  # the rounds' spread, relative (median over sizes): how much the machine moved meanwhile
 
     def __call__(self, n: int) -> float:
         """Seconds for a forward over n tokens, interpolated linearly (extrapolated past the last size)."""
@@ -53,38 +56,56 @@ def calibration_key(model: torch.nn.Module, backend: str) -> str:
 
 
 @torch.no_grad()
-def measure_costs(lm, vocab_size: int, sizes=CALIBRATION_SIZES, repeats: int = 5) -> CostCurve:
-    """Time forwards of each size on top of a CALIBRATION_CONTEXT-token cache (the lm's state is reset)."""
+def measure_costs(lm, vocab_size: int, sizes=CALIBRATION_SIZES, repeats: int = 3, rounds: int = 3) -> CostCurve:
+    """Time forwards of each size on top of a CALIBRATION_CONTEXT-token cache (the lm's state is reset): the
+    sizes take turns over `rounds` rounds of `repeats` timings each, and each keeps the least of its rounds'
+    medians, so a burst of load during one round cannot set the curve; the rounds' spread is kept as `noise`."""
     generator = torch.Generator().manual_seed(0)
     context = torch.randint(vocab_size, (CALIBRATION_CONTEXT,), generator=generator).tolist()
     lm.reset(CALIBRATION_CONTEXT + max(sizes))
     lm.forward(context, last_only=True)
-    seconds = []
-    for n in sizes:
-        tokens = torch.randint(vocab_size, (n,), generator=generator).tolist()
-        times = []
-        for _ in range(repeats + 1):  # the first run warms up this shape
-            _synchronize(lm)
-            start = time.perf_counter()
-            lm.forward(tokens)
-            _synchronize(lm)  # CUDA runs asynchronously: time the work, not its launch
-            times.append(time.perf_counter() - start)
-            lm.truncate(CALIBRATION_CONTEXT)
-        seconds.append(statistics.median(times[1:]))
+    feeds = {n: torch.randint(vocab_size, (n,), generator=generator).tolist() for n in sizes}
+    medians: dict[int, list[float]] = {n: [] for n in sizes}
+    for _ in range(rounds):
+        for n in sizes:
+            times = []
+            for _ in range(repeats + 1):  # the first run warms up this shape
+                synchronize(lm)
+                start = time.perf_counter()
+                lm.forward(feeds[n])
+                synchronize(lm)  # CUDA runs asynchronously: time the work, not its launch
+                times.append(time.perf_counter() - start)
+                lm.truncate(CALIBRATION_CONTEXT)
+            medians[n].append(statistics.median(times[1:]))
+    seconds = [min(medians[n]) for n in sizes]
     # cost never falls with more tokens; noise can make it look so
     for i in range(1, len(seconds)):
         seconds[i] = max(seconds[i], seconds[i - 1])
-    return CostCurve(list(sizes), seconds)
+    noise = statistics.median((max(m) - min(m)) / min(m) for m in medians.values() if min(m) > 0) if sizes else 0.0
+    return CostCurve(list(sizes), seconds, noise)
 
 
-def _synchronize(lm) -> None:
+def synchronize(lm) -> None:
     device = getattr(lm, "device", None) or lm.model.device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
+def drifted(costs: CostCurve, observed: dict[int, list[float]]) -> bool:
+    """Whether forwards timed during a request (tokens fed -> seconds) say the curve is off by DRIFT or more:
+    judged on the size timed most often, by its median, once it has DRIFT_EVIDENCE timings."""
+    if not observed:
+        return False
+    size, times = max(observed.items(), key=lambda item: len(item[1]))
+    if len(times) < DRIFT_EVIDENCE or costs(size) <= 0:
+        return False
+    ratio = statistics.median(times) / costs(size)
+    return ratio > DRIFT or ratio < 1 / DRIFT
+
+
 def calibrated_costs(model: torch.nn.Module, lm, backend: str, refresh: bool = False) -> CostCurve:
-    """The cost curve of this model on this device and dtype, measured once and cached on disk."""
+    """The cost curve of this model on this device and dtype, measured once and cached on disk (again with
+    `refresh`: when a run saw it drift)."""
     measure = lambda: asdict(measure_costs(lm, model.config.vocab_size))  # noqa: E731 (looked up when called)
     return CostCurve(**cached_entry("calibration.json", calibration_key(model, backend), measure, refresh))
 

@@ -173,6 +173,11 @@ class SpecEngine:
 
         stats.new_tokens = len(new)
         stats.total_s = time.perf_counter() - start
+        if self.runner.recalibrate_if_drifted():  # the costs sized this request wrongly: the next one re-reads them
+            if sizes_itself:
+                self.drafter.costs = None
+            if pruner is not None:
+                pruner.costs = None
         if self.drafter is not None:
             stats.drafter = self.drafter.statistics()
         if self.rule is not None:

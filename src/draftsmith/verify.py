@@ -7,10 +7,12 @@ nodes, so row 0 of the logits predicts the first draft level and the last accept
 
 from __future__ import annotations
 
+import time
+
 import torch
 from transformers import PreTrainedModel
 
-from draftsmith.adaptive import CostCurve, calibrated_costs
+from draftsmith.adaptive import CostCurve, synchronize, calibrated_costs, drifted
 from draftsmith.cached_lm import BackendConfig, LeanLlama, cached_lm
 from draftsmith.cuda_graphs import BUCKETS
 from draftsmith.draft import ROOT, Draft, common_prefix
@@ -44,6 +46,7 @@ class TargetRunner:
         self.pending: list[int] = []  # committed tokens not in the cache yet: fed with the next score (see sync)
         self.vocab_size: int | None = None  # logits kept per row (a draft model's beyond the target's are cut)
         self._costs: CostCurve | None = None
+        self.observed: dict[int, list[float]] = {}  # this request's forwards: tokens fed -> seconds
         self.pruner = None  # cuts a draft tree between layers before the rest of the target runs (predictor.py)
         # the draft `prune` returned and its hidden rows, until that draft's verdict is committed
         self._pruned: tuple[Draft, torch.Tensor] | None = None
@@ -67,6 +70,7 @@ class TargetRunner:
             hidden = torch.empty(0, width, dtype=self.model.dtype, device=self.model.device)
         self.length = len(prompt_ids) - 1
         self.tokens, self.pending = list(prompt_ids[:-1]), []
+        self.observed = {}
         if self.sparse_verify is not None:
             self.sparse_verify.reset(self.lm)
         return hidden
@@ -132,11 +136,15 @@ class TargetRunner:
             logits, hidden = out if features else (out, None)
             return (logits[:, : self.vocab_size], hidden) if features else logits[:, : self.vocab_size]
         ids = self._fed = [*self.pending, root_token, *draft.tokens]
+        start = time.perf_counter()
         if draft.is_chain:
             out = self.lm.forward(ids, features=features)
         else:
             positions = self._positions(draft)
             out = self.lm.forward(ids, positions=positions, tree_mask=self._mask(draft), features=features)
+        if self._costs is not None:  # the forward's time against its calibrated cost (see `recalibrate_if_drifted`)
+            synchronize(self.lm)
+            self.observed.setdefault(len(ids), []).append(time.perf_counter() - start)
         logits, hidden = out if features else (out, None)
         logits = logits[len(self.pending) :, : self.vocab_size]
         return (logits, hidden) if features else logits
@@ -172,6 +180,16 @@ class TargetRunner:
         if self._costs is None:
             self._costs = calibrated_costs(self.model, self.lm, backend_key(self.lm, self.model))
         return self._costs
+
+    def recalibrate_if_drifted(self) -> bool:
+        """After a request: when its timed forwards say the cached cost curve is off by DRIFT or more (a curve
+        measured while the machine was busy, or a machine that changed), measure it again and keep the new one.
+        Returns whether it did; the cache then no longer holds the request's state."""
+        observed, self.observed = self.observed, {}
+        if self._costs is None or not drifted(self._costs, observed):
+            return False
+        self._costs = calibrated_costs(self.model, self.lm, backend_key(self.lm, self.model), refresh=True)
+        return True
 
 
 def backend_key(lm, model: PreTrainedModel) -> str:
