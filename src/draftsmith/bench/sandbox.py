@@ -330,7 +330,7 @@ def unshare_command(config: SandboxConfig, base: Path, program: list[str]) -> li
 
 
 def bwrap_command(config: SandboxConfig, base: Path, program: list[str]) -> list[str]:
-    """bubblewrap: the system read-only, a fresh /dev and /proc, the work dir a tmpfs, every namespace new.
+    """bubblewrap: the minimal root read-only, a fresh /dev and /proc, the work dir a tmpfs, every namespace new.
 
     As root, bwrap itself first drops to uid 65534 (setpriv): bwrap's --uid only renames the user inside its
     user namespace, and the sandbox would still be uid 0 to the kernel (RLIMIT_NPROC ignored). Verified once
@@ -339,10 +339,21 @@ def bwrap_command(config: SandboxConfig, base: Path, program: list[str]) -> list
     """
     work = str(base / "work")
     return [*(_drop() if os.geteuid() == 0 else []), _tool("bwrap"), "--unshare-all", "--unshare-user", "--die-with-parent", "--new-session",
-            "--ro-bind", "/", "/", "--dev", "/dev", "--remount-ro", "/dev", "--proc", "/proc",  # /dev/shm too
+            *_bwrap_root(), "--dev", "/dev", "--remount-ro", "/dev", "--proc", "/proc",  # /dev/shm too
             "--size", str(config.work_mb * 2**20), "--perms", "0700", "--tmpfs", work,  # --size/--perms: next tmpfs
             "--chdir", work, "--uid", str(NOBODY), "--gid", str(NOBODY), "--cap-drop", "ALL",
             "--", *program]
+
+
+def _bwrap_root() -> list[str]:
+    """The same minimal root as the unshare path's: the exposed host paths read-only (symlinks as symlinks),
+    nothing else of the host; bwrap's own --dev gives the devices."""
+    args = []
+    for path in _exposed_paths():
+        if path.startswith("/dev/"):
+            continue
+        args += ["--symlink", os.readlink(path), path] if os.path.islink(path) else ["--ro-bind", path, path]
+    return args
 
 
 _COMMANDS = {"unshare+setpriv": unshare_command, "bwrap": bwrap_command}
