@@ -230,7 +230,9 @@ class CtcHead(EagleHead):
             return torch.cat([logits, self.blank_logit(normed)], dim=-1)
         row = self.blank_row()
         blank = logits[..., row : row + 1]
-        return torch.cat([logits.index_fill(-1, torch.tensor([row], device=logits.device), float("-inf")), blank], -1)
+        # a finite floor, not -inf: CTC's backward turns a -inf log-probability into NaN gradients
+        floor = torch.tensor([row], device=logits.device)
+        return torch.cat([logits.index_fill(-1, floor, -1e4), blank], -1)
 
     def frame_input(self, previous: torch.Tensor, frame: int, fed: torch.Tensor | None = None) -> torch.Tensor:
         """[..., H]: frame `frame`'s fused input, from the previous frame's output (frame 0: the pair's) and,
