@@ -261,8 +261,8 @@ def _load_gguf_directly(spec: str, path: Path, dtype: torch.dtype
         if gguf_load.model_type_of(path, convert=True) not in gguf_load.DIRECT_MODEL_TYPES:
             return None
         return gguf_load.load_gguf_model(path, dtype), gguf_load.load_tokenizer(path)
-    except (OSError, ValueError, KeyError) as e:  # a truncated or foreign file: gguf-py and transformers raise these
-        raise ModelLoadError(f"could not load the GGUF file of '{spec}' ({path}): {e}") from e
+    except (OSError, *UNREADABLE) as e:  # a truncated or foreign file: what gguf-py and transformers raise on one
+        raise unreadable(spec, {"gguf_file": path.name}, e) from e
 
 
 def _load_llamacpp(spec: str, location: str, extra: dict, device: str) -> LoadedModel:
