@@ -137,13 +137,10 @@ def test_a_head_for_another_target_is_refused_with_both_sides_named(tmp_path, ta
 @pytest.fixture(scope="module")
 def eagle3_shards(tmp_path_factory, target):
     from draftsmith.train.features import FeatureDataConfig, build_feature_shards
-    from test_train_heads import DATA
+    from test_train_heads import DATA, toy_corpus
     from tiny_models import char_tokenizer
 
-    corpus = tmp_path_factory.mktemp("corpus")
-    for i in range(16):
-        body = "\n".join(f"    x{j} = x{j - 1} + {i * j % 7}" for j in range(1, 10))
-        (corpus / f"mod_{i}.py").write_text(f"def f{i}(x0):\n{body}\n    return x9\n")
+    corpus = toy_corpus(tmp_path_factory.mktemp("corpus"))
     folder = tmp_path_factory.mktemp("features")
     config = FeatureDataConfig(**{**DATA.__dict__, "corpus": str(corpus), "feature_layers": LAYERS})
     build_feature_shards(target, char_tokenizer(), config, folder, progress=False)

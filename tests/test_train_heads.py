@@ -38,12 +38,17 @@ def target():
     return tiny_llama(seed=6).requires_grad_(False)
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory, target):
-    corpus = tmp_path_factory.mktemp("corpus")
+def toy_corpus(folder):
+    """16 small Python modules of chained assignments: a corpus whose features a tiny head can learn."""
     for i in range(16):
         body = "\n".join(f"    x{j} = x{j - 1} + {i * j % 7}" for j in range(1, 10))
-        (corpus / f"mod_{i}.py").write_text(f"def f{i}(x0):\n{body}\n    return x9\n")
+        (folder / f"mod_{i}.py").write_text(f"def f{i}(x0):\n{body}\n    return x9\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, target):
+    corpus = toy_corpus(tmp_path_factory.mktemp("corpus"))
     folder = tmp_path_factory.mktemp("features")
     config = FeatureDataConfig(**{**DATA.__dict__, "corpus": str(corpus)})
     build_feature_shards(target, char_tokenizer(), config, folder, progress=False)

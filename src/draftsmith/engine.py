@@ -79,7 +79,7 @@ class SpecEngine:
         gives_confidence = drafter is not None and drafter.gives_confidence
         if predictor_config is not None and predictor_config.confidence and not gives_confidence:
             raise ConfigError(f"this predictor weighs the drafter's confidence per node, which the "
-                              f"{drafter.name if drafter else 'chosen'} drafter does not give: train one for it with "
+                              f"{drafter.name if drafter is not None else 'chosen'} drafter does not give: train one for it with "
                               "`draftsmith train predictor --no-confidence`")
         self.runner.pruner, self.runner.sparse_verify = pruner, sparse_verify
         self.rule = rule

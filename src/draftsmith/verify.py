@@ -12,7 +12,7 @@ import time
 import torch
 from transformers import PreTrainedModel
 
-from draftsmith.adaptive import CostCurve, synchronize, calibrated_costs, drifted
+from draftsmith.adaptive import CostCurve, calibrated_costs, drifted, synchronize
 from draftsmith.cached_lm import BackendConfig, LeanLlama, cached_lm
 from draftsmith.cuda_graphs import BUCKETS
 from draftsmith.draft import ROOT, Draft, common_prefix
