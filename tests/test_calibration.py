@@ -60,6 +60,6 @@ def test_a_curve_far_from_what_a_request_timed_is_measured_again():
     measured = engine.runner._costs
     assert measured is not wrong and measured.seconds[0] > 1e-9  # measured again, on this machine
     assert engine.generate(prompt, GenerationConfig(max_new_tokens=2 * DRIFT_EVIDENCE, k=0)).tokens == first.tokens
-    from draftsmith.verify import backend_key
+    from draftsmith.target_runner import backend_key
 
     assert adaptive.calibrated_costs(target, engine.runner.lm, backend_key(engine.runner.lm, target)) == measured

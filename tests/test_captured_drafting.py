@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from draftsmith.cuda_graphs import drafting_capture, run_eagerly
+from draftsmith.backends.cuda_graphs import drafting_capture, run_eagerly
 from draftsmith.drafters.base import Drafter
 from draftsmith.drafters.captured_tree import FEEDBACK_BUCKETS, CapturedTree
 from draftsmith.drafters.eagle import TreeConfig

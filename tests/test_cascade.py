@@ -13,7 +13,7 @@ from draftsmith.drafters.mag import NO_SUCCESSOR, BigramTable, MagDrafter, build
 from draftsmith.drafters.ngram import NgramDrafter
 from draftsmith.engine import GenerationConfig, SpecEngine
 from draftsmith.errors import ConfigError
-from draftsmith.verify import TargetRunner
+from draftsmith.target_runner import TargetRunner
 from test_sampling import ALPHA, PROMPT, VOCAB, assert_test_has_power, chi_square_pvalue, exact_joint, sampled_joint
 from test_errors import saved_target  # noqa: F401  (the tiny model saved to a folder)
 from tiny_models import char_tokenizer, hf_greedy, noisy_copy, tiny_llama
@@ -228,7 +228,7 @@ def test_runner_sync_keeps_the_shared_prefix_and_scores_like_a_fresh_prefill():
         runner.sync(context)
         fresh.prefill(context)
         assert runner.tokens + runner.pending == context[:-1]  # the new tokens ride with the next forward
-        scored, reference = runner.score(context[-1], Draft(tokens=[40, 41])), fresh.score(context[-1], Draft(tokens=[40, 41]))
+        scored, reference = (r.score(context[-1], Draft(tokens=[40, 41])).logits for r in (runner, fresh))
         assert torch.allclose(scored, reference, atol=1e-4)  # fp32, fed in other shapes: equal to rounding
         runner.commit([])
         fresh.commit([])

@@ -12,7 +12,7 @@ import torch
 
 from draftsmith.acceptance import SamplingConfig
 from draftsmith.bench.linecomplete import LineCaseConfig, build_cases, rest_cuts
-from draftsmith.cached_lm import cached_lm
+from draftsmith.backends.factory import cached_lm
 from draftsmith.collab.classifier import CollabClassifier, balanced, train_classifier
 from draftsmith.collab.collect import Collected, collect_case
 from draftsmith.collab.domains import SplitConfig, completion_cases, resolve_domain, split_documents

@@ -3,8 +3,11 @@
 import pytest
 import torch
 
-import draftsmith.cached_lm as cached_lm_module
-from draftsmith.cached_lm import BackendConfig, LeanLlama, WeightFormat, candidate_formats
+import draftsmith.backends.format_choice as format_choice
+import draftsmith.backends.lean as lean_module
+from draftsmith.backends.formats import candidate_formats, WeightFormat
+from draftsmith.backends.lean import LeanLlama
+from draftsmith.backends.protocol import BackendConfig
 from draftsmith.drafters.ngram import NgramDrafter
 from draftsmith.engine import GenerationConfig, SpecEngine
 from scripted_drafters import OracleDrafter
@@ -63,7 +66,7 @@ def test_a_failing_compiler_falls_back_to_eager_with_a_warning(monkeypatch):
             raise RuntimeError("no C++ compiler found")
         return stack
 
-    monkeypatch.setattr(cached_lm_module, "compiled_stack", broken_compiler)
+    monkeypatch.setattr(lean_module, "compiled_stack", broken_compiler)
     target, tok = tiny_llama(seed=1), char_tokenizer()
     with pytest.warns(UserWarning, match="torch.compile failed, running eager instead: RuntimeError: no C"):
         engine = SpecEngine(target, NgramDrafter(), tok, backend=BackendConfig(compile=True))
@@ -100,7 +103,7 @@ def test_the_fastest_format_is_the_one_that_multiplies_fastest(monkeypatch, fast
         return multiply(self, x, prepared)
 
     monkeypatch.setattr(WeightFormat, "multiply", timed_multiply)
-    assert cached_lm_module.fastest_format(weight) == WeightFormat(fast)
+    assert format_choice.fastest_format(weight) == WeightFormat(fast)
 
 
 def test_a_format_without_a_kernel_is_skipped(monkeypatch):
@@ -113,7 +116,7 @@ def test_a_format_without_a_kernel_is_skipped(monkeypatch):
         return prepare(self, w)
 
     monkeypatch.setattr(WeightFormat, "prepare", no_kernel_but_stored)
-    assert cached_lm_module.fastest_format(weight) == WeightFormat("stored")
+    assert format_choice.fastest_format(weight) == WeightFormat("stored")
 
 
 @pytest.mark.parametrize("slow", [torch.bfloat16, torch.float32])
@@ -122,7 +125,7 @@ def test_attention_runs_in_the_dtype_measured_faster(monkeypatch, tmp_path, slow
     (measured once, then read back): a CPU without bf16 arithmetic emulates the small products slowly."""
     import time
 
-    from draftsmith.cached_lm import LeanLayers, attention_dtype
+    from draftsmith.backends.layers import attention_dtype, LeanLayers
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     attend = LeanLayers._attention

@@ -11,7 +11,8 @@ from transformers import DynamicCache
 import draftsmith.drafters.eagle as eagle_module
 from draftsmith.acceptance import SamplingConfig
 from draftsmith.adaptive import CostCurve
-from draftsmith.cached_lm import BackendConfig, WeightFormat
+from draftsmith.backends.formats import WeightFormat
+from draftsmith.backends.protocol import BackendConfig
 from draftsmith.draft import ROOT
 from draftsmith.drafters.base import Feedback
 from draftsmith.drafters.ctc import CtcDrafter, CtcSearch, candidate_tree, ctc_collapse, prefix_beam_search
@@ -19,7 +20,7 @@ from draftsmith.engine import GenerationConfig, SpecEngine
 from draftsmith.errors import ConfigError
 from draftsmith.heads import CtcHead, HeadConfig, TargetParts
 from draftsmith.train.heads import ctc_frame_log_probs
-from draftsmith.verify import TargetRunner
+from draftsmith.target_runner import TargetRunner
 from test_heads import _two_token_distribution
 from tiny_models import hf_greedy, tiny_llama
 

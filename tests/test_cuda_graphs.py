@@ -7,8 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from draftsmith.cached_lm import BackendConfig, CACHE_BLOCK, LeanLlama, cached_lm
-from draftsmith.cuda_graphs import BUCKETS, CapturedSteps, check_graphs, run_eagerly
+from draftsmith.backends.factory import cached_lm
+from draftsmith.backends.layers import CACHE_BLOCK
+from draftsmith.backends.lean import LeanLlama
+from draftsmith.backends.protocol import BackendConfig
+from draftsmith.backends.cuda_graphs import BUCKETS, CapturedSteps, check_graphs, run_eagerly
 from draftsmith.drafters.ngram import NgramDrafter
 from draftsmith.engine import GenerationConfig, SpecEngine
 from draftsmith.errors import ConfigError
@@ -168,7 +171,7 @@ def test_bench_methods_take_the_graphs_option(target):
 
 def test_grouped_queries_attend_as_repeated_key_value_heads():
     """CUDA's masked path: the heads sharing a key/value head become rows of one attention (no cache copy)."""
-    from draftsmith.cached_lm import grouped_masked_attention
+    from draftsmith.backends.layers import grouped_masked_attention
 
     torch.manual_seed(0)
     q, keys, values = torch.randn(1, 6, 3, 8), torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8)

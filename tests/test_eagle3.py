@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from draftsmith.adaptive import CostCurve
-from draftsmith.cached_lm import BackendConfig, HFCachedLM, LeanLlama
+from draftsmith.backends.hf import HFCachedLM
+from draftsmith.backends.lean import LeanLlama
+from draftsmith.backends.protocol import BackendConfig
 from draftsmith.drafters.eagle import TreeConfig
 from draftsmith.drafters.eagle3 import Eagle3Drafter
 from draftsmith.engine import GenerationConfig, SpecEngine

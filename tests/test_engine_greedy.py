@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from draftsmith.cached_lm import BackendConfig
+from draftsmith.backends.protocol import BackendConfig
 from draftsmith.drafters.model import ModelDrafter
 from draftsmith.drafters.ngram import NgramDrafter
 from draftsmith.engine import GenerationConfig, SpecEngine
@@ -148,7 +148,9 @@ def test_streamed_text_equals_final_text_without_stops(target, tok):
 
 
 def test_lean_backend_serves_llama_family_and_falls_back_otherwise(target):
-    from draftsmith.cached_lm import HFCachedLM, LeanLlama, cached_lm
+    from draftsmith.backends.factory import cached_lm
+    from draftsmith.backends.hf import HFCachedLM
+    from draftsmith.backends.lean import LeanLlama
 
     assert isinstance(cached_lm(target), LeanLlama)
     assert isinstance(cached_lm(tiny_gemma3()), HFCachedLM)  # sliding windows, q/k norms: transformers' forward
@@ -177,7 +179,8 @@ def llama_family_model(family: str, seed: int = 3):
 
 @pytest.mark.parametrize("family", ["llama-attention-bias", "qwen2", "mistral"])
 def test_lean_backend_is_exact_on_every_family_it_claims(tok, family):
-    from draftsmith.cached_lm import LeanLlama, cached_lm
+    from draftsmith.backends.factory import cached_lm
+    from draftsmith.backends.lean import LeanLlama
 
     model = llama_family_model(family)
     assert isinstance(cached_lm(model), LeanLlama)
@@ -220,10 +223,10 @@ def test_lean_fused_path_below_float32_is_as_accurate_as_transformers(monkeypatc
     runs in float32."""
     import copy
 
-    from draftsmith import cached_lm
-    from draftsmith.cached_lm import LeanLlama
+    from draftsmith.backends import layers
+    from draftsmith.backends.lean import LeanLlama
 
-    monkeypatch.setattr(cached_lm, "attention_dtype", lambda dtype, *shape: attention)
+    monkeypatch.setattr(layers, "attention_dtype", lambda dtype, *shape: attention)
     model = tiny_llama(seed=5, hidden_size=64).to(torch.bfloat16)
     ids = torch.randint(2, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
     lm = LeanLlama(model, weights="stored")

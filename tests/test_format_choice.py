@@ -6,8 +6,10 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-import draftsmith.cached_lm as cached_lm_module
-from draftsmith.cached_lm import CLEAR_MARGIN, WeightFormat, fastest, preferred_first
+import draftsmith.backends.timing as timing
+from draftsmith.backends.format_choice import preferred_first
+from draftsmith.backends.formats import WeightFormat
+from draftsmith.backends.timing import CLEAR_MARGIN, fastest
 from draftsmith.cli.main import app
 
 
@@ -28,7 +30,7 @@ class FakeClock:
 @pytest.fixture
 def clock(monkeypatch):
     fake = FakeClock()
-    monkeypatch.setattr(cached_lm_module.time, "perf_counter", fake)
+    monkeypatch.setattr(timing.time, "perf_counter", fake)
     return fake
 
 

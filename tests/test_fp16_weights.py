@@ -8,8 +8,10 @@ import time
 import pytest
 import torch
 
-import draftsmith.cached_lm as cached_lm_module
-from draftsmith.cached_lm import BackendConfig, WeightFormat, candidate_formats, choose_format
+import draftsmith.backends.format_choice as format_choice
+from draftsmith.backends.format_choice import choose_format
+from draftsmith.backends.formats import candidate_formats, WeightFormat
+from draftsmith.backends.protocol import BackendConfig
 from draftsmith.drafters.ngram import NgramDrafter
 from draftsmith.engine import GenerationConfig, SpecEngine
 from draftsmith.errors import ConfigError
@@ -74,12 +76,12 @@ def test_a_format_slow_only_on_verification_sized_products_is_not_chosen(monkeyp
         return multiply(self, x, prepared)
 
     monkeypatch.setattr(WeightFormat, "multiply", timed_multiply)
-    assert cached_lm_module.fastest_format(weight) != WeightFormat("stored")
+    assert format_choice.fastest_format(weight) != WeightFormat("stored")
 
 
 def test_each_weight_format_has_a_cost_curve_of_its_own():
-    from draftsmith.cached_lm import LeanLlama
-    from draftsmith.verify import backend_key
+    from draftsmith.backends.lean import LeanLlama
+    from draftsmith.target_runner import backend_key
 
     target = fp16_valued(tiny_llama(seed=2))
     keys = {backend_key(LeanLlama(target, weights=name), target) for name in ("stored", "transposed", "fp16")}

@@ -7,12 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import draftsmith.cached_lm as cached_lm_module
-import draftsmith.fused as fused_module
-from draftsmith.cached_lm import BackendConfig, LeanLlama, _swapped_rope
+import draftsmith.backends.layers as layers_module
+import draftsmith.backends.fused as fused_module
+from draftsmith.backends.layers import _swapped_rope
+from draftsmith.backends.lean import LeanLlama
+from draftsmith.backends.protocol import BackendConfig
 from draftsmith.engine import GenerationConfig, SpecEngine
 from draftsmith.errors import ConfigError
-from draftsmith.verify import backend_key
+from draftsmith.target_runner import backend_key
 from tiny_models import tiny_llama
 
 pytestmark = pytest.mark.xdist_group("fused")  # one worker builds the kernels (once per machine)
@@ -175,7 +177,7 @@ def test_the_kernels_refuse_what_they_cannot_compute(ops):
 def bf16_llama(seed: int, monkeypatch):
     """A tiny bf16 Llama whose norms differ from one another (initialised to ones they would be interchangeable),
     its attention in float32 whatever this machine would time for it: the fused kernels' case on fp16 weights."""
-    monkeypatch.setattr(cached_lm_module, "attention_dtype", lambda *args: torch.float32)
+    monkeypatch.setattr(layers_module, "attention_dtype", lambda *args: torch.float32)
     model = tiny_llama(seed=seed, hidden_size=64)
     with torch.no_grad():
         for name, param in model.named_parameters():

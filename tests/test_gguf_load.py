@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from draftsmith import gguf_load
-from draftsmith.cached_lm import lean_weights
+from draftsmith.backends.lean import lean_weights
 from draftsmith.gguf_export import write_gguf
 from draftsmith.models import embedded_gguf, load_model
 from tiny_models import tiny_llama

@@ -9,7 +9,7 @@ import torch
 
 from draftsmith.acceptance import SamplingConfig
 from draftsmith.adaptive import CostCurve, best_tree_size
-from draftsmith.cached_lm import BackendConfig
+from draftsmith.backends.protocol import BackendConfig
 from draftsmith.draft import Draft, DraftError
 from draftsmith.drafters.base import Drafter
 from draftsmith.drafters.eagle import EagleDrafter, TreeConfig

@@ -1,5 +1,5 @@
 """The shape of the house: no import cycle among draftsmith's own modules, counting imports at any depth (a
-function-level import hides a loop; it does not remove it)."""
+function-level import hides a loop; it does not remove it), and no module with more than one job's length."""
 
 from __future__ import annotations
 
@@ -84,6 +84,15 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_no_import_cycle_among_draftsmith_modules():
     assert cycles(module_imports()) == []
+
+
+MAX_MODULE_LINES = 600
+
+
+def test_no_module_holds_more_than_600_lines():
+    long = {str(f.relative_to(PACKAGE)): n for f in PACKAGE.rglob("*.py")
+            if (n := len(f.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert long == {}, f"split these modules by job: {long}"
 
 
 def test_the_cycle_finder_finds_a_cycle_at_any_depth():

@@ -12,7 +12,7 @@ from draftsmith.errors import ConfigError
 from draftsmith.layer_search import dense_contexts, expected_rate, first_draft_agreement
 from draftsmith.sparse import FixedSkip, SparseStep
 from draftsmith.adaptive import CostCurve
-from draftsmith.verify import TargetRunner
+from draftsmith.target_runner import TargetRunner
 from test_sampling import ALPHA, PROMPT, VOCAB, assert_test_has_power, chi_square_pvalue, exact_joint, sampled_joint
 from tiny_models import hf_greedy, tiny_llama
 

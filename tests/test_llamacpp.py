@@ -6,7 +6,7 @@ import torch
 
 pytest.importorskip("llama_cpp")
 
-from draftsmith.cached_lm import BackendConfig
+from draftsmith.backends.protocol import BackendConfig
 from draftsmith.draft import ROOT, Draft  # noqa: E402
 from draftsmith.drafters.registry import build_drafter  # noqa: E402
 from draftsmith.drafters.model import ModelDrafter  # noqa: E402
@@ -14,9 +14,9 @@ from draftsmith.drafters.ngram import NgramDrafter  # noqa: E402
 from draftsmith.engine import GenerationConfig, SpecEngine  # noqa: E402
 from draftsmith.errors import ConfigError  # noqa: E402
 from draftsmith.gguf_export import write_gguf  # noqa: E402
-from draftsmith.llamacpp import MAX_TREE_LEAVES, LlamaCppLM  # noqa: E402
+from draftsmith.backends.llamacpp import MAX_TREE_LEAVES, LlamaCppLM  # noqa: E402
 from draftsmith.models import embedded_gguf, load_model  # noqa: E402
-from draftsmith.verify import tree_mask  # noqa: E402
+from draftsmith.target_runner import tree_mask  # noqa: E402
 from scripted_drafters import OracleDrafter, TreeOracleDrafter  # noqa: E402
 from tiny_models import noisy_copy, tiny_llama  # noqa: E402
 

@@ -8,8 +8,14 @@ import time
 import pytest
 import torch
 
-import draftsmith.cached_lm as cached_lm_module
-from draftsmith.cached_lm import BackendConfig, CACHE_BLOCK, LeanLlama, WeightFormat, choose_format, lean_weights
+import draftsmith.backends.format_choice as format_choice
+import draftsmith.backends.formats as formats_module
+import draftsmith.backends.lean as lean_module
+from draftsmith.backends.format_choice import choose_format
+from draftsmith.backends.formats import WeightFormat
+from draftsmith.backends.layers import CACHE_BLOCK
+from draftsmith.backends.lean import lean_weights, LeanLlama
+from draftsmith.backends.protocol import BackendConfig
 from draftsmith.drafters.ngram import NgramDrafter
 from draftsmith.engine import GenerationConfig, SpecEngine
 from tiny_models import hf_greedy, tiny_llama
@@ -47,8 +53,8 @@ def test_float32_keeps_transformers_layout_and_other_dtypes_take_the_cached_fast
     target = tiny_llama(seed=2)
     assert choose_format(target) == WeightFormat("stored")
     timed = []
-    real = cached_lm_module.fastest_step_format
-    monkeypatch.setattr(cached_lm_module, "fastest_step_format",
+    real = format_choice.fastest_step_format
+    monkeypatch.setattr(format_choice, "fastest_step_format",
                         lambda *args, **kwargs: timed.append(1) or real(*args, **kwargs))
     bf16 = tiny_llama(seed=3).to(torch.bfloat16)
     first = choose_format(bf16)
@@ -63,15 +69,15 @@ def test_fastest_format_is_judged_by_whole_steps_and_leaves_the_model_alone(monk
     weights and re-points none of the model's parameters."""
     model = tiny_llama(seed=3).to(torch.bfloat16)
     before = {name: _storage(p) for name, p in model.named_parameters()}
-    formats = cached_lm_module.candidate_formats(model.lm_head.weight, fp16=False)
+    formats = formats_module.candidate_formats(model.lm_head.weight, fp16=False)
     assert WeightFormat("transposed") in formats
 
     def slow_product(x, weight):
         time.sleep(0.002)
         return torch.matmul(x, weight)
 
-    monkeypatch.setitem(cached_lm_module._PRODUCTS, "transposed", slow_product)
-    chosen = cached_lm_module.fastest_step_format(model, formats, rounds=2)
+    monkeypatch.setitem(formats_module._PRODUCTS, "transposed", slow_product)
+    chosen = format_choice.fastest_step_format(model, formats, rounds=2)
     assert chosen in formats and chosen != WeightFormat("transposed")
     assert {name: _storage(p) for name, p in model.named_parameters()} == before
 
@@ -87,7 +93,7 @@ def test_cache_grows_on_demand_geometrically():
 
 
 def test_chunked_prefill_through_the_causal_path_is_exact(monkeypatch):
-    monkeypatch.setattr(cached_lm_module, "PREFILL_CHUNK", 8)
+    monkeypatch.setattr(lean_module, "PREFILL_CHUNK", 8)
     target = tiny_llama(seed=5)
     prompt = [(7 * i) % 90 + 2 for i in range(37)]  # 36 tokens prefilled: four full chunks and a partial one
     engine = SpecEngine(target, NgramDrafter())

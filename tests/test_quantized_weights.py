@@ -5,7 +5,9 @@ quantized target lossless relative to that same quantized target's plain decodin
 import pytest
 import torch
 
-from draftsmith.cached_lm import BackendConfig, INT4_GROUP, QUANTIZED, WeightFormat, candidate_formats, choose_format
+from draftsmith.backends.format_choice import choose_format
+from draftsmith.backends.formats import candidate_formats, INT4_GROUP, QUANTIZED, WeightFormat
+from draftsmith.backends.protocol import BackendConfig
 from draftsmith.drafters.model import ModelDrafter
 from draftsmith.drafters.ngram import NgramDrafter
 from draftsmith.engine import GenerationConfig, SpecEngine

@@ -77,7 +77,7 @@ def gemma3():
 def test_gemma3_another_architecture_and_tokenizer_is_exact(gemma3):
     """Gemma 3 270M (sliding-window layers, a 262k vocabulary) runs through transformers' own forward; the
     prompt, six HumanEval problems, is longer than its 512-token window, so rollbacks cross it."""
-    from draftsmith.cached_lm import HFCachedLM
+    from draftsmith.backends.hf import HFCachedLM
 
     ids = gemma3.encode("".join(problem.prompt for problem in load_problems()[:6]))
     assert len(ids) > gemma3.model.config.sliding_window

@@ -4,12 +4,12 @@ verification must stay exact once the context is longer than the window."""
 import pytest
 import torch
 
-from draftsmith.cached_lm import BackendConfig
+from draftsmith.backends.protocol import BackendConfig
 from draftsmith.draft import ROOT, Draft
 from draftsmith.drafters.model import ModelDrafter
 from draftsmith.drafters.ngram import NgramDrafter
 from draftsmith.engine import GenerationConfig, SpecEngine
-from draftsmith.verify import TargetRunner
+from draftsmith.target_runner import TargetRunner
 from scripted_drafters import OracleDrafter, TreeOracleDrafter
 from tiny_models import char_tokenizer, hf_greedy, noisy_copy, tiny_gemma3, tiny_llama
 
@@ -79,7 +79,7 @@ def test_each_tree_node_scores_as_its_own_chain(backend):
     def scored(d: Draft) -> torch.Tensor:
         runner = TargetRunner(model, backend=BackendConfig(lean=lean))
         runner.prefill(prompt)
-        return runner.score(prompt[-1], d)
+        return runner.score(prompt[-1], d).logits
 
     tree = scored(draft)
     for node, path in enumerate(root_paths(draft)):

@@ -3,7 +3,7 @@ lossy sparse verification. `generate`, `serve` and `bench` all call it, so a fla
 
 from __future__ import annotations
 
-from draftsmith.cached_lm import BackendConfig
+from draftsmith.backends.protocol import BackendConfig
 from draftsmith.drafters.registry import build_drafter
 from draftsmith.engine import SpecEngine
 from draftsmith.models import LoadedModel

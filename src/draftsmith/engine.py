@@ -11,15 +11,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from draftsmith.acceptance import AcceptanceRule, SamplingConfig, acceptance_rule
 from draftsmith.adaptive import DraftLength
-from draftsmith.cached_lm import BackendConfig
+from draftsmith.backends.protocol import BackendConfig
 from draftsmith.draft import Draft
 from draftsmith.drafters.base import Drafter, Feedback
 from draftsmith.step import Stats, speculative_step
 from draftsmith.errors import ConfigError
 from draftsmith.models import encode_prompt, eos_token_ids
-from draftsmith.predictor import pruned_costs
+from draftsmith.predictor import PathPruner
 from draftsmith.streaming import TextStream
-from draftsmith.verify import TargetRunner
+from draftsmith.target_runner import TargetRunner
 
 
 @dataclass
@@ -66,8 +66,8 @@ class SpecEngine:
         model: PreTrainedModel,
         drafter: Drafter | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
-        backend: BackendConfig = BackendConfig(),  # how the target's forward runs (cached_lm.BackendConfig)
-        pruner=None,  # cuts draft trees between the target's layers before verifying (predictor.PathPruner)
+        backend: BackendConfig = BackendConfig(),  # how the target's forward runs (backends.protocol.BackendConfig)
+        pruner: PathPruner | None = None,  # cuts draft trees between the target's layers before verifying
         sparse_verify=None,  # LOSSY: the target verifies with routers skipping layers (sparse.RoutedVerify)
         rule: AcceptanceRule | None = None,  # LOSSY where it is not greedy's: replaces the rule sampling implies
     ):
@@ -75,9 +75,8 @@ class SpecEngine:
         self.runner = TargetRunner(model, backend)
         if pruner is not None and sparse_verify is not None:
             raise ConfigError("predictor pruning and the lossy sparse verification do not combine: pick one")
-        predictor_config = getattr(getattr(pruner, "predictor", None), "config", None)
         gives_confidence = drafter is not None and drafter.gives_confidence
-        if predictor_config is not None and predictor_config.confidence and not gives_confidence:
+        if pruner is not None and pruner.weighs_confidence and not gives_confidence:
             raise ConfigError(f"this predictor weighs the drafter's confidence per node, which the "
                               f"{drafter.name if drafter is not None else 'chosen'} drafter does not give: train one for it with "
                               "`draftsmith train predictor --no-confidence`")
@@ -122,16 +121,13 @@ class SpecEngine:
         self._check(prompt_ids, config)
         sampling = config.sampling
         sizes_itself = self.drafter is not None and self.drafter.sizes_itself  # trees sized from the costs
-        pruner = self.runner.pruner
-        if pruner is not None and not getattr(pruner, "always", True) and pruner.costs is None:  # path vs tree
-            pruner.costs, pruner.share = self.runner.costs(), pruner.layer / self.model.config.num_hidden_layers
-        if hasattr(pruner, "reset_statistics"):
-            pruner.reset_statistics()
+        pruner, layers = self.runner.pruner, self.model.config.num_hidden_layers
+        if pruner is not None:
+            pruner.start_request(self.runner.costs, layers)
         if sizes_itself and self.drafter.costs is None:
             self.drafter.costs = self.runner.costs()
-            if getattr(pruner, "always", False):  # every tree is cut: pruned nodes cost only the first layers
-                share = pruner.layer / self.model.config.num_hidden_layers
-                self.drafter.costs = pruned_costs(self.drafter.costs, share)
+            if pruner is not None:
+                self.drafter.costs = pruner.tree_costs(self.drafter.costs, layers)
         adaptive = None
         if config.adaptive and self.drafter is not None and not sizes_itself:
             adaptive = self.adaptive_length(config.k)
@@ -177,12 +173,12 @@ class SpecEngine:
             if sizes_itself:
                 self.drafter.costs = None
             if pruner is not None:
-                pruner.costs = None
+                pruner.forget_costs()
         if self.drafter is not None:
             stats.drafter = self.drafter.statistics()
         if self.rule is not None:
             stats.drafter = {**stats.drafter, **self.rule.statistics()}
-        if hasattr(pruner, "statistics"):
+        if pruner is not None:
             stats.drafter = {**stats.drafter, **pruner.statistics()}
         if self.runner.sparse_verify is not None:  # lossy: the share of layers the routed target ran
             stats.drafter = {**stats.drafter, "verify_executed_ratio": self.runner.sparse_verify.executed_ratio}

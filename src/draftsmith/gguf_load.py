@@ -7,7 +7,7 @@ where generating 48 tokens takes 0.6 s. Here the config and tokenizer are conver
 and kept in draftsmith's cache folder with a table of the file's tensors (name, type, shape, offset); later loads
 read that folder and dequantize each tensor from the memory-mapped file with gguf-py's own `dequantize`, straight
 into the model's dtype. Each layer's q/k/v and gate/up weights land as row blocks of one tensor, so the lean
-forward's fused products need no second copy (see `cached_lm.joined_rows`).
+forward's fused products need no second copy (see `backends.formats.joined_rows`).
 """
 
 from __future__ import annotations

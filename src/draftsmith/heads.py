@@ -320,8 +320,7 @@ def save_head(head: EagleHead | MedusaHeads | Eagle3Head, folder: Path) -> None:
 
 def head_dtype(target: PreTrainedModel, kind: HeadKind) -> torch.dtype:
     """The dtype a head drafts in: the target's. An EAGLE (or CTC) head drafts through the lean forward, whose
-    packed products are fastest in bf16 (SmolLM2's head, one tree level of 4 nodes: 0.8 ms in bf16 against 5 ms in
-    fp32 on a 2-core AVX-512 CPU). Medusa's blocks go through F.linear, which on CPUs runs small bf16/fp16
+    packed products are fastest in bf16 (docs/design/backends.md). Medusa's blocks go through F.linear, which on CPUs runs small bf16/fp16
     products several times slower than fp32 ones: there it stays fp32."""
     if kind == "medusa" and target.device.type == "cpu":
         return torch.float32

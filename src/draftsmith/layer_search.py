@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from draftsmith.adaptive import CostCurve, calibration_key
-from draftsmith.cached_lm import LeanLlama
+from draftsmith.backends.lean import LeanLlama
 from draftsmith.errors import ConfigError
 from draftsmith.paths import cached_entry
 from draftsmith.progress import Bar

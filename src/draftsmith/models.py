@@ -229,7 +229,7 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, torch_device)
     if "gguf_file" in extra and (direct := _load_gguf_directly(spec, Path(location) / extra["gguf_file"], torch_dtype)):
         model, tokenizer = direct
-        # no --dtype given: the lean forward multiplies the file's own blocks (cached_lm's `gguf` format)
+        # no --dtype given: the lean forward multiplies the file's own blocks (the `gguf` weight format, backends/formats.py)
         model.gguf_blocks_default = dtype == "auto" and torch_device.type == "cpu"
         model.to(torch_device)
         model.generation_config.pad_token_id = model.generation_config.pad_token_id or tokenizer.pad_token_id
@@ -268,7 +268,7 @@ def _load_gguf_directly(spec: str, path: Path, dtype: torch.dtype
 def _load_llamacpp(spec: str, location: str, extra: dict, device: str) -> LoadedModel:
     from transformers import AutoConfig
 
-    from draftsmith.llamacpp import LlamaCppModel
+    from draftsmith.backends.llamacpp import LlamaCppModel
 
     if "gguf_file" not in extra:
         raise ConfigError(f"the llama.cpp backend runs GGUF files; '{spec}' is not one (write one with "

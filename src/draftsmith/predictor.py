@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -131,6 +132,8 @@ class PathPruner:
     more tokens per second: in greedy decoding siblings exclude each other, so the expected accepted length of a
     node set is the sum of its nodes' chances, and the path's saving is the later layers over the cut nodes."""
 
+    predictor: AcceptancePredictor | None = None  # None: a pruner that decides otherwise (a recorder, an oracle)
+
     def __init__(self, predictor: AcceptancePredictor, always: bool = False):
         self.predictor, self.layer = predictor, predictor.config.layer
         self.threshold, self.always = predictor.config.threshold, always  # always: SpaDec's rule, every tree cut
@@ -177,6 +180,27 @@ class PathPruner:
         cut = self.share * whole + (1 - self.share) * self.costs(len(path) + 1)
         return path, (1 + sum(reach[node] for node in path)) / cut >= (1 + sum(reach)) / whole
 
+    @property
+    def weighs_confidence(self) -> bool:
+        """Whether the predictor reads the drafter's confidence per node (a drafter must then give it)."""
+        return self.predictor is not None and self.predictor.config.confidence
+
+    def start_request(self, costs: Callable[[], CostCurve], layers: int) -> None:
+        """Before a request: the target's measured costs (read once, unless every tree is cut anyway) and the
+        share of its `layers` that runs before the cut; statistics restart."""
+        if not self.always and self.costs is None:
+            self.costs, self.share = costs(), self.layer / layers
+        self.reset_statistics()
+
+    def tree_costs(self, costs: CostCurve, layers: int) -> CostCurve:
+        """What a tree drafter should size its trees by: where every tree is cut, pruned nodes cost only the
+        first layers."""
+        return pruned_costs(costs, self.layer / layers) if self.always else costs
+
+    def forget_costs(self) -> None:
+        """The target's costs drifted: the next request reads them again."""
+        self.costs = None
+
     def observe(self, draft: Draft, path: list[int]) -> None:
         """Told the accepted path of each verified draft (used by a recording pruner)."""
 
@@ -200,6 +224,18 @@ class NodeRecorder(PathPruner):
         self.layer = layer
         self.features, self.confidences, self.reached, self.labels = [], [], [], []
         self._pending: torch.Tensor | None = None
+
+    def start_request(self, costs: Callable[[], CostCurve], layers: int) -> None:
+        pass  # every tree is recorded whole, whatever it costs
+
+    def tree_costs(self, costs: CostCurve, layers: int) -> CostCurve:
+        return costs
+
+    def forget_costs(self) -> None:
+        pass
+
+    def statistics(self) -> dict[str, float]:
+        return {}
 
     def worth_scoring(self, draft: Draft) -> bool:
         return True  # every tree is recorded

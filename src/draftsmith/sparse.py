@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from draftsmith.cached_lm import LeanLlama
+from draftsmith.backends.lean import LeanLlama
 from draftsmith.errors import ConfigError
 
 

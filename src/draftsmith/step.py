@@ -12,7 +12,7 @@ import torch
 from draftsmith.acceptance import AcceptanceRule, Verdict
 from draftsmith.draft import Draft
 from draftsmith.drafters.base import Drafter, Feedback
-from draftsmith.verify import TargetRunner
+from draftsmith.target_runner import TargetRunner
 
 
 @dataclass
@@ -85,8 +85,7 @@ def speculative_step(
     t1 = time.perf_counter()
     proposed, draft = draft, runner.prune(context[-1], draft)  # with a pruner: the part worth verifying
     rule_features = rule.needs_features  # a rule that weighs the reviewer's hidden states
-    scored = runner.score(context[-1], draft, features=features or rule_features)
-    logits, hidden = scored if features or rule_features else (scored, None)
+    logits, hidden = runner.score(context[-1], draft, features=features or rule_features)
     review = {"features": hidden, "context": context} if rule_features else {}
     verdict = rule.accept(draft, logits, generator, **review)
     runner.commit(verdict.path)

@@ -85,7 +85,7 @@ def parse_method(spec: str) -> MethodSpec:
     for item in ",".join(parts[len(parts) - n_options :]).split(",") if n_options else ():
         key, _, value = item.partition("=")
         if key == "weights" and key in OPTIONS[kind]:
-            from draftsmith.cached_lm import WEIGHT_CHOICES  # here: torch loads only for a spec that names weights
+            from draftsmith.backends.format_choice import WEIGHT_CHOICES
 
             if value not in WEIGHT_CHOICES:
                 raise ConfigError(f"method '{spec}': weights={value} is not a weight format "

@@ -71,7 +71,7 @@ def method_gguf(spec: MethodSpec, target: LoadedModel) -> Path:
 
 def llamacpp_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int):
     """llama.cpp's own generation loop (llama-cpp-python), plain or with its prompt lookup."""
-    from draftsmith.llamacpp import llama_cpp_module
+    from draftsmith.backends.llamacpp import llama_cpp_module
 
     llama_cpp = llama_cpp_module()
     draft = None

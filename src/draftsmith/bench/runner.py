@@ -36,7 +36,7 @@ from draftsmith.bench.sandbox import SandboxConfig, available_isolation
 from draftsmith.collab.domains import resolve_domain
 from draftsmith.bench.workloads import INSTRUCT, Score, Task, completion, load_tasks, prompt_ids, score
 from draftsmith.builder import build_engine
-from draftsmith.cached_lm import BackendConfig
+from draftsmith.backends.protocol import BackendConfig
 from draftsmith.drafters.registry import build_drafter
 from draftsmith.engine import GenerationConfig, Stats
 from draftsmith.errors import ConfigError, DraftsmithError
@@ -86,7 +86,7 @@ def _engine_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int, s
     weights = options.pop("weights", "auto")
     if options.pop("llamacpp", 0):  # our loop and drafter, llama.cpp scoring: the same weights as a GGUF
         from draftsmith.bench.peers import run_gguf
-        from draftsmith.llamacpp import LlamaCppModel, llama_cpp_module
+        from draftsmith.backends.llamacpp import LlamaCppModel, llama_cpp_module
 
         llama_cpp_module()  # not installed: say how, before writing a GGUF for it
         model = LlamaCppModel(run_gguf(target), target.model.config)

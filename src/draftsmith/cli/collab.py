@@ -11,7 +11,8 @@ from typing import Annotated
 
 import typer
 
-from draftsmith.cli.options import MaxMinutes, Resume
+from draftsmith.cli.options import (BatchSize, CheckpointEvery, EvalEvery, LearningRate, MaxMinutes, Resume, Seed,
+                                    Steps, TrainDevice, Warmup, training_run)
 
 collab_app = typer.Typer(no_args_is_help=True, help="Collaborative domain code completion: a LoRA-fine-tuned small "
                                                     "model, the target, and a classifier between them.")
@@ -38,31 +39,29 @@ def finetune_command(
     dropout: float = 0.1,
     modules: Annotated[str, typer.Option(help="Comma list of the modules LoRA adapts.")] = "q_proj,k_proj,v_proj,o_proj",
     examples: Annotated[int, typer.Option(help="Completion cases cut from the domain's finetune files.")] = 4000,
-    steps: int = 400,
-    batch_size: int = 8,
-    lr: float = 1e-3,
-    warmup: int = 20,
-    eval_every: int = 100,
-    checkpoint_every: int = 100,
+    steps: Steps = 400,
+    batch_size: BatchSize = 8,
+    lr: LearningRate = 1e-3,
+    warmup: Warmup = 20,
+    eval_every: EvalEvery = 100,
+    checkpoint_every: CheckpointEvery = 100,
     max_minutes: MaxMinutes = 0.0,
     resume: Resume = False,
-    seed: int = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    seed: Seed = 0,
+    device: TrainDevice = "auto",
 ) -> None:
     """LoRA-fine-tune the small model on one domain (loss on the completion tokens and EOS)."""
     from draftsmith.collab.domains import resolve_domain
     from draftsmith.collab.finetune import FinetuneConfig, finetune
     from draftsmith.models import load_model
-    from draftsmith.train.trainer import TrainConfig
 
     where = resolve_domain(domain)  # a bad domain fails before any model loads
     out = _folder(out, where.name)
     config = FinetuneConfig(small=small, rank=rank, alpha=alpha, dropout=dropout,
                             modules=tuple(m.strip() for m in modules.split(",") if m.strip()), examples=examples,
                             seed=seed)
-    train = TrainConfig(out_dir=out, max_steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup,
-                        device=device, seed=seed, eval_every=eval_every, checkpoint_every=checkpoint_every,
-                        resume=resume, max_minutes=max_minutes, progress=sys.stdout.isatty())
+    train = training_run(out, steps, batch_size, lr, warmup, eval_every, checkpoint_every, seed, device, resume,
+                         max_minutes)
     large = load_model(target, device="cuda" if device == "cuda" else "cpu", dtype="float32")
     start = time.perf_counter()
     summary = finetune(large, where, config, train)

@@ -62,7 +62,7 @@ def generate(
     """Generate a continuation, streaming it, then print the speculative statistics."""
     from draftsmith.acceptance import SamplingConfig
     from draftsmith.builder import build_engine
-    from draftsmith.cached_lm import BackendConfig
+    from draftsmith.backends.protocol import BackendConfig
     from draftsmith.engine import GenerationConfig
     from draftsmith.models import load_model
 

@@ -1,11 +1,17 @@
 """CLI options shared by several commands, declared once."""
 
+from __future__ import annotations
+
+import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from draftsmith.errors import ConfigError
+
+if TYPE_CHECKING:
+    from draftsmith.train.trainer import TrainConfig
 
 Target = Annotated[str, typer.Option(help="HF hub id, local folder, .gguf file, or an embedded alias: "
                                           "'smollm2' (the default), 'gemma3'.")]
@@ -34,8 +40,10 @@ Weights = Annotated[str, typer.Option(help="Lean forward's weight layout: auto (
                                            "bf16 models; CPU), fp16-fused (the same weights through the fused "
                                            "kernels' product: faster steps, slower prefill; CPU), bf16-fused "
                                            "(bf16 weights as stored through the fused kernels' AVX512-BF16 dot "
-                                           "products, where the CPU has them); int8 / int4: "
-                                           "quantized weights, lossy, CPU only.")]
+                                           "products, where the CPU has them), gguf (a GGUF file's own Q4_0 / "
+                                           "Q4_1 / Q8_0 blocks through the fused kernels: the default for a GGUF "
+                                           "target without --dtype; CPU); int8 / int4: quantized weights, lossy, "
+                                           "CPU only.")]
 Backend = Annotated[str, typer.Option(help="torch (our lean Llama-family forward, else transformers') or llamacpp "
                                            "(a GGUF file run by llama.cpp, our drafters and acceptance on top; "
                                            "pip install 'draftsmith\\[llamacpp]').")]
@@ -59,9 +67,32 @@ Fused = Annotated[Optional[bool], typer.Option("--fused/--no-fused", help="Run t
                                               "CPU below float32; DRAFTSMITH_FUSED=0 turns them off).",
                                               show_default="auto")]
 TrustRemoteCode = Annotated[bool, typer.Option(help="Run model code shipped with a hub model (off: safer).")]
+
+# the options every training command takes; each command keeps its own defaults
+Steps = Annotated[int, typer.Option(help="Optimizer steps.")]
+BatchSize = Annotated[int, typer.Option(help="Sequences per micro-batch (per GPU under `accelerate launch`).")]
+GradAccum = Annotated[int, typer.Option(help="Micro-batches per optimizer step.")]
+LearningRate = Annotated[float, typer.Option(help="Peak learning rate (linear warm-up, cosine decay to a tenth).")]
+Warmup = Annotated[int, typer.Option(help="Linear warm-up steps.")]
+EvalEvery = Annotated[int, typer.Option(help="Held-out evaluation every N steps (0: only at the end).")]
+CheckpointEvery = Annotated[int, typer.Option(help="Checkpoint every N steps (0: only the final save).")]
+Seed = Annotated[int, typer.Option(help="Seed of the data order, initialisation and noise.")]
+TrainDevice = Annotated[str, typer.Option(help="auto, cpu or cuda (under `accelerate launch`, one GPU each).")]
 Resume = Annotated[bool, typer.Option(help="Continue the run in --out from its latest checkpoint.")]
 MaxMinutes = Annotated[float, typer.Option(help="Stop training at this wall time (evaluated and saved as at the "
                                                 "last step); 0 = run all --steps.")]
+
+
+def training_run(out: Path, steps: int, batch_size: int, lr: float, warmup: int, eval_every: int,
+                 checkpoint_every: int, seed: int, device: str, resume: bool, max_minutes: float,
+                 **more) -> TrainConfig:
+    """The trainer's config from the shared training options (`more`: the rest of TrainConfig's fields): a
+    progress bar on a terminal, a plain line per log step in a log file."""
+    from draftsmith.train.trainer import TrainConfig
+
+    return TrainConfig(out_dir=out, max_steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup,
+                       eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed, device=device,
+                       resume=resume, max_minutes=max_minutes, progress=sys.stdout.isatty(), **more)
 CorpusFolder = Annotated[Optional[Path], typer.Option("--corpus", help="Folder of source files or .jsonl; default: "
                                                                       "the installed Python standard library.")]
 

@@ -59,7 +59,7 @@ def serve_command(
     """Serve the OpenAI completions and chat API with speculative decoding (one request at a time)."""
     import uvicorn
 
-    from draftsmith.cached_lm import BackendConfig
+    from draftsmith.backends.protocol import BackendConfig
     from draftsmith.models import load_model
     from draftsmith.serve.app import create_app
 

@@ -11,7 +11,9 @@ from typing import Annotated, Optional
 import typer
 
 from draftsmith.cli.train import train_app
-from draftsmith.cli.options import CorpusFolder, MaxMinutes, Resume, corpus_source
+from draftsmith.cli.options import (BatchSize, CheckpointEvery, CorpusFolder, EvalEvery, GradAccum, LearningRate,
+                                    MaxMinutes, Resume, Seed, Steps, Target, TrainDevice, TrustRemoteCode, Warmup,
+                                    corpus_source, training_run)
 from draftsmith.errors import ConfigError
 
 
@@ -26,7 +28,7 @@ def heads_command(
     = "eagle",
     feature_layers: Annotated[str, typer.Option(help="eagle3: the 3 target layers whose inputs it reads, e.g. "
                                                      "2,15,27 (default: 2, L/2, L-3 of an L-layer target).")] = "",
-    target: Annotated[str, typer.Option(help="HF hub id, local folder, .gguf file or embedded alias.")] = "smollm2",
+    target: Target = "smollm2",
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the head, checkpoints and logs.")]
     = Path("runs/eagle"),
     data: Annotated[Optional[Path], typer.Option(help="Feature shards folder (built there if missing, reused "
@@ -58,11 +60,11 @@ def heads_command(
     init_from: Annotated[Optional[str], typer.Option(help="Fine-tune a trained head (same kind; its shape and "
                                                            "draft vocabulary are kept): a folder, or the kind's "
                                                            "name for the head shipped for the target.")] = None,
-    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 1200,
-    batch_size: int = 16,
-    grad_accum: int = 1,
-    lr: float = 1e-3,
-    warmup: int = 50,
+    steps: Steps = 1200,
+    batch_size: BatchSize = 16,
+    grad_accum: GradAccum = 1,
+    lr: LearningRate = 1e-3,
+    warmup: Warmup = 50,
     noise: Annotated[float, typer.Option(help="EAGLE input noise, in units of the features' RMS.")] = 0.1,
     unroll: Annotated[int, typer.Option(help="EAGLE training-time test: drafting steps trained on the head's own "
                                              "predictions (1 = EAGLE-1's single step).")] = 1,
@@ -79,18 +81,17 @@ def heads_command(
                                                       "drafter's code: the head's own consecutive outputs, a "
                                                       "vocabulary token as the blank).")] = "chain",
     max_minutes: MaxMinutes = 0.0,
-    eval_every: int = 250,
-    checkpoint_every: int = 250,
+    eval_every: EvalEvery = 250,
+    checkpoint_every: CheckpointEvery = 250,
     resume: Resume = False,
-    seed: int = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    trust_remote_code: bool = False,
+    seed: Seed = 0,
+    device: TrainDevice = "auto",
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Train an EAGLE-style, EAGLE-3, Medusa or CTC head for a target; `--drafter KIND:OUT` then uses it."""
     from draftsmith.models import load_model
     from draftsmith.train.features import FeatureDataConfig, build_feature_shards
     from draftsmith.train.heads import HeadTrainConfig, head_feature_layers, head_to_tune, train_head
-    from draftsmith.train.trainer import TrainConfig
 
     corpus_source(corpus)  # a missing corpus or head is refused before anything loads
     if init_from == kind:
@@ -113,11 +114,8 @@ def heads_command(
                                   w_ce=w_ce, w_ctc=w_ctc, ctc_labels=ctc_labels, ctc_frames=ctc_frames, ctc_feed=ctc_feed,
                                   ctc_frames_from=ctc_frames_from,
                                   unroll=unroll, init_from=init_from, feature_layers=layers)
-    train = TrainConfig(out_dir=out, max_steps=steps, max_minutes=max_minutes, batch_size=batch_size,
-                        grad_accum=grad_accum, lr=lr,
-                        warmup_steps=warmup, device=device, seed=seed, eval_every=eval_every,
-                        checkpoint_every=checkpoint_every, resume=resume,
-                        progress=sys.stdout.isatty())  # a log file gets a plain line per log step instead
+    train = training_run(out, steps, batch_size, lr, warmup, eval_every, checkpoint_every, seed, device, resume,
+                         max_minutes, grad_accum=grad_accum)
     loaded = load_model(target, device="cuda" if device == "cuda" else "cpu", dtype=data_dtype,
                         trust_remote_code=trust_remote_code)
     if kind == "eagle3":  # its shards also hold the three layers' features: a folder of their own

@@ -44,7 +44,7 @@ def router_command(
     trust_remote_code: bool = False,
 ) -> None:
     """Train per-layer routers that let each token skip layers of the target (D-LLM)."""
-    from draftsmith.cached_lm import LeanLlama
+    from draftsmith.backends.lean import LeanLlama
     from draftsmith.models import load_model
     from draftsmith.train.router import RouterTrainConfig, train_routers
     from draftsmith.train.trainer import TrainConfig

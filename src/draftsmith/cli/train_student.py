@@ -8,7 +8,9 @@ from typing import Annotated, Optional
 import torch
 import typer
 
-from draftsmith.cli.options import CorpusFolder, MaxMinutes, Resume, corpus_source
+from draftsmith.cli.options import (BatchSize, CheckpointEvery, CorpusFolder, EvalEvery, GradAccum, LearningRate,
+                                    MaxMinutes, Resume, Seed, Steps, TrainDevice, Warmup, corpus_source,
+                                    training_run)
 from draftsmith.errors import ConfigError
 
 
@@ -19,12 +21,12 @@ def distill_command(
     = Path("runs/student"),
     corpus: CorpusFolder = None,
     heldout_percent: Annotated[float, typer.Option(help="Share of corpus files held out for evaluation.")] = 10.0,
-    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 350,
-    batch_size: Annotated[int, typer.Option(help="Sequences per micro-batch (per GPU).")] = 8,
-    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    steps: Steps = 350,
+    batch_size: BatchSize = 8,
+    grad_accum: GradAccum = 1,
     seq_len: Annotated[int, typer.Option(help="Tokens per training sequence (corpus data).")] = 128,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine decay to a tenth).")] = 2e-3,
-    warmup: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 20,
+    lr: LearningRate = 2e-3,
+    warmup: Warmup = 20,
     alpha: Annotated[float, typer.Option(help="Weight of CE on data; 1 - alpha goes to KL to the teacher.")] = 0.2,
     temperature: Annotated[float, typer.Option(help="Softmax temperature of the KL term.")] = 1.0,
     data: Annotated[str, typer.Option(help="onpolicy: the target's own replies to prompts cut from the corpus "
@@ -50,13 +52,12 @@ def distill_command(
                                                           "'student' for the one shipped for the target.")] = None,
     save_dtype: Annotated[str, typer.Option(help="dtype of the saved student: bfloat16 (half the file), float32, "
                                                  "float16.")] = "bfloat16",
-    eval_every: Annotated[int, typer.Option(help="Held-out greedy-match evaluation every N steps.")] = 100,
-    checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 50,
+    eval_every: EvalEvery = 100,
+    checkpoint_every: CheckpointEvery = 50,
     max_minutes: MaxMinutes = 0.0,
     resume: Resume = False,
-    seed: int = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda (under `accelerate launch`, one GPU each).")]
-    = "auto",
+    seed: Seed = 0,
+    device: TrainDevice = "auto",
     mixed_precision: Annotated[str, typer.Option(help="auto (bf16/fp16 on GPU, none on CPU), no, bf16, fp16.")]
     = "auto",
     trust_remote_code: bool = False,
@@ -65,7 +66,6 @@ def distill_command(
     from draftsmith.data.onpolicy import OnPolicyConfig
     from draftsmith.models import load_model
     from draftsmith.train.distill import DistillConfig, StudentConfig, distill
-    from draftsmith.train.trainer import TrainConfig
 
     # every setting is checked before the (slow) target load
     corpus_source(corpus)  # a missing corpus is refused before anything loads
@@ -77,10 +77,8 @@ def distill_command(
                            temperature=temperature, onpolicy=onpolicy, data_dir=data_dir, student=student,
                            init_embeddings=init_embeddings, init_head=init_head, save_dtype=save_dtype,
                            init_from=student_folder(init_from, target))
-    train = TrainConfig(out_dir=out, max_steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
-                        warmup_steps=warmup, device=device, mixed_precision=mixed_precision, seed=seed,
-                        eval_every=eval_every, checkpoint_every=checkpoint_every, resume=resume,
-                        max_minutes=max_minutes)
+    train = training_run(out, steps, batch_size, lr, warmup, eval_every, checkpoint_every, seed, device, resume,
+                         max_minutes, grad_accum=grad_accum, mixed_precision=mixed_precision)
     # the teacher only runs forward: bf16 halves its memory on GPU; fp32 on CPU, where bf16 is often slower.
     # It is loaded on the CPU; the trainer puts it on each process's own GPU under `accelerate launch`.
     bf16 = device != "cpu" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
-from draftsmith.cached_lm import cached_lm
+from draftsmith.backends.factory import cached_lm
 from draftsmith.collab.domains import Domain, SplitConfig, completion_cases, domain_documents
 from draftsmith.collab.features import ContextIndex, CorpusIndex, FeatureBuilder, LineState, Position, token_texts
 from draftsmith.errors import ConfigError

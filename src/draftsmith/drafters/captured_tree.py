@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from draftsmith.cuda_graphs import GraphSet
+from draftsmith.backends.cuda_graphs import GraphSet
 
 FEEDBACK_BUCKETS = (1, 2, 4, 8, 16, 32)  # pairs per captured feedback; more (a prompt) run eagerly
 

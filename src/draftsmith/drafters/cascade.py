@@ -41,7 +41,7 @@ from draftsmith.draft import Draft
 from draftsmith.drafters.base import Drafter
 from draftsmith.errors import ConfigError
 from draftsmith.step import Stats, speculative_step
-from draftsmith.verify import TargetRunner
+from draftsmith.target_runner import TargetRunner
 
 DEFAULT_DRAFTERS = ("student", "mag")
 DEFAULT_K_MATRIX = ((4, 2), (0, 3))

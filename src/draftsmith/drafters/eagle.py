@@ -26,8 +26,9 @@ from transformers import PreTrainedModel
 
 from draftsmith.acceptance import SamplingConfig
 from draftsmith.adaptive import CostCurve, best_tree_size
-from draftsmith.cached_lm import LeanLayers, cached_fastest_format, lean_layer
-from draftsmith.cuda_graphs import drafting_capture
+from draftsmith.backends.format_choice import cached_fastest_format
+from draftsmith.backends.layers import lean_layer, LeanLayers
+from draftsmith.backends.cuda_graphs import drafting_capture
 from draftsmith.draft import ROOT, Draft
 from draftsmith.drafters.base import Drafter, Feedback
 from draftsmith.drafters.captured_tree import CapturedTree
@@ -37,8 +38,7 @@ from draftsmith.heads import EagleHead, TargetParts
 
 @dataclass
 class TreeConfig:
-    # 5 levels of 4: the shipped SmolLM2 head (bf16, 8 HumanEval prompts, one run) reached tau 3.01 at 77 tok/s,
-    # 3 levels 2.76 at 80, EAGLE-2's 6 of 8 3.02 at 72: a level costs ~1.7 ms here, verifying a node ~1 ms
+    # on a CPU a level costs about what verifying two nodes does: shallow, narrow trees (docs/design/backends.md)
     depth: int = 5  # levels drafted
     top_k: int = 4  # nodes expanded per level, and children proposed per expanded node
     memory: float = 0.9  # weight of the past in the calibration of predicted against accepted length

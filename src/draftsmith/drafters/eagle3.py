@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from draftsmith.cached_lm import LeanLayers
+from draftsmith.backends.layers import LeanLayers
 from draftsmith.drafters.eagle import EagleDrafter, TreeConfig
 from draftsmith.errors import ConfigError
 from draftsmith.heads import Eagle3Head

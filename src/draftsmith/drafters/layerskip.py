@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from draftsmith.acceptance import SamplingConfig, processed_probs
-from draftsmith.cached_lm import LeanLlama
+from draftsmith.backends.lean import LeanLlama
 from draftsmith.draft import Draft
 from draftsmith.drafters.base import Drafter
 from draftsmith.errors import ConfigError

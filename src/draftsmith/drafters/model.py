@@ -10,7 +10,7 @@ import torch
 from transformers import PreTrainedModel
 
 from draftsmith.acceptance import SamplingConfig, processed_probs
-from draftsmith.cached_lm import cached_lm
+from draftsmith.backends.factory import cached_lm
 from draftsmith.draft import Draft, common_prefix
 from draftsmith.drafters.base import Drafter
 
@@ -44,7 +44,7 @@ class ModelDrafter(Drafter):
         the target's costs, so the adaptive draft length, and with it a seeded request's random draws, never
         follows the machine's momentary load."""
         from draftsmith.adaptive import calibrated_costs
-        from draftsmith.verify import backend_key
+        from draftsmith.target_runner import backend_key
 
         if self._cost_per_token is None:  # read once per drafter, not per request
             self._cost_per_token = calibrated_costs(self.model, self.lm, backend_key(self.lm, self.model))(1)

@@ -137,7 +137,7 @@ def _head_drafter(kind: str, path: str, target: LoadedModel, options: dict) -> D
     from draftsmith.drafters.eagle import EagleDrafter, TreeConfig
     from draftsmith.drafters.medusa import MedusaDrafter
     from draftsmith.heads import load_head
-    from draftsmith.llamacpp import LlamaCppModel
+    from draftsmith.backends.llamacpp import LlamaCppModel
 
     if isinstance(target.model, LlamaCppModel):  # a head reads the target's hidden states, which llama.cpp keeps
         raise ConfigError(f"the {kind} drafter reads the target's hidden states, which the llama.cpp backend does "

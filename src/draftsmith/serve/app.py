@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException
 
 from draftsmith.acceptance import SamplingConfig
 from draftsmith.builder import build_engine
-from draftsmith.cached_lm import BackendConfig
+from draftsmith.backends.protocol import BackendConfig
 from draftsmith.engine import GenerationConfig
 from draftsmith.errors import DraftsmithError
 from draftsmith.models import LoadedModel, logit_rows

@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from torch.utils.data import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from draftsmith.cached_lm import last_hidden_states
+from draftsmith.backends.hf import last_hidden_states
 from draftsmith.data.corpus import CodeDocument, documented_functions, load_corpus
 from draftsmith.data.onpolicy import function_prompts, prompt_ids
 from draftsmith.data.shards import ShardFolder

@@ -13,11 +13,13 @@ import torch
 from transformers import PreTrainedModel
 
 from draftsmith.adaptive import CostCurve, calibrated_costs, drifted, synchronize
-from draftsmith.cached_lm import BackendConfig, LeanLlama, cached_lm
-from draftsmith.cuda_graphs import BUCKETS
+from draftsmith.backends.cuda_graphs import BUCKETS
+from draftsmith.backends.factory import cached_lm
+from draftsmith.backends.fused import build_tag as fused_build_tag
+from draftsmith.backends.lean import LeanLlama
+from draftsmith.backends.protocol import BackendConfig, Forward
 from draftsmith.draft import ROOT, Draft, common_prefix
 from draftsmith.errors import ConfigError
-from draftsmith.fused import build_tag as fused_build_tag
 
 
 def tree_mask(draft: Draft) -> torch.Tensor:
@@ -111,20 +113,17 @@ class TargetRunner:
             self.length += len(self.pending)
             self.pending = []
 
-    def score(
-        self, root_token: int, draft: Draft, features: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def score(self, root_token: int, draft: Draft, features: bool = False) -> Forward:
         """Logits [1 + len(draft), vocab] for the root and every draft node, in one forward (with `features`,
-        also their hidden states [1 + len(draft), hidden]). Pending tokens ride along before the root."""
+        also their hidden states [1 + len(draft), hidden]; else `hidden` is None). Pending tokens ride along
+        before the root."""
         if self._pruned is not None and self._pruned[0] is draft:  # `prune` ran the first layers already
             hidden = self._pruned[1]
             self._fed = [root_token, *draft.tokens]
             positions = self._positions(draft)
             mask = self._mask(draft)
             out = self.lm.forward_rest(hidden, positions, mask, self.pruner.layer, features=features)
-            logits, hidden = out if features else (out, None)
-            logits = logits[:, : self.vocab_size]
-            return (logits, hidden) if features else logits
+            return self._scores(out, features)
         if self.pending and (features or not draft.is_chain):  # only a chain continues them simply
             self._flush_pending()
         if self.sparse_verify is not None:  # lossy: the routed target scores
@@ -133,8 +132,7 @@ class TargetRunner:
             positions = self._positions(draft)
             mask = self._mask(draft)
             out = self.sparse_verify.forward(self.lm, self._fed, positions, mask, features=features)
-            logits, hidden = out if features else (out, None)
-            return (logits[:, : self.vocab_size], hidden) if features else logits[:, : self.vocab_size]
+            return self._scores(out, features)
         ids = self._fed = [*self.pending, root_token, *draft.tokens]
         start = time.perf_counter()
         if draft.is_chain:
@@ -145,9 +143,12 @@ class TargetRunner:
         if self._costs is not None:  # the forward's time against its calibrated cost (see `recalibrate_if_drifted`)
             synchronize(self.lm)
             self.observed.setdefault(len(ids), []).append(time.perf_counter() - start)
+        return self._scores(out, features, skip=len(self.pending))
+
+    def _scores(self, out: torch.Tensor | Forward, features: bool, skip: int = 0) -> Forward:
+        """A forward's output as `score` returns it: the rows from `skip` on, logits cut to the vocabulary."""
         logits, hidden = out if features else (out, None)
-        logits = logits[len(self.pending) :, : self.vocab_size]
-        return (logits, hidden) if features else logits
+        return Forward(logits[skip:, : self.vocab_size], hidden)
 
     def commit(self, path: list[int]) -> None:
         """Keep the root and the accepted nodes (in path order); drop every other entry of the last step."""
