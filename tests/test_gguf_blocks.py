@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from draftsmith.cached_lm import BackendConfig, GGUF_BLOCKS, WeightFormat, choose_format
+from draftsmith.backends.format_choice import choose_format
+from draftsmith.backends.formats import GGUF_BLOCKS, WeightFormat
+from draftsmith.backends.protocol import BackendConfig
 from draftsmith.drafters.ngram import NgramDrafter
 from draftsmith.engine import GenerationConfig, SpecEngine
-from draftsmith.fused import fused_ops
+from draftsmith.backends.fused import fused_ops
 from draftsmith.gguf_load import attach_blocks, dequantize_blocks
 from tiny_models import tiny_llama
 
@@ -82,7 +84,7 @@ def test_a_named_dtype_keeps_the_dequantized_paths():
 
 AVX2_PROBE = """
 import json, sys, torch, gguf, numpy as np
-from draftsmith.fused import fused_ops
+from draftsmith.backends.fused import fused_ops
 ops = fused_ops()
 out = {"isa": ops.vector_isa()}
 for kind in ("Q4_0", "Q4_1", "Q8_0"):
@@ -105,3 +107,43 @@ def test_the_avx2_build_gives_the_same_bits():
     assert runs["avx2"]["isa"] == "avx2"
     for kind in KINDS:
         assert runs["avx2"][kind] == runs["native"][kind], kind
+
+
+def test_q8_blocks_are_ggufs_own_quantization_and_multiply_on_the_block_kernels():
+    from draftsmith.backends.formats import Q8_BLOCKS
+
+    weight = torch.randn(40, 96) * 0.2
+    blocks, qtype = WeightFormat(Q8_BLOCKS).prepare(weight)
+    want = gguf.quants.quantize(weight.numpy(), gguf.GGMLQuantizationType.Q8_0)
+    assert qtype == int(gguf.GGMLQuantizationType.Q8_0) and np.array_equal(blocks.numpy(), want)
+    x = torch.randn(5, 96)
+    product = WeightFormat(Q8_BLOCKS).multiply(x, (blocks, qtype))
+    assert torch.allclose(product.double(), x.double() @ dequantize_blocks(blocks, qtype).double().T, atol=1e-5)
+    with pytest.raises(Exception, match="divisible by 32"):
+        WeightFormat(Q8_BLOCKS).prepare(torch.randn(8, 40))
+
+
+def test_drafters_beside_a_4bit_target_draft_on_its_block_kernels_and_stay_exact():
+    """An EAGLE head and a draft model next to a target that runs its file's blocks multiply Q8_0 blocks through
+    the same products (lossy for the drafter only): the greedy output is still plain decoding's."""
+    from draftsmith.adaptive import CostCurve
+    from draftsmith.backends.format_choice import drafter_format
+    from draftsmith.backends.formats import Q8_BLOCKS
+    from draftsmith.drafters.eagle import EagleDrafter, TreeConfig
+    from draftsmith.drafters.model import ModelDrafter
+    from draftsmith.heads import EagleHead, HeadConfig
+
+    model = _quantized_tiny("Q4_1")
+    assert drafter_format(model) == WeightFormat(Q8_BLOCKS)
+    assert drafter_format(tiny_llama(seed=4, hidden_size=64, vocab_size=96)) is None  # a float target: the drafter's own
+    torch.manual_seed(0)
+    head = EagleHead(HeadConfig.for_target("eagle", model, draft_vocab=0)).eval()
+    eagle = EagleDrafter(head, model, TreeConfig(depth=3, top_k=3))
+    eagle.costs = CostCurve([1, 64], [1.0, 1.0])
+    small = ModelDrafter(tiny_llama(seed=9, hidden_size=64, vocab_size=96), backend=BackendConfig(weights=Q8_BLOCKS))
+    assert eagle.layers.weights == WeightFormat(Q8_BLOCKS) and small.lm.weights == WeightFormat(Q8_BLOCKS)
+    prompt = [5, 9, 14, 3, 5, 9, 14]
+    config = GenerationConfig(max_new_tokens=30, k=6, stop_on_eos=False)
+    plain = SpecEngine(model).generate(prompt, config)
+    for drafter in (eagle, small):
+        assert SpecEngine(model, drafter).generate(prompt, config).tokens == plain.tokens

@@ -7,7 +7,7 @@ import functools
 import torch
 from transformers import PreTrainedModel
 
-from draftsmith.backends.formats import (BF16_DOT, FP16_FORMATS, GGUF_BLOCKS, QUANTIZED, WeightFormat,
+from draftsmith.backends.formats import (BF16_DOT, FP16_FORMATS, GGUF_BLOCKS, Q8_BLOCKS, QUANTIZED, WeightFormat,
                                          candidate_formats, has_gguf_blocks, model_fp16_holds)
 from draftsmith.backends.fused import fused_ops
 from draftsmith.backends.fused import wanted as fused_wanted
@@ -67,7 +67,7 @@ def choose_format(model: PreTrainedModel, weights: str = "auto", fused: bool | N
     unless named)."""
     if weights not in WEIGHT_CHOICES:
         raise ConfigError(f"unknown weight format '{weights}': use one of {', '.join(WEIGHT_CHOICES)}")
-    if weights == "auto" and getattr(model, "gguf_blocks_default", False) and has_gguf_blocks(model):
+    if weights == "auto" and runs_file_blocks(model):
         weights = GGUF_BLOCKS  # a GGUF target loaded without a --dtype: the file's own blocks
     if weights == "auto":
         weights = "stored" if model.dtype == torch.float32 else "fastest"
@@ -99,6 +99,19 @@ def choose_format(model: PreTrainedModel, weights: str = "auto", fused: bool | N
 
     return WeightFormat(cached_choice(measured_once(key, measure)))
 
+
+
+def runs_file_blocks(model: PreTrainedModel) -> bool:
+    """Whether the lean forward runs this model on its GGUF file's own blocks by default (a GGUF target loaded on
+    CPU without a --dtype)."""
+    return getattr(model, "gguf_blocks_default", False) and has_gguf_blocks(model)
+
+
+def drafter_format(target: PreTrainedModel) -> WeightFormat | None:
+    """The format a drafter beside `target` multiplies in, where its own fastest is not the answer: beside a
+    target that runs its file's blocks, its weights as Q8_0 blocks through the same block products (lossy for the
+    drafter alone: the target verifies what it proposes). None: the drafter's own choice."""
+    return WeightFormat(Q8_BLOCKS) if runs_file_blocks(target) else None
 
 
 STEP_PROBE_BYTES = 512 * 2**20  # a format's step is timed on the model's first layers up to this many bytes

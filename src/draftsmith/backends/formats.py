@@ -60,6 +60,8 @@ class WeightFormat:
             return _int8_weight(weight)
         if self.name == "int4":
             return _int4_weight(weight)
+        if self.name == Q8_BLOCKS:
+            return q8_blocks(weight)
         if self.name == "fp16":
             return _fp16_weight(weight)
         if self.name == "fp16-fused":
@@ -72,7 +74,7 @@ class WeightFormat:
     def product(self) -> Callable[[torch.Tensor, object], torch.Tensor]:
         """`x @ W.T` for weights this format prepared: one function per format, looked up once by the layers
         that call it 121 times a step."""
-        if self.name == GGUF_BLOCKS:
+        if self.name in BLOCK_FORMATS:
             kernel = _fused_product(self.name)
             return lambda x, weight: kernel(_cast(x, torch.float32), *weight)
         if self.name in FUSED_PRODUCTS:  # the kernel looked up here, once, not at each of a step's products
@@ -97,7 +99,7 @@ class WeightFormat:
             offset += out
 
 
-QUANTIZED = ("int8", "int4")
+QUANTIZED = ("int8", "int4", "q8_0")
 
 
 def _int8_product(x: torch.Tensor, weight: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -133,8 +135,13 @@ BF16_DOT = "bf16-fused"
 # a GGUF file's Q4_0 / Q4_1 / Q8_0 blocks as stored (float16 scales and minimums, 4.5-8.5 bits a weight),
 # multiplied by the fused kernels' block products: float32 activations and sums, batch-invariant
 GGUF_BLOCKS = "gguf"
-FUSED_PRODUCTS = {"fp16-fused": "half_product", BF16_DOT: "bf16_product", GGUF_BLOCKS: "block_product"}
-FLOAT_PRODUCT_FORMATS = (*FP16_FORMATS, BF16_DOT, GGUF_BLOCKS)  # formats whose products take and give float32
+# a float model's weights quantized at load to GGML's Q8_0 blocks, multiplied by the same block products: a
+# drafter beside a target that runs its file's blocks (lossy, so only for drafters, whose proposals are verified)
+Q8_BLOCKS = "q8_0"
+BLOCK_FORMATS = (GGUF_BLOCKS, Q8_BLOCKS)
+FUSED_PRODUCTS = {"fp16-fused": "half_product", BF16_DOT: "bf16_product", GGUF_BLOCKS: "block_product",
+                  Q8_BLOCKS: "block_product"}
+FLOAT_PRODUCT_FORMATS = (*FP16_FORMATS, BF16_DOT, *BLOCK_FORMATS)  # formats whose products take and give float32
 
 
 def has_gguf_blocks(model: PreTrainedModel) -> bool:
@@ -159,12 +166,25 @@ def gguf_blocks(linears: list[torch.nn.Module] | tuple) -> tuple[torch.Tensor, i
     return (blocks[0] if len(blocks) == 1 else torch.cat(blocks)), kinds.pop()
 
 
+def q8_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """`weight` [out, in] as GGML's Q8_0 blocks (gguf's own quantizer: what llama.cpp writes), rows in order,
+    and their GGML type."""
+    import gguf
+
+    if weight.shape[-1] % 32:
+        raise ConfigError(f"{Q8_BLOCKS} weights need input sizes divisible by 32 (GGML's blocks), got "
+                          f"{tuple(weight.shape)}: use another format")
+    kind = gguf.GGMLQuantizationType.Q8_0
+    blocks = gguf.quants.quantize(weight.detach().float().cpu().numpy(), kind)
+    return torch.from_numpy(blocks), int(kind)
+
+
 def _fused_product(name: str):
     ops = fused_ops()
     if ops is None:
         raise ConfigError(f"{name} weights need the fused CPU kernels, which could not be built here (see the "
                           "warning above): use --weights fp16")
-    if name == GGUF_BLOCKS and ops.vector_isa() == "generic":
+    if name in BLOCK_FORMATS and ops.vector_isa() == "generic":
         raise ConfigError(f"{name} weights need a CPU with AVX2 and FMA (or AVX-512): use --dtype bfloat16")
     if name == BF16_DOT and not ops.bf16_dot_supported():
         raise ConfigError(f"{name} weights need a CPU with AVX512-BF16 dot products, which this one lacks: use "

@@ -26,7 +26,8 @@ from transformers import PreTrainedModel
 
 from draftsmith.acceptance import SamplingConfig
 from draftsmith.adaptive import CostCurve, best_tree_size
-from draftsmith.backends.format_choice import cached_fastest_format
+from draftsmith.backends.format_choice import cached_fastest_format, drafter_format
+from draftsmith.backends.formats import WeightFormat
 from draftsmith.backends.layers import lean_layer, LeanLayers
 from draftsmith.backends.cuda_graphs import drafting_capture
 from draftsmith.draft import ROOT, Draft
@@ -69,7 +70,7 @@ class EagleDrafter(Drafter):
         self.device, self.dtype = target.device, next(head.parameters()).dtype
         self.head, self.tree = head, tree or TreeConfig.for_device(self.device)
         self.parts = TargetParts(target, head.draft_to_target, dtype=self.dtype)
-        self.layers = lean_head(head, self.parts.head_rows, self.layers_class)
+        self.layers = lean_head(head, self.parts.head_rows, self.layers_class, drafter_format(target))
         fmt = self.layers.weights
         self.fc_weight, self.head_rows = fmt.prepare(head.fc.weight.detach()), fmt.prepare(self.parts.head_rows)
         self.costs: CostCurve | None = None  # set by the engine
@@ -222,13 +223,15 @@ def _given_parent(scores: list[float], parents: list[int], node: int) -> float:
 
 
 @torch.no_grad()
-def lean_head(head: EagleHead, head_rows: torch.Tensor, layers_class: type[LeanLayers] = LeanLayers) -> LeanLayers:
+def lean_head(head: EagleHead, head_rows: torch.Tensor, layers_class: type[LeanLayers] = LeanLayers,
+              fmt: WeightFormat | None = None) -> LeanLayers:
     """The head's decoder layer as lean layers over a cache of its own, in the weight format that multiplies the
     draft vocabulary's output rows (the largest product of a tree level) fastest here. fp16 may round the
     head's own weights (a trained head holds values below float16's normal range): that changes proposals
-    only, which the target verifies."""
+    only, which the target verifies. `fmt`: a format chosen for it (`drafter_format`: beside a 4-bit target)."""
     cfg, weight = head.config, head.fc.weight
-    fmt = cached_fastest_format(head_rows, fp16=True, fused=None)  # the fused kernels' products compete too
+    if fmt is None:
+        fmt = cached_fastest_format(head_rows, fp16=True, fused=None)  # the fused kernels' products compete too
     positions = torch.arange(cfg.max_position_embeddings, device=weight.device)[None]
     cos, sin = head.rotary(weight[:1, :1], positions)
     return layers_class([lean_layer(head.layer, fmt)], fmt, cos[0], sin[0], cfg.num_attention_heads,

@@ -11,6 +11,7 @@ from transformers import PreTrainedModel
 
 from draftsmith.acceptance import SamplingConfig, processed_probs
 from draftsmith.backends.factory import cached_lm
+from draftsmith.backends.protocol import BackendConfig
 from draftsmith.draft import Draft, common_prefix
 from draftsmith.drafters.base import Drafter
 
@@ -19,12 +20,12 @@ class ModelDrafter(Drafter):
     name = "model"
 
     def __init__(self, model: PreTrainedModel, vocab_size: int | None = None, confidence: float = 0.0,
-                 keep_features: bool = False):
+                 keep_features: bool = False, backend: BackendConfig = BackendConfig()):
         """`vocab_size`: the target's number of logits; the draft's logits beyond it are ids the target cannot
         embed, so they are never drafted. None: use all of the draft model's logits. `confidence` (BiLD's
         fallback): stop drafting after a greedy token whose probability is below it. `keep_features`: keep each
         drafted token's hidden state and distribution (`last_hidden`, `last_probs`) for an acceptance rule that
-        weighs them (collab.rule.CollabRule)."""
+        weighs them (collab.rule.CollabRule). `backend`: how the draft model's forward runs."""
         self.model = model
         self.vocab_size = vocab_size
         self.confidence, self.keep_features = confidence, keep_features
@@ -34,7 +35,7 @@ class ModelDrafter(Drafter):
         self.max_positions: int | None = getattr(model.config, "max_position_embeddings", None)
         self.sampling = SamplingConfig()
         self.generator: torch.Generator | None = None
-        self.lm = cached_lm(model)
+        self.lm = cached_lm(model, backend)
         self._cost_per_token: float | None = None
         self.cached: list[int] = []  # the tokens whose keys/values are in self.cache
         self.synced = 0  # length of the last context seen: those tokens are committed, never re-checked

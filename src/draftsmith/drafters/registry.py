@@ -38,7 +38,12 @@ def build_drafter(spec: str, target: LoadedModel, **options) -> Drafter | None:
         from draftsmith.drafters.model import ModelDrafter
         from draftsmith.models import logit_rows
 
-        return ModelDrafter(draft_model(spec, target), vocab_size=logit_rows(target.model))
+        from draftsmith.backends.format_choice import drafter_format
+        from draftsmith.backends.protocol import BackendConfig
+
+        fmt = drafter_format(target.model)  # beside a 4-bit target: its block products
+        return ModelDrafter(draft_model(spec, target), vocab_size=logit_rows(target.model),
+                            backend=BackendConfig(weights=fmt.name) if fmt is not None else BackendConfig())
     if kind == "mag":
         from draftsmith.drafters.mag import BigramTable, MagDrafter
 
