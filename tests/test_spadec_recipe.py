@@ -5,7 +5,6 @@ sparse verifier really runs, dense verification staying exact, and head features
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
 import torch

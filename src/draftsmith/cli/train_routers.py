@@ -45,7 +45,7 @@ def router_command(
                                                      f"{UPSTREAM_LR} for upstream (the LoRA moves the target).")]
     = None,
     warmup: int = 20,
-    dtype: Annotated[str, typer.Option(help="dtype of the frozen target while training (float32 on CPU).")]
+    dtype: Annotated[str, typer.Option(help="dtype of the target while training (float32 on CPU).")]
     = "float32",
     eval_every: int = 100,
     checkpoint_every: int = 100,
@@ -66,8 +66,10 @@ def router_command(
                             lora_rank=lora_rank)
     upstream = recipe == "upstream"
     # upstream's optimizer: weight decay 0.02, cosine down to 0 (ours: 0.1, down to a tenth)
-    train = TrainConfig(out_dir=out, max_steps=steps, batch_size=batch_size, grad_accum=grad_accum,
-                        lr=lr if lr is not None else (UPSTREAM_LR if upstream else 2e-2), weight_decay=0.02 if upstream else 0.1,
+    if lr is None:
+        lr = UPSTREAM_LR if upstream else 2e-2
+    train = TrainConfig(out_dir=out, max_steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+                        weight_decay=0.02 if upstream else 0.1,
                         min_lr_ratio=0.0 if upstream else 0.1, warmup_steps=warmup, device=device, seed=seed,
                         eval_every=eval_every, checkpoint_every=checkpoint_every, resume=resume,
                         max_minutes=max_minutes, progress=sys.stdout.isatty())
