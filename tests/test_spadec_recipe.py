@@ -146,6 +146,9 @@ def test_train_router_cli_runs_the_upstream_recipe(corpus, tmp_path):  # noqa: F
     loaded = load_model(str(model_dir))
     routers = load_routers(tmp_path / "r", loaded.model)
     assert routers.config.input_bits == 4 and routers.adapter is not None
+    (tmp_path / "r" / "adapter_config.json").unlink()
+    with pytest.raises(ConfigError, match="trained with a LoRA"):
+        load_routers(tmp_path / "r", loaded.model)
     refused = CliRunner().invoke(app, [*flags, "--recipe", "frozen", "--out", str(tmp_path / "x")])
     assert isinstance(refused.exception, ConfigError) and "unknown router recipe 'frozen'" in str(refused.exception)
     assert not (tmp_path / "x").exists()  # refused before anything is written

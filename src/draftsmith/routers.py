@@ -143,6 +143,9 @@ def load_routers(folder: Path, target: PreTrainedModel) -> Routers:
     routers = Routers(config)
     routers.load_state_dict(load_file(str(folder / WEIGHTS)))
     routers.adapter = folder if (folder / ADAPTER_CONFIG).is_file() else None
+    if config.recipe == "upstream" and routers.adapter is None:  # without it they would route another model
+        raise ConfigError(f"the routers in {folder} were trained with a LoRA on the target (recipe upstream), but "
+                          f"its {ADAPTER_CONFIG} is missing there")
     # on a CPU they stay float32 (as trained): a bf16 product this small takes torch's slow path (a profile of
     # layer-skipping drafts, taken while other jobs ran: a third of the time in the routers' products)
     dtype = torch.float32 if target.device.type == "cpu" else target.dtype
