@@ -6,10 +6,16 @@ initialisation. Trained with Gumbel-softmax decisions (`train/router.py`); at de
 class 1 scores higher. Saved as routers.safetensors + routers.json in a folder, loaded onto the target's device
 and dtype. The routers are a `SkipPolicy` (sparse.py): the layer-skipping draft and the lossy sparse target use
 them.
+
+Two options come from SpaDec's recipe (`train router --recipe upstream`): a robust router reads its input quantized
+to a few bits per token (`input_bits`), and the folder may carry a LoRA adapter on the target trained with the
+routers (peft's adapter_config.json + adapter_model.safetensors); `routed_model` merges it into a copy of the target,
+so the sparse verifier runs the model the routers were trained with.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +32,8 @@ if TYPE_CHECKING:
     from draftsmith.models import LoadedModel
 
 WEIGHTS, CONFIG = "routers.safetensors", "routers.json"
+ADAPTER_CONFIG = "adapter_config.json"  # peft's: a LoRA on the target, trained with the routers
+RECIPES = ("distil", "upstream")
 
 
 @dataclass
@@ -35,6 +43,8 @@ class RouterConfig:
     start_layer: int = 2  # layers before it always run
     bottleneck: int = 0  # router width; 0 = hidden_size // 8
     target_ratio: float = 0.5  # share of all layers a token should execute (what training aimed at)
+    input_bits: int = 0  # robust router: its input quantized to this many bits per token (SpaDec's 4); 0 = off
+    recipe: str = "distil"  # how they were trained (train/router.py)
     training: dict = field(default_factory=dict)  # how it was trained (command, data, wall time, measured ratio)
 
     def __post_init__(self) -> None:
@@ -46,7 +56,21 @@ class RouterConfig:
         if self.target_ratio < floor:
             raise ConfigError(f"ratio {self.target_ratio} is below the {self.start_layer} layers that always run "
                               f"({floor:.2f} of {self.num_layers}): raise --ratio or lower --start-layer")
+        if self.input_bits and not 2 <= self.input_bits <= 8:
+            raise ConfigError(f"a robust router quantizes its input to 2..8 bits, got {self.input_bits}")
+        if self.recipe not in RECIPES:
+            raise ConfigError(f"unknown router recipe {self.recipe!r}: use {' or '.join(RECIPES)}")
         self.bottleneck = self.bottleneck or max(8, self.hidden_size // 8)
+
+
+def quantize_levels(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Each row of x [..., hidden] as integer levels 0 .. 2^bits - 1 between its own min and max (asymmetric,
+    per token), returned as levels, not dequantized: what SpaDec's robust router reads. Nearby states map to the
+    same levels, so consecutive tokens tend to decide alike."""
+    top = 2**bits - 1
+    low, high = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    step = (high - low) / top + 1e-7  # upstream's epsilon: a constant row maps to level 0, not a division by 0
+    return torch.round((x - low) / step).clamp(0, top)
 
 
 class Router(nn.Module):
@@ -66,6 +90,7 @@ class Routers(nn.Module):
         self.config = config
         self.routers = nn.ModuleList(Router(config.hidden_size, config.bottleneck)
                                      for _ in range(config.start_layer, config.num_layers))
+        self.adapter: Path | None = None  # folder of the LoRA trained with them (recipe upstream), if any
 
     @property
     def num_layers(self) -> int:
@@ -76,12 +101,27 @@ class Routers(nn.Module):
         if layer < self.config.start_layer:
             return None
         router = self.routers[layer - self.config.start_layer]
+        if self.config.input_bits:  # levels in float32: a bf16 min/max would round the step
+            x = quantize_levels(x.float(), self.config.input_bits)
         return router(x.to(router.down.weight.dtype))  # the stream may be float32 where the routers are not
 
     @torch.inference_mode()
     def executes(self, layer: int, x: torch.Tensor) -> bool:
         logits = self.logits(layer, x)
         return logits is None or bool(logits[..., 1].item() > logits[..., 0].item())
+
+    def routed_model(self, target: PreTrainedModel) -> PreTrainedModel:
+        """The model these routers route: `target` itself, or where they carry a LoRA, a copy of it with the
+        adapter merged (the copy shares every weight the LoRA leaves alone; `target` is not changed)."""
+        if self.adapter is None:
+            return target
+        from peft import PeftModel
+
+        adapted = set(json.loads((self.adapter / ADAPTER_CONFIG).read_text()).get("target_modules") or [])
+        changed = {id(p) for name, p in target.named_parameters() if name.rsplit(".", 2)[-2] in adapted}
+        shared = {id(p): p for p in target.parameters() if id(p) not in changed}
+        merged = PeftModel.from_pretrained(copy.deepcopy(target, shared), str(self.adapter)).merge_and_unload()
+        return merged.eval()
 
 
 def save_routers(routers: Routers, folder: Path) -> None:
@@ -102,6 +142,10 @@ def load_routers(folder: Path, target: PreTrainedModel) -> Routers:
                           f"size {config.hidden_size}; this target has {layers} layers of {hidden}")
     routers = Routers(config)
     routers.load_state_dict(load_file(str(folder / WEIGHTS)))
+    routers.adapter = folder if (folder / ADAPTER_CONFIG).is_file() else None
+    if config.recipe == "upstream" and routers.adapter is None:  # without it they would route another model
+        raise ConfigError(f"the routers in {folder} were trained with a LoRA on the target (recipe upstream), but "
+                          f"its {ADAPTER_CONFIG} is missing there")
     # on a CPU they stay float32 (as trained): a bf16 product this small takes torch's slow path (a profile of
     # layer-skipping drafts, taken while other jobs ran: a third of the time in the routers' products)
     dtype = torch.float32 if target.device.type == "cpu" else target.dtype

@@ -34,6 +34,11 @@ def heads_command(
     data: Annotated[Optional[Path], typer.Option(help="Feature shards folder (built there if missing, reused "
                                                       "if present); default: OUT/../features-TARGET.")] = None,
     corpus: CorpusFolder = None,
+    features: Annotated[str, typer.Option(help="dense (the target's features) or sparse (the routed model's, its "
+                                               "routers deciding: a head for --lossy-sparse-verify, as SpaDec "
+                                               "retrains EAGLE on its sparse model).")] = "dense",
+    routers: Annotated[str, typer.Option(help="--features sparse: the routers (a folder from `draftsmith train "
+                                              "router`, with its LoRA if it has one); empty: the shipped ones.")] = "",
     sequences: Annotated[int, typer.Option(help="Training sequences (features computed once).")] = 768,
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 160,
     self_distill: Annotated[float, typer.Option(help="Share of sequences that are the target's own greedy "
@@ -94,6 +99,10 @@ def heads_command(
     from draftsmith.train.heads import HeadTrainConfig, head_feature_layers, head_to_tune, train_head
 
     corpus_source(corpus)  # a missing corpus or head is refused before anything loads
+    if features not in ("dense", "sparse"):
+        raise ConfigError(f"--features takes dense or sparse, got {features!r}")
+    if features == "sparse" and kind == "eagle3":
+        raise ConfigError("--features sparse builds last-layer features only; eagle3 reads dense layer features")
     if init_from == kind:
         from draftsmith.artifacts import shipped_head_folder
 
@@ -122,22 +131,27 @@ def heads_command(
         head_config.feature_layers = layers = head_feature_layers(head_config, loaded.model)
     else:
         layers = []
-    suffix = f"-layers-{'-'.join(map(str, layers))}" if layers else ""
+    sparse = None
+    if features == "sparse":
+        from draftsmith.routers import load_routers_for
+
+        sparse = load_routers_for(routers, loaded)
+    suffix = f"-layers-{'-'.join(map(str, layers))}" if layers else "-sparse" if sparse else ""
     shards = data or out.parent / f"features-{Path(target).name}{suffix}"
     data_config.feature_layers = layers
     started = time.perf_counter()
-    build_feature_shards(loaded.model, loaded.tokenizer, data_config, shards)
+    build_feature_shards(loaded.model, loaded.tokenizer, data_config, shards, routers=sparse)
     folders = [shards]
     if code_sequences:
         code_config = FeatureDataConfig(corpus=data_config.corpus, sequences=code_sequences, heldout_sequences=0,
                                         seq_len=seq_len, self_distill=0.0, shard_size=shard_size, seed=seed + 1,
                                         feature_layers=layers)
         folders.append(build_feature_shards(loaded.model, loaded.tokenizer, code_config,
-                                            shards.with_name(shards.name + "-code")))
+                                            shards.with_name(shards.name + "-code"), routers=sparse))
     data_seconds = time.perf_counter() - started
     head_config.extra = {"command": shlex.join(["draftsmith", *sys.argv[1:]]), "data": [str(f) for f in folders],
                          "corpus": str(corpus) if corpus else "python stdlib", "self_distill": self_distill,
-                         "code_sequences": code_sequences,
+                         "code_sequences": code_sequences, "features": features,
                          "data_seconds": round(data_seconds, 1)}
     _, info = train_head(loaded.model, folders, head_config, train, target_name=target)
     typer.echo(f"{kind} head saved in {out}: held-out {info['heldout']}, trained in {info['train_seconds']:.0f} s "

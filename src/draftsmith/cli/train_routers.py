@@ -1,60 +1,78 @@
-"""`draftsmith train router`: D-LLM routers for a frozen target (`--drafter layerskip:OUT`)."""
+"""`draftsmith train router`: D-LLM routers for a target (`--drafter layerskip:OUT`, `--lossy-sparse-verify
+--routers OUT`), by our recipe or SpaDec's."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
-from draftsmith.cli.options import CorpusFolder, MaxMinutes, Resume, corpus_source
-from draftsmith.errors import ConfigError
+from draftsmith.cli.options import (BatchSize, CheckpointEvery, CorpusFolder, EvalEvery, GradAccum, LearningRate,
+                                    MaxMinutes, Resume, Seed, Steps, Target, TrainDevice, TrustRemoteCode, Warmup,
+                                    corpus_source, training_run)
 from draftsmith.cli.train import train_app
+from draftsmith.errors import ConfigError
+
+UPSTREAM_LR = 2e-3
 
 
 @train_app.command("router")
 def router_command(
-    target: Annotated[str, typer.Option(help="HF hub id, local folder, .gguf file or embedded alias.")] = "smollm2",
+    target: Target = "smollm2",
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the routers, checkpoints and logs.")]
     = Path("runs/router"),
+    recipe: Annotated[str, typer.Option(help="distil (ours: the target frozen, the routed model trained to agree "
+                                             "with the dense one) or upstream (SpaDec's: a LoRA on q, k, v trained "
+                                             "with the routers, cross-entropy on the text).")] = "distil",
+    robust_router: Annotated[bool, typer.Option("--robust-router/--plain-router", help="SpaDec's multi-token robust "
+                                                "router: the router reads its input quantized to 4 bits per token, "
+                                                "in training and decoding.")] = False,
     ratio: Annotated[float, typer.Option(help="Target share of the layers a token executes.")] = 0.5,
     start_layer: Annotated[int, typer.Option(help="Layers before this one always run.")] = 2,
-    lam: Annotated[float, typer.Option("--lambda", help="Weight of |executed share - ratio| in the loss (D-LLM's 5 "
-                                                      "left SmolLM2, frozen, at 86% executed for ratio 0.5).")] = 50.0,
+    lam: Annotated[Optional[float], typer.Option("--lambda", help="Weight of |executed share - ratio| in the loss; "
+                                                 "default: 50 for distil (D-LLM's 5 left SmolLM2, frozen, at 86% "
+                                                 "executed for ratio 0.5), 5 for upstream (its own).")] = None,
+    lora_rank: Annotated[int, typer.Option(help="Recipe upstream: LoRA rank on q, k, v.")] = 8,
     tau: Annotated[float, typer.Option(help="Gumbel-softmax temperature.")] = 1.0,
     corpus: CorpusFolder = None,
     sequences: Annotated[int, typer.Option(help="Training sequences cut from the corpus.")] = 1024,
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 256,
-    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 300,
-    batch_size: int = 8,
-    grad_accum: int = 1,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (the routers start near 'execute everything' and "
-                                           "their biases must travel: 3e-3 left them at 86% executed after 60 "
-                                           "steps).")] = 2e-2,
-    warmup: int = 20,
-    dtype: Annotated[str, typer.Option(help="dtype of the frozen target while training (float32 on CPU).")]
+    steps: Steps = 300,
+    batch_size: BatchSize = 8,
+    grad_accum: GradAccum = 1,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate; default: 2e-2 for distil (the routers "
+                                                     "start near 'execute everything' and their biases must travel: "
+                                                     "3e-3 left them at 86% executed after 60 steps), "
+                                                     f"{UPSTREAM_LR} for upstream (the LoRA moves the target).")]
+    = None,
+    warmup: Warmup = 20,
+    dtype: Annotated[str, typer.Option(help="dtype of the target while training (float32 on CPU).")]
     = "float32",
-    eval_every: int = 100,
-    checkpoint_every: int = 100,
+    eval_every: EvalEvery = 100,
+    checkpoint_every: CheckpointEvery = 100,
     max_minutes: MaxMinutes = 0.0,
     resume: Resume = False,
-    seed: int = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    trust_remote_code: bool = False,
+    seed: Seed = 0,
+    device: TrainDevice = "auto",
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
-    """Train per-layer routers that let each token skip layers of the target (D-LLM)."""
+    """Train per-layer routers that let each token skip layers of the target (D-LLM), by our recipe or SpaDec's."""
     from draftsmith.backends.lean import LeanLlama
     from draftsmith.models import load_model
     from draftsmith.train.router import RouterTrainConfig, train_routers
-    from draftsmith.train.trainer import TrainConfig
 
-    cfg = RouterTrainConfig(ratio=ratio, start_layer=start_layer, lam=lam, tau=tau, seq_len=seq_len,
-                            sequences=sequences, corpus=corpus_source(corpus))
-    train = TrainConfig(out_dir=out, max_steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
-                        warmup_steps=warmup, device=device, seed=seed, eval_every=eval_every,
-                        checkpoint_every=checkpoint_every, resume=resume, max_minutes=max_minutes,
-                        progress=sys.stdout.isatty())
+    cfg = RouterTrainConfig(recipe=recipe, ratio=ratio, start_layer=start_layer, lam=lam, tau=tau, seq_len=seq_len,
+                            sequences=sequences, corpus=corpus_source(corpus), input_bits=4 if robust_router else 0,
+                            lora_rank=lora_rank)
+    upstream = recipe == "upstream"
+    # upstream's optimizer: weight decay 0.02, cosine down to 0 (ours: 0.1, down to a tenth)
+    if lr is None:
+        lr = UPSTREAM_LR if upstream else 2e-2
+    train = training_run(out, steps, batch_size, lr, warmup, eval_every, checkpoint_every, seed, device, resume,
+                         max_minutes, grad_accum=grad_accum, weight_decay=0.02 if upstream else 0.1,
+                         min_lr_ratio=0.0 if upstream else 0.1)
     loaded = load_model(target, device="cuda" if device == "cuda" else "cpu", dtype=dtype,
                         trust_remote_code=trust_remote_code)
     if not LeanLlama.supports(loaded.model):
@@ -65,7 +83,7 @@ def router_command(
 
 @train_app.command("predictor")
 def predictor_command(
-    target: Annotated[str, typer.Option(help="HF hub id, local folder, .gguf file or embedded alias.")] = "smollm2",
+    target: Target = "smollm2",
     drafter: Annotated[str, typer.Option(help="The tree drafter whose trees the predictor will prune.")] = "eagle",
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the predictor, checkpoints and logs.")]
     = Path("runs/predictor"),
@@ -79,13 +97,13 @@ def predictor_command(
                                                   "drafter must give it: eagle does).")] = True,
     dtype: Annotated[str, typer.Option(help="dtype the target decodes in (the one you will decode in).")]
     = "auto",
-    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 300,
-    batch_size: int = 256,
-    lr: float = 1e-2,
-    eval_every: int = 100,
+    steps: Steps = 300,
+    batch_size: BatchSize = 256,
+    lr: LearningRate = 1e-2,
+    eval_every: EvalEvery = 100,
     resume: Resume = False,
-    seed: int = 0,
-    trust_remote_code: bool = False,
+    seed: Seed = 0,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Train SpaDec's acceptance predictor from the verification outcomes of a tree drafter
     (`--prune predictor:OUT`)."""

@@ -13,6 +13,10 @@ Two sources, mixed by `self_distill`:
   prompt's last `prompt_tokens` tokens kept.
 Never HumanEval nor any benchmark's prompts: the benchmark measures them.
 
+`routers` (`train heads --features sparse`): the features are the ROUTED model's (its routers deciding, with its
+LoRA where it has one), as SpaDec retrains its EAGLE head on the sparse model it verifies with; the sequences and
+the self-distilled continuations are the same as for dense features.
+
 Shards are written one at a time with a manifest of what is done, so an interrupted run resumes at the next shard.
 """
 
@@ -35,6 +39,7 @@ from draftsmith.data.onpolicy import function_prompts, prompt_ids
 from draftsmith.data.shards import ShardFolder
 from draftsmith.errors import ConfigError
 from draftsmith.progress import counted
+from draftsmith.routers import Routers
 
 PROMPT_KINDS = ("windows", "functions", "benchmark")
 
@@ -141,19 +146,30 @@ def _continue(target: PreTrainedModel, prompts: list[list[int]], new_tokens: int
 
 
 @torch.inference_mode()
-def target_features(target: PreTrainedModel, ids: torch.Tensor, layers: tuple[int, ...] = ()
-                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def target_features(target: PreTrainedModel, ids: torch.Tensor, layers: tuple[int, ...] = (),
+                    routers: Routers | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """[B, T, H] last-layer features (before the final norm) of full sequences, as the engine hands them over,
-    and with `layers` the residual stream entering those layers, concatenated ([B, T, 3H]; else None)."""
+    and with `layers` the residual stream entering those layers, concatenated ([B, T, 3H]; else None). With
+    `routers`, the routed model's last-layer features (target: the routed model, `Routers.routed_model`)."""
+    if routers is not None:
+        from draftsmith.train.router import RouterTrainConfig, routed_stack
+
+        if layers:
+            raise ConfigError("sparse features are the last layer's only: EAGLE-3's layer features come from the "
+                              "dense target (use --features dense for eagle3)")
+        ids = ids.to(target.device)
+        hidden, _ = routed_stack(target, routers, ids, torch.ones_like(ids), RouterTrainConfig(), sample=False)
+        return hidden, None
     with last_hidden_states(target) as last, last_hidden_states(target, layers) as inputs:
         target(input_ids=ids.to(target.device), attention_mask=torch.ones_like(ids, device=target.device),
                logits_to_keep=1)
     return last[0], torch.cat(inputs, dim=-1) if layers else None
 
 
-def _shard(ids: list[list[int]], target: PreTrainedModel, layers: tuple[int, ...] = ()) -> dict[str, torch.Tensor]:
+def _shard(ids: list[list[int]], target: PreTrainedModel, layers: tuple[int, ...] = (),
+           routers: Routers | None = None) -> dict[str, torch.Tensor]:
     tokens = torch.tensor(ids, dtype=torch.long)
-    features, aux = target_features(target, tokens, layers)
+    features, aux = target_features(target, tokens, layers, routers)
     shard = {"input_ids": tokens.to(torch.int32), "features": features.to(torch.bfloat16).cpu().contiguous()}
     if aux is not None:  # bf16: half the disk; heads train in fp32
         shard["aux_features"] = aux.to(torch.bfloat16).cpu().contiguous()
@@ -162,13 +178,21 @@ def _shard(ids: list[list[int]], target: PreTrainedModel, layers: tuple[int, ...
 
 def build_feature_shards(
     target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: FeatureDataConfig, folder: Path,
-    progress: bool = True,
+    progress: bool = True, routers: Routers | None = None,
 ) -> Path:
-    """Write train and held-out shards under `folder` (resuming a partial run); returns the folder."""
+    """Write train and held-out shards under `folder` (resuming a partial run); returns the folder. With
+    `routers`, the features are the routed model's (the text is still the dense target's)."""
     settings = {**asdict(config), "target": target.config.to_dict().get("_name_or_path", ""),
                 "hidden_size": target.config.hidden_size, "dtype": str(target.dtype)}
     if not config.feature_layers:  # folders built before EAGLE-3 heads keep matching their manifests
         del settings["feature_layers"]
+    routed = target
+    if routers is not None:  # sparse features: never mixed with dense ones, nor with other routers'
+        from draftsmith.collab.finetune import weights_fingerprint
+
+        routed = routers.routed_model(target)
+        settings["sparse_features"] = {"routers": weights_fingerprint(routers),
+                                       "lora": weights_fingerprint(routed) if routed is not target else ""}
     shards = ShardFolder(folder, settings)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     # held-out shards are never larger than the held-out set (a large --shard-size is for batching on GPUs)
@@ -198,7 +222,7 @@ def build_feature_shards(
                     source = (w[: config.prompt_tokens] for w in windows)
                 prompts = [next(source) for _ in range(n_generated)]
                 rows += _continue(target, prompts, config.seq_len - config.prompt_tokens, pad)
-            shards.write(split, index, _shard(rows, target, tuple(config.feature_layers)))
+            shards.write(split, index, _shard(rows, routed, tuple(config.feature_layers), routers))
             bar.update(task, advance=1)
     return shards.folder
 
