@@ -147,3 +147,33 @@ def test_drafters_beside_a_4bit_target_draft_on_its_block_kernels_and_stay_exact
     plain = SpecEngine(model).generate(prompt, config)
     for drafter in (eagle, small):
         assert SpecEngine(model, drafter).generate(prompt, config).tokens == plain.tokens
+
+
+def test_the_weight_read_floor_counts_the_blocks_a_4bit_step_reads():
+    from draftsmith.bench.runner import weight_read_floor
+
+    model = _quantized_tiny("Q4_1")
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    others = [p for m in model.modules() if not isinstance(m, torch.nn.Linear) for p in m.parameters(recurse=False)]
+    want = sum(m.gguf_blocks().numel() for m in linears) + sum(p.numel() * p.element_size() for p in others)
+    assert weight_read_floor(model, 1.0)["weight_mb"] * 2**20 == want
+    model.gguf_blocks_default = False  # run dequantized: every weight in its float dtype
+    assert weight_read_floor(model, 1.0)["weight_mb"] * 2**20 == sum(p.numel() * 4 for p in model.parameters())
+
+
+def test_llama_cpp_peers_run_the_file_itself_where_the_run_multiplies_its_blocks(tmp_path, monkeypatch):
+    """The run's own weights are the GGUF file when the run multiplies its blocks as stored: llama.cpp peers then
+    decode that file, not an unquantized copy."""
+    import draftsmith.gguf_export as gguf_export
+    from draftsmith.bench.peers import run_gguf
+    from draftsmith.models import LoadedModel
+
+    source = tmp_path / "tiny.Q4_1.gguf"
+    source.write_bytes(b"GGUF")  # only its path and stat are read here
+    written = []
+    monkeypatch.setattr(gguf_export, "write_gguf", lambda model, path, *args: written.append(path))
+    model = _quantized_tiny("Q4_1")
+    assert run_gguf(LoadedModel(model, None, str(source))) == source and written == []
+    model.gguf_blocks_default = False  # dequantized (--dtype given): an unquantized GGUF in the run's dtype
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert run_gguf(LoadedModel(model, None, str(source))) != source and len(written) == 1

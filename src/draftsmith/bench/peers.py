@@ -8,8 +8,9 @@
   (the one shipped for the target without HEAD), exported and converted once by llama.cpp's own converter
   (convert_hf_to_gguf.py of the source the binary was built from) into draftsmith's cache.
 
-Without FILE the peers run the run's own weights, written once as an unquantized GGUF in the method's dtype
-(bf16 or f32) into draftsmith's cache: the same work as our methods, at the same precision.
+Without FILE the peers run the run's own weights: the GGUF file itself where the run multiplies its blocks (a GGUF
+target at its own precision, `--dtype auto` on CPU), else written once as an unquantized GGUF in the method's
+dtype (bf16 or f32) into draftsmith's cache: the same work as our methods, at the same precision.
 """
 
 from __future__ import annotations
@@ -42,13 +43,18 @@ LOOKUP_CONTEXT = 2048  # tokens of context for llama-cpp-python's prompt lookup 
 
 
 def run_gguf(target: LoadedModel) -> Path:
-    """The target's weights as an unquantized GGUF in its dtype, written once per source file and dtype."""
+    """The GGUF of the run's own weights: the file itself where the run multiplies its blocks as stored (a GGUF
+    target at its own precision), else the weights as an unquantized GGUF in the target's dtype, written once
+    per source file and dtype."""
+    from draftsmith.backends.format_choice import runs_file_blocks
     from draftsmith.gguf_export import write_gguf
 
     source = gguf_path(target.name.split("@")[0])
     if source is None:
         raise ConfigError(f"the llama.cpp methods need a GGUF: '{target.name}' is not one; give the method a file "
                           "(llamacpp:FILE.gguf) or write one with `draftsmith export --format gguf`")
+    if "@" not in target.name and runs_file_blocks(target.model):
+        return source
     dtype = GGUF_DTYPE.get(target.dtype)
     if dtype is None:
         raise ConfigError(f"llama.cpp peers run in float32 or bfloat16, not {target.dtype}")

@@ -346,8 +346,17 @@ def read_bandwidth_gb_s(device: torch.device, megabytes: int = 512) -> float:
 
 
 def weight_read_floor(model: torch.nn.Module, bandwidth_gb_s: float) -> dict[str, float]:
-    """Tokens/s if each one-token step did nothing but read every weight once (tied weights counted once)."""
-    weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    """Tokens/s if each one-token step did nothing but read every weight once (tied weights counted once), in the
+    precision the step reads them: a GGUF target at its own precision reads its linears' blocks."""
+    from draftsmith.backends.format_choice import runs_file_blocks
+
+    blocks, seen, weight_bytes = runs_file_blocks(model), set(), 0
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                stored = module.gguf_blocks() if blocks and hasattr(module, "gguf_blocks") else p
+                weight_bytes += stored.numel() * stored.element_size()
     return {"weight_mb": weight_bytes / 2**20, "floor_tokens_per_s": bandwidth_gb_s * 1e9 / weight_bytes}
 
 
