@@ -46,6 +46,26 @@ def test_a_batch_rounds_as_its_rows_do_one_at_a_time(kind):
     assert torch.allclose(batch.double(), x.double() @ weights.double().T, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_int8_product_is_llama_cpps_arithmetic_and_a_batch_rounds_as_its_rows(kind):
+    """`gguf-int8`: activations quantized per block of 32 to 8 bits (scale amax / 127), integer block sums: equal to
+    that computation done in float64, and a batch of n rows bit-equal to its rows one at a time."""
+    qtype = int(gguf.GGMLQuantizationType[kind])
+    blocks = _blocks(kind, 70, 96, seed=1)
+    weights = dequantize_blocks(blocks, qtype).double()
+    x = torch.randn(67, 96)
+    batch = fused_ops().block_product_int8(x, blocks, qtype)
+    one_by_one = torch.cat([fused_ops().block_product_int8(x[i : i + 1], blocks, qtype) for i in range(len(x))])
+    assert torch.equal(batch, one_by_one)
+    for n in (2, 5, 8, 64):
+        assert torch.equal(fused_ops().block_product_int8(x[:n], blocks, qtype), one_by_one[:n])
+    grouped = x.view(67, 3, 32)
+    scale = grouped.abs().amax(-1, keepdim=True) / 127
+    quantized = (torch.round(grouped / scale) * scale).view(67, 96).double()  # what the kernel multiplies
+    assert torch.allclose(batch.double(), quantized @ weights.T, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(batch.double(), x.double() @ weights.T, atol=1e-6, rtol=1e-6)  # not float activations
+
+
 def _quantized_tiny(kind: str = "Q4_1", seed: int = 4):
     """A tiny Llama whose weights are what its GGML blocks dequantize to, the blocks attached as a GGUF load
     attaches them (the embedding, which the output head here is not tied to, stays float32)."""
@@ -61,14 +81,16 @@ def _quantized_tiny(kind: str = "Q4_1", seed: int = 4):
     return model
 
 
-@pytest.mark.parametrize("kind,dtype", [(kind, torch.float32) for kind in KINDS] + [("Q4_1", torch.bfloat16)])
-def test_drafting_changes_no_greedy_token_in_the_gguf_format(kind, dtype):
+@pytest.mark.parametrize("kind,dtype,weights", [(kind, torch.float32, "auto") for kind in KINDS]
+                         + [("Q4_1", torch.bfloat16, "auto")] + [(kind, torch.float32, "gguf-int8") for kind in KINDS])
+def test_drafting_changes_no_greedy_token_in_the_gguf_formats(kind, dtype, weights):
     model = _quantized_tiny(kind).to(dtype)  # bfloat16: the fused small operations around the products
     assert choose_format(model) == WeightFormat(GGUF_BLOCKS)
     prompt = [5, 9, 14, 3, 5, 9, 14]
     config = GenerationConfig(max_new_tokens=40, k=6, stop_on_eos=False)
-    plain = SpecEngine(model).generate(prompt, config)
-    drafted = SpecEngine(model, NgramDrafter()).generate(prompt, config)
+    backend = BackendConfig(weights=weights)
+    plain = SpecEngine(model, backend=backend).generate(prompt, config)
+    drafted = SpecEngine(model, NgramDrafter(), backend=backend).generate(prompt, config)
     assert drafted.tokens == plain.tokens and len(plain.tokens) == 40
     assert drafted.stats.accepted > 0 and drafted.stats.target_steps < plain.stats.target_steps  # drafts were verified in batches, not one token a step
 
@@ -92,6 +114,7 @@ for kind in ("Q4_0", "Q4_1", "Q8_0"):
     blocks = torch.from_numpy(gguf.quants.quantize(values, gguf.GGMLQuantizationType[kind]))
     x = torch.from_numpy(np.random.default_rng(3).standard_normal((9, 128)).astype(np.float32))
     out[kind] = ops.block_product(x, blocks, int(gguf.GGMLQuantizationType[kind])).view(torch.int32).tolist()
+    out[kind + "-int8"] = ops.block_product_int8(x, blocks, int(gguf.GGMLQuantizationType[kind])).view(torch.int32).tolist()
 print(json.dumps(out))
 """
 
@@ -107,6 +130,7 @@ def test_the_avx2_build_gives_the_same_bits():
     assert runs["avx2"]["isa"] == "avx2"
     for kind in KINDS:
         assert runs["avx2"][kind] == runs["native"][kind], kind
+        assert runs["avx2"][kind + "-int8"] == runs["native"][kind + "-int8"], kind  # maddubs + madd = VNNI's dpbusd
 
 
 def test_q8_blocks_are_ggufs_own_quantization_and_multiply_on_the_block_kernels():

@@ -47,7 +47,7 @@ class WeightFormat:
     def prepare_linears(self, linears: list[torch.nn.Module] | tuple) -> object:
         """The weights of these modules (rows stacked, in order) as this format multiplies them: the `gguf`
         format takes the GGML blocks they were loaded from, the others their weights."""
-        if self.name == GGUF_BLOCKS:
+        if self.name in FILE_BLOCK_FORMATS:
             return gguf_blocks(linears)
         return self.prepare(joined_rows([linear.weight for linear in linears]))
 
@@ -89,7 +89,7 @@ class WeightFormat:
         """Re-point the linears' weights at views of `prepared` (their fused rows, in order), so the two copies
         become one. oneDNN's packed layout and quantized weights cannot be viewed: there the model keeps its
         own weights."""
-        if self.name in ("onednn", *FP16_FORMATS, GGUF_BLOCKS) or self.lossy:
+        if self.name in ("onednn", *FP16_FORMATS, *FILE_BLOCK_FORMATS) or self.lossy:
             return
         rows = prepared if self.name in ("stored", BF16_DOT) else prepared.t()
         offset = 0
@@ -138,9 +138,13 @@ GGUF_BLOCKS = "gguf"
 # a float model's weights quantized at load to GGML's Q8_0 blocks, multiplied by the same block products: a
 # drafter beside a target that runs its file's blocks (lossy, so only for drafters, whose proposals are verified)
 Q8_BLOCKS = "q8_0"
-BLOCK_FORMATS = (GGUF_BLOCKS, Q8_BLOCKS)
+# the same blocks multiplied as llama.cpp multiplies them: activations quantized to 8 bits per block of 32,
+# integer dot products (VNNI where present), float32 sums in a fixed order: batch-invariant as well
+GGUF_INT8 = "gguf-int8"
+FILE_BLOCK_FORMATS = (GGUF_BLOCKS, GGUF_INT8)  # formats that multiply a GGUF file's own blocks
+BLOCK_FORMATS = (*FILE_BLOCK_FORMATS, Q8_BLOCKS)
 FUSED_PRODUCTS = {"fp16-fused": "half_product", BF16_DOT: "bf16_product", GGUF_BLOCKS: "block_product",
-                  Q8_BLOCKS: "block_product"}
+                  GGUF_INT8: "block_product_int8", Q8_BLOCKS: "block_product"}
 FLOAT_PRODUCT_FORMATS = (*FP16_FORMATS, BF16_DOT, *BLOCK_FORMATS)  # formats whose products take and give float32
 
 

@@ -648,6 +648,155 @@ at::Tensor block_product(const at::Tensor& x_in, const at::Tensor& w, int64_t qt
   return out;
 }
 
+// x @ W.T as llama.cpp computes it for these blocks: each row of x quantized per block of 32 to 8-bit integers
+// with a float32 scale (amax / 127, rounded to nearest even), every block's 32 products summed exactly in
+// integers (VNNI's dpbusd where the build has it, else AVX2's maddubs + madd: the same eight int32 lanes), then
+// scaled into eight float32 lanes in block order and the lanes added in one fixed order. Each (row, weight row)
+// is computed alone in that order, so a verification of n rows gives the one-token step's numbers bit for bit,
+// and the AVX2 and AVX-512 builds give the same bits. Q4_1's minimum and Q4_0's offset enter through each
+// block's integer sum of the quantized activations.
+#if defined(__AVX2__) && defined(__FMA__)
+inline __m256i dot_u8_s8(__m256i u, __m256i s) {  // lane i: the sum of bytes 4i..4i+3's products
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+inline __m256i unpack_nibbles(const uint8_t* p) {  // 16 bytes -> 32 values 0..15: low nibbles first
+  const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), nibble = _mm_set1_epi8(0x0F);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), nibble), _mm_and_si128(packed, nibble));
+}
+
+inline float sum_lanes8(__m256 acc) {  // a fixed pairwise order
+  alignas(32) float s[8];
+  _mm256_store_ps(s, acc);
+  for (int width = 4; width >= 1; width /= 2)
+    for (int i = 0; i < width; ++i) s[i] += s[i + width];
+  return s[0];
+}
+
+struct QuantizedRows {  // x's rows per block of 32: int8 values, their scale and their sum
+  std::vector<int8_t> q;
+  std::vector<float> d;
+  std::vector<int32_t> sum;
+};
+
+QuantizedRows quantize_rows(const float* x, int64_t rows, int64_t in) {
+  const int64_t blocks = in / kBlock;
+  QuantizedRows out{std::vector<int8_t>(rows * in), std::vector<float>(rows * blocks), std::vector<int32_t>(rows * blocks)};
+  for (int64_t rb = 0; rb < rows * blocks; ++rb) {
+    const float* p = x + rb * kBlock;
+    float amax = 0.f;
+    for (int64_t i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(p[i]));
+    const float d = amax / 127.f, inverse = amax > 0.f ? 127.f / amax : 0.f;
+    int32_t sum = 0;
+    for (int64_t i = 0; i < kBlock; ++i) {
+      const int32_t v = static_cast<int32_t>(std::nearbyint(p[i] * inverse));
+      out.q[rb * kBlock + i] = static_cast<int8_t>(v);
+      sum += v;
+    }
+    out.d[rb] = d;
+    out.sum[rb] = sum;
+  }
+  return out;
+}
+
+// R rows x C weight rows: each unpacked weight block serves R rows
+template <int Q, int R, int C>
+inline void int8_tile(const QuantizedRows& xq, int64_t row0, const uint8_t* w, float* out, int64_t in, int64_t features,
+                      int64_t row_bytes) {
+  const int64_t bytes = block_bytes(Q), blocks = in / kBlock;
+  __m256 acc[R][C];
+  float minimum[R][C];  // Q4_1: the minimum's part, summed in block order
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps(), minimum[r][c] = 0.f;
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m256i u[C];
+    float dw[C], mw[C];
+    for (int c = 0; c < C; ++c) {
+      const uint8_t* block = w + c * row_bytes + b * bytes;
+      dw[c] = half_to_float(block);
+      mw[c] = Q == kQ4_1 ? half_to_float(block + 2) : 0.f;
+      u[c] = Q == kQ8_0 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 2))
+                        : unpack_nibbles(block + (Q == kQ4_1 ? 4 : 2));
+    }
+    for (int r = 0; r < R; ++r) {
+      const int64_t rb = (row0 + r) * blocks + b;
+      const __m256i s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.q.data() + rb * kBlock));
+      const float dx = xq.d[rb];
+      const int32_t xsum = xq.sum[rb];
+      for (int c = 0; c < C; ++c) {
+        __m256i sums = Q == kQ8_0 ? dot_u8_s8(_mm256_sign_epi8(u[c], u[c]), _mm256_sign_epi8(s, u[c]))
+                                  : dot_u8_s8(u[c], s);
+        if (Q == kQ4_0)  // weights q - 8: the offset's part joins the exact integer sums (in lane 0)
+          sums = _mm256_sub_epi32(sums, _mm256_setr_epi32(8 * xsum, 0, 0, 0, 0, 0, 0, 0));
+        acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(dw[c] * dx), acc[r][c]);
+        if (Q == kQ4_1) minimum[r][c] = std::fma(mw[c] * dx, static_cast<float>(xsum), minimum[r][c]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) out[r * features + c] = sum_lanes8(acc[r][c]) + minimum[r][c];
+}
+
+template <int Q, int C>
+void int8_rows(const QuantizedRows& xq, const uint8_t* w, float* out, int64_t rows, int64_t in, int64_t features) {
+  const int64_t row_bytes = in / kBlock * block_bytes(Q);
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) int8_tile<Q, 4, C>(xq, r, w, out + r * features, in, features, row_bytes);
+  switch (rows - r) {
+    case 1: int8_tile<Q, 1, C>(xq, r, w, out + r * features, in, features, row_bytes); break;
+    case 2: int8_tile<Q, 2, C>(xq, r, w, out + r * features, in, features, row_bytes); break;
+    case 3: int8_tile<Q, 3, C>(xq, r, w, out + r * features, in, features, row_bytes); break;
+    default: break;
+  }
+}
+
+template <int Q>
+void int8_features(const QuantizedRows& xq, const uint8_t* w, float* out, int64_t rows, int64_t in, int64_t features,
+                   int64_t first, int64_t last) {
+  const int64_t row_bytes = in / kBlock * block_bytes(Q);
+  int64_t f = first;
+  for (; f + 4 <= last; f += 4) int8_rows<Q, 4>(xq, w + f * row_bytes, out + f, rows, in, features);
+  for (; f < last; ++f) int8_rows<Q, 1>(xq, w + f * row_bytes, out + f, rows, in, features);
+}
+constexpr bool kInt8Kernels = true;
+#else
+constexpr bool kInt8Kernels = false;
+#endif
+
+at::Tensor block_product_int8(const at::Tensor& x_in, const at::Tensor& w, int64_t qtype) {
+  const at::Tensor x = x_in.contiguous();
+  check_float_contiguous(x, "block_product_int8 x");
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.is_contiguous() && w.dim() == 2,
+              "block_product_int8 weight: a contiguous uint8 CPU matrix of GGML blocks is needed");
+  const int64_t in = x.size(-1), features = w.size(0), rows = x.numel() / in;
+  TORCH_CHECK(in % kBlock == 0 && w.size(1) == in / kBlock * block_bytes(qtype), "block_product_int8: input size ",
+              in, " does not match ", w.size(1), " bytes of blocks a weight row");
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = features;
+  at::Tensor out = at::empty(shape, x.options());
+  TORCH_CHECK(kInt8Kernels, "block_product_int8: these kernels were built without AVX2/FMA");
+#if defined(__AVX2__) && defined(__FMA__)
+  const QuantizedRows xq = quantize_rows(x.data_ptr<float>(), rows, in);
+  const uint8_t* pw = w.data_ptr<uint8_t>();
+  float* po = out.data_ptr<float>();
+  at::parallel_for(0, (features + 3) / 4, 8, [&](int64_t begin, int64_t end) {
+    const int64_t first = begin * 4, last = std::min(features, end * 4);
+    switch (qtype) {
+      case kQ4_0: int8_features<kQ4_0>(xq, pw, po, rows, in, features, first, last); break;
+      case kQ4_1: int8_features<kQ4_1>(xq, pw, po, rows, in, features, first, last); break;
+      default: int8_features<kQ8_0>(xq, pw, po, rows, in, features, first, last); break;
+    }
+  });
+#endif
+  return out;
+}
+
 // which vector instructions this build was compiled for (DRAFTSMITH_ISA=avx2 builds an AVX2 one on any x86 CPU)
 std::string vector_isa() {
 #if defined(__AVX512F__)
@@ -674,5 +823,6 @@ TORCH_LIBRARY(draftsmith_fused, m) {
   m.def("bf16_product(Tensor x, Tensor weight) -> Tensor", &bf16_product);
   m.def("bf16_dot_supported() -> bool", &bf16_dot_supported);
   m.def("block_product(Tensor x, Tensor blocks, int qtype) -> Tensor", &block_product);
+  m.def("block_product_int8(Tensor x, Tensor blocks, int qtype) -> Tensor", &block_product_int8);
   m.def("vector_isa() -> str", &vector_isa);
 }
