@@ -42,7 +42,9 @@ Weights = Annotated[str, typer.Option(help="Lean forward's weight layout: auto (
                                            "(bf16 weights as stored through the fused kernels' AVX512-BF16 dot "
                                            "products, where the CPU has them), gguf (a GGUF file's own Q4_0 / "
                                            "Q4_1 / Q8_0 blocks through the fused kernels: the default for a GGUF "
-                                           "target without --dtype; CPU); int8 / int4 / q8_0 (GGML's Q8_0 blocks "
+                                           "target without --dtype; CPU), gguf-int8 (the same blocks multiplied as llama.cpp does: "
+                                           "activations quantized to 8 bits per block, integer dot products; CPU); "
+                                           "int8 / int4 / q8_0 (GGML's Q8_0 blocks "
                                            "through the same kernels): quantized weights, lossy, CPU only.")]
 Backend = Annotated[str, typer.Option(help="torch (our lean Llama-family forward, else transformers') or llamacpp "
                                            "(a GGUF file run by llama.cpp, our drafters and acceptance on top; "
