@@ -201,3 +201,15 @@ def test_llama_cpp_peers_run_the_file_itself_where_the_run_multiplies_its_blocks
     model.gguf_blocks_default = False  # dequantized (--dtype given): an unquantized GGUF in the run's dtype
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     assert run_gguf(LoadedModel(model, None, str(source))) != source and len(written) == 1
+
+
+def test_without_the_block_kernels_a_gguf_target_runs_its_dequantized_weights(monkeypatch):
+    """No C++ compiler (or no AVX2): the default falls back to the float weights the loader keeps, never an error."""
+    import draftsmith.backends.format_choice as format_choice
+
+    model = _quantized_tiny("Q4_1")
+    assert choose_format(model) == WeightFormat(GGUF_BLOCKS)
+    monkeypatch.setattr(format_choice, "fused_ops", lambda: None)
+    assert choose_format(model) == WeightFormat("stored") and format_choice.drafter_format(model) is None
+    prompt = [5, 9, 14, 3]
+    assert len(SpecEngine(model).generate(prompt, GenerationConfig(max_new_tokens=8, stop_on_eos=False)).tokens) == 8

@@ -103,8 +103,12 @@ def choose_format(model: PreTrainedModel, weights: str = "auto", fused: bool | N
 
 def runs_file_blocks(model: PreTrainedModel) -> bool:
     """Whether the lean forward runs this model on its GGUF file's own blocks by default (a GGUF target loaded on
-    CPU without a --dtype)."""
-    return getattr(model, "gguf_blocks_default", False) and has_gguf_blocks(model)
+    CPU without a --dtype, where the block kernels could be built: without a C++ compiler, or on a CPU without
+    AVX2, the model runs its dequantized weights instead of failing)."""
+    if not (getattr(model, "gguf_blocks_default", False) and has_gguf_blocks(model)):
+        return False
+    ops = fused_ops()
+    return ops is not None and ops.vector_isa() != "generic"
 
 
 def drafter_format(target: PreTrainedModel) -> WeightFormat | None:
