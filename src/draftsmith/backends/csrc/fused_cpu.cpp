@@ -620,17 +620,24 @@ void block_features(const float* x, const uint8_t* w, float* out, int64_t rows, 
 constexpr bool kBlockKernels = false;
 #endif
 
-at::Tensor block_product(const at::Tensor& x_in, const at::Tensor& w, int64_t qtype) {
-  const at::Tensor x = x_in.contiguous();
-  check_float_contiguous(x, "block_product x");
-  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.is_contiguous() && w.dim() == 2,
-              "block_product weight: a contiguous uint8 CPU matrix of GGML blocks is needed");
-  const int64_t in = x.size(-1), features = w.size(0), rows = x.numel() / in;
-  TORCH_CHECK(in % kBlock == 0 && w.size(1) == in / kBlock * block_bytes(qtype), "block_product: input size ", in,
+// what both block products check and return: x float32 [..., in], W a uint8 matrix of GGML blocks [out, in / 32 *
+// block bytes], the output [..., out]
+at::Tensor block_product_output(const at::Tensor& x, const at::Tensor& w, int64_t qtype, const char* name) {
+  check_float_contiguous(x, name);
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.is_contiguous() && w.dim() == 2, name,
+              " weight: a contiguous uint8 CPU matrix of GGML blocks is needed");
+  const int64_t in = x.size(-1);
+  TORCH_CHECK(in % kBlock == 0 && w.size(1) == in / kBlock * block_bytes(qtype), name, ": input size ", in,
               " does not match ", w.size(1), " bytes of blocks a weight row");
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = features;
-  at::Tensor out = at::empty(shape, x.options());
+  shape.back() = w.size(0);
+  return at::empty(shape, x.options());
+}
+
+at::Tensor block_product(const at::Tensor& x_in, const at::Tensor& w, int64_t qtype) {
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor out = block_product_output(x, w, qtype, "block_product");
+  const int64_t in = x.size(-1), features = w.size(0), rows = x.numel() / in;
   const float* px = x.data_ptr<float>();
   const uint8_t* pw = w.data_ptr<uint8_t>();
   float* po = out.data_ptr<float>();
@@ -771,15 +778,8 @@ constexpr bool kInt8Kernels = false;
 
 at::Tensor block_product_int8(const at::Tensor& x_in, const at::Tensor& w, int64_t qtype) {
   const at::Tensor x = x_in.contiguous();
-  check_float_contiguous(x, "block_product_int8 x");
-  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.is_contiguous() && w.dim() == 2,
-              "block_product_int8 weight: a contiguous uint8 CPU matrix of GGML blocks is needed");
+  at::Tensor out = block_product_output(x, w, qtype, "block_product_int8");
   const int64_t in = x.size(-1), features = w.size(0), rows = x.numel() / in;
-  TORCH_CHECK(in % kBlock == 0 && w.size(1) == in / kBlock * block_bytes(qtype), "block_product_int8: input size ",
-              in, " does not match ", w.size(1), " bytes of blocks a weight row");
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = features;
-  at::Tensor out = at::empty(shape, x.options());
   TORCH_CHECK(kInt8Kernels, "block_product_int8: these kernels were built without AVX2/FMA");
 #if defined(__AVX2__) && defined(__FMA__)
   const QuantizedRows xq = quantize_rows(x.data_ptr<float>(), rows, in);
