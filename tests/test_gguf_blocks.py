@@ -31,17 +31,23 @@ def _blocks(kind: str, rows: int, columns: int, seed: int) -> torch.Tensor:
     return torch.from_numpy(gguf.quants.quantize(values, gguf.GGMLQuantizationType[kind]))
 
 
+def _batch_rounding_as_its_rows(product, x: torch.Tensor, blocks: torch.Tensor, qtype: int) -> torch.Tensor:
+    """`product` of all of x's rows, asserted bit-equal to each row alone and to every shorter batch."""
+    batch = product(x, blocks, qtype)
+    one_by_one = torch.cat([product(x[i : i + 1], blocks, qtype) for i in range(len(x))])
+    assert torch.equal(batch, one_by_one)
+    for n in (2, 5, 8, 64):
+        assert torch.equal(product(x[:n], blocks, qtype), one_by_one[:n])
+    return batch
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_batch_rounds_as_its_rows_do_one_at_a_time(kind):
     qtype = int(gguf.GGMLQuantizationType[kind])
     blocks = _blocks(kind, 70, 96, seed=1)  # 70 weight rows: the 4-row tiles and a remainder
     weights = dequantize_blocks(blocks, qtype)
     x = torch.randn(67, 96)
-    batch = fused_ops().block_product(x, blocks, qtype)
-    one_by_one = torch.cat([fused_ops().block_product(x[i : i + 1], blocks, qtype) for i in range(len(x))])
-    assert torch.equal(batch, one_by_one)
-    for n in (2, 5, 8, 64):
-        assert torch.equal(fused_ops().block_product(x[:n], blocks, qtype), one_by_one[:n])
+    batch = _batch_rounding_as_its_rows(fused_ops().block_product, x, blocks, qtype)
     # the product of the stored weights, up to float32 rounding of the sums
     assert torch.allclose(batch.double(), x.double() @ weights.double().T, atol=1e-5, rtol=1e-5)
 
@@ -54,11 +60,7 @@ def test_the_int8_product_is_llama_cpps_arithmetic_and_a_batch_rounds_as_its_row
     blocks = _blocks(kind, 70, 96, seed=1)
     weights = dequantize_blocks(blocks, qtype).double()
     x = torch.randn(67, 96)
-    batch = fused_ops().block_product_int8(x, blocks, qtype)
-    one_by_one = torch.cat([fused_ops().block_product_int8(x[i : i + 1], blocks, qtype) for i in range(len(x))])
-    assert torch.equal(batch, one_by_one)
-    for n in (2, 5, 8, 64):
-        assert torch.equal(fused_ops().block_product_int8(x[:n], blocks, qtype), one_by_one[:n])
+    batch = _batch_rounding_as_its_rows(fused_ops().block_product_int8, x, blocks, qtype)
     grouped = x.view(67, 3, 32)
     scale = grouped.abs().amax(-1, keepdim=True) / 127
     quantized = (torch.round(grouped / scale) * scale).view(67, 96).double()  # what the kernel multiplies

@@ -111,14 +111,13 @@ def predictor_command(
     from draftsmith.engine import SpecEngine
     from draftsmith.models import load_model
     from draftsmith.train.predictor import PredictorTrainConfig, train_predictor
-    from draftsmith.train.trainer import TrainConfig
 
     cfg = PredictorTrainConfig(layer=layer, prompts=prompts, heldout_prompts=heldout_prompts, new_tokens=new_tokens,
                                corpus=corpus_source(corpus), confidence=confidence, seed=seed,
                                extra={"drafter": drafter})
-    train = TrainConfig(out_dir=out, max_steps=steps, batch_size=batch_size, lr=lr, warmup_steps=10,
-                        weight_decay=0.0, device="cpu", seed=seed, eval_every=eval_every, resume=resume,
-                        progress=sys.stdout.isatty())
+    # the predictor is a small logistic model: the CPU, no weight decay, checkpoints at the trainer's default
+    train = training_run(out, steps, batch_size, lr, 10, eval_every, 200, seed, "cpu", resume, 0.0,
+                         weight_decay=0.0)
     loaded = load_model(target, dtype=dtype, trust_remote_code=trust_remote_code)
     engine = SpecEngine(loaded.model, build_drafter(drafter, loaded), loaded.tokenizer)
     _, info = train_predictor(engine, loaded.tokenizer, cfg, train, progress=sys.stdout.isatty())

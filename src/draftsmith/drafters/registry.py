@@ -43,7 +43,7 @@ def build_drafter(spec: str, target: LoadedModel, **options) -> Drafter | None:
 
         fmt = drafter_format(target.model)  # beside a 4-bit target: its block products
         return ModelDrafter(draft_model(spec, target), vocab_size=logit_rows(target.model),
-                            backend=BackendConfig(weights=fmt.name) if fmt is not None else BackendConfig())
+                            backend=BackendConfig(weights=fmt.name if fmt is not None else "auto"))
     if kind == "mag":
         from draftsmith.drafters.mag import BigramTable, MagDrafter
 
