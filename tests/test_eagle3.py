@@ -62,6 +62,36 @@ def test_both_backends_return_the_inputs_of_the_heads_layers(target, lean):
     assert step.shape == (1, 3 * target.config.hidden_size)
 
 
+def test_replayed_steps_return_the_heads_layers_also_after_a_capture_without_them(target):
+    """A captured step (its body replayed eagerly on CPU) returns the three layers' inputs, as the eager forward
+    does; a bucket captured before a drafter asked for them is not reused for them."""
+    from draftsmith.backends.cuda_graphs import CapturedSteps, run_eagerly
+
+    eager, captured = LeanLlama(target), LeanLlama(target)
+    captured.graphs = CapturedSteps(captured, capture=run_eagerly)
+    for lm in (eager, captured):
+        lm.reset(64)
+        lm.forward(PROMPTS[0], last_only=True)
+        lm.forward([7], features=True)  # bucket 1, last layer's features
+        lm.feature_layers = tuple(LAYERS)
+    steps = [eager.forward([9], features=True), captured.forward([9], features=True)]
+    assert steps[1].hidden.shape == (1, 3 * target.config.hidden_size)
+    # the masked whole-cache attention sums in another order: last bits aside
+    torch.testing.assert_close(steps[1].hidden, steps[0].hidden, atol=1e-4, rtol=1e-5)
+    assert captured.graphs.captures == 3  # the prefill's bucket, bucket 1 without and with the layers
+
+
+def test_eagle3_drafting_on_replayed_steps_is_exact(target):
+    from draftsmith.backends.cuda_graphs import CapturedSteps, run_eagerly
+
+    engine = SpecEngine(target, eagle3(target, depth=4, top_k=3))
+    engine.runner.lm.graphs = CapturedSteps(engine.runner.lm, capture=run_eagerly)
+    for prompt in PROMPTS:
+        result = engine.generate(prompt, GenerationConfig(max_new_tokens=NEW, k=24))
+        assert result.tokens == hf_greedy(target, prompt, NEW), prompt
+    assert engine.runner.lm.graphs.captures > 0
+
+
 @pytest.mark.parametrize("lean", [True, False])
 @pytest.mark.parametrize("make", [
     lambda t: eagle3(t, depth=4, top_k=3),

@@ -165,7 +165,9 @@ class CapturedSteps:
             step = StaticStep(lm, size)
             return step, step.run
 
-        step = self.set.run(size, lm.k_cache, build, lambda step: step.load(ids, positions, start, tree_mask))
+        # a step captured before a drafter asked for middle layers' features returns the last layer's: keyed apart
+        key = (size, tuple(lm.feature_layers))
+        step = self.set.run(key, lm.k_cache, build, lambda step: step.load(ids, positions, start, tree_mask))
         if step is None:
             return None
         lm.length = start + n

@@ -135,9 +135,9 @@ class LeanLlama(LeanLayers):
                 hidden.append(out[1])
             logits = logits[-1] if last_only else torch.cat(logits)  # last_only: only the final row is needed
             return Forward(logits, torch.cat(hidden)) if features else logits
-        # steps (a draft model's too) replay where a bucket holds them; a step that must return middle layers'
-        # features (EAGLE-3) runs eagerly: the captured step returns the last layer's
-        if self.graphs is not None and not self.feature_layers:
+        # steps (a draft model's too) replay where a bucket holds them, returning the features asked for (the
+        # last layer's, or EAGLE-3's middle layers')
+        if self.graphs is not None:
             with torch.inference_mode():
                 replayed = self.graphs.forward(ids, positions, tree_mask, features)
             if replayed is not None:
