@@ -286,3 +286,29 @@ def test_a_bad_head_to_fine_tune_is_refused_before_any_data_is_built(flags, erro
     assert isinstance(result.exception, error), result.output
     assert message in str(result.exception)
     assert not (tmp_path / "features-model").exists() and not (tmp_path / "features-smollm2").exists()
+
+
+def test_data_only_builds_the_shards_a_later_run_reuses_and_trains_no_head(tmp_path):
+    from typer.testing import CliRunner
+
+    from draftsmith.cli.main import app
+    from serve_helpers import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "model")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(60):  # a held-out share of the files too
+        (corpus / f"m{i}.py").write_text(f"def f{i}(x):\n    return x + {i}\n" * 100)
+    flags = ["train", "heads", "--target", str(model), "--corpus", str(corpus), "--out", str(tmp_path / "head"),
+             "--sequences", "8", "--shard-size", "4", "--seq-len", "24", "--prompt-tokens", "8",
+             "--code-sequences", "0", "--self-distill", "0.5", "--device", "cpu"]
+    result = CliRunner().invoke(app, [*flags, "--data-only"])
+    assert result.exit_code == 0, result.output
+    shards = sorted((tmp_path / "features-model" / "train").glob("shard-*.safetensors"))
+    assert len(shards) == 2 and not (tmp_path / "head").exists()
+    stamps = [p.stat().st_mtime_ns for p in shards]
+    result = CliRunner().invoke(app, [*flags, "--steps", "2", "--batch-size", "4", "--eval-every", "0",
+                                      "--checkpoint-every", "0"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "head" / "head.safetensors").is_file()
+    assert [p.stat().st_mtime_ns for p in shards] == stamps  # reused, not rebuilt

@@ -85,6 +85,8 @@ def heads_command(
                                                       "chain of frames with a learned blank) or upstream (the CTC "
                                                       "drafter's code: the head's own consecutive outputs, a "
                                                       "vocabulary token as the blank).")] = "chain",
+    data_only: Annotated[bool, typer.Option(help="Build (or finish) the feature shards and stop: train heads on "
+                                                 "them later, or elsewhere, with the same data flags.")] = False,
     max_minutes: MaxMinutes = 0.0,
     eval_every: EvalEvery = 250,
     checkpoint_every: CheckpointEvery = 250,
@@ -149,6 +151,9 @@ def heads_command(
         folders.append(build_feature_shards(loaded.model, loaded.tokenizer, code_config,
                                             shards.with_name(shards.name + "-code"), routers=sparse))
     data_seconds = time.perf_counter() - started
+    if data_only:
+        typer.echo(f"feature shards ready in {', '.join(map(str, folders))} ({data_seconds:.0f} s); no head trained")
+        return
     head_config.extra = {"command": shlex.join(["draftsmith", *sys.argv[1:]]), "data": [str(f) for f in folders],
                          "corpus": str(corpus) if corpus else "python stdlib", "self_distill": self_distill,
                          "code_sequences": code_sequences, "features": features,
