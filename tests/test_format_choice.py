@@ -4,6 +4,7 @@ candidate or the preference order, the margin kept in the cache, and `draftsmith
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import draftsmith.backends.timing as timing
@@ -53,9 +54,17 @@ def test_a_clear_win_is_kept_and_a_burst_of_load_in_one_round_decides_nothing(cl
 
 
 def test_the_fused_kernels_formats_come_first_in_the_preference_order():
-    names = ["stored", "transposed", "onednn", "fp16", "bf16-fused"]
+    names = ["stored", "transposed", "onednn", "fp16", "bf16-amx", "bf16-fused"]
     assert [f.name for f in preferred_first([WeightFormat(n) for n in names])] == [
-        "bf16-fused", "fp16", "onednn", "transposed", "stored"]
+        "bf16-fused", "bf16-amx", "fp16", "onednn", "transposed", "stored"]
+
+
+def test_a_bf16_weight_is_timed_in_the_amx_format_exactly_where_this_cpu_runs_it():
+    from draftsmith.backends.formats import amx_available, candidate_formats
+
+    names = [f.name for f in candidate_formats(torch.randn(64, 32).bfloat16(), fp16=False, fused=True)]
+    assert ("bf16-amx" in names) == amx_available(torch.device("cpu"), True)
+    assert "bf16-amx" not in [f.name for f in candidate_formats(torch.randn(64, 32), fp16=False, fused=True)]
 
 
 def test_doctor_shows_each_choice_with_its_margin_and_resets_them(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ import draftsmith.backends.layers as layers_module
 import draftsmith.backends.fused as fused_module
 from draftsmith.backends.layers import _swapped_rope
 from draftsmith.backends.lean import LeanLlama
+from draftsmith.backends.formats import WeightFormat
 from draftsmith.backends.protocol import BackendConfig
 from draftsmith.engine import GenerationConfig, SpecEngine
 from draftsmith.errors import ConfigError
@@ -127,38 +128,51 @@ def bf16_dot(ops):
     return ops
 
 
-# sizes: 576 (whole 32-lane steps), 40 and 20 (a masked tail); features 203 (a tail past the 4-row tiles)
-@pytest.mark.parametrize("rows, size", [(1, 576), (3, 576), (9, 576), (6, 40), (2, 20)])
-def test_bf16_product_is_the_product_of_bf16_rounded_rows_and_batching_changes_no_bit(bf16_dot, rows, size):
+@pytest.fixture(params=["bf16-fused", "bf16-amx"])
+def bf16_format(request, ops) -> WeightFormat:
+    """The fused kernels' bfloat16 formats: AVX512-BF16 dot products, AMX tiles; each where this CPU has it."""
+    if not (ops.bf16_dot_supported() if request.param == "bf16-fused" else ops.amx_supported()):
+        pytest.skip(f"this CPU cannot run {request.param} products: the format is never offered here")
+    return WeightFormat(request.param)
+
+
+# sizes: 576 (whole 32-lane steps), 40 and 20 (a masked tail / a padded tile); features 203 (a tail past the tiles);
+# rows 17 and 33: past one AMX tile of 16 rows
+@pytest.mark.parametrize("rows, size", [(1, 576), (3, 576), (9, 576), (17, 576), (33, 40), (6, 40), (2, 20)])
+def test_bf16_products_are_the_products_of_bf16_rounded_rows_and_batching_changes_no_bit(bf16_format, rows, size):
     torch.manual_seed(rows)
     x, weight = torch.randn(1, rows, size), (torch.randn(203, size) * 0.1).bfloat16()
-    got = bf16_dot.bf16_product(x, weight)
+    prepared = bf16_format.prepare(weight)
+    got = bf16_format.multiply(x, prepared)
     exact = x.bfloat16().double() @ weight.double().t()  # the rows rounded to bf16 once, then exact sums
-    assert (got.double() - exact).abs().max() <= 1e-5 * exact.abs().max()
+    assert got.shape == (1, rows, 203) and (got.double() - exact).abs().max() <= 1e-5 * exact.abs().max()
     # each row alone gives the batch's numbers bit for bit: a verification rounds as one-token steps do
     for r in range(rows):
-        assert torch.equal(bf16_dot.bf16_product(x[:, r : r + 1], weight)[0, 0], got[0, r])
+        assert torch.equal(bf16_format.multiply(x[:, r : r + 1], prepared)[0, 0], got[0, r])
 
 
-def test_speculative_decoding_on_bf16_fused_weights_keeps_plain_decodings_tokens(bf16_dot, monkeypatch):
-    """With bf16-fused weights a batched verification rounds exactly as a one-token step: drafts accepted in full,
-    cut part way and rejected at once give plain decoding's tokens in the same format, not merely agree often."""
+def test_speculative_decoding_on_bf16_kernels_keeps_plain_decodings_tokens(bf16_format, monkeypatch):
+    """With either bf16 kernel a batched verification rounds exactly as a one-token step: drafts accepted in
+    full, cut part way and rejected at once give plain decoding's tokens in the same format, not merely agree
+    often."""
     from scripted_drafters import OracleDrafter
 
     model = bf16_llama(4, monkeypatch)
     prompt = [5, 17, 33, 8, 21, 40, 9, 5, 17, 33]
-    plain = SpecEngine(model, None, backend=BackendConfig(weights="bf16-fused"))
-    assert plain.runner.lm.weights.name == "bf16-fused" and plain.runner.lm.fused is not None
+    backend = BackendConfig(weights=bf16_format.name)
+    plain = SpecEngine(model, None, backend=backend)
+    assert plain.runner.lm.weights.name == bf16_format.name and plain.runner.lm.fused is not None
     reference = plain.generate(prompt, GenerationConfig(max_new_tokens=40)).tokens
     for wrong_at in (set(), {0}, {3}):
         oracle = OracleDrafter(reference, len(prompt), wrong_at=wrong_at, vocab=model.config.vocab_size)
-        engine = SpecEngine(model, oracle, backend=BackendConfig(weights="bf16-fused"))
-        assert engine.generate(prompt, GenerationConfig(max_new_tokens=40, k=6)).tokens == reference
+        engine = SpecEngine(model, oracle, backend=backend)
+        assert engine.generate(prompt, GenerationConfig(max_new_tokens=40, k=20)).tokens == reference
 
 
 def test_bf16_fused_weights_refuse_other_dtypes(bf16_dot):
-    with pytest.raises(ConfigError, match="--dtype bfloat16"):
-        LeanLlama(tiny_llama(seed=2), weights="bf16-fused")
+    for name in ("bf16-fused", "bf16-amx"):
+        with pytest.raises(ConfigError, match="--dtype bfloat16"):
+            LeanLlama(tiny_llama(seed=2), weights=name)
     with pytest.raises(RuntimeError, match="contiguous BFloat16 CPU matrix"):
         bf16_dot.bf16_product(torch.randn(1, 2, 8), torch.randn(4, 8).half())
 
@@ -172,6 +186,11 @@ def test_the_kernels_refuse_what_they_cannot_compute(ops):
                           cache.clone(), 3, 1, 1)
     with pytest.raises(RuntimeError, match="length outside the cache"):
         ops.decode_attention(torch.randn(1, 1, 1, 8), cache, cache, 5)
+    if ops.amx_supported():
+        from draftsmith.backends.formats import amx_tiles
+
+        with pytest.raises(RuntimeError, match="do not fit a packing"):
+            ops.amx_product(torch.randn(1, 2, 40), amx_tiles(torch.randn(20, 40).bfloat16()), 300)
 
 
 def bf16_llama(seed: int, monkeypatch):

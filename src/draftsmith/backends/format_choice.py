@@ -7,7 +7,7 @@ import functools
 import torch
 from transformers import PreTrainedModel
 
-from draftsmith.backends.formats import (BF16_DOT, FP16_FORMATS, GGUF_BLOCKS, GGUF_INT8, Q8_BLOCKS, QUANTIZED,
+from draftsmith.backends.formats import (BF16_AMX, BF16_DOT, FP16_FORMATS, GGUF_BLOCKS, GGUF_INT8, Q8_BLOCKS, QUANTIZED,
                                          WeightFormat, candidate_formats, has_gguf_blocks, model_fp16_holds)
 from draftsmith.backends.fused import fused_ops
 from draftsmith.backends.fused import wanted as fused_wanted
@@ -45,7 +45,7 @@ def fastest_format(weight: torch.Tensor, fp16: bool | None = None, rounds: int =
 
 # the order that decides when no candidate wins clearly: the fused kernels' formats (built for a whole step)
 # first, then FBGEMM's and oneDNN's packed products, then aten's
-FORMAT_PREFERENCE = (BF16_DOT, "fp16-fused", "fp16", "onednn", "transposed", "stored")
+FORMAT_PREFERENCE = (BF16_DOT, BF16_AMX, "fp16-fused", "fp16", "onednn", "transposed", "stored")
 
 
 def preferred_first(formats: list[WeightFormat]) -> list[WeightFormat]:
@@ -53,7 +53,7 @@ def preferred_first(formats: list[WeightFormat]) -> list[WeightFormat]:
     return sorted(formats, key=lambda f: rank.get(f.name, len(rank)))
 
 
-WEIGHT_CHOICES = ("auto", "fastest", "stored", "transposed", "onednn", *FP16_FORMATS, BF16_DOT, GGUF_BLOCKS,
+WEIGHT_CHOICES = ("auto", "fastest", "stored", "transposed", "onednn", *FP16_FORMATS, BF16_DOT, BF16_AMX, GGUF_BLOCKS,
                   GGUF_INT8, *QUANTIZED)
 
 
@@ -71,13 +71,13 @@ def choose_format(model: PreTrainedModel, weights: str = "auto", fused: bool | N
         weights = GGUF_BLOCKS  # a GGUF target loaded without a --dtype: the file's own blocks
     if weights == "auto":
         weights = "stored" if model.dtype == torch.float32 else "fastest"
-    if weights in (*QUANTIZED, *FP16_FORMATS, BF16_DOT, GGUF_BLOCKS, GGUF_INT8) and model.device.type != "cpu":
+    if weights in (*QUANTIZED, *FP16_FORMATS, BF16_DOT, BF16_AMX, GGUF_BLOCKS, GGUF_INT8) and model.device.type != "cpu":
         raise ConfigError(f"{weights} weights use CPU kernels (aten's, FBGEMM's); on {model.device.type} use "
                           "another format")
     if weights in FP16_FORMATS and not model_fp16_holds(model):
         raise ConfigError(f"{weights} weights would round this {model.dtype} model's weights (some have more significant "
                           "bits than float16 holds, or exceed its range): use another format")
-    if weights == BF16_DOT and model.dtype != torch.bfloat16:
+    if weights in (BF16_DOT, BF16_AMX) and model.dtype != torch.bfloat16:
         raise ConfigError(f"{weights} weights multiply bfloat16 weights: load the model with --dtype bfloat16")
     if weights != "fastest":
         return WeightFormat(weights)

@@ -68,13 +68,15 @@ class WeightFormat:
             return weight.to(torch.float16).contiguous()
         if self.name == BF16_DOT:
             return weight.contiguous()
+        if self.name == BF16_AMX:
+            return amx_tiles(weight), weight.shape[0]
         return weight
 
     @property
     def product(self) -> Callable[[torch.Tensor, object], torch.Tensor]:
         """`x @ W.T` for weights this format prepared: one function per format, looked up once by the layers
         that call it 121 times a step."""
-        if self.name in BLOCK_FORMATS:
+        if self.name in (*BLOCK_FORMATS, BF16_AMX):  # weights prepared as (tensor, an integer the kernel needs)
             kernel = _fused_product(self.name)
             return lambda x, weight: kernel(_cast(x, torch.float32), *weight)
         if self.name in FUSED_PRODUCTS:  # the kernel looked up here, once, not at each of a step's products
@@ -89,7 +91,7 @@ class WeightFormat:
         """Re-point the linears' weights at views of `prepared` (their fused rows, in order), so the two copies
         become one. oneDNN's packed layout and quantized weights cannot be viewed: there the model keeps its
         own weights."""
-        if self.name in ("onednn", *FP16_FORMATS, *FILE_BLOCK_FORMATS) or self.lossy:
+        if self.name in ("onednn", *FP16_FORMATS, *FILE_BLOCK_FORMATS, BF16_AMX) or self.lossy:
             return
         rows = prepared if self.name in ("stored", BF16_DOT) else prepared.t()
         offset = 0
@@ -132,6 +134,10 @@ FP16_FORMATS = ("fp16", "fp16-fused")
 # bfloat16 weights as stored, multiplied by the fused kernels' AVX512-BF16 dot products: float32 activations
 # rounded to bfloat16 inside the product (as bfloat16 products round them), float32 sums, float32 out
 BF16_DOT = "bf16-fused"
+# the same bfloat16 weights packed for AMX tiles (Intel CPUs since Sapphire Rapids), multiplied by the fused
+# kernels' tile products: float32 activations rounded to bfloat16, float32 sums, float32 out, batch-invariant;
+# up to 16 rows cost what one does, so a tree's verification costs about a one-token step
+BF16_AMX = "bf16-amx"
 # a GGUF file's Q4_0 / Q4_1 / Q8_0 blocks as stored (float16 scales and minimums, 4.5-8.5 bits a weight),
 # multiplied by the fused kernels' block products: float32 activations and sums, batch-invariant
 GGUF_BLOCKS = "gguf"
@@ -143,9 +149,10 @@ Q8_BLOCKS = "q8_0"
 GGUF_INT8 = "gguf-int8"
 FILE_BLOCK_FORMATS = (GGUF_BLOCKS, GGUF_INT8)  # formats that multiply a GGUF file's own blocks
 BLOCK_FORMATS = (*FILE_BLOCK_FORMATS, Q8_BLOCKS)
-FUSED_PRODUCTS = {"fp16-fused": "half_product", BF16_DOT: "bf16_product", GGUF_BLOCKS: "block_product",
+FUSED_PRODUCTS = {"fp16-fused": "half_product", BF16_DOT: "bf16_product", BF16_AMX: "amx_product",
+                  GGUF_BLOCKS: "block_product",
                   GGUF_INT8: "block_product_int8", Q8_BLOCKS: "block_product"}
-FLOAT_PRODUCT_FORMATS = (*FP16_FORMATS, BF16_DOT, *BLOCK_FORMATS)  # formats whose products take and give float32
+FLOAT_PRODUCT_FORMATS = (*FP16_FORMATS, BF16_DOT, BF16_AMX, *BLOCK_FORMATS)  # formats whose products take and give float32
 
 
 def has_gguf_blocks(model: PreTrainedModel) -> bool:
@@ -193,6 +200,9 @@ def _fused_product(name: str):
     if name == BF16_DOT and not ops.bf16_dot_supported():
         raise ConfigError(f"{name} weights need a CPU with AVX512-BF16 dot products, which this one lacks: use "
                           "--weights fp16")
+    if name == BF16_AMX and not ops.amx_supported():
+        raise ConfigError(f"{name} weights need a CPU with AMX tiles (Intel, since Sapphire Rapids), which this one "
+                          "lacks: use --weights bf16-fused or fp16")
     return getattr(ops, FUSED_PRODUCTS[name])
 
 
@@ -203,6 +213,24 @@ def bf16_dot_available(device: torch.device, fused: bool | None = None) -> bool:
         return False
     ops = fused_ops()
     return ops is not None and ops.bf16_dot_supported()
+
+
+def amx_available(device: torch.device, fused: bool | None = None) -> bool:
+    """Whether `bf16-amx` products can run here: on CPU, the fused kernels wanted and built for a CPU with AMX
+    tiles, which the OS lets this process use."""
+    if not fused_wanted(device, fused):
+        return False
+    ops = fused_ops()
+    return ops is not None and ops.amx_supported()
+
+
+def amx_tiles(weight: torch.Tensor) -> torch.Tensor:
+    """bfloat16 weights [out, in] as the AMX product reads them: [out / 16, in / 32, 16, 32], per block of 16
+    outputs and 32 inputs the 16 input pairs x 16 outputs x 2 (zero-padded to whole tiles: zeros add nothing)."""
+    out, size = weight.shape
+    padded = F.pad(weight.detach().to(torch.bfloat16), (0, -size % 32, 0, -out % 16))
+    blocks, depth = padded.shape[0] // 16, padded.shape[1] // 32
+    return padded.view(blocks, 16, depth, 16, 2).permute(0, 2, 3, 1, 4).contiguous().view(blocks, depth, 16, 32)
 
 
 INT4_GROUP = 32  # weights per scale and zero point, as in llama.cpp's Q4_1 blocks
@@ -289,6 +317,8 @@ def candidate_formats(weight: torch.Tensor, fp16: bool | None = None, fused: boo
     # cannot see what they save; see fastest_step_format)
     if weight.dtype == torch.bfloat16 and fused is not False and bf16_dot_available(weight.device, fused):
         names.append(BF16_DOT)
+    if weight.dtype == torch.bfloat16 and fused is not False and amx_available(weight.device, fused):
+        names.append(BF16_AMX)
     return [WeightFormat(name) for name in names]
 
 

@@ -7,6 +7,8 @@
 
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 #include <algorithm>
@@ -483,6 +485,86 @@ at::Tensor bf16_product(const at::Tensor& x_in, const at::Tensor& w) {
 }
 
 
+// x @ w.T for float32 rows x [..., in] and bfloat16 weights packed for AMX tiles ([out / 16, in / 32, 16, 32]:
+// per block of 16 outputs and 32 inputs, the 16 input pairs x 16 outputs x 2 that TDPBF16PS reads; zero-padded
+// to whole tiles). x is rounded to bfloat16 once, as bf16_product rounds it. A tile product costs the same for 1
+// and 16 rows, so up to 16 rows cost what one does while the weights stream from memory: a tree's verification at
+// a one-token step's price where the CPU has AMX. Each output sums its input blocks in order, one tile at a time,
+// whatever the number of rows: a verification gives the one-token step's numbers bit for bit.
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define DRAFTSMITH_AMX 1
+constexpr int64_t kAmxRows = 16, kAmxCols = 16, kAmxDepth = 32;
+
+struct AmxTileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+bool amx_permitted() {
+  // Linux hands out the tiles' register state only to a process that asks for it (oneDNN asks the same way)
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+  return ok;
+}
+#else
+bool amx_permitted() { return false; }
+#endif
+
+bool amx_supported() { return amx_permitted(); }
+
+at::Tensor amx_product(const at::Tensor& x_in, const at::Tensor& packed, int64_t features) {
+  TORCH_CHECK(amx_permitted(), "amx_product: these kernels were built for a CPU without AMX, or the OS refused its tiles");
+  at::Tensor x = x_in.contiguous();
+  check_float_contiguous(x, "amx_product");
+  TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kBFloat16 && packed.is_contiguous() &&
+                  packed.dim() == 4 && packed.size(2) == 16 && packed.size(3) == 32,
+              "amx_product weight: a contiguous BFloat16 CPU tensor [out/16, in/32, 16, 32] is needed (amx_pack)");
+  const int64_t in = x.size(-1), rows = x.numel() / in, blocks = packed.size(0), depth = packed.size(1);
+  TORCH_CHECK(depth * 32 >= in && depth * 32 < in + 32 && blocks * 16 >= features && blocks * 16 < features + 16,
+              "amx_product: input size ", in, " and ", features, " outputs do not fit a packing of ", blocks,
+              " x ", depth, " tiles");
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = features;
+  at::Tensor out = at::empty(shape, x.options());
+#if defined(DRAFTSMITH_AMX)
+  const int64_t width = depth * kAmxDepth, padded_rows = (rows + kAmxRows - 1) / kAmxRows * kAmxRows;
+  std::vector<uint16_t> xb(padded_rows * width, 0);  // rows rounded to bf16, zero past the input and the rows
+  const float* px = x.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) round_to_bf16(px + r * in, xb.data() + r * width, in);
+  const uint16_t* pw = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
+  float* po = out.data_ptr<float>();
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    AmxTileConfig config;
+    for (int t = 0; t < 3; ++t) {  // tile 0: sums, 1: rows, 2: weights; 16 rows of 64 bytes each
+      config.colsb[t] = 64;
+      config.rows[t] = 16;
+    }
+    _tile_loadconfig(&config);
+    alignas(64) float sums[kAmxRows * kAmxCols];
+    for (int64_t block = begin; block < end; ++block) {
+      const uint16_t* weights = pw + block * depth * kAmxRows * kAmxDepth;
+      const int64_t columns = std::min<int64_t>(kAmxCols, features - block * kAmxCols);
+      for (int64_t r0 = 0; r0 < rows; r0 += kAmxRows) {
+        _tile_zero(0);
+        for (int64_t k = 0; k < depth; ++k) {
+          _tile_loadd(1, xb.data() + r0 * width + k * kAmxDepth, width * 2);
+          _tile_loadd(2, weights + k * kAmxRows * kAmxDepth, 64);
+          _tile_dpbf16ps(0, 1, 2);
+        }
+        _tile_stored(0, sums, 64);
+        for (int64_t r = 0; r < std::min<int64_t>(kAmxRows, rows - r0); ++r)
+          std::memcpy(po + (r0 + r) * features + block * kAmxCols, sums + r * kAmxCols, columns * sizeof(float));
+      }
+    }
+    _tile_release();
+  });
+#endif
+  return out;
+}
+
+
 // x @ W.T for float32 rows x [..., in] and weights W [out, in] kept as GGML blocks of 32 (uint8 [out, in / 32 *
 // block bytes], as llama.cpp's files store them): Q4_0 d * (q - 8), Q4_1 d * q + m, Q8_0 d * q, with d and m the
 // block's own float16 scale and minimum. Each block is unpacked to float32 once and multiplied into every row
@@ -822,6 +904,8 @@ TORCH_LIBRARY(draftsmith_fused, m) {
   m.def("half_product(Tensor x, Tensor weight) -> Tensor", &half_product);
   m.def("bf16_product(Tensor x, Tensor weight) -> Tensor", &bf16_product);
   m.def("bf16_dot_supported() -> bool", &bf16_dot_supported);
+  m.def("amx_product(Tensor x, Tensor packed, int features) -> Tensor", &amx_product);
+  m.def("amx_supported() -> bool", &amx_supported);
   m.def("block_product(Tensor x, Tensor blocks, int qtype) -> Tensor", &block_product);
   m.def("block_product_int8(Tensor x, Tensor blocks, int qtype) -> Tensor", &block_product_int8);
   m.def("vector_isa() -> str", &vector_isa);
