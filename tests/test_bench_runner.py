@@ -103,8 +103,10 @@ def test_report_files(result):
     for key in ("model", "device", "dtype", "torch", "transformers", "cpu", "command", "date", "peak_memory"):
         assert meta[key], key
     assert meta["baseline"] == meta["reference"] == "hf-greedy" and meta["warmup_prompt"] == "m.py:0"
+    # which weight format each lean method ran (timed per machine): named in the report, HF's methods have none
+    assert set(meta["weight_formats"]) == {"plain", "ngram:k=4"} and all(meta["weight_formats"].values())
     md = paths["markdown"].read_text()
-    assert "| ngram:k=4 | 3 |" in md and "Peak MB:" in md
+    assert "| ngram:k=4 | 3 |" in md and "Peak MB:" in md and "Weight formats" in md
     for name in ("speedup", "tau", "tokens_per_s"):
         assert paths[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

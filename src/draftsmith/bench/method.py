@@ -23,6 +23,7 @@ class Method:
     name: str
     generate: Callable[[list[int]], Output]
     compile_s: float | None = None  # seconds torch.compile took before the run, for compiled methods
+    weight_format: str | None = None  # the lean forward's weight format (timed per machine: the report says it)
     close: Callable[[], None] | None = None  # releases what the method holds outside this process (a server)
     select: Callable[[str], None] | None = None  # told each task's id before its call (a per-domain method)
 

@@ -106,7 +106,8 @@ def _engine_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int, s
         seconds = time.perf_counter() - start
         return Output(result.tokens, seconds, result.stats.target_steps, result.stats)
 
-    return Method(spec.name, generate, engine.runner.compile_s)
+    weights = getattr(engine.runner.lm, "weights", None)  # the lean forward's; other backends have none
+    return Method(spec.name, generate, engine.runner.compile_s, weight_format=getattr(weights, "name", None))
 
 
 def _hf_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int) -> Method:
@@ -277,6 +278,9 @@ def report_notes(metadata: dict[str, Any]) -> str:
                   "agreement is not 100% even for lossless methods: a forward over several tokens (a verified "
                   "draft) and each kernel round differently from one-token steps, a near-tie between two "
                   "tokens can flip, and the texts part from there; float32 shows the method itself is exact.")
+    if metadata.get("weight_formats"):
+        formats = ", ".join(f"{name} {fmt}" for name, fmt in metadata["weight_formats"].items())
+        notes += f" Weight formats (the lean forward's; timed once per machine unless named): {formats}."
     if metadata.get("compile_seconds"):
         compiled = ", ".join(f"{name} {s:.0f} s" for name, s in metadata["compile_seconds"].items())
         notes += f" torch.compile time before the run (not in tok/s): {compiled}."
@@ -462,6 +466,7 @@ def run_bench(
                             sandbox=sorted({r.sandbox for r in records if r.sandbox}),
                             read_bandwidth_gb_s=bandwidth, weight_read_floor=floors,
                             compile_seconds={m.name: m.compile_s for m in methods if m.compile_s is not None},
+                            weight_formats={m.name: m.weight_format for m in methods if m.weight_format},
                             failed_methods=failures)
     notes = report_notes(metadata)
     out = Path(config.out or f"bench-results/{datetime.now():%Y%m%d-%H%M%S}")
