@@ -274,3 +274,16 @@ def test_bench_report_recomputes_a_run_against_another_baseline(result, tmp_path
         proc = subprocess.run([sys.executable, "-m", "draftsmith.cli", "bench-report", *args],
                               capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "300"})
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_method_at_another_dtype_does_not_run_the_gguf_files_blocks(target):
+    """`plain@bf16` beside a 4-bit GGUF target runs bf16 weights, as --dtype bfloat16 would, not the file's blocks
+    (the copy keeps the blocks' tensors, and once kept the default that multiplies them)."""
+    from draftsmith.bench.runner import cast
+
+    target.model.gguf_blocks_default = True
+    try:
+        copy = cast(target, "bfloat16")
+    finally:
+        del target.model.gguf_blocks_default
+    assert copy.model.dtype == torch.bfloat16 and copy.model.gguf_blocks_default is False

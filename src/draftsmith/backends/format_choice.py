@@ -7,8 +7,9 @@ import functools
 import torch
 from transformers import PreTrainedModel
 
-from draftsmith.backends.formats import (BF16_AMX, BF16_DOT, FP16_FORMATS, GGUF_BLOCKS, GGUF_INT8, Q8_BLOCKS, QUANTIZED,
-                                         WeightFormat, candidate_formats, has_gguf_blocks, model_fp16_holds)
+from draftsmith.backends.formats import (BF16_AMX, BF16_DOT, FP16_FORMATS, GGUF_BLOCKS, GGUF_INT8, Q8_BLOCKS,
+                                         QUANTIZED, WeightFormat, candidate_formats, has_gguf_blocks,
+                                         model_fp16_holds)
 from draftsmith.backends.fused import fused_ops
 from draftsmith.backends.fused import wanted as fused_wanted
 from draftsmith.backends.layers import LeanLayers, lean_layer, rope_tables
@@ -53,8 +54,8 @@ def preferred_first(formats: list[WeightFormat]) -> list[WeightFormat]:
     return sorted(formats, key=lambda f: rank.get(f.name, len(rank)))
 
 
-WEIGHT_CHOICES = ("auto", "fastest", "stored", "transposed", "onednn", *FP16_FORMATS, BF16_DOT, BF16_AMX, GGUF_BLOCKS,
-                  GGUF_INT8, *QUANTIZED)
+WEIGHT_CHOICES = ("auto", "fastest", "stored", "transposed", "onednn", *FP16_FORMATS, BF16_DOT, BF16_AMX,
+                  GGUF_BLOCKS, GGUF_INT8, *QUANTIZED)
 
 
 def choose_format(model: PreTrainedModel, weights: str = "auto", fused: bool | None = None) -> WeightFormat:
@@ -71,7 +72,8 @@ def choose_format(model: PreTrainedModel, weights: str = "auto", fused: bool | N
         weights = GGUF_BLOCKS  # a GGUF target loaded without a --dtype: the file's own blocks
     if weights == "auto":
         weights = "stored" if model.dtype == torch.float32 else "fastest"
-    if weights in (*QUANTIZED, *FP16_FORMATS, BF16_DOT, BF16_AMX, GGUF_BLOCKS, GGUF_INT8) and model.device.type != "cpu":
+    cpu_only = (*QUANTIZED, *FP16_FORMATS, BF16_DOT, BF16_AMX, GGUF_BLOCKS, GGUF_INT8)
+    if weights in cpu_only and model.device.type != "cpu":
         raise ConfigError(f"{weights} weights use CPU kernels (aten's, FBGEMM's); on {model.device.type} use "
                           "another format")
     if weights in FP16_FORMATS and not model_fp16_holds(model):

@@ -150,9 +150,9 @@ GGUF_INT8 = "gguf-int8"
 FILE_BLOCK_FORMATS = (GGUF_BLOCKS, GGUF_INT8)  # formats that multiply a GGUF file's own blocks
 BLOCK_FORMATS = (*FILE_BLOCK_FORMATS, Q8_BLOCKS)
 FUSED_PRODUCTS = {"fp16-fused": "half_product", BF16_DOT: "bf16_product", BF16_AMX: "amx_product",
-                  GGUF_BLOCKS: "block_product",
-                  GGUF_INT8: "block_product_int8", Q8_BLOCKS: "block_product"}
-FLOAT_PRODUCT_FORMATS = (*FP16_FORMATS, BF16_DOT, BF16_AMX, *BLOCK_FORMATS)  # formats whose products take and give float32
+                  GGUF_BLOCKS: "block_product", GGUF_INT8: "block_product_int8", Q8_BLOCKS: "block_product"}
+# formats whose products take and give float32
+FLOAT_PRODUCT_FORMATS = (*FP16_FORMATS, BF16_DOT, BF16_AMX, *BLOCK_FORMATS)
 
 
 def has_gguf_blocks(model: PreTrainedModel) -> bool:
@@ -206,22 +206,23 @@ def _fused_product(name: str):
     return getattr(ops, FUSED_PRODUCTS[name])
 
 
-def bf16_dot_available(device: torch.device, fused: bool | None = None) -> bool:
-    """Whether `bf16-fused` products can run here: on CPU, the fused kernels wanted and built, for a CPU with
-    AVX512-BF16 dot products."""
+def _kernel_available(device: torch.device, fused: bool | None, supported: str) -> bool:
+    """Whether a fused kernel can run here: on CPU, the fused kernels wanted and built, and `supported` (the
+    build's own check of this CPU) true."""
     if not fused_wanted(device, fused):
         return False
     ops = fused_ops()
-    return ops is not None and ops.bf16_dot_supported()
+    return ops is not None and getattr(ops, supported)()
+
+
+def bf16_dot_available(device: torch.device, fused: bool | None = None) -> bool:
+    """Whether `bf16-fused` products can run here: a CPU with AVX512-BF16 dot products."""
+    return _kernel_available(device, fused, "bf16_dot_supported")
 
 
 def amx_available(device: torch.device, fused: bool | None = None) -> bool:
-    """Whether `bf16-amx` products can run here: on CPU, the fused kernels wanted and built for a CPU with AMX
-    tiles, which the OS lets this process use."""
-    if not fused_wanted(device, fused):
-        return False
-    ops = fused_ops()
-    return ops is not None and ops.amx_supported()
+    """Whether `bf16-amx` products can run here: a CPU with AMX tiles, which the OS lets this process use."""
+    return _kernel_available(device, fused, "amx_supported")
 
 
 def amx_tiles(weight: torch.Tensor) -> torch.Tensor:

@@ -369,6 +369,8 @@ def cast(target: LoadedModel, dtype: str) -> LoadedModel:
     import copy
 
     model = copy.deepcopy(target.model).to(getattr(torch, dtype))
+    # a dtype asked for runs in it, as `--dtype` does at load: not the GGUF file's blocks the copy still holds
+    model.gguf_blocks_default = False
     return LoadedModel(model=model, tokenizer=target.tokenizer, name=f"{target.name}@{dtype}")
 
 

@@ -515,7 +515,8 @@ bool amx_permitted() { return false; }
 bool amx_supported() { return amx_permitted(); }
 
 at::Tensor amx_product(const at::Tensor& x_in, const at::Tensor& packed, int64_t features) {
-  TORCH_CHECK(amx_permitted(), "amx_product: these kernels were built for a CPU without AMX, or the OS refused its tiles");
+  TORCH_CHECK(amx_permitted(),
+              "amx_product: these kernels were built for a CPU without AMX, or the OS refused its tiles");
   at::Tensor x = x_in.contiguous();
   check_float_contiguous(x, "amx_product");
   TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kBFloat16 && packed.is_contiguous() &&
