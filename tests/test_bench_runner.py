@@ -277,8 +277,9 @@ def test_bench_report_recomputes_a_run_against_another_baseline(result, tmp_path
 
 
 def test_a_method_at_another_dtype_does_not_run_the_gguf_files_blocks(target):
-    """`plain@bf16` beside a 4-bit GGUF target runs bf16 weights, as --dtype bfloat16 would, not the file's blocks
-    (the copy keeps the blocks' tensors, and once kept the default that multiplies them)."""
+    """A method at another dtype than the run's (`plain@fp32` beside a 4-bit GGUF target) runs that dtype's
+    weights, as --dtype would, not the file's blocks (the copy keeps the blocks' tensors, and once kept the
+    default that multiplies them)."""
     from draftsmith.bench.runner import cast
 
     target.model.gguf_blocks_default = True

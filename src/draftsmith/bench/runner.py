@@ -370,6 +370,7 @@ def cast(target: LoadedModel, dtype: str) -> LoadedModel:
 
     model = copy.deepcopy(target.model).to(getattr(torch, dtype))
     # a dtype asked for runs in it, as `--dtype` does at load: not the GGUF file's blocks the copy still holds
+    # (a 4-bit target's own dtype is bfloat16: `@bf16` names the run's target; `weights=fastest` its bf16 weights)
     model.gguf_blocks_default = False
     return LoadedModel(model=model, tokenizer=target.tokenizer, name=f"{target.name}@{dtype}")
 
