@@ -16,6 +16,7 @@ from draftsmith.drafters.eagle3 import Eagle3Drafter
 from draftsmith.engine import GenerationConfig, SpecEngine
 from draftsmith.errors import IncompatibleDrafterError
 from draftsmith.heads import Eagle3Head, HeadConfig, load_head, save_head
+from test_cuda_graphs import replayed
 from tiny_models import hf_greedy, tiny_llama
 
 FLAT = CostCurve([1, 64], [1.0, 1.0])
@@ -65,10 +66,7 @@ def test_both_backends_return_the_inputs_of_the_heads_layers(target, lean):
 def test_replayed_steps_return_the_heads_layers_also_after_a_capture_without_them(target):
     """A captured step (its body replayed eagerly on CPU) returns the three layers' inputs, as the eager forward
     does; a bucket captured before a drafter asked for them is not reused for them."""
-    from draftsmith.backends.cuda_graphs import CapturedSteps, run_eagerly
-
-    eager, captured = LeanLlama(target), LeanLlama(target)
-    captured.graphs = CapturedSteps(captured, capture=run_eagerly)
+    eager, captured = LeanLlama(target), replayed(LeanLlama(target))
     for lm in (eager, captured):
         lm.reset(64)
         lm.forward(PROMPTS[0], last_only=True)
@@ -82,10 +80,8 @@ def test_replayed_steps_return_the_heads_layers_also_after_a_capture_without_the
 
 
 def test_eagle3_drafting_on_replayed_steps_is_exact(target):
-    from draftsmith.backends.cuda_graphs import CapturedSteps, run_eagerly
-
     engine = SpecEngine(target, eagle3(target, depth=4, top_k=3))
-    engine.runner.lm.graphs = CapturedSteps(engine.runner.lm, capture=run_eagerly)
+    replayed(engine.runner.lm)
     for prompt in PROMPTS:
         result = engine.generate(prompt, GenerationConfig(max_new_tokens=NEW, k=24))
         assert result.tokens == hf_greedy(target, prompt, NEW), prompt
