@@ -40,8 +40,16 @@ def test_rms_norms_equal_torchs(ops):
 
 def test_silu_mul_is_the_mlp_gate(ops):
     gate_up = torch.randn(1, 5, 2 * 48) * 4
+    gate_up[0, 0, :6] = torch.tensor([0.0, -0.0, 100.0, -100.0, 1e4, -1e4])  # the sigmoid's ends and its middle
     gate, up = gate_up.chunk(2, dim=-1)
     torch.testing.assert_close(ops.silu_mul(gate_up), F.silu(gate) * up)
+
+
+def test_silu_mul_gives_each_row_the_same_numbers_whatever_the_rows_beside_it(ops):
+    """A verification's MLP rows must equal the one-token step's, bit for bit."""
+    gate_up = torch.randn(9, 2 * 200) * 6
+    alone = torch.cat([ops.silu_mul(row[None]) for row in gate_up])
+    assert torch.equal(ops.silu_mul(gate_up), alone)
 
 
 def test_rope_write_kv_rotates_like_the_eager_forward_and_writes_only_its_slots(ops):
@@ -73,12 +81,14 @@ def test_decode_attention_equals_sdpa_over_the_cached_prefix(ops, length):
     torch.testing.assert_close(ops.decode_attention(q, k_cache, v_cache, length), expected, rtol=2e-5, atol=2e-6)
 
 
-def test_tree_attention_is_sdpa_under_the_mask_and_each_query_gets_its_one_token_steps_bits(ops):
+@pytest.mark.parametrize("heads, kv_heads, d", [(6, 2, 64), (9, 3, 32), (10, 2, 64), (8, 1, 128), (6, 3, 48)])
+def test_tree_attention_is_sdpa_under_the_mask_and_each_query_gets_its_one_token_steps_bits(ops, heads, kv_heads, d):
     """Each query of a verification attends to exactly its allowed entries; one whose allowed entries are the
     cache up to its own slot (a chain's, an accepted path's) gets decode_attention's output at that length bit
-    for bit: the step that accepts a draft token computes what a one-token step would have."""
+    for bit: the step that accepts a draft token computes what a one-token step would have. Head sizes with
+    registers-wide kernels (32, 64, 128) and without (48); groups within one pass over the values and beyond."""
     torch.manual_seed(3)
-    heads, kv_heads, d, start, n = 6, 2, 64, 37, 5
+    start, n = 37, 5
     k_cache, v_cache = torch.randn(kv_heads, 64, d), torch.randn(kv_heads, 64, d)
     q = torch.randn(1, heads, n, d)
     tree = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 0, 1, 1, 0], [1, 1, 0, 0, 1]],

@@ -136,7 +136,7 @@ class LeanLayers:
             keys, values = self.k_cache[i : i + 1, :, :end], self.v_cache[i : i + 1, :, :end]
             attn = self._attention(q, keys, values, mask, causal)
         out = self._mm(attn.transpose(1, 2).reshape(1, n, self.n_heads * self.head_dim), w["wo"])
-        x, h = ops.add_rms_norm(x, out if w["bo"] is None else out + w["bo"], w["mlp_norm"], self.eps)
+        x, h = ops.add_rms_norm(self.residual(x), out if w["bo"] is None else out + w["bo"], w["mlp_norm"], self.eps)
         return x + self._mm(ops.silu_mul(self._mm(h, w["w_gate_up"])), w["w_down"])
 
     def write_kv(self, i: int, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor
@@ -175,9 +175,13 @@ class LeanLayers:
         qkv = self._mm(self.norm(x, w["attn_norm"]), w["wqkv"])
         return qkv if w["bqkv"] is None else qkv + w["bqkv"]
 
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        """The part of a layer's input that its attention output is added to: all of it in a Llama layer."""
+        return x
+
     def mix(self, i: int, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """The rest of layer i after attention ([1, heads, n, d]): output projection, residual, MLP."""
-        w, n = self.layers[i], x.shape[1]
+        w, n, x = self.layers[i], x.shape[1], self.residual(x)
         out = self._mm(attn.transpose(1, 2).reshape(1, n, self.n_heads * self.head_dim), w["wo"])
         x = x + _cast(out if w["bo"] is None else out + w["bo"], x.dtype)
         gate, up = self._mm(self.norm(x, w["mlp_norm"]), w["w_gate_up"]).chunk(2, dim=-1)

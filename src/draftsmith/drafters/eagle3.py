@@ -20,19 +20,15 @@ from draftsmith.heads import Eagle3Head
 
 class Eagle3Layers(LeanLayers):
     """EAGLE-3's decoder layer over the lean cache. Its input x is [embedding ; feature] ([1, n, 2H]): queries,
-    keys and values read both halves, each normed by its own weight, and the feature half is the residual. Run
-    without the fused kernels, whose layer assumes one stream."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **{**kwargs, "fused": False})
+    keys and values read both halves, each normed by its own weight, and the feature half is the residual."""
 
     def _qkv_rows(self, i: int, x: torch.Tensor) -> torch.Tensor:
         w, half = self.layers[i], x.shape[-1] // 2
         pair = torch.cat([self.norm(x[..., :half], w["attn_norm"]), self.norm(x[..., half:], w["hidden_norm"])], dim=-1)
         return self._mm(pair, w["wqkv"])
 
-    def mix(self, i: int, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        return super().mix(i, x[..., x.shape[-1] // 2 :], attn)
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        return x[..., x.shape[-1] // 2 :]
 
 
 class Eagle3Drafter(EagleDrafter):

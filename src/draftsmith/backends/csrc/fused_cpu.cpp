@@ -26,22 +26,55 @@ void check_float_contiguous(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_contiguous(), name, ": a contiguous tensor is needed");
 }
 
-// exp(x) for x <= 0 (softmax scores after subtracting their maximum), written so that the compiler vectorizes a
-// loop of it (std::exp does not vectorize without -ffast-math, which would change the whole process's float
-// modes): 2^(x log2 e) as a power of two times the Taylor polynomial of 2^f for |f| <= 1/2. Relative error: ~1e-6
-// for x >= -20, up to 4e-6 at -87, from rounding x log2 e to float (the test checks it against torch.exp).
-inline float exp_nonpositive(float x) {
-  const float t = std::max(x, -87.0f) * 1.44269504088896341f;
-  const float whole = std::floor(t + 0.5f), f = t - whole;
-  float p = 1.5403530393381606e-4f;
+// 16 floats as one value (GCC's vector extension: one AVX-512 register, two AVX2 ones, any instruction set)
+constexpr int kLanes = 16;
+typedef float Lanes16 __attribute__((vector_size(64)));
+typedef int32_t Ints16 __attribute__((vector_size(64)));
+typedef float Lanes8 __attribute__((vector_size(32)));
+typedef float Lanes4 __attribute__((vector_size(16)));
+
+inline Lanes16 load16(const float* p) {
+  Lanes16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// the first n (< 16) floats at p, zeros after them
+inline Lanes16 load_partial16(const float* p, int64_t n) {
+  if (n == kLanes) return load16(p);
+  Lanes16 v = {};
+  std::memcpy(&v, p, n * sizeof(float));
+  return v;
+}
+
+// the first n (<= 16) lanes of v to p
+inline void store_partial16(float* p, const Lanes16& v, int64_t n) {
+  if (n == kLanes)
+    std::memcpy(p, &v, sizeof v);
+  else
+    std::memcpy(p, &v, n * sizeof(float));
+}
+
+// exp(x) for x <= 0, 16 lanes at a time (std::exp does not vectorize without -ffast-math, which would change the
+// whole process's float modes): 2^(x log2 e) as a power of two times the Taylor polynomial of 2^f for |f| <= 1/2.
+// Relative error: ~1e-6 for x >= -20, up to 4e-6 at -87, from rounding x log2 e to float (the test checks it
+// against torch.exp). Every caller feeds whole vectors (tails zero-padded): a lane's value never depends on
+// where it sits.
+inline Lanes16 exp_nonpositive(Lanes16 x) {
+  const Lanes16 t = (x > -87.0f ? x : Lanes16{} - 87.0f) * 1.44269504088896341f;
+  const Lanes16 y = t + 0.5f;
+  Lanes16 whole = __builtin_convertvector(__builtin_convertvector(y, Ints16), Lanes16);  // toward zero
+  whole = whole > y ? whole - 1.0f : whole;  // floor(y)
+  const Lanes16 f = t - whole;
+  Lanes16 p = Lanes16{} + 1.5403530393381606e-4f;
   p = p * f + 1.3333558146428443e-3f;
   p = p * f + 9.6181291076284772e-3f;
   p = p * f + 5.5504108664821580e-2f;
   p = p * f + 2.4022650695910071e-1f;
   p = p * f + 6.9314718055994531e-1f;
   p = p * f + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(whole) + 127) << 23;
-  float scale;
+  const Ints16 bits = (__builtin_convertvector(whole, Ints16) + 127) << 23;
+  Lanes16 scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return p * scale;
 }
@@ -104,8 +137,14 @@ at::Tensor silu_mul(const at::Tensor& gate_up_in) {
   for (int64_t r = 0; r < rows; ++r) {
     const float *g = pg + 2 * r * width, *u = g + width;
     float* o = po + r * width;
-#pragma omp simd
-    for (int64_t i = 0; i < width; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+    for (int64_t i = 0; i < width; i += kLanes) {
+      const int64_t count = std::min<int64_t>(kLanes, width - i);
+      const Lanes16 gate = load_partial16(g + i, count), up = load_partial16(u + i, count);
+      // the sigmoid through the exponential of -|gate| (at most 1)
+      const Lanes16 e = exp_nonpositive(gate < 0.f ? gate : -gate);
+      const Lanes16 silu = gate * ((gate >= 0.f ? Lanes16{} + 1.0f : e) / (1.0f + e));
+      store_partial16(o + i, silu * up, count);
+    }
   }
   return out;
 }
@@ -150,17 +189,6 @@ at::Tensor rope_write_kv(const at::Tensor& qkv_in, const at::Tensor& cos_in, con
 // Sums in a fixed order (16 running partial sums, then those in turn), not the order a vectorizer picks for a
 // reduction (which may depend on the data's alignment): attention over the same keys gives the same bits in a
 // one-token step and in a verification, where the queries sit elsewhere in memory.
-constexpr int kLanes = 16;
-typedef float Lanes16 __attribute__((vector_size(64)));  // GCC's vector extension: 16 floats, any instruction set
-typedef float Lanes8 __attribute__((vector_size(32)));
-typedef float Lanes4 __attribute__((vector_size(16)));
-
-inline Lanes16 load16(const float* p) {
-  Lanes16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
 // lanes l + (l + 8), then + 4, 2, 1: four dependent adds, not fifteen, in an order fixed by the source
 inline float fold_lanes(Lanes16 v) {
   const Lanes8 eight = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
@@ -171,14 +199,6 @@ inline float fold_lanes(Lanes16 v) {
   return two[0] + two[1];
 }
 
-inline float sum_fixed(const float* a, int64_t n) {
-  Lanes16 lanes = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) lanes += load16(a + i);
-  for (int l = 0; i < n; ++i, ++l) lanes[l] += a[i];
-  return fold_lanes(lanes);
-}
-
 inline float dot_fixed(const float* a, const float* b, int64_t n) {
   Lanes16 lanes = {};
   int64_t i = 0;
@@ -187,43 +207,112 @@ inline float dot_fixed(const float* a, const float* b, int64_t n) {
   return fold_lanes(lanes);
 }
 
+// 16 lane vectors folded at once: lane i of the result is fold_lanes(v[i]) bit for bit (the same pairs added
+// in the same order: l + (l + 8), then + 4, 2, 1), in 15 shuffled adds instead of 16 separate folds.
+inline Lanes16 fold16(const Lanes16* v) {
+  Lanes16 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)  // a[i]: keys 2i, 2i + 1, 8 lanes each
+    a[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int i = 0; i < 4; ++i)  // b[i]: keys 4i .. 4i + 3, 4 lanes each
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  for (int i = 0; i < 2; ++i)  // c[i]: keys 8i .. 8i + 7, 2 lanes each
+    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  return __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+// A row of m scores to softmax probabilities, in place, in float32: its maximum, exponentials of the differences
+// and their sum, 16 lanes at a time in a fixed order (zero-padded tail).
+inline void softmax_row(float* row, int64_t m) {
+  Lanes16 top = Lanes16{} + row[0];  // a tail is padded with row[0]: the maximum stays the row's
+  for (int64_t j = 0; j < m; j += kLanes) {
+    Lanes16 v = top;
+    if (j + kLanes <= m) v = load16(row + j); else std::memcpy(&v, row + j, (m - j) * sizeof(float));
+    top = v > top ? v : top;
+  }
+  float best = top[0];
+  for (int l = 1; l < kLanes; ++l) best = std::max(best, top[l]);
+  Lanes16 sums = {};
+  for (int64_t j = 0; j < m; j += kLanes) {
+    const int64_t count = std::min<int64_t>(kLanes, m - j);
+    Lanes16 e = exp_nonpositive(load_partial16(row + j, count) - best);
+    for (int64_t l = count; l < kLanes; ++l) e[l] = 0.f;
+    sums += e;
+    store_partial16(row + j, e, count);
+  }
+  const float inverse = 1.0f / fold_lanes(sums);
+  for (int64_t j = 0; j < m; ++j) row[j] *= inverse;
+}
 // The `group` query heads sharing one kv head (rows of q, `q_stride` apart) over the keys and values at rows
 // index[0..m) of kh / vh [capacity, d] (index null: rows 0..m): float32 softmax, the output rows (`o_stride`
-// apart) overwritten. One function, not inlined, for both kernels below, so both compute alike.
+// apart) overwritten. One function for both kernels below, so both compute alike: each score and each output
+// element gets the same operations in the same order whatever m, the index or where the query sits. Head sizes
+// of 32, 64 and 128 keep a key's or value's chunks in registers (CHUNKS of 16); others go lane by lane.
+template <int CHUNKS>
+__attribute__((noinline)) void attend_group_vector(const float* q, int64_t q_stride, const float* kh,
+                                                   const float* vh, const int64_t* index, int64_t m, int64_t group,
+                                                   float scale, float* scores, float* out, int64_t o_stride) {
+  constexpr int64_t d = CHUNKS * kLanes;
+  Lanes16 lanes[kLanes];
+  for (int64_t g = 0; g < group; ++g) {  // scores of 16 keys at a time, each key's lanes as dot_fixed sums them
+    Lanes16 query[CHUNKS];
+    for (int c = 0; c < CHUNKS; ++c) query[c] = load16(q + g * q_stride + c * kLanes);
+    for (int64_t j0 = 0; j0 < m; j0 += kLanes) {
+      const int64_t count = std::min<int64_t>(kLanes, m - j0);
+      for (int64_t jj = 0; jj < kLanes; ++jj) {
+        lanes[jj] = Lanes16{};
+        if (jj >= count) continue;
+        const float* k = kh + (index ? index[j0 + jj] : j0 + jj) * d;
+        for (int c = 0; c < CHUNKS; ++c) lanes[jj] += query[c] * load16(k + c * kLanes);
+      }
+      store_partial16(scores + g * m + j0, fold16(lanes) * scale, count);
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) softmax_row(scores + g * m, m);
+  // each output summed in registers over the keys, in key order; each value row loaded once for up to kHeads
+  // heads of the group (as many accumulators as registers hold)
+  constexpr int64_t kHeads = CHUNKS <= 4 ? 4 : 2;
+  for (int64_t g0 = 0; g0 < group; g0 += kHeads) {
+    const int64_t heads = std::min<int64_t>(kHeads, group - g0);
+    Lanes16 acc[kHeads][CHUNKS] = {};
+    for (int64_t j = 0; j < m; ++j) {
+      const float* v = vh + (index ? index[j] : j) * d;
+      Lanes16 row[CHUNKS];
+      for (int c = 0; c < CHUNKS; ++c) row[c] = load16(v + c * kLanes);
+      for (int64_t h = 0; h < kHeads; ++h) {
+        if (h >= heads) break;
+        const float p = scores[(g0 + h) * m + j];
+        for (int c = 0; c < CHUNKS; ++c) acc[h][c] += p * row[c];
+      }
+    }
+    for (int64_t h = 0; h < heads; ++h) std::memcpy(out + (g0 + h) * o_stride, acc[h], sizeof acc[h]);
+  }
+}
+
 __attribute__((noinline)) void attend_group(const float* q, int64_t q_stride, const float* kh, const float* vh,
                                             const int64_t* index, int64_t m, int64_t group, int64_t d,
                                             float scale, float* scores, float* out, int64_t o_stride) {
-  constexpr int64_t kMaxChunks = 16;  // head sizes up to 256 in registers; others (or odd sizes) lane by lane
-  const int64_t chunks = d / kLanes;
-  const bool vector = d % kLanes == 0 && chunks <= kMaxChunks;
+  switch (d) {
+    case 32: return attend_group_vector<2>(q, q_stride, kh, vh, index, m, group, scale, scores, out, o_stride);
+    case 64: return attend_group_vector<4>(q, q_stride, kh, vh, index, m, group, scale, scores, out, o_stride);
+    case 128: return attend_group_vector<8>(q, q_stride, kh, vh, index, m, group, scale, scores, out, o_stride);
+    default: break;
+  }
   for (int64_t j = 0; j < m; ++j) {
     const float* k = kh + (index ? index[j] : j) * d;
     for (int64_t g = 0; g < group; ++g) scores[g * m + j] = dot_fixed(q + g * q_stride, k, d) * scale;
   }
-  for (int64_t g = 0; g < group; ++g) {
-    float* row = scores + g * m;
-    const float top = *std::max_element(row, row + m);
-#pragma omp simd
-    for (int64_t j = 0; j < m; ++j) row[j] = exp_nonpositive(row[j] - top);
-    const float inverse = 1.0f / sum_fixed(row, m);
-    for (int64_t j = 0; j < m; ++j) row[j] *= inverse;
-  }
+  for (int64_t g = 0; g < group; ++g) softmax_row(scores + g * m, m);
   for (int64_t g = 0; g < group; ++g) {
     const float* p = scores + g * m;
     float* o = out + g * o_stride;
-    if (vector) {  // the head's output summed in registers over the keys, in key order, then stored once
-      Lanes16 acc[kMaxChunks] = {};
-      for (int64_t j = 0; j < m; ++j) {
-        const float* v = vh + (index ? index[j] : j) * d;
-        for (int64_t c = 0; c < chunks; ++c) acc[c] += p[j] * load16(v + c * kLanes);
-      }
-      for (int64_t c = 0; c < chunks; ++c) std::memcpy(o + c * kLanes, &acc[c], sizeof(Lanes16));
-    } else {
-      std::fill(o, o + d, 0.f);
-      for (int64_t j = 0; j < m; ++j) {
-        const float* v = vh + (index ? index[j] : j) * d;
-        for (int64_t i = 0; i < d; ++i) o[i] += p[j] * v[i];
-      }
+    std::fill(o, o + d, 0.f);
+    for (int64_t j = 0; j < m; ++j) {
+      const float* v = vh + (index ? index[j] : j) * d;
+      for (int64_t i = 0; i < d; ++i) o[i] += p[j] * v[i];
     }
   }
 }
