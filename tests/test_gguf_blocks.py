@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from draftsmith.backends.format_choice import choose_format
-from draftsmith.backends.formats import GGUF_BLOCKS, WeightFormat
+from draftsmith.backends.formats import GGUF_AMX, GGUF_BLOCKS, WeightFormat, amx_block_available, amx_block_tiles
 from draftsmith.backends.protocol import BackendConfig
 from draftsmith.drafters.ngram import NgramDrafter
 from draftsmith.engine import GenerationConfig, SpecEngine
@@ -68,6 +68,45 @@ def test_the_int8_product_is_llama_cpps_arithmetic_and_a_batch_rounds_as_its_row
     assert not torch.allclose(batch.double(), x.double() @ weights.T, atol=1e-6, rtol=1e-6)  # not float activations
 
 
+needs_amx_int8 = pytest.mark.skipif(not amx_block_available(torch.device("cpu")),
+                                    reason="gguf-amx needs a CPU with AMX's integer tiles (Intel since Sapphire Rapids)")
+
+
+@needs_amx_int8
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_amx_block_product_is_the_int8_arithmetic_and_a_batch_rounds_as_its_rows(kind):
+    """`gguf-amx`: the blocks repacked into AMX's integer tiles give gguf-int8's arithmetic (8-bit activations per
+    block, exact integer block sums) up to the order of the float32 scaling, and a batch of n rows (beyond one
+    16-row tile; 70 weight rows: a padded last tile) bit-equal to its rows one at a time."""
+    qtype = int(gguf.GGMLQuantizationType[kind])
+    blocks = _blocks(kind, 70, 96, seed=2)
+    packed, _, features = amx_block_tiles(blocks, qtype)
+    assert features == 70 and packed.shape[:2] == (5, 3)
+
+    def product(x, _blocks, _qtype):
+        return fused_ops().amx_block_product(x, packed, qtype, features)
+
+    # seeded: an activation at a tie of the 8-bit grid may round the other way in the float64 reference below
+    x = torch.randn(67, 96, generator=torch.Generator().manual_seed(5))
+    batch = _batch_rounding_as_its_rows(product, x, blocks, qtype)
+    reference = fused_ops().block_product_int8(x, blocks, qtype)
+    assert torch.allclose(batch, reference, atol=1e-5, rtol=1e-5)
+    weights = dequantize_blocks(blocks, qtype).double()
+    grouped = x.view(67, 3, 32)
+    scale = grouped.abs().amax(-1, keepdim=True) / 127
+    quantized = (torch.round(grouped / scale) * scale).view(67, 96).double()
+    assert torch.allclose(batch.double(), quantized @ weights.T, atol=1e-4, rtol=1e-4)
+
+
+def test_gguf_amx_is_refused_with_the_reason_where_the_cpu_lacks_it(monkeypatch):
+    import draftsmith.backends.format_choice as format_choice
+    from draftsmith.errors import ConfigError
+
+    monkeypatch.setattr(format_choice, "amx_block_available", lambda device, fused=None: False)
+    with pytest.raises(ConfigError, match="AMX's integer tiles"):
+        choose_format(_quantized_tiny(), GGUF_AMX)
+
+
 def _quantized_tiny(kind: str = "Q4_1", seed: int = 4):
     """A tiny Llama whose weights are what its GGML blocks dequantize to, the blocks attached as a GGUF load
     attaches them (the embedding, which the output head here is not tied to, stays float32)."""
@@ -84,7 +123,8 @@ def _quantized_tiny(kind: str = "Q4_1", seed: int = 4):
 
 
 @pytest.mark.parametrize("kind,dtype,weights", [(kind, torch.float32, "auto") for kind in KINDS]
-                         + [("Q4_1", torch.bfloat16, "auto")] + [(kind, torch.float32, "gguf-int8") for kind in KINDS])
+                         + [("Q4_1", torch.bfloat16, "auto")] + [(kind, torch.float32, "gguf-int8") for kind in KINDS]
+                         + [pytest.param(kind, torch.float32, GGUF_AMX, marks=needs_amx_int8) for kind in KINDS])
 def test_drafting_changes_no_greedy_token_in_the_gguf_formats(kind, dtype, weights):
     model = _quantized_tiny(kind).to(dtype)  # bfloat16: the fused small operations around the products
     assert choose_format(model) == WeightFormat(GGUF_BLOCKS)

@@ -7,9 +7,9 @@ import functools
 import torch
 from transformers import PreTrainedModel
 
-from draftsmith.backends.formats import (BF16_AMX, BF16_DOT, FP16_FORMATS, GGUF_BLOCKS, GGUF_INT8, Q8_BLOCKS,
-                                         QUANTIZED, WeightFormat, candidate_formats, has_gguf_blocks,
-                                         model_fp16_holds)
+from draftsmith.backends.formats import (BF16_AMX, BF16_DOT, FP16_FORMATS, GGUF_AMX, GGUF_BLOCKS, GGUF_INT8, Q8_BLOCKS,
+                                         QUANTIZED, WeightFormat, amx_block_available, candidate_formats,
+                                         has_gguf_blocks, model_fp16_holds)
 from draftsmith.backends.fused import fused_ops
 from draftsmith.backends.fused import wanted as fused_wanted
 from draftsmith.backends.layers import LeanLayers, lean_layer, rope_tables
@@ -55,7 +55,7 @@ def preferred_first(formats: list[WeightFormat]) -> list[WeightFormat]:
 
 
 WEIGHT_CHOICES = ("auto", "fastest", "stored", "transposed", "onednn", *FP16_FORMATS, BF16_DOT, BF16_AMX,
-                  GGUF_BLOCKS, GGUF_INT8, *QUANTIZED)
+                  GGUF_BLOCKS, GGUF_INT8, GGUF_AMX, *QUANTIZED)
 
 
 def choose_format(model: PreTrainedModel, weights: str = "auto", fused: bool | None = None) -> WeightFormat:
@@ -72,13 +72,16 @@ def choose_format(model: PreTrainedModel, weights: str = "auto", fused: bool | N
         weights = GGUF_BLOCKS  # a GGUF target loaded without a --dtype: the file's own blocks
     if weights == "auto":
         weights = "stored" if model.dtype == torch.float32 else "fastest"
-    cpu_only = (*QUANTIZED, *FP16_FORMATS, BF16_DOT, BF16_AMX, GGUF_BLOCKS, GGUF_INT8)
+    cpu_only = (*QUANTIZED, *FP16_FORMATS, BF16_DOT, BF16_AMX, GGUF_BLOCKS, GGUF_INT8, GGUF_AMX)
     if weights in cpu_only and model.device.type != "cpu":
         raise ConfigError(f"{weights} weights use CPU kernels (aten's, FBGEMM's); on {model.device.type} use "
                           "another format")
     if weights in FP16_FORMATS and not model_fp16_holds(model):
         raise ConfigError(f"{weights} weights would round this {model.dtype} model's weights (some have more significant "
                           "bits than float16 holds, or exceed its range): use another format")
+    if weights == GGUF_AMX and not amx_block_available(model.device):
+        raise ConfigError(f"{GGUF_AMX} weights need a CPU with AMX's integer tiles (Intel since Sapphire Rapids) "
+                          "and the fused kernels: use gguf or gguf-int8")
     if weights in (BF16_DOT, BF16_AMX) and model.dtype != torch.bfloat16:
         raise ConfigError(f"{weights} weights multiply bfloat16 weights: load the model with --dtype bfloat16")
     if weights != "fastest":

@@ -47,6 +47,8 @@ class WeightFormat:
     def prepare_linears(self, linears: list[torch.nn.Module] | tuple) -> object:
         """The weights of these modules (rows stacked, in order) as this format multiplies them: the `gguf`
         format takes the GGML blocks they were loaded from, the others their weights."""
+        if self.name == GGUF_AMX:
+            return amx_block_tiles(*gguf_blocks(linears))
         if self.name in FILE_BLOCK_FORMATS:
             return gguf_blocks(linears)
         return self.prepare(joined_rows([linear.weight for linear in linears]))
@@ -147,10 +149,14 @@ Q8_BLOCKS = "q8_0"
 # the same blocks multiplied as llama.cpp multiplies them: activations quantized to 8 bits per block of 32,
 # integer dot products (VNNI where present), float32 sums in a fixed order: batch-invariant as well
 GGUF_INT8 = "gguf-int8"
-FILE_BLOCK_FORMATS = (GGUF_BLOCKS, GGUF_INT8)  # formats that multiply a GGUF file's own blocks
+# the same arithmetic as gguf-int8 on AMX's integer tiles (Intel CPUs since Sapphire Rapids), the blocks repacked at
+# load (no weight changes): a verification's rows cost about what one row does
+GGUF_AMX = "gguf-amx"
+FILE_BLOCK_FORMATS = (GGUF_BLOCKS, GGUF_INT8, GGUF_AMX)  # formats that multiply a GGUF file's own blocks
 BLOCK_FORMATS = (*FILE_BLOCK_FORMATS, Q8_BLOCKS)
 FUSED_PRODUCTS = {"fp16-fused": "half_product", BF16_DOT: "bf16_product", BF16_AMX: "amx_product",
-                  GGUF_BLOCKS: "block_product", GGUF_INT8: "block_product_int8", Q8_BLOCKS: "block_product"}
+                  GGUF_BLOCKS: "block_product", GGUF_INT8: "block_product_int8", GGUF_AMX: "amx_block_product",
+                  Q8_BLOCKS: "block_product"}
 # formats whose products take and give float32
 FLOAT_PRODUCT_FORMATS = (*FP16_FORMATS, BF16_DOT, BF16_AMX, *BLOCK_FORMATS)
 
@@ -232,6 +238,40 @@ def amx_tiles(weight: torch.Tensor) -> torch.Tensor:
     padded = F.pad(weight.detach().to(torch.bfloat16), (0, -size % 32, 0, -out % 16))
     blocks, depth = padded.shape[0] // 16, padded.shape[1] // 32
     return padded.view(blocks, 16, depth, 16, 2).permute(0, 2, 3, 1, 4).contiguous().view(blocks, depth, 16, 32)
+
+
+GGML_BLOCK_BYTES = {2: 18, 3: 20, 8: 34}  # Q4_0, Q4_1, Q8_0: bytes per block of 32 weights
+
+
+def amx_block_available(device: torch.device, fused: bool | None = None) -> bool:
+    """Whether `gguf-amx` products can run here: a CPU with AMX's integer tiles, which the OS lets this process use."""
+    return _kernel_available(device, fused, "amx_int8_supported")
+
+
+def amx_block_tiles(blocks: torch.Tensor, qtype: int) -> tuple[torch.Tensor, int, int]:
+    """GGML blocks [out, in / 32 * block bytes] (Q4_0 / Q4_1 / Q8_0) as the AMX block product reads them, with
+    their type and row count: per 16 weight rows (zero rows pad the last) and block of 32 inputs, the weights in
+    TDPBSUD's layout (groups of 4 inputs x 16 rows; 4-bit ones two to a byte, the tile's first half in the low
+    nibbles), then the 16 float16 scales and, for Q4_1, the 16 minimums: the file's numbers, moved."""
+    out, row_bytes = blocks.shape
+    size = GGML_BLOCK_BYTES[qtype]
+    nb = row_bytes // size
+    b = F.pad(blocks.view(out, nb, size), (0, 0, 0, 0, 0, -out % 16))  # zero blocks: scale 0, minimum 0
+    groups = b.shape[0] // 16
+    if qtype == 8:
+        q = b[..., 2:]
+    else:
+        packed = b[..., 4:] if qtype == 3 else b[..., 2:]
+        q = torch.cat([packed & 0x0F, packed >> 4], dim=-1)  # weights 0-15 in the low nibbles, 16-31 in the high
+    tile = q.reshape(groups, 16, nb, 8, 4).permute(0, 2, 3, 1, 4).reshape(groups, nb, 512)
+    if qtype != 8:
+        tile = tile[..., :256] | (tile[..., 256:] << 4)
+
+    def per_row(field: slice) -> torch.Tensor:  # a float16 field of each block, the group's 16 rows side by side
+        return b[..., field].reshape(groups, 16, nb, 2).permute(0, 2, 1, 3).reshape(groups, nb, 32)
+
+    parts = [tile, per_row(slice(0, 2))] + ([per_row(slice(2, 4))] if qtype == 3 else [])
+    return torch.cat(parts, dim=-1).contiguous(), qtype, out
 
 
 INT4_GROUP = 32  # weights per scale and zero point, as in llama.cpp's Q4_1 blocks

@@ -767,17 +767,65 @@ inline void block_tile(const float* x, const uint8_t* w, float* out, int64_t in,
     for (int c = 0; c < C; ++c) out[r * features + c] = sum_lanes(acc[r][c]);
 }
 
+// block_tile over weights already unpacked to float32 (C rows of `in`): the same products in the same order
+template <int R, int C>
+inline void unpacked_tile(const float* x, const float* unpacked, float* out, int64_t in, int64_t features) {
+  Vec16 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = Vec16::zero();
+  for (int64_t k = 0; k < in; k += kBlock) {
+    Vec16 lo[C], hi[C];
+    for (int c = 0; c < C; ++c) {
+      lo[c] = Vec16::load(unpacked + c * in + k);
+      hi[c] = Vec16::load(unpacked + c * in + k + 16);
+    }
+    for (int r = 0; r < R; ++r) {
+      const Vec16 x_lo = Vec16::load(x + r * in + k), x_hi = Vec16::load(x + r * in + k + 16);
+      for (int c = 0; c < C; ++c) acc[r][c] = Vec16::fma(x_hi, hi[c], Vec16::fma(x_lo, lo[c], acc[r][c]));
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) out[r * features + c] = sum_lanes(acc[r][c]);
+}
+
 template <int Q, int C>
 void block_rows(const float* x, const uint8_t* w, float* out, int64_t rows, int64_t in, int64_t features) {
   const int64_t row_bytes = in / kBlock * block_bytes(Q);
-  int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) block_tile<Q, 4, C>(x + r * in, w, out + r * features, in, features, row_bytes);
-  switch (rows - r) {
-    case 1: block_tile<Q, 1, C>(x + r * in, w, out + r * features, in, features, row_bytes); break;
-    case 2: block_tile<Q, 2, C>(x + r * in, w, out + r * features, in, features, row_bytes); break;
-    case 3: block_tile<Q, 3, C>(x + r * in, w, out + r * features, in, features, row_bytes); break;
+  switch (rows) {  // up to 4 rows: the weights unpacked in registers, once
+    case 1: return block_tile<Q, 1, C>(x, w, out, in, features, row_bytes);
+    case 2: return block_tile<Q, 2, C>(x, w, out, in, features, row_bytes);
+    case 3: return block_tile<Q, 3, C>(x, w, out, in, features, row_bytes);
+    case 4: return block_tile<Q, 4, C>(x, w, out, in, features, row_bytes);
     default: break;
   }
+  // more rows (a verification): the C weight rows unpacked once into a buffer that every tile of 4 rows reads
+  thread_local std::vector<float> unpacked;
+  unpacked.resize(C * in);
+  for (int c = 0; c < C; ++c)
+    for (int64_t b = 0; b < in / kBlock; ++b) {
+      Vec16 lo, hi;
+      unpack_block<Q>(w + c * row_bytes + b * block_bytes(Q), lo, hi);
+      lo.store(unpacked.data() + c * in + b * kBlock);
+      hi.store(unpacked.data() + c * in + b * kBlock + 16);
+    }
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) unpacked_tile<4, C>(x + r * in, unpacked.data(), out + r * features, in, features);
+  switch (rows - r) {
+    case 1: unpacked_tile<1, C>(x + r * in, unpacked.data(), out + r * features, in, features); break;
+    case 2: unpacked_tile<2, C>(x + r * in, unpacked.data(), out + r * features, in, features); break;
+    case 3: unpacked_tile<3, C>(x + r * in, unpacked.data(), out + r * features, in, features); break;
+    default: break;
+  }
+}
+
+// Weight rows first..last into the cache ahead of their use: a tile reads its 4 weight rows side by side, 4 short
+// streams that the hardware prefetcher restarts on, so the kernels fetch the group after next themselves.
+constexpr int64_t kPrefetchGroups = 2;
+
+inline void prefetch_rows(const uint8_t* w, int64_t row_bytes, int64_t first, int64_t last) {
+  const uint8_t* end = w + last * row_bytes;
+  for (const uint8_t* p = w + first * row_bytes; p < end; p += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
 }
 
 template <int Q>
@@ -785,7 +833,12 @@ void block_features(const float* x, const uint8_t* w, float* out, int64_t rows, 
                     int64_t first, int64_t last) {
   const int64_t row_bytes = in / kBlock * block_bytes(Q);
   int64_t f = first;
-  for (; f + 4 <= last; f += 4) block_rows<Q, 4>(x, w + f * row_bytes, out + f, rows, in, features);
+  prefetch_rows(w, row_bytes, f, std::min(last, f + 4 * kPrefetchGroups));
+  for (; f + 4 <= last; f += 4) {
+    const int64_t ahead = f + 4 * kPrefetchGroups;
+    if (ahead < last) prefetch_rows(w, row_bytes, ahead, std::min(last, ahead + 4));
+    block_rows<Q, 4>(x, w + f * row_bytes, out + f, rows, in, features);
+  }
   for (; f < last; ++f) block_rows<Q, 1>(x, w + f * row_bytes, out + f, rows, in, features);
 }
 #else
@@ -940,7 +993,12 @@ void int8_features(const QuantizedRows& xq, const uint8_t* w, float* out, int64_
                    int64_t first, int64_t last) {
   const int64_t row_bytes = in / kBlock * block_bytes(Q);
   int64_t f = first;
-  for (; f + 4 <= last; f += 4) int8_rows<Q, 4>(xq, w + f * row_bytes, out + f, rows, in, features);
+  prefetch_rows(w, row_bytes, f, std::min(last, f + 4 * kPrefetchGroups));
+  for (; f + 4 <= last; f += 4) {
+    const int64_t ahead = f + 4 * kPrefetchGroups;
+    if (ahead < last) prefetch_rows(w, row_bytes, ahead, std::min(last, ahead + 4));
+    int8_rows<Q, 4>(xq, w + f * row_bytes, out + f, rows, in, features);
+  }
   for (; f < last; ++f) int8_rows<Q, 1>(xq, w + f * row_bytes, out + f, rows, in, features);
 }
 constexpr bool kInt8Kernels = true;
@@ -963,6 +1021,165 @@ at::Tensor block_product_int8(const at::Tensor& x_in, const at::Tensor& w, int64
       case kQ4_0: int8_features<kQ4_0>(xq, pw, po, rows, in, features, first, last); break;
       case kQ4_1: int8_features<kQ4_1>(xq, pw, po, rows, in, features, first, last); break;
       default: int8_features<kQ8_0>(xq, pw, po, rows, in, features, first, last); break;
+    }
+  });
+#endif
+  return out;
+}
+
+// x @ W.T for GGML blocks repacked for AMX's integer tiles (formats.py `amx_block_tiles`: per 16 weight rows and
+// block of 32 inputs, the weights in TDPBSUD's layout, 4-bit ones two to a byte, then the 16 rows' float16 scales
+// (and Q4_1's minimums)), with llama.cpp's arithmetic as `block_product_int8` has it: x's rows quantized per block
+// to 8 bits, each block's 32 products summed exactly in integers (one tile product for 16 weight rows and up to
+// 16 rows of x), scaled into float32 in block order. Each (row, weight row) gets the same operations whatever the
+// number of rows: a verification gives the one-token step's numbers bit for bit. An integer tile product costs
+// what its 16 rows' weights take to unpack: the whole step reads the file's blocks near memory speed.
+#if defined(DRAFTSMITH_AMX) && defined(__AMX_INT8__)
+#define DRAFTSMITH_AMX_INT8 1
+#endif
+
+inline int64_t amx_tile_bytes(int64_t qtype) {  // one block of 16 weight rows in amx_block_tiles' layout
+  switch (qtype) {
+    case kQ4_0: return 256 + 32;
+    case kQ4_1: return 256 + 64;
+    case kQ8_0: return 512 + 32;
+    default: TORCH_CHECK(false, "amx_block_product: GGML type ", qtype, " is not one of Q4_0 (2), Q4_1 (3), Q8_0 (8)");
+  }
+  return 0;
+}
+
+#if defined(DRAFTSMITH_AMX_INT8)
+// One block's integer sums for the tile's rows: weights (unpacked into `weights` if 4-bit) times x's block, into
+// `sums`. Consecutive blocks use two sets of tiles (SUMS, X, W), so that one block's chain of tile loads, product
+// and store overlaps the next one's (tile registers are not renamed). A macro: the tile intrinsics take their
+// tile numbers as literals.
+template <int Q>
+inline void amx_unpack_weights(const uint8_t* tile, uint8_t* weights) {
+  // two 4-bit weights a byte: the low nibbles are the tile's first half, the high ones its second
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  for (int i = 0; i < 4; ++i) {
+    const __m512i v = _mm512_loadu_si512(tile + 64 * i);
+    _mm512_store_si512(weights + 64 * i, _mm512_and_si512(v, nibble));
+    _mm512_store_si512(weights + 256 + 64 * i, _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble));
+  }
+}
+
+#define DRAFTSMITH_AMX_BLOCK_SUMS(NAME, SUMS, X, W)                                                        \
+  template <int Q>                                                                                         \
+  inline void NAME(const uint8_t* tile, const int8_t* x, int64_t x_stride, uint8_t* weights, int32_t* sums) { \
+    if constexpr (Q == kQ8_0) {                                                                            \
+      _tile_loadd(W, tile, 64);                                                                            \
+    } else {                                                                                               \
+      amx_unpack_weights<Q>(tile, weights);                                                                \
+      _tile_loadd(W, weights, 64);                                                                         \
+    }                                                                                                      \
+    _tile_loadd(X, x, x_stride);                                                                           \
+    _tile_zero(SUMS);                                                                                      \
+    if constexpr (Q == kQ8_0)                                                                              \
+      _tile_dpbssd(SUMS, X, W);                                                                            \
+    else                                                                                                   \
+      _tile_dpbsud(SUMS, X, W);                                                                            \
+    _tile_stored(SUMS, sums, 64);                                                                          \
+  }
+DRAFTSMITH_AMX_BLOCK_SUMS(amx_block_sums_even, 0, 1, 2)
+DRAFTSMITH_AMX_BLOCK_SUMS(amx_block_sums_odd, 3, 4, 5)
+#undef DRAFTSMITH_AMX_BLOCK_SUMS
+
+// The float32 scaling of one block's sums into the rows' accumulators (16 weight rows each), in block order.
+template <int Q>
+inline void amx_block_scale(const uint8_t* tile, const int32_t* sums, const QuantizedRows& xq, int64_t first_block,
+                            int64_t blocks, int64_t tile_rows, __m512* acc) {
+  constexpr int64_t scales_at = Q == kQ8_0 ? 512 : 256;
+  const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + scales_at)));
+  const __m512 mw = Q == kQ4_1 ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + scales_at + 32)))
+                               : _mm512_setzero_ps();
+  for (int64_t r = 0; r < tile_rows; ++r) {
+    const int64_t rb = r * blocks + first_block;
+    __m512i s = _mm512_load_si512(sums + 16 * r);
+    if (Q == kQ4_0) s = _mm512_sub_epi32(s, _mm512_set1_epi32(8 * xq.sum[rb]));  // weights q - 8
+    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, _mm512_set1_ps(xq.d[rb])), acc[r]);
+    if (Q == kQ4_1) acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(xq.d[rb] * static_cast<float>(xq.sum[rb])), acc[r]);
+  }
+}
+
+template <int Q>
+void amx_block_groups(const QuantizedRows& xq, int64_t rows, int64_t blocks, const uint8_t* packed, float* out,
+                      int64_t features, int64_t begin, int64_t end) {
+  const int64_t tile_bytes = amx_tile_bytes(Q), in = blocks * kBlock;
+  alignas(64) uint8_t weights[2][512];
+  alignas(64) int32_t sums[2][16 * 16];
+  AmxTileConfig config;
+  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+    const int64_t tile_rows = std::min<int64_t>(16, rows - r0);
+    for (int t = 0; t < 2; ++t) {  // tiles 3t: sums (rows x 16 int32), 3t+1: x (rows x 32 int8), 3t+2: weights
+      config.colsb[3 * t] = 64, config.rows[3 * t] = tile_rows;
+      config.colsb[3 * t + 1] = 32, config.rows[3 * t + 1] = tile_rows;
+      config.colsb[3 * t + 2] = 64, config.rows[3 * t + 2] = 8;
+    }
+    _tile_loadconfig(&config);
+    const QuantizedRows* q = &xq;
+    const int8_t* x = q->q.data() + r0 * in;
+    for (int64_t g = begin; g < end; ++g) {
+      const uint8_t* group = packed + g * blocks * tile_bytes;
+      __m512 acc[16];
+      for (int64_t r = 0; r < tile_rows; ++r) acc[r] = _mm512_setzero_ps();
+      const int64_t row_block = r0 * blocks;
+      int64_t b = 0;
+      for (; b + 2 <= blocks; b += 2) {
+        const uint8_t* tile = group + b * tile_bytes;
+        _mm_prefetch(reinterpret_cast<const char*>(tile + 8 * tile_bytes), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(tile + 8 * tile_bytes + 64 * 4), _MM_HINT_T0);
+        amx_block_sums_even<Q>(tile, x + b * kBlock, in, weights[0], sums[0]);
+        amx_block_sums_odd<Q>(tile + tile_bytes, x + (b + 1) * kBlock, in, weights[1], sums[1]);
+        amx_block_scale<Q>(tile, sums[0], xq, row_block + b, blocks, tile_rows, acc);
+        amx_block_scale<Q>(tile + tile_bytes, sums[1], xq, row_block + b + 1, blocks, tile_rows, acc);
+      }
+      if (b < blocks) {
+        amx_block_sums_even<Q>(group + b * tile_bytes, x + b * kBlock, in, weights[0], sums[0]);
+        amx_block_scale<Q>(group + b * tile_bytes, sums[0], xq, row_block + b, blocks, tile_rows, acc);
+      }
+      const int64_t columns = std::min<int64_t>(16, features - g * 16);
+      const __mmask16 mask = columns == 16 ? __mmask16(0xFFFF) : __mmask16((1u << columns) - 1);
+      for (int64_t r = 0; r < tile_rows; ++r) _mm512_mask_storeu_ps(out + (r0 + r) * features + g * 16, mask, acc[r]);
+    }
+  }
+  _tile_release();
+}
+#endif
+
+bool amx_int8_supported() {
+#if defined(DRAFTSMITH_AMX_INT8)
+  return amx_permitted();
+#else
+  return false;
+#endif
+}
+
+at::Tensor amx_block_product(const at::Tensor& x_in, const at::Tensor& packed, int64_t qtype, int64_t features) {
+  TORCH_CHECK(amx_int8_supported(),
+              "amx_block_product: these kernels were built for a CPU without AMX-INT8, or the OS refused its tiles");
+  const at::Tensor x = x_in.contiguous();
+  check_float_contiguous(x, "amx_block_product");
+  TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
+                  packed.dim() == 3 && packed.size(2) == amx_tile_bytes(qtype),
+              "amx_block_product weight: a contiguous uint8 CPU tensor [out/16, in/32, tile bytes] is needed "
+              "(amx_block_tiles)");
+  const int64_t in = x.size(-1), rows = x.numel() / in, groups = packed.size(0), blocks = packed.size(1);
+  TORCH_CHECK(blocks * kBlock == in && groups * 16 >= features && groups * 16 < features + 16,
+              "amx_block_product: input size ", in, " and ", features, " outputs do not fit ", groups, " x ", blocks,
+              " tiles");
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = features;
+  at::Tensor out = at::empty(shape, x.options());
+#if defined(DRAFTSMITH_AMX_INT8)
+  const QuantizedRows xq = quantize_rows(x.data_ptr<float>(), rows, in);
+  const uint8_t* pw = packed.data_ptr<uint8_t>();
+  float* po = out.data_ptr<float>();
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    switch (qtype) {
+      case kQ4_0: amx_block_groups<kQ4_0>(xq, rows, blocks, pw, po, features, begin, end); break;
+      case kQ4_1: amx_block_groups<kQ4_1>(xq, rows, blocks, pw, po, features, begin, end); break;
+      default: amx_block_groups<kQ8_0>(xq, rows, blocks, pw, po, features, begin, end); break;
     }
   });
 #endif
@@ -998,5 +1215,7 @@ TORCH_LIBRARY(draftsmith_fused, m) {
   m.def("amx_supported() -> bool", &amx_supported);
   m.def("block_product(Tensor x, Tensor blocks, int qtype) -> Tensor", &block_product);
   m.def("block_product_int8(Tensor x, Tensor blocks, int qtype) -> Tensor", &block_product_int8);
+  m.def("amx_block_product(Tensor x, Tensor packed, int qtype, int features) -> Tensor", &amx_block_product);
+  m.def("amx_int8_supported() -> bool", &amx_int8_supported);
   m.def("vector_isa() -> str", &vector_isa);
 }
