@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from draftsmith.backends.format_choice import choose_format
+from draftsmith.backends.format_choice import choose_format, default_block_format
 from draftsmith.backends.formats import GGUF_AMX, GGUF_BLOCKS, WeightFormat, amx_block_available, amx_block_tiles
 from draftsmith.backends.protocol import BackendConfig
 from draftsmith.drafters.ngram import NgramDrafter
@@ -98,11 +98,14 @@ def test_the_amx_block_product_is_the_int8_arithmetic_and_a_batch_rounds_as_its_
     assert torch.allclose(batch.double(), quantized @ weights.T, atol=1e-4, rtol=1e-4)
 
 
-def test_gguf_amx_is_refused_with_the_reason_where_the_cpu_lacks_it(monkeypatch):
+def test_gguf_amx_is_the_default_where_the_cpu_has_it_and_refused_with_the_reason_where_not(monkeypatch):
     import draftsmith.backends.format_choice as format_choice
     from draftsmith.errors import ConfigError
 
+    monkeypatch.setattr(format_choice, "amx_block_available", lambda device, fused=None: True)
+    assert choose_format(_quantized_tiny()) == WeightFormat(GGUF_AMX)
     monkeypatch.setattr(format_choice, "amx_block_available", lambda device, fused=None: False)
+    assert choose_format(_quantized_tiny()) == WeightFormat(GGUF_BLOCKS)
     with pytest.raises(ConfigError, match="AMX's integer tiles"):
         choose_format(_quantized_tiny(), GGUF_AMX)
 
@@ -122,12 +125,12 @@ def _quantized_tiny(kind: str = "Q4_1", seed: int = 4):
     return model
 
 
-@pytest.mark.parametrize("kind,dtype,weights", [(kind, torch.float32, "auto") for kind in KINDS]
+@pytest.mark.parametrize("kind,dtype,weights", [(kind, torch.float32, GGUF_BLOCKS) for kind in KINDS]
                          + [("Q4_1", torch.bfloat16, "auto")] + [(kind, torch.float32, "gguf-int8") for kind in KINDS]
                          + [pytest.param(kind, torch.float32, GGUF_AMX, marks=needs_amx_int8) for kind in KINDS])
 def test_drafting_changes_no_greedy_token_in_the_gguf_formats(kind, dtype, weights):
     model = _quantized_tiny(kind).to(dtype)  # bfloat16: the fused small operations around the products
-    assert choose_format(model) == WeightFormat(GGUF_BLOCKS)
+    assert choose_format(model) == WeightFormat(default_block_format(model.device))
     prompt = [5, 9, 14, 3, 5, 9, 14]
     config = GenerationConfig(max_new_tokens=40, k=6, stop_on_eos=False)
     backend = BackendConfig(weights=weights)
@@ -250,7 +253,7 @@ def test_without_the_block_kernels_a_gguf_target_runs_its_dequantized_weights(mo
     import draftsmith.backends.format_choice as format_choice
 
     model = _quantized_tiny("Q4_1")
-    assert choose_format(model) == WeightFormat(GGUF_BLOCKS)
+    assert choose_format(model) == WeightFormat(default_block_format(model.device))
     monkeypatch.setattr(format_choice, "fused_ops", lambda: None)
     assert choose_format(model) == WeightFormat("stored") and format_choice.drafter_format(model) is None
     prompt = [5, 9, 14, 3]

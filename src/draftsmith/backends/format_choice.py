@@ -69,7 +69,7 @@ def choose_format(model: PreTrainedModel, weights: str = "auto", fused: bool | N
     if weights not in WEIGHT_CHOICES:
         raise ConfigError(f"unknown weight format '{weights}': use one of {', '.join(WEIGHT_CHOICES)}")
     if weights == "auto" and runs_file_blocks(model):
-        weights = GGUF_BLOCKS  # a GGUF target loaded without a --dtype: the file's own blocks
+        weights = default_block_format(model.device)  # a GGUF target loaded without a --dtype: the file's own blocks
     if weights == "auto":
         weights = "stored" if model.dtype == torch.float32 else "fastest"
     cpu_only = (*QUANTIZED, *FP16_FORMATS, BF16_DOT, BF16_AMX, GGUF_BLOCKS, GGUF_INT8, GGUF_AMX)
@@ -104,6 +104,13 @@ def choose_format(model: PreTrainedModel, weights: str = "auto", fused: bool | N
 
     return WeightFormat(cached_choice(measured_once(key, measure)))
 
+
+
+def default_block_format(device: torch.device) -> str:
+    """How a GGUF target multiplies its file's blocks by default: on AMX's integer tiles where the CPU has them
+    (llama.cpp's 8-bit-activation arithmetic; a verification of 16 rows at ~1.5x a one-token step, and the faster
+    one-token step too: docs/results/2026-12-04-verification-kernels.md), else with float32 activations."""
+    return GGUF_AMX if amx_block_available(device) else GGUF_BLOCKS
 
 
 def runs_file_blocks(model: PreTrainedModel) -> bool:

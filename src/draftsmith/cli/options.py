@@ -44,10 +44,11 @@ Weights = Annotated[str, typer.Option(help="Lean forward's weight layout: auto (
                                            "through AMX tiles: a tree's verification at about a one-token step's "
                                            "cost, where the CPU has AMX), gguf (a GGUF file's own Q4_0 / "
                                            "Q4_1 / Q8_0 blocks through the fused kernels: the default for a GGUF "
-                                           "target without --dtype; CPU), gguf-int8 (the same blocks multiplied as llama.cpp does: "
+                                           "target without --dtype where the CPU lacks AMX; CPU), gguf-int8 (the same blocks multiplied as llama.cpp does: "
                                            "activations quantized to 8 bits per block, integer dot products; CPU), "
                                            "gguf-amx (that arithmetic on AMX's integer tiles: verifications at "
-                                           "about a one-token step's cost, where the CPU has AMX); "
+                                           "about a one-token step's cost; the GGUF default where the CPU has "
+                                           "AMX); "
                                            "int8 / int4 / q8_0 (GGML's Q8_0 blocks "
                                            "through the same kernels): quantized weights, lossy, CPU only.")]
 Backend = Annotated[str, typer.Option(help="torch (our lean Llama-family forward, else transformers') or llamacpp "
