@@ -69,7 +69,7 @@ def test_the_int8_product_is_llama_cpps_arithmetic_and_a_batch_rounds_as_its_row
 
 
 needs_amx_int8 = pytest.mark.skipif(not amx_block_available(torch.device("cpu")),
-                                    reason="gguf-amx needs a CPU with AMX's integer tiles (Intel since Sapphire Rapids)")
+                                    reason="gguf-amx needs a CPU with AMX's integer tiles (Intel, Sapphire Rapids on)")
 
 
 @needs_amx_int8

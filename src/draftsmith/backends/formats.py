@@ -240,11 +240,12 @@ def amx_tiles(weight: torch.Tensor) -> torch.Tensor:
     return padded.view(blocks, 16, depth, 16, 2).permute(0, 2, 3, 1, 4).contiguous().view(blocks, depth, 16, 32)
 
 
-GGML_BLOCK_BYTES = {2: 18, 3: 20, 8: 34}  # Q4_0, Q4_1, Q8_0: bytes per block of 32 weights
+GGML_Q4_0, GGML_Q4_1, GGML_Q8_0 = 2, 3, 8  # GGML's type numbers (gguf.GGMLQuantizationType)
+GGML_BLOCK_BYTES = {GGML_Q4_0: 18, GGML_Q4_1: 20, GGML_Q8_0: 34}  # bytes per block of 32 weights
 
 
 def amx_block_available(device: torch.device, fused: bool | None = None) -> bool:
-    """Whether `gguf-amx` products can run here: a CPU with AMX's integer tiles, which the OS lets this process use."""
+    """Whether `gguf-amx` products can run here: a CPU with AMX's integer tiles, which the OS lets us use."""
     return _kernel_available(device, fused, "amx_int8_supported")
 
 
@@ -258,19 +259,19 @@ def amx_block_tiles(blocks: torch.Tensor, qtype: int) -> tuple[torch.Tensor, int
     nb = row_bytes // size
     b = F.pad(blocks.view(out, nb, size), (0, 0, 0, 0, 0, -out % 16))  # zero blocks: scale 0, minimum 0
     groups = b.shape[0] // 16
-    if qtype == 8:
+    if qtype == GGML_Q8_0:
         q = b[..., 2:]
     else:
-        packed = b[..., 4:] if qtype == 3 else b[..., 2:]
+        packed = b[..., 4:] if qtype == GGML_Q4_1 else b[..., 2:]
         q = torch.cat([packed & 0x0F, packed >> 4], dim=-1)  # weights 0-15 in the low nibbles, 16-31 in the high
     tile = q.reshape(groups, 16, nb, 8, 4).permute(0, 2, 3, 1, 4).reshape(groups, nb, 512)
-    if qtype != 8:
+    if qtype != GGML_Q8_0:
         tile = tile[..., :256] | (tile[..., 256:] << 4)
 
     def per_row(field: slice) -> torch.Tensor:  # a float16 field of each block, the group's 16 rows side by side
         return b[..., field].reshape(groups, 16, nb, 2).permute(0, 2, 1, 3).reshape(groups, nb, 32)
 
-    parts = [tile, per_row(slice(0, 2))] + ([per_row(slice(2, 4))] if qtype == 3 else [])
+    parts = [tile, per_row(slice(0, 2))] + ([per_row(slice(2, 4))] if qtype == GGML_Q4_1 else [])
     return torch.cat(parts, dim=-1).contiguous(), qtype, out
 
 
