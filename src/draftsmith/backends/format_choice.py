@@ -108,8 +108,8 @@ def choose_format(model: PreTrainedModel, weights: str = "auto", fused: bool | N
 
 def default_block_format(device: torch.device) -> str:
     """How a GGUF target multiplies its file's blocks by default: on AMX's integer tiles where the CPU has them
-    (llama.cpp's 8-bit-activation arithmetic; a verification of 16 rows at ~1.5x a one-token step, and the faster
-    one-token step too: docs/results/2026-12-04-verification-kernels.md), else with float32 activations."""
+    (llama.cpp's 8-bit-activation arithmetic; a verification of 16 rows at ~1.5x a one-token step, and a faster
+    one-token step than `gguf`'s: docs/results/2026-12-04-verification-kernels.md), else with float32 activations."""
     return GGUF_AMX if amx_block_available(device) else GGUF_BLOCKS
 
 
