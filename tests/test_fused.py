@@ -81,12 +81,14 @@ def test_decode_attention_equals_sdpa_over_the_cached_prefix(ops, length):
     torch.testing.assert_close(ops.decode_attention(q, k_cache, v_cache, length), expected, rtol=2e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize("heads, kv_heads, d", [(6, 2, 64), (9, 3, 32), (10, 2, 64), (8, 1, 128), (6, 3, 48)])
+@pytest.mark.parametrize("heads, kv_heads, d", [(6, 2, 64), (9, 3, 32), (10, 2, 64), (8, 1, 128), (6, 3, 48),
+                                                (4, 1, 256), (6, 3, 40)])
 def test_tree_attention_is_sdpa_under_the_mask_and_each_query_gets_its_one_token_steps_bits(ops, heads, kv_heads, d):
     """Each query of a verification attends to exactly its allowed entries; one whose allowed entries are the
     cache up to its own slot (a chain's, an accepted path's) gets decode_attention's output at that length bit
     for bit: the step that accepts a draft token computes what a one-token step would have. Head sizes with
-    registers-wide kernels (32, 64, 128) and without (48); groups within one pass over the values and beyond."""
+    registers-wide kernels (multiples of 16 up to 256) and without (40); groups within one pass over the values and
+    beyond."""
     torch.manual_seed(3)
     start, n = 37, 5
     k_cache, v_cache = torch.randn(kv_heads, 64, d), torch.randn(kv_heads, 64, d)

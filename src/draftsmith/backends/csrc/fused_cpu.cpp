@@ -250,7 +250,8 @@ inline void softmax_row(float* row, int64_t m) {
 // index[0..m) of kh / vh [capacity, d] (index null: rows 0..m): float32 softmax, the output rows (`o_stride`
 // apart) overwritten. One function for both kernels below, so both compute alike: each score and each output
 // element gets the same operations in the same order whatever m, the index or where the query sits. Head sizes
-// of 32, 64 and 128 keep a key's or value's chunks in registers (CHUNKS of 16); others go lane by lane.
+// that are multiples of 16 (up to 256) keep a key's or value's chunks in registers (CHUNKS of 16); others go lane
+// by lane.
 template <int CHUNKS>
 __attribute__((noinline)) void attend_group_vector(const float* q, int64_t q_stride, const float* kh,
                                                    const float* vh, const int64_t* index, int64_t m, int64_t group,
@@ -274,7 +275,7 @@ __attribute__((noinline)) void attend_group_vector(const float* q, int64_t q_str
   for (int64_t g = 0; g < group; ++g) softmax_row(scores + g * m, m);
   // each output summed in registers over the keys, in key order; each value row loaded once for up to kHeads
   // heads of the group (as many accumulators as registers hold)
-  constexpr int64_t kHeads = CHUNKS <= 4 ? 4 : 2;
+  constexpr int64_t kHeads = CHUNKS <= 4 ? 4 : CHUNKS <= 8 ? 2 : 1;
   for (int64_t g0 = 0; g0 < group; g0 += kHeads) {
     const int64_t heads = std::min<int64_t>(kHeads, group - g0);
     Lanes16 acc[kHeads][CHUNKS] = {};
@@ -295,12 +296,14 @@ __attribute__((noinline)) void attend_group_vector(const float* q, int64_t q_str
 __attribute__((noinline)) void attend_group(const float* q, int64_t q_stride, const float* kh, const float* vh,
                                             const int64_t* index, int64_t m, int64_t group, int64_t d,
                                             float scale, float* scores, float* out, int64_t o_stride) {
-  switch (d) {
-    case 32: return attend_group_vector<2>(q, q_stride, kh, vh, index, m, group, scale, scores, out, o_stride);
-    case 64: return attend_group_vector<4>(q, q_stride, kh, vh, index, m, group, scale, scores, out, o_stride);
-    case 128: return attend_group_vector<8>(q, q_stride, kh, vh, index, m, group, scale, scores, out, o_stride);
+#define DRAFTSMITH_ATTEND(CHUNKS) \
+  case CHUNKS * kLanes: return attend_group_vector<CHUNKS>(q, q_stride, kh, vh, index, m, group, scale, scores, out, o_stride);
+  switch (d) {  // the head sizes models use, up to 256 (Gemma 3's)
+    DRAFTSMITH_ATTEND(2) DRAFTSMITH_ATTEND(3) DRAFTSMITH_ATTEND(4) DRAFTSMITH_ATTEND(5) DRAFTSMITH_ATTEND(6)
+    DRAFTSMITH_ATTEND(7) DRAFTSMITH_ATTEND(8) DRAFTSMITH_ATTEND(10) DRAFTSMITH_ATTEND(12) DRAFTSMITH_ATTEND(16)
     default: break;
   }
+#undef DRAFTSMITH_ATTEND
   for (int64_t j = 0; j < m; ++j) {
     const float* k = kh + (index ? index[j] : j) * d;
     for (int64_t g = 0; g < group; ++g) scores[g * m + j] = dot_fixed(q + g * q_stride, k, d) * scale;
@@ -828,18 +831,29 @@ inline void prefetch_rows(const uint8_t* w, int64_t row_bytes, int64_t first, in
     _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
 }
 
-template <int Q>
-void block_features(const float* x, const uint8_t* w, float* out, int64_t rows, int64_t in, int64_t features,
-                    int64_t first, int64_t last) {
-  const int64_t row_bytes = in / kBlock * block_bytes(Q);
+// Weight rows first..last in groups of 4 (then one by one), the group after next prefetched: group(f) multiplies
+// rows f..f+3, single(f) row f.
+template <typename Group, typename Single>
+inline void each_weight_group(const uint8_t* w, int64_t row_bytes, int64_t first, int64_t last, Group group,
+                              Single single) {
   int64_t f = first;
   prefetch_rows(w, row_bytes, f, std::min(last, f + 4 * kPrefetchGroups));
   for (; f + 4 <= last; f += 4) {
     const int64_t ahead = f + 4 * kPrefetchGroups;
     if (ahead < last) prefetch_rows(w, row_bytes, ahead, std::min(last, ahead + 4));
-    block_rows<Q, 4>(x, w + f * row_bytes, out + f, rows, in, features);
+    group(f);
   }
-  for (; f < last; ++f) block_rows<Q, 1>(x, w + f * row_bytes, out + f, rows, in, features);
+  for (; f < last; ++f) single(f);
+}
+
+template <int Q>
+void block_features(const float* x, const uint8_t* w, float* out, int64_t rows, int64_t in, int64_t features,
+                    int64_t first, int64_t last) {
+  const int64_t row_bytes = in / kBlock * block_bytes(Q);
+  each_weight_group(
+      w, row_bytes, first, last,
+      [&](int64_t f) { block_rows<Q, 4>(x, w + f * row_bytes, out + f, rows, in, features); },
+      [&](int64_t f) { block_rows<Q, 1>(x, w + f * row_bytes, out + f, rows, in, features); });
 }
 #else
 constexpr bool kBlockKernels = false;
@@ -992,14 +1006,10 @@ template <int Q>
 void int8_features(const QuantizedRows& xq, const uint8_t* w, float* out, int64_t rows, int64_t in, int64_t features,
                    int64_t first, int64_t last) {
   const int64_t row_bytes = in / kBlock * block_bytes(Q);
-  int64_t f = first;
-  prefetch_rows(w, row_bytes, f, std::min(last, f + 4 * kPrefetchGroups));
-  for (; f + 4 <= last; f += 4) {
-    const int64_t ahead = f + 4 * kPrefetchGroups;
-    if (ahead < last) prefetch_rows(w, row_bytes, ahead, std::min(last, ahead + 4));
-    int8_rows<Q, 4>(xq, w + f * row_bytes, out + f, rows, in, features);
-  }
-  for (; f < last; ++f) int8_rows<Q, 1>(xq, w + f * row_bytes, out + f, rows, in, features);
+  each_weight_group(
+      w, row_bytes, first, last,
+      [&](int64_t f) { int8_rows<Q, 4>(xq, w + f * row_bytes, out + f, rows, in, features); },
+      [&](int64_t f) { int8_rows<Q, 1>(xq, w + f * row_bytes, out + f, rows, in, features); });
 }
 constexpr bool kInt8Kernels = true;
 #else
@@ -1050,8 +1060,9 @@ inline int64_t amx_tile_bytes(int64_t qtype) {  // one block of 16 weight rows i
 
 #if defined(DRAFTSMITH_AMX_INT8)
 // One block's integer sums for the tile's rows: weights (unpacked into `weights` if 4-bit) times x's block, into
-// `sums`. Consecutive blocks use two sets of tiles (SUMS, X, W), so that one block's chain of tile loads, product
-// and store overlaps the next one's (tile registers are not renamed). A macro: the tile intrinsics take their
+// `sums`. Consecutive blocks use two sets of tiles (SUMS, X, W), meant to let one block's chain of tile loads,
+// product and store overlap the next one's (tile registers are not renamed); measured in isolation it ran no
+// faster than one set (the one-row product stays bound by that chain). A macro: the tile intrinsics take their
 // tile numbers as literals.
 template <int Q>
 inline void amx_unpack_weights(const uint8_t* tile, uint8_t* weights) {
