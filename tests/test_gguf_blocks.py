@@ -72,6 +72,43 @@ needs_amx_int8 = pytest.mark.skipif(not amx_block_available(torch.device("cpu"))
                                     reason="gguf-amx needs a CPU with AMX's integer tiles (Intel, Sapphire Rapids on)")
 
 
+def _tile_reference(blocks: torch.Tensor, kind: str) -> torch.Tensor:
+    """The AMX tile layout, element by element from the GGML blocks: block b of 16-row group g holds, for input
+    i = 4 * quad + j of row r, the weight value at (quad * 16 + r) * 4 + j (4-bit ones: inputs 16-31 in the high
+    nibble of inputs 0-15's bytes), then the rows' float16 scales and, for Q4_1, minimums."""
+    size = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}[kind]
+    rows, nb = blocks.shape[0], blocks.shape[1] // size
+    groups = (rows + 15) // 16
+    tile_bytes = {"Q4_0": 288, "Q4_1": 320, "Q8_0": 544}[kind]
+    out = torch.zeros(groups, nb, tile_bytes, dtype=torch.uint8)
+    start = 4 if kind == "Q4_1" else 2
+    scales_at = 512 if kind == "Q8_0" else 256
+    for r in range(rows):
+        for b in range(nb):
+            block = blocks[r, b * size : (b + 1) * size]
+            tile = out[r // 16, b]
+            for i in range(32 if kind == "Q8_0" else 16):
+                quad, j = divmod(i, 4)
+                tile[(quad * 16 + r % 16) * 4 + j] = block[start + i]
+            tile[scales_at + 2 * (r % 16) : scales_at + 2 * (r % 16) + 2] = block[0:2]
+            if kind == "Q4_1":
+                tile[scales_at + 32 + 2 * (r % 16) : scales_at + 34 + 2 * (r % 16)] = block[2:4]
+    return out
+
+
+@needs_amx_int8
+@pytest.mark.parametrize("kind", KINDS)
+def test_amx_block_pack_puts_each_stored_byte_where_the_tiles_read_it(kind):
+    """The kernels' repacking (what a GGUF target's load runs) against the layout written out element by element;
+    row blocks given as parts (q, k, v) pack as their rows stacked, and a partial last group is zero-padded."""
+    qtype = int(gguf.GGMLQuantizationType[kind])
+    blocks = _blocks(kind, 37, 64, seed=4)
+    packed, packed_type, features = amx_block_tiles([blocks[:16], blocks[16:21], blocks[21:]], qtype)
+    assert (packed_type, features) == (qtype, 37)
+    assert torch.equal(packed, _tile_reference(blocks, kind))
+    assert torch.equal(amx_block_tiles(blocks, qtype)[0], packed)
+
+
 @needs_amx_int8
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_amx_block_product_is_the_int8_arithmetic_and_a_batch_rounds_as_its_rows(kind):

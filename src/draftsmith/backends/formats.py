@@ -48,7 +48,7 @@ class WeightFormat:
         """The weights of these modules (rows stacked, in order) as this format multiplies them: the `gguf`
         format takes the GGML blocks they were loaded from, the others their weights."""
         if self.name == GGUF_AMX:
-            return amx_block_tiles(*gguf_blocks(linears))
+            return amx_block_tiles(*gguf_block_parts(linears))
         if self.name in FILE_BLOCK_FORMATS:
             return gguf_blocks(linears)
         return self.prepare(joined_rows([linear.weight for linear in linears]))
@@ -169,8 +169,8 @@ def has_gguf_blocks(model: PreTrainedModel) -> bool:
     return all(hasattr(m, "gguf_blocks") for m in linears)
 
 
-def gguf_blocks(linears: list[torch.nn.Module] | tuple) -> tuple[torch.Tensor, int]:
-    """The GGML blocks of these modules' weights, rows stacked in order, and their GGML type."""
+def gguf_block_parts(linears: list[torch.nn.Module] | tuple) -> tuple[list[torch.Tensor], int]:
+    """The GGML blocks of these modules' weights, one tensor a module, and their GGML type."""
     missing = [m for m in linears if not hasattr(m, "gguf_blocks")]
     if missing:
         raise ConfigError(f"{GGUF_BLOCKS} weights multiply a GGUF file's Q4_0 / Q4_1 / Q8_0 blocks; this model's "
@@ -179,8 +179,13 @@ def gguf_blocks(linears: list[torch.nn.Module] | tuple) -> tuple[torch.Tensor, i
     if len(kinds) > 1:
         raise ConfigError(f"{GGUF_BLOCKS} weights: one product's weights are stored in several GGML types "
                           f"({sorted(kinds)}): use another --weights format")
-    blocks = [m.gguf_blocks() for m in linears]
-    return (blocks[0] if len(blocks) == 1 else torch.cat(blocks)), kinds.pop()
+    return [m.gguf_blocks() for m in linears], kinds.pop()
+
+
+def gguf_blocks(linears: list[torch.nn.Module] | tuple) -> tuple[torch.Tensor, int]:
+    """The GGML blocks of these modules' weights, rows stacked in order, and their GGML type."""
+    blocks, qtype = gguf_block_parts(linears)
+    return (blocks[0] if len(blocks) == 1 else torch.cat(blocks)), qtype
 
 
 def q8_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -249,30 +254,15 @@ def amx_block_available(device: torch.device, fused: bool | None = None) -> bool
     return _kernel_available(device, fused, "amx_int8_supported")
 
 
-def amx_block_tiles(blocks: torch.Tensor, qtype: int) -> tuple[torch.Tensor, int, int]:
-    """GGML blocks [out, in / 32 * block bytes] (Q4_0 / Q4_1 / Q8_0) as the AMX block product reads them, with
-    their type and row count: per 16 weight rows (zero rows pad the last) and block of 32 inputs, the weights in
-    TDPBSUD's layout (groups of 4 inputs x 16 rows; 4-bit ones two to a byte, the tile's first half in the low
-    nibbles), then the 16 float16 scales and, for Q4_1, the 16 minimums: the file's numbers, moved."""
-    out, row_bytes = blocks.shape
-    size = GGML_BLOCK_BYTES[qtype]
-    nb = row_bytes // size
-    b = F.pad(blocks.view(out, nb, size), (0, 0, 0, 0, 0, -out % 16))  # zero blocks: scale 0, minimum 0
-    groups = b.shape[0] // 16
-    if qtype == GGML_Q8_0:
-        q = b[..., 2:]
-    else:
-        packed = b[..., 4:] if qtype == GGML_Q4_1 else b[..., 2:]
-        q = torch.cat([packed & 0x0F, packed >> 4], dim=-1)  # weights 0-15 in the low nibbles, 16-31 in the high
-    tile = q.reshape(groups, 16, nb, 8, 4).permute(0, 2, 3, 1, 4).reshape(groups, nb, 512)
-    if qtype != GGML_Q8_0:
-        tile = tile[..., :256] | (tile[..., 256:] << 4)
-
-    def per_row(field: slice) -> torch.Tensor:  # a float16 field of each block, the group's 16 rows side by side
-        return b[..., field].reshape(groups, 16, nb, 2).permute(0, 2, 1, 3).reshape(groups, nb, 32)
-
-    parts = [tile, per_row(slice(0, 2))] + ([per_row(slice(2, 4))] if qtype == GGML_Q4_1 else [])
-    return torch.cat(parts, dim=-1).contiguous(), qtype, out
+def amx_block_tiles(blocks: list[torch.Tensor] | torch.Tensor, qtype: int) -> tuple[torch.Tensor, int, int]:
+    """GGML blocks (Q4_0 / Q4_1 / Q8_0; uint8 [rows, in / 32 * block bytes], or a list of such row blocks in
+    order) as the AMX block product reads them, with their type and row count: per 16 weight rows (zero rows pad
+    the last) and block of 32 inputs, the weights in TDPBSUD's layout (groups of 4 inputs x 16 rows; 4-bit ones
+    two to a byte, the tile's first half in the low nibbles), then the 16 float16 scales and, for Q4_1, the 16
+    minimums: the file's numbers, moved (by the kernels' `amx_block_pack`)."""
+    parts = [p.contiguous() for p in ([blocks] if isinstance(blocks, torch.Tensor) else blocks)]
+    _fused_product(GGUF_AMX)  # says why when the kernels are missing
+    return fused_ops().amx_block_pack(parts, qtype), qtype, sum(p.shape[0] for p in parts)
 
 
 INT4_GROUP = 32  # weights per scale and zero point, as in llama.cpp's Q4_1 blocks

@@ -1197,6 +1197,47 @@ at::Tensor amx_block_product(const at::Tensor& x_in, const at::Tensor& packed, i
   return out;
 }
 
+// GGML blocks (row blocks of one product, in order, uint8 [rows, blocks * block bytes]) moved into the layout
+// `amx_block_product` reads: per 16 weight rows (zero rows pad the last) and block of 32 inputs, the weights in
+// TDPBSUD's order (4 inputs x 16 rows; a 4-bit row's 16 stored bytes already pair input i with i + 16 as the
+// tile's two halves want), then the rows' float16 scales and, for Q4_1, their minimums. No number changes; a
+// copy loop, so loading a model costs a memory pass rather than a chain of tensor reshapes.
+at::Tensor amx_block_pack(at::TensorList parts, int64_t qtype) {
+  const int64_t tile = amx_tile_bytes(qtype), size = block_bytes(qtype);
+  TORCH_CHECK(!parts.empty(), "amx_block_pack: no weights given");
+  const int64_t row_bytes = parts[0].size(-1);
+  std::vector<const uint8_t*> row_data;
+  for (const at::Tensor& part : parts) {
+    TORCH_CHECK(part.device().is_cpu() && part.scalar_type() == at::kByte && part.dim() == 2 &&
+                    part.is_contiguous() && part.size(1) == row_bytes && row_bytes % size == 0,
+                "amx_block_pack: each part must be a contiguous uint8 CPU tensor [rows, ", row_bytes,
+                "] of whole GGML blocks of ", size, " bytes");
+    const uint8_t* base = part.data_ptr<uint8_t>();
+    for (int64_t r = 0; r < part.size(0); ++r) row_data.push_back(base + r * row_bytes);
+  }
+  const int64_t rows = static_cast<int64_t>(row_data.size()), blocks = row_bytes / size, groups = (rows + 15) / 16;
+  at::Tensor packed = at::zeros({groups, blocks, tile}, at::kByte);
+  uint8_t* out = packed.data_ptr<uint8_t>();
+  const int64_t quads = qtype == kQ8_0 ? 8 : 4, weights_at = qtype == kQ4_1 ? 4 : 2;
+  const int64_t scales_at = qtype == kQ8_0 ? 512 : 256;
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      for (int64_t r = 0; r < 16 && g * 16 + r < rows; ++r) {
+        const uint8_t* row = row_data[g * 16 + r];
+        for (int64_t b = 0; b < blocks; ++b) {
+          const uint8_t* block = row + b * size;
+          uint8_t* dst = out + (g * blocks + b) * tile;
+          for (int64_t quad = 0; quad < quads; ++quad)
+            std::memcpy(dst + (quad * 16 + r) * 4, block + weights_at + quad * 4, 4);
+          std::memcpy(dst + scales_at + r * 2, block, 2);
+          if (qtype == kQ4_1) std::memcpy(dst + scales_at + 32 + r * 2, block + 2, 2);
+        }
+      }
+    }
+  });
+  return packed;
+}
+
 // which vector instructions this build was compiled for (DRAFTSMITH_ISA=avx2 builds an AVX2 one on any x86 CPU)
 std::string vector_isa() {
 #if defined(__AVX512F__)
@@ -1228,5 +1269,6 @@ TORCH_LIBRARY(draftsmith_fused, m) {
   m.def("block_product_int8(Tensor x, Tensor blocks, int qtype) -> Tensor", &block_product_int8);
   m.def("amx_block_product(Tensor x, Tensor packed, int qtype, int features) -> Tensor", &amx_block_product);
   m.def("amx_int8_supported() -> bool", &amx_int8_supported);
+  m.def("amx_block_pack(Tensor[] parts, int qtype) -> Tensor", &amx_block_pack);
   m.def("vector_isa() -> str", &vector_isa);
 }
