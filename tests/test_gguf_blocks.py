@@ -18,7 +18,8 @@ from draftsmith.backends.protocol import BackendConfig
 from draftsmith.drafters.ngram import NgramDrafter
 from draftsmith.engine import GenerationConfig, SpecEngine
 from draftsmith.backends.fused import fused_ops
-from draftsmith.gguf_load import attach_blocks, dequantize_blocks
+from draftsmith.gguf_load import dequantize_blocks
+from draftsmith.gguf_model import attach_blocks
 from tiny_models import tiny_llama
 
 pytestmark = pytest.mark.skipif(fused_ops() is None or fused_ops().vector_isa() == "generic",

@@ -20,7 +20,7 @@ def build_engine(loaded: LoadedModel, drafter: str = "auto", backend: BackendCon
     `tokenizer`: False for token ids in and out (the bench, which detokenizes nothing inside its timing)."""
     sparse_verify = RoutedVerify(load_routers_for(routers, loaded)) if lossy_sparse_verify else None
     # routers trained with a LoRA (recipe upstream) route the target with it merged: the model they were trained on
-    model = sparse_verify.routers.routed_model(loaded.model) if sparse_verify else loaded.model
+    model = sparse_verify.routers.routed_model(loaded.model) if sparse_verify else loaded.engine_model
     return SpecEngine(model, build_drafter(drafter, loaded, **drafter_options),
                       loaded.tokenizer if tokenizer else None, backend=backend, pruner=build_pruner(prune, loaded),
                       sparse_verify=sparse_verify)

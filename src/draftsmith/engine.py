@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from draftsmith.acceptance import AcceptanceRule, SamplingConfig, acceptance_rule
 from draftsmith.adaptive import DraftLength
@@ -20,6 +20,9 @@ from draftsmith.models import encode_prompt, eos_token_ids
 from draftsmith.predictor import PathPruner
 from draftsmith.streaming import TextStream
 from draftsmith.target_runner import TargetRunner
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass

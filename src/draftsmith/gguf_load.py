@@ -6,8 +6,10 @@ map per module, and dequantizes every tensor to float32 before the model casts t
 where generating 48 tokens takes 0.6 s. Here the config and tokenizer are converted by transformers once per file
 and kept in draftsmith's cache folder with a table of the file's tensors (name, type, shape, offset); later loads
 read that folder and dequantize each tensor from the memory-mapped file with gguf-py's own `dequantize`, straight
-into the model's dtype. Each layer's q/k/v and gate/up weights land as row blocks of one tensor, so the lean
-forward's fused products need no second copy (see `backends.formats.joined_rows`).
+into the model's dtype, into the light module tree the lean forward runs (`gguf_model.GgufLlama`; no transformers
+modelling imported). A target that multiplies its file's own blocks reads only those, the embedding and the norms;
+float weights are read when something asks for them. Each layer's q/k/v and gate/up weights land as row blocks of
+one tensor, so the lean forward's fused products need no second copy (see `backends.formats.joined_rows`).
 """
 
 from __future__ import annotations
@@ -19,15 +21,20 @@ import json
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer
 
+from draftsmith.gguf_model import GgufLlama, attach_blocks
 from draftsmith.paths import cache_dir
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 DIRECT_MODEL_TYPES = {"llama", "mistral", "qwen2"}  # architectures read here; others go through transformers
 TABLE = "tensors.json"
@@ -50,19 +57,23 @@ class StoredTensor:
         """The stored bytes as gguf-py's `dequantize` takes them: [..., bytes of a row] (no copy)."""
         return file[self.offset : self.offset + self.n_bytes].reshape(*self.shape[:-1], -1)
 
-    def dequantized(self, file: np.memmap) -> torch.Tensor | np.ndarray:
-        """float32 values [*shape]: torch's vectorized operations for the block types llama.cpp's 4- and 8-bit
-        files use (the same float32 operations as gguf-py's, so the same bits), gguf-py's `dequantize` else."""
+    def dequantized(self, file: np.memmap, rows: slice = slice(None)) -> torch.Tensor | np.ndarray:
+        """float32 values [*shape] (of `rows` only, for a matrix): torch's vectorized operations for the block
+        types llama.cpp's 4- and 8-bit files use (the same float32 operations as gguf-py's, so the same bits),
+        gguf-py's `dequantize` else."""
         import gguf
 
-        raw = self.raw(file)
+        raw = self.raw(file)[rows]
         if self.qtype in BLOCK_TYPES:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch warns of the read-only mapping; nothing writes to it
                 blocks = torch.from_numpy(raw)
-            return dequantize_blocks(blocks, self.qtype).reshape(self.shape)
+            return dequantize_blocks(blocks, self.qtype).reshape(*raw.shape[:-1], self.shape[-1])
         return gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(self.qtype))
 
+
+VOCABULARY_ROWS = ("model.embed_tokens.weight", "lm_head.weight")  # one row per token
+ROW_CHUNK = 4096  # rows of a vocabulary-sized tensor dequantized at a time
 
 # GGML block types: (bytes a block, weights a block)
 Q4_0, Q4_1, Q8_0 = 2, 3, 8
@@ -135,6 +146,8 @@ def gguf_to_hf_names(config, gguf_names: list[str]) -> dict[str, str]:
 
     arch = next(key for key, value in gguf.MODEL_ARCH_NAMES.items() if value == config.model_type)
     name_map = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    from transformers import AutoModelForCausalLM
+
     with torch.device("meta"):
         hf_names = AutoModelForCausalLM.from_config(config).state_dict().keys()
     by_gguf = {}
@@ -146,8 +159,17 @@ def gguf_to_hf_names(config, gguf_names: list[str]) -> dict[str, str]:
     return {name: by_gguf[name] for name in gguf_names if name in by_gguf}
 
 
+def saved_config(folder: Path):
+    """The converted config's fields as saved, in transformers' generic config class: the model type's own config
+    module imports transformers' modelling stack (seconds), which loading the lean forward does not need."""
+    from transformers import PretrainedConfig
+
+    return PretrainedConfig.from_json_file(folder / "config.json")
+
+
 def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(converted(path))
+    folder = converted(path)
+    return AutoTokenizer.from_pretrained(folder, config=saved_config(folder))  # the config only names the model type
 
 
 def load_config(path: Path):
@@ -160,13 +182,16 @@ def stored_tensors(path: Path) -> list[StoredTensor]:
 
 
 @torch.no_grad()
-def load_gguf_model(path: Path, dtype: torch.dtype) -> PreTrainedModel:
-    """The transformers model of a Llama-family GGUF file in `dtype`, its weights dequantized from the
-    memory-mapped file one tensor at a time (the peak is the model plus one tensor in float32)."""
+def load_gguf_llama(path: Path, dtype: torch.dtype, defer_blocks: bool = False) -> GgufLlama:
+    """The weights of a Llama-family GGUF file in `dtype` as the lean forward reads them (`GgufLlama`), each
+    dequantized from the memory-mapped file one tensor at a time (the peak is the model plus one tensor in
+    float32); linears stored in GGML blocks keep a reader of those blocks. `defer_blocks`: those linears' float
+    weights are read only if something asks for them (`GgufLlama.materialize`), as a target that multiplies
+    its file's blocks never does: its load then holds the blocks, the embedding and the norms, nothing more."""
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
     folder = converted(path)
-    config = AutoConfig.from_pretrained(folder)
+    config = saved_config(folder)
     tensors = {t.hf_name: t for t in stored_tensors(path) if t.hf_name is not None}
     # the q/k rows llama.cpp's converter permuted for its rotary layout go back as transformers reads them
     arch = {"mistral": "llama"}.get(config.model_type, config.model_type)
@@ -175,6 +200,11 @@ def load_gguf_model(path: Path, dtype: torch.dtype) -> PreTrainedModel:
 
     def read(hf_name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         stored = tensors[hf_name]
+        if hf_name in VOCABULARY_ROWS:  # the largest tensors, which the processor leaves as stored: in row chunks,
+            out = torch.empty(stored.shape, dtype=dtype) if out is None else out  # never one float32 copy whole
+            for start in range(0, stored.shape[0], ROW_CHUNK):
+                out[start : start + ROW_CHUNK] = torch.as_tensor(stored.dequantized(file, slice(start, start + ROW_CHUNK)))
+            return out
         values = processor.process(weights=stored.dequantized(file), name=stored.gguf_name).weights
         if isinstance(values, np.ndarray):
             if not (values.flags.c_contiguous and values.flags.writeable):  # a view of the read-only file (F32)
@@ -186,32 +216,28 @@ def load_gguf_model(path: Path, dtype: torch.dtype) -> PreTrainedModel:
         out.copy_(source)
         return out
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    deferred = {name for name, t in tensors.items()
+                if defer_blocks and t.qtype in BLOCK_TYPES and name.endswith(("_proj.weight", "lm_head.weight"))}
     with single_thread():
-        state = _read_state(config, tensors, read, dtype)
-    missing = set(model.state_dict()) - set(state)
-    if config.tie_word_embeddings:
-        missing.discard("lm_head.weight")
-    if missing:
-        raise KeyError(f"{path.name} lacks tensors for {sorted(missing)[:3]}")
-    model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
+        state = _read_state(config, tensors, read, dtype, set(tensors) - deferred)
+    placeholders = {name: torch.empty(tensors[name].shape, dtype=dtype, device="meta") for name in deferred}
+    model = GgufLlama(config, state | placeholders, path.name, folder)
+    if deferred:
+        def read_deferred() -> dict[str, torch.Tensor]:
+            with single_thread():
+                return _read_state(config, tensors, read, dtype, deferred)
+
+        model.defer_weights(read_deferred)
     for name, stored in tensors.items():  # the stored blocks, read when the `gguf` weight format asks for them
         if stored.qtype in BLOCK_TYPES and name.endswith(".weight"):
             attach_blocks(model.get_submodule(name.removesuffix(".weight")), stored.qtype,
                           functools.partial(_stored_blocks, path, stored, processor))
-    for name, module in list(model.named_modules()):  # buffers computed at construction (rotary frequencies)
-        if any(b.is_meta for b in module.buffers(recurse=False)):
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, type(module)(config=config))
-    return model.eval()
+    return model
 
 
-def attach_blocks(module: torch.nn.Module, qtype: int, read: Callable[[], torch.Tensor]) -> None:
-    """Give a linear (or embedding) the GGML blocks its weight was dequantized from: `read()` gives them as
-    uint8 [rows, bytes], rows in the module's own order (for the `gguf` weight format of the lean forward)."""
-    module.gguf_qtype, module.gguf_blocks = qtype, read
+def load_gguf_model(path: Path, dtype: torch.dtype) -> PreTrainedModel:
+    """The transformers model of a Llama-family GGUF file in `dtype` (over `load_gguf_llama`'s tensors)."""
+    return load_gguf_llama(path, dtype).transformers_model()
 
 
 def _stored_blocks(path: Path, stored: StoredTensor, processor) -> torch.Tensor:
@@ -232,20 +258,21 @@ def single_thread():
         torch.set_num_threads(threads)
 
 
-def _read_state(config, tensors: dict, read, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every tensor by its transformers name; each layer's joined groups (JOINED) as row blocks of one tensor."""
+def _read_state(config, tensors: dict, read, dtype: torch.dtype, names: set[str]) -> dict[str, torch.Tensor]:
+    """The tensors `names` by their transformers names; each layer's joined groups (JOINED) as row blocks of one
+    tensor (where the whole group is read)."""
     state = {}
-    joined = {f"{prefix}.{name}.weight" for prefix in _layer_prefixes(config) for group in JOINED for name in group}
     for prefix in _layer_prefixes(config):
         for group in JOINED:
-            names = [f"{prefix}.{name}.weight" for name in group]
-            rows = [tensors[name].shape[0] for name in names]
-            block = torch.empty(sum(rows), tensors[names[0]].shape[1], dtype=dtype)
-            for name, part in zip(names, block.split(rows)):
+            group_names = [f"{prefix}.{name}.weight" for name in group]
+            if not set(group_names) <= names:
+                continue
+            rows = [tensors[name].shape[0] for name in group_names]
+            block = torch.empty(sum(rows), tensors[group_names[0]].shape[1], dtype=dtype)
+            for name, part in zip(group_names, block.split(rows)):
                 state[name] = read(name, part)
-    for name in tensors:
-        if name not in joined:
-            state[name] = read(name)
+    for name in names - set(state):
+        state[name] = read(name)
     return state
 
 

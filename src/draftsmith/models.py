@@ -14,15 +14,20 @@ import hashlib
 import logging
 import struct
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer
 
 from draftsmith.errors import ConfigError, IncompatibleDrafterError, ModelLoadError
 from draftsmith.machine import cpuinfo
 from draftsmith.paths import cache_dir
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from draftsmith.gguf_model import GgufLlama
 
 DEFAULT_TARGET = "smollm2"
 # alias -> (package that ships the GGUF, file name inside it, or None where the package assembles the file)
@@ -34,19 +39,31 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
-@dataclass
 class LoadedModel:
-    model: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
-    name: str
+    """A model and its tokenizer. `engine_model` is what engines run: the transformers model, or for a
+    Llama-family GGUF the light module tree of its weights (`GgufLlama`), whose transformers model `model` builds
+    over the same tensors on first use (importing transformers' modelling costs seconds a CLI call need not pay)."""
+
+    def __init__(self, model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
+                 name: str = "", engine_model: GgufLlama | None = None):
+        if model is None and engine_model is None:
+            raise ValueError("LoadedModel needs a model or an engine model")
+        self._model, self.tokenizer, self.name = model, tokenizer, name
+        self.engine_model = engine_model if engine_model is not None else model
+
+    @property
+    def model(self) -> PreTrainedModel:
+        if self._model is None:
+            self._model = self.engine_model.transformers_model()
+        return self._model
 
     @property
     def device(self) -> torch.device:
-        return self.model.device
+        return self.engine_model.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.dtype
+        return self.engine_model.dtype
 
     def encode(self, text: str, templated: bool = False) -> list[int]:
         return encode_prompt(self.tokenizer, text, templated)
@@ -227,13 +244,18 @@ def load_model(
         return _load_llamacpp(spec, location, extra, device)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    if "gguf_file" in extra and (direct := _load_gguf_directly(spec, Path(location) / extra["gguf_file"], torch_dtype)):
+    # no --dtype given: the lean forward multiplies a GGUF's own blocks (the `gguf` weight formats, backends/formats.py)
+    file_blocks = dtype == "auto" and torch_device.type == "cpu"
+    if "gguf_file" in extra and (direct := _load_gguf_directly(spec, Path(location) / extra["gguf_file"], torch_dtype,
+                                                               file_blocks)):
         model, tokenizer = direct
-        # no --dtype given: the lean forward multiplies the file's own blocks (the `gguf` weight format, backends/formats.py)
-        model.gguf_blocks_default = dtype == "auto" and torch_device.type == "cpu"
-        model.to(torch_device)
+        model.gguf_blocks_default = file_blocks
+        if not file_blocks:  # (then on the CPU already, some weights deferred on the meta device)
+            model.to(torch_device)
         model.generation_config.pad_token_id = model.generation_config.pad_token_id or tokenizer.pad_token_id
-        return LoadedModel(model=model, tokenizer=tokenizer, name=spec)
+        return LoadedModel(tokenizer=tokenizer, name=spec, engine_model=model)
+    from transformers import AutoModelForCausalLM
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code, **extra)
         model = AutoModelForCausalLM.from_pretrained(
@@ -251,16 +273,16 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tokenizer, name=spec)
 
 
-def _load_gguf_directly(spec: str, path: Path, dtype: torch.dtype
-                        ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase] | None:
-    """A Llama-family GGUF's model and tokenizer read by gguf_load (seconds less than transformers' GGUF
+def _load_gguf_directly(spec: str, path: Path, dtype: torch.dtype, defer_blocks: bool
+                        ) -> tuple[GgufLlama, PreTrainedTokenizerBase] | None:
+    """A Llama-family GGUF's weights and tokenizer read by gguf_load (seconds less than transformers' GGUF
     loading, and no float32 copy of every weight on the way); None for other architectures."""
     from draftsmith import gguf_load
 
     try:
         if gguf_load.model_type_of(path, convert=True) not in gguf_load.DIRECT_MODEL_TYPES:
             return None
-        return gguf_load.load_gguf_model(path, dtype), gguf_load.load_tokenizer(path)
+        return gguf_load.load_gguf_llama(path, dtype, defer_blocks), gguf_load.load_tokenizer(path)
     except (OSError, *UNREADABLE) as e:  # a truncated or foreign file: what gguf-py and transformers raise on one
         raise unreadable(spec, {"gguf_file": path.name}, e) from e
 
@@ -317,7 +339,7 @@ def check_same_vocabulary(target: LoadedModel, drafter: LoadedModel) -> None:
             f"({len(draft_vocab)} vs {len(target_vocab)} tokens, {differing} target tokens differ): "
             "a token-level drafter must use the target's tokenizer"
         )
-    target_rows, draft_rows = logit_rows(target.model), logit_rows(drafter.model)
+    target_rows, draft_rows = logit_rows(target.engine_model), logit_rows(drafter.engine_model)
     if draft_rows < len(target_vocab):
         raise IncompatibleDrafterError(
             f"drafter '{drafter.name}' has {draft_rows} output logits but the tokenizer has {len(target_vocab)} tokens"

@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import PreTrainedModel
 
 from draftsmith.errors import ConfigError
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel
     from draftsmith.models import LoadedModel
 
 WEIGHTS, CONFIG = "routers.safetensors", "routers.json"

@@ -8,9 +8,9 @@ nodes, so row 0 of the logits predicts the first draft level and the last accept
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import PreTrainedModel
 
 from draftsmith.adaptive import CostCurve, calibrated_costs, drifted, synchronize
 from draftsmith.backends.cuda_graphs import BUCKETS
@@ -20,6 +20,9 @@ from draftsmith.backends.lean import LeanLlama
 from draftsmith.backends.protocol import BackendConfig, Forward
 from draftsmith.draft import ROOT, Draft, common_prefix
 from draftsmith.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def tree_mask(draft: Draft) -> torch.Tensor:

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import PreTrainedModel
 
-from draftsmith.backends.formats import (BF16_AMX, BF16_DOT, FP16_FORMATS, GGUF_AMX, GGUF_BLOCKS, GGUF_INT8, Q8_BLOCKS,
-                                         QUANTIZED, WeightFormat, amx_block_available, candidate_formats,
-                                         has_gguf_blocks, model_fp16_holds)
+from draftsmith.backends.formats import (BF16_AMX, BF16_DOT, FILE_BLOCK_FORMATS, FP16_FORMATS, GGUF_AMX, GGUF_BLOCKS,
+                                         GGUF_INT8, Q8_BLOCKS, QUANTIZED, WeightFormat, amx_block_available,
+                                         candidate_formats, has_gguf_blocks, model_fp16_holds)
 from draftsmith.backends.fused import fused_ops
 from draftsmith.backends.fused import wanted as fused_wanted
 from draftsmith.backends.layers import LeanLayers, lean_layer, rope_tables
 from draftsmith.backends.timing import CLEAR_MARGIN, cached_choice, fastest, measured_once
 from draftsmith.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 TIMED_ROWS = (1, 8)  # a one-token step and a verification: a format is timed on both, summed
 
@@ -72,6 +75,8 @@ def choose_format(model: PreTrainedModel, weights: str = "auto", fused: bool | N
         weights = default_block_format(model.device)  # a GGUF target loaded without a --dtype: the file's own blocks
     if weights == "auto":
         weights = "stored" if model.dtype == torch.float32 else "fastest"
+    if weights not in FILE_BLOCK_FORMATS and hasattr(model, "materialize"):
+        model.materialize()  # a GGUF target's float weights, deferred at load while its blocks were the plan
     cpu_only = (*QUANTIZED, *FP16_FORMATS, BF16_DOT, BF16_AMX, GGUF_BLOCKS, GGUF_INT8, GGUF_AMX)
     if weights in cpu_only and model.device.type != "cpu":
         raise ConfigError(f"{weights} weights use CPU kernels (aten's, FBGEMM's); on {model.device.type} use "

@@ -4,15 +4,18 @@ head's single layer."""
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedModel
 
 from draftsmith.backends.formats import WeightFormat, _cast
 from draftsmith.backends.fused import fused_ops
 from draftsmith.backends.fused import wanted as fused_wanted
 from draftsmith.backends.timing import fastest, measured_once
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 CACHE_BLOCK = 256  # the lean cache grows in blocks of this many positions
 TREE_ATTENTION_ROWS = 64  # masked forwards up to this size (verifications) attend through the fused kernel

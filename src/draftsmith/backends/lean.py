@@ -11,16 +11,19 @@ import time
 import warnings
 import weakref
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedModel
 
 from draftsmith.backends.cuda_graphs import CapturedSteps, check_graphs
 from draftsmith.backends.format_choice import choose_format
 from draftsmith.backends.formats import WeightFormat
 from draftsmith.backends.layers import LeanLayers, lean_layer, rope_tables
 from draftsmith.backends.protocol import Forward
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 LEAN_MODEL_TYPES = {"llama", "mistral", "qwen2"}
 PREFILL_CHUNK = 512  # longer prompts are fed in chunks of this many tokens

@@ -213,7 +213,7 @@ class Server:
         if isinstance(prompt, str):
             self.check_prompt_chars(len(prompt), "prompt")
             return self.check_prompt_tokens(await self.off_loop(self.loaded.encode, prompt), "prompt")
-        vocab = logit_rows(self.loaded.model)
+        vocab = logit_rows(self.loaded.engine_model)
         if any(not 0 <= t < vocab for t in prompt):
             raise ApiError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
         return self.check_prompt_tokens(prompt, "prompt")
