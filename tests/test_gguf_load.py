@@ -142,3 +142,21 @@ def test_a_light_model_missing_a_tensor_names_it():
     state = {k: v for k, v in model.state_dict().items() if k != "model.layers.1.mlp.up_proj.weight"}
     with pytest.raises(KeyError, match="mlp.up_proj"):
         GgufLlama(model.config, state, "tiny.gguf", Path("."))
+
+
+def test_a_light_gguf_model_runs_on_transformers_forward_when_asked(tiny_gguf, monkeypatch, tmp_path):
+    """`BackendConfig(lean=False)` on a GGUF target: the engine runs transformers' forward over the same tensors
+    (built on request), its greedy tokens those of the model the file was written from (fp32)."""
+    from draftsmith.backends.protocol import BackendConfig
+    from draftsmith.engine import GenerationConfig, SpecEngine
+    from draftsmith.gguf_model import GgufLlama
+    from tiny_models import hf_greedy
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    model, path = tiny_gguf
+    loaded = load_model(str(path), dtype="float32")
+    assert isinstance(loaded.engine_model, GgufLlama)
+    prompt = [5, 9, 14, 3]
+    config = GenerationConfig(max_new_tokens=12, stop_on_eos=False)
+    tokens = SpecEngine(loaded.engine_model, backend=BackendConfig(lean=False)).generate(prompt, config).tokens
+    assert tokens == hf_greedy(model, prompt, 12)
