@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import gguf
 import numpy as np
@@ -143,7 +144,11 @@ def test_gguf_amx_is_the_default_where_the_cpu_has_it_and_refused_with_the_reaso
     monkeypatch.setattr(format_choice, "amx_block_available", lambda device, fused=None: True)
     assert choose_format(_quantized_tiny()) == WeightFormat(GGUF_AMX)
     monkeypatch.setattr(format_choice, "amx_block_available", lambda device, fused=None: False)
-    assert choose_format(_quantized_tiny()) == WeightFormat(GGUF_BLOCKS)
+    assert choose_format(_quantized_tiny()) == WeightFormat(GGUF_BLOCKS if fused_ops().vector_isa() == "avx512"
+                                                            else "gguf-int8")
+    for isa, chosen in (("avx512", GGUF_BLOCKS), ("avx2", "gguf-int8")):  # an AVX2 build: 8-bit activations
+        monkeypatch.setattr(format_choice, "fused_ops", lambda isa=isa: SimpleNamespace(vector_isa=lambda: isa))
+        assert choose_format(_quantized_tiny()) == WeightFormat(chosen), isa
     with pytest.raises(ConfigError, match="AMX's integer tiles"):
         choose_format(_quantized_tiny(), GGUF_AMX)
 

@@ -114,8 +114,14 @@ def choose_format(model: PreTrainedModel, weights: str = "auto", fused: bool | N
 def default_block_format(device: torch.device) -> str:
     """How a GGUF target multiplies its file's blocks by default: on AMX's integer tiles where the CPU has them
     (llama.cpp's 8-bit-activation arithmetic; a verification of 16 rows at ~1.5x a one-token step, and a faster
-    one-token step than `gguf`'s: docs/results/2026-12-04-verification-kernels.md), else with float32 activations."""
-    return GGUF_AMX if amx_block_available(device) else GGUF_BLOCKS
+    one-token step than `gguf`'s: docs/results/2026-12-04-verification-kernels.md); with the same arithmetic
+    through AVX2's byte products where the kernels are an AVX2 build (faster than float32 activations there, for
+    steps and verifications: docs/results/2026-12-05-avx2-kernels.md); else with float32 activations (AVX-512
+    without AMX: measured mixed, a faster step and a slower verification)."""
+    if amx_block_available(device):
+        return GGUF_AMX
+    ops = fused_ops()
+    return GGUF_INT8 if ops is not None and ops.vector_isa() == "avx2" else GGUF_BLOCKS
 
 
 def runs_file_blocks(model: PreTrainedModel) -> bool:
