@@ -153,14 +153,17 @@ class GgufLlama(nn.Module):
             config = AutoConfig.from_pretrained(self.config_folder)  # the model class's own config
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
-            model.load_state_dict(self.state_dict(), strict=False, assign=True)
+            model.load_state_dict(self.state_dict(keep_vars=True), strict=False, assign=True)  # the same parameters
+            for name, module in self.named_modules():
+                if isinstance(module, nn.Linear):  # the same modules: weights a lean format re-points stay one copy
+                    parent, _, attr = name.rpartition(".")
+                    setattr(model.get_submodule(parent), attr, module)
+                elif hasattr(module, "gguf_blocks"):
+                    attach_blocks(model.get_submodule(name), module.gguf_qtype, module.gguf_blocks)
             model.tie_weights()
             unset = [name for name, p in model.named_parameters() if p.is_meta]
             if unset:
                 raise KeyError(f"{self.source} lacks tensors for {unset[:3]}")
-            for name, module in self.named_modules():
-                if hasattr(module, "gguf_blocks"):
-                    attach_blocks(model.get_submodule(name), module.gguf_qtype, module.gguf_blocks)
             for name, module in list(model.named_modules()):  # buffers computed at construction (rotary frequencies)
                 if any(b.is_meta for b in module.buffers(recurse=False)):
                     parent, _, attr = name.rpartition(".")

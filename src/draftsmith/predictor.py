@@ -276,7 +276,7 @@ def build_pruner(spec: str | None, target: LoadedModel) -> PathPruner | None:
         from draftsmith.artifacts import shipped_file
 
         path = str(shipped_file(target, "predictor", CONFIG, "train predictor").parent)
-    return load_pruner(Path(path), target.model, always=kind == "predictor-path")
+    return load_pruner(Path(path), target.engine_model, always=kind == "predictor-path")
 
 
 def load_pruner(folder: Path, target: PreTrainedModel, always: bool = False) -> PathPruner:

@@ -157,4 +157,4 @@ def load_routers_for(spec: str, target: LoadedModel) -> Routers:
     from draftsmith.artifacts import shipped_file
 
     folder = Path(spec) if spec else shipped_file(target, "router", CONFIG, "train router").parent
-    return load_routers(folder, target.model)
+    return load_routers(folder, target.engine_model)

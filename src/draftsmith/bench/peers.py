@@ -53,7 +53,7 @@ def run_gguf(target: LoadedModel) -> Path:
     if source is None:
         raise ConfigError(f"the llama.cpp methods need a GGUF: '{target.name}' is not one; give the method a file "
                           "(llamacpp:FILE.gguf) or write one with `draftsmith export --format gguf`")
-    if "@" not in target.name and runs_file_blocks(target.model):
+    if "@" not in target.name and runs_file_blocks(target.engine_model):
         return source
     dtype = GGUF_DTYPE.get(target.dtype)
     if dtype is None:
@@ -86,7 +86,7 @@ def llamacpp_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int):
 
         draft = LlamaPromptLookupDecoding(num_pred_tokens=int(spec.arg or 10))
     path = method_gguf(spec, target)
-    context = target.model.config.max_position_embeddings
+    context = target.engine_model.config.max_position_embeddings
     options = {}
     if draft is not None:
         # llama-cpp-python keeps every row's logits when it drafts, but sizes that array by the logits_all it
@@ -96,7 +96,7 @@ def llamacpp_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int):
         options["logits_all"] = True
     llm = llama_cpp.Llama(str(path), n_ctx=context, n_threads=torch.get_num_threads(), draft_model=draft,
                           verbose=False, **options)
-    stop = eos_token_ids(target.model, target.tokenizer)
+    stop = eos_token_ids(target.engine_model, target.tokenizer)
     evals = [0]
     plain_eval = llm.eval
 
@@ -195,7 +195,7 @@ def server_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int, bi
         draft = ["-md", str(eagle3_gguf(head_dir, target, llama_cpp_converter(binary)))]
     port = _free_port()
     command = [binary, "-m", str(model_gguf or run_gguf(target)), *draft, "--host", "127.0.0.1", "--port", str(port),
-               "-t", str(torch.get_num_threads()), "-c", str(target.model.config.max_position_embeddings),
+               "-t", str(torch.get_num_threads()), "-c", str(target.engine_model.config.max_position_embeddings),
                "-np", "1", "--no-webui", "--spec-type", spec_type]
     flags = {"n": "--spec-ngram-simple-size-n", "m": "--spec-ngram-simple-size-m", "draft_max": "--spec-draft-n-max"}
     for key, value in spec.options.items():
@@ -223,7 +223,7 @@ def server_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int, bi
             stop_server()
             raise ConfigError(f"llama-server did not start (exit {process.poll()}); its log: {log}")
         time.sleep(0.5)
-    stop = eos_token_ids(target.model, target.tokenizer)
+    stop = eos_token_ids(target.engine_model, target.tokenizer)
 
     def generate(ids: list[int]) -> Output:
         body = json.dumps({"prompt": ids, "n_predict": max_new_tokens, "temperature": 0.0, "top_k": 1,

@@ -426,7 +426,7 @@ def run_bench(
     prompts, truncated = [], []
     for t in tasks:
         ids = prompt_ids(t, target.tokenizer)
-        fitted = fit_prompt(ids, target.model, config.max_new_tokens)
+        fitted = fit_prompt(ids, target.engine_model, config.max_new_tokens)
         prompts.append((t.task_id, fitted))
         if len(fitted) < len(ids):
             truncated.append(t.task_id)
@@ -463,7 +463,7 @@ def run_bench(
     summaries = summarize(records, baseline=baseline, plain=PLAIN if PLAIN in names else None, reference=reference,
                           same_dtype_baseline=same_dtype_baseline)
     bandwidth = read_bandwidth_gb_s(target.device)
-    floors = {d: weight_read_floor(t.model, bandwidth) for d, t in targets.items()}
+    floors = {d: weight_read_floor(t.engine_model, bandwidth) for d, t in targets.items()}
     metadata = run_metadata(config, target, baseline=baseline, reference=reference,
                             warmup_prompt=tasks[0].task_id, truncated_prompts=truncated,
                             sandbox=sorted({r.sandbox for r in records if r.sandbox}),

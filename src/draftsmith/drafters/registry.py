@@ -41,8 +41,8 @@ def build_drafter(spec: str, target: LoadedModel, **options) -> Drafter | None:
         from draftsmith.backends.format_choice import drafter_format
         from draftsmith.backends.protocol import BackendConfig
 
-        fmt = drafter_format(target.model)  # beside a 4-bit target: its block products
-        return ModelDrafter(draft_model(spec, target), vocab_size=logit_rows(target.model),
+        fmt = drafter_format(target.engine_model)  # beside a 4-bit target: its block products
+        return ModelDrafter(draft_model(spec, target), vocab_size=logit_rows(target.engine_model),
                             backend=BackendConfig(weights=fmt.name if fmt is not None else "auto"))
     if kind == "mag":
         from draftsmith.drafters.mag import BigramTable, MagDrafter
@@ -60,12 +60,12 @@ def build_drafter(spec: str, target: LoadedModel, **options) -> Drafter | None:
                 return "drafter", build_drafter(level_spec, target)
             raise ConfigError(f"cascade level '{level_spec}': use model:PATH, student[:DIR], mag[:FILE] or ngram")
 
-        return build_cascade(parse_cascade(path), level, vocab_size=logit_rows(target.model))
+        return build_cascade(parse_cascade(path), level, vocab_size=logit_rows(target.engine_model))
     if kind == "layerskip":
         from draftsmith.drafters.layerskip import LayerSkipDrafter
         from draftsmith.models import logit_rows
 
-        return LayerSkipDrafter(skip_policy(path, target), vocab_size=logit_rows(target.model),
+        return LayerSkipDrafter(skip_policy(path, target), vocab_size=logit_rows(target.engine_model),
                                 tokenizer=target.tokenizer, confidence=options.get("confidence", 0.0))
     if kind in ("eagle+ngram", "eagle3+ngram"):  # the head's tree with prompt lookup's chain grafted on
         kind, options = kind.removesuffix("+ngram"), {"lookup": 8, **options}
@@ -83,7 +83,7 @@ def skip_policy(spec: str, target: LoadedModel):
 
     if spec == "auto":
         return None
-    layers = target.model.config.num_hidden_layers
+    layers = target.engine_model.config.num_hidden_layers
     if spec.startswith("skip="):
         skipped = set()
         try:
