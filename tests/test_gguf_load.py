@@ -64,7 +64,7 @@ def test_embedded_model_equals_transformers_gguf_loading():
 
     path = embedded_gguf("smollm2")
     reference = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    ours = gguf_load.load_gguf_model(path, torch.float32)
+    ours = gguf_load.load_gguf_llama(path, torch.float32).transformers_model()
     expected, got = reference.state_dict(), ours.state_dict()
     assert set(got) == set(expected)
     for name in expected:  # Q4_1, Q8_0 and F32 tensors, q/k rows un-permuted

@@ -23,7 +23,6 @@ import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -34,7 +33,7 @@ from draftsmith.gguf_model import GgufLlama, attach_blocks
 from draftsmith.paths import cache_dir
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerBase
 
 DIRECT_MODEL_TYPES = {"llama", "mistral", "qwen2"}  # architectures read here; others go through transformers
 TABLE = "tensors.json"
@@ -203,7 +202,8 @@ def load_gguf_llama(path: Path, dtype: torch.dtype, defer_blocks: bool = False) 
         if hf_name in VOCABULARY_ROWS:  # the largest tensors, which the processor leaves as stored: in row chunks,
             out = torch.empty(stored.shape, dtype=dtype) if out is None else out  # never one float32 copy whole
             for start in range(0, stored.shape[0], ROW_CHUNK):
-                out[start : start + ROW_CHUNK] = torch.as_tensor(stored.dequantized(file, slice(start, start + ROW_CHUNK)))
+                rows = slice(start, start + ROW_CHUNK)
+                out[rows] = torch.as_tensor(stored.dequantized(file, rows))
             return out
         values = processor.process(weights=stored.dequantized(file), name=stored.gguf_name).weights
         if isinstance(values, np.ndarray):
@@ -233,11 +233,6 @@ def load_gguf_llama(path: Path, dtype: torch.dtype, defer_blocks: bool = False) 
             attach_blocks(model.get_submodule(name.removesuffix(".weight")), stored.qtype,
                           functools.partial(_stored_blocks, path, stored, processor))
     return model
-
-
-def load_gguf_model(path: Path, dtype: torch.dtype) -> PreTrainedModel:
-    """The transformers model of a Llama-family GGUF file in `dtype` (over `load_gguf_llama`'s tensors)."""
-    return load_gguf_llama(path, dtype).transformers_model()
 
 
 def _stored_blocks(path: Path, stored: StoredTensor, processor) -> torch.Tensor:

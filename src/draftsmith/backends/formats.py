@@ -248,10 +248,6 @@ def amx_tiles(weight: torch.Tensor) -> torch.Tensor:
     return padded.view(blocks, 16, depth, 16, 2).permute(0, 2, 3, 1, 4).contiguous().view(blocks, depth, 16, 32)
 
 
-GGML_Q4_0, GGML_Q4_1, GGML_Q8_0 = 2, 3, 8  # GGML's type numbers (gguf.GGMLQuantizationType)
-GGML_BLOCK_BYTES = {GGML_Q4_0: 18, GGML_Q4_1: 20, GGML_Q8_0: 34}  # bytes per block of 32 weights
-
-
 def amx_block_available(device: torch.device, fused: bool | None = None) -> bool:
     """Whether `gguf-amx` products can run here: a CPU with AMX's integer tiles, which the OS lets us use."""
     return _kernel_available(device, fused, "amx_int8_supported")
