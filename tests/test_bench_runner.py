@@ -139,6 +139,17 @@ def test_method_specs():
     assert parse_method("student").arg is None and parse_method("mag:t.safetensors:k=5").arg == "t.safetensors"
 
 
+def test_lossy_sparse_methods_take_a_routers_folder(tmp_path):
+    spec = parse_method(f"eagle:lossy_sparse=1,routers={tmp_path}")
+    assert spec.options == {"lossy_sparse": 1, "routers": str(tmp_path)}
+    with pytest.raises(ConfigError, match="add lossy_sparse=1"):
+        parse_method(f"plain:routers={tmp_path}")  # routers only change the lossy verifier
+    with pytest.raises(ConfigError, match="not a folder of trained routers"):
+        parse_method(f"plain:lossy_sparse=1,routers={tmp_path / 'missing'}")
+    with pytest.raises(ConfigError, match="bad option 'routers"):
+        parse_method(f"ngram:routers={tmp_path}")
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"limit": 0}, "limit must be >= 1"),
     ({"workload": "poetry"}, "unknown workload 'poetry'"),
@@ -218,6 +229,27 @@ def test_without_the_llamacpp_extra_its_methods_say_how_to_install_it(target, mo
     config = BenchConfig(target="tiny", workload="lines", methods=["plain"], limit=1, max_new_tokens=4,
                          out=str(tmp_path / "out"))
     assert run_bench(config, target=target, tasks=[line_task(0)]).summaries[0].method == "plain"
+
+
+def test_a_lossy_sparse_method_runs_the_routers_it_names(target, tmp_path):
+    """routers=DIR reaches the verifier: routers that run every layer decode as plain does; routers that skip
+    every routed layer do not (the tiny target's greedy output changes without its layers)."""
+    from draftsmith.routers import RouterConfig, Routers, save_routers
+
+    config = target.model.config
+    for name, bias in (("dense", [-50.0, 50.0]), ("skip", [50.0, -50.0])):
+        routers = Routers(RouterConfig(hidden_size=config.hidden_size, num_layers=config.num_hidden_layers,
+                                       start_layer=1))
+        with torch.no_grad():
+            for router in routers.routers:
+                router.out.bias.copy_(torch.tensor(bias))
+        save_routers(routers, tmp_path / name)
+    prompt = target.tokenizer("def add(a, b):\n    return")["input_ids"]
+    tokens = {spec: build_method(spec, target, NEW).generate(prompt).tokens
+              for spec in ("plain", f"plain:lossy_sparse=1,routers={tmp_path / 'dense'}",
+                           f"plain:lossy_sparse=1,routers={tmp_path / 'skip'}")}
+    plain, dense, skip = tokens.values()
+    assert dense == plain and skip != plain
 
 
 def test_a_method_that_fails_midway_is_reported_and_the_others_run_on(target, tmp_path, monkeypatch):

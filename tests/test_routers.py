@@ -139,3 +139,42 @@ def test_lossy_sparse_verify_decodes_as_the_routed_model_and_dense_when_nothing_
     assert tokens == routed_reference(target, routers, prompt, 16)
     assert 0.2 < verify.executed_ratio < 0.9
     assert tokens != hf_greedy(target, prompt, 16)  # lossy indeed: another model
+
+
+def test_a_margin_moves_the_decision_boundary_by_exactly_its_value():
+    """A token executes where execute - skip > margin: at a logit difference of 1.5, margin 1.49 executes, 1.5
+    and 1.51 skip; the training forward's argmax decisions and the verifier's follow the same rule."""
+    routers = Routers(RouterConfig(hidden_size=8, num_layers=3, start_layer=1))
+    with torch.no_grad():
+        for router in routers.routers:
+            router.out.weight.zero_()
+            router.out.bias.copy_(torch.tensor([0.25, 1.75]))
+    x = torch.randn(1, 1, 8)
+    for margin, runs in ((1.49, True), (1.5, False), (1.51, False), (-3.0, True)):
+        routers.config.margin = margin
+        assert routers.executes(1, x) is runs
+        assert routers.decide(2, x).item() is runs
+    assert routers.decide(0, x) is None  # before the start layer there is no decision: it runs
+
+
+def test_calibrated_share_is_reached_and_the_margin_is_kept(corpus, tmp_path):
+    """Routers trained for 0.5 calibrated to 0.8 (and to 0.6) run that share of the layers on held-out text,
+    a higher share from a lower margin; the calibrated copy keeps its margin when loaded."""
+    from draftsmith.data.corpus import load_corpus
+    from draftsmith.routers import save_routers
+    from draftsmith.train.distill import TokenChunks
+    from draftsmith.train.router import calibrate_share
+
+    target = tiny_llama(num_layers=8, hidden_size=64, init_std=0.08, seed=3)
+    routers, _ = train_tiny(target, corpus, tmp_path / "r", ratio=0.5, steps=60)
+    routers = load_routers(tmp_path / "r", target)
+    heldout = TokenChunks(load_corpus(str(corpus), split="heldout"), char_tokenizer(), 48, max_chunks=4)
+    high = calibrate_share(target, routers, heldout, 0.8)
+    low = calibrate_share(target, routers, heldout, 0.6)
+    assert high["executed"] == pytest.approx(0.8, abs=0.03) and low["executed"] == pytest.approx(0.6, abs=0.03)
+    assert high["margin"] < low["margin"]
+    assert routers.config.margin == low["margin"]
+    save_routers(routers, tmp_path / "c")
+    assert load_routers(tmp_path / "c", target).config.margin == low["margin"]
+    with pytest.raises(ConfigError, match="share must be in"):
+        calibrate_share(target, routers, heldout, 0.1)  # below the first layer, which always runs

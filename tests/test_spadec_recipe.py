@@ -146,6 +146,15 @@ def test_train_router_cli_runs_the_upstream_recipe(corpus, tmp_path):  # noqa: F
     loaded = load_model(str(model_dir))
     routers = load_routers(tmp_path / "r", loaded.model)
     assert routers.config.input_bits == 4 and routers.adapter is not None
+    share = ["train", "router-share", "--target", str(model_dir), "--corpus", str(corpus), "--routers",
+             str(tmp_path / "r"), "--share", "0.7", "--sequences", "4", "--seq-len", "32"]
+    calibrated = CliRunner().invoke(app, share)
+    assert calibrated.exit_code == 0, calibrated.output
+    copy = load_routers(tmp_path / "r-share0.7", loaded.model)  # the default folder, with the LoRA beside
+    assert copy.adapter is not None and copy.config.training["calibration"]["margin"] == copy.config.margin
+    assert "executed" in calibrated.output and copy.config.input_bits == 4
+    again = CliRunner().invoke(app, share)
+    assert isinstance(again.exception, ConfigError) and "not empty" in str(again.exception)
     (tmp_path / "r" / "adapter_config.json").unlink()
     with pytest.raises(ConfigError, match="trained with a LoRA"):
         load_routers(tmp_path / "r", loaded.model)

@@ -3,7 +3,8 @@ to that layer and decides whether the token runs it or passes it by unchanged.
 
 Router: hidden -> Linear(hidden / 8) -> RMSNorm -> SiLU -> Linear(2); class 1 = execute, biased towards it at
 initialisation. Trained with Gumbel-softmax decisions (`train/router.py`); at decode time a token executes where
-class 1 scores higher. Saved as routers.safetensors + routers.json in a folder, loaded onto the target's device
+class 1 scores higher, by more than the config's `margin` (0 unless `train router-share` calibrated one, to run
+routers of different trainings at one executed share). Saved as routers.safetensors + routers.json in a folder, loaded onto the target's device
 and dtype. The routers are a `SkipPolicy` (sparse.py): the layer-skipping draft and the lossy sparse target use
 them.
 
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from draftsmith.models import LoadedModel
 
 WEIGHTS, CONFIG = "routers.safetensors", "routers.json"
-ADAPTER_CONFIG = "adapter_config.json"  # peft's: a LoRA on the target, trained with the routers
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # peft's: a LoRA on the target
 RECIPES = ("distil", "upstream")
 
 
@@ -45,6 +46,7 @@ class RouterConfig:
     target_ratio: float = 0.5  # share of all layers a token should execute (what training aimed at)
     input_bits: int = 0  # robust router: its input quantized to this many bits per token (SpaDec's 4); 0 = off
     recipe: str = "distil"  # how they were trained (train/router.py)
+    margin: float = 0.0  # execute where the execute logit beats skip by more than this (`train router-share`)
     training: dict = field(default_factory=dict)  # how it was trained (command, data, wall time, measured ratio)
 
     def __post_init__(self) -> None:
@@ -105,10 +107,15 @@ class Routers(nn.Module):
             x = quantize_levels(x.float(), self.config.input_bits)
         return router(x.to(router.down.weight.dtype))  # the stream may be float32 where the routers are not
 
+    def decide(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        """[...] True where a token executes `layer` (decoding's rule); None for a layer without router."""
+        logits = self.logits(layer, x)
+        return None if logits is None else logits[..., 1] - logits[..., 0] > self.config.margin
+
     @torch.inference_mode()
     def executes(self, layer: int, x: torch.Tensor) -> bool:
-        logits = self.logits(layer, x)
-        return logits is None or bool(logits[..., 1].item() > logits[..., 0].item())
+        runs = self.decide(layer, x)
+        return runs is None or bool(runs.item())
 
     def routed_model(self, target: PreTrainedModel) -> PreTrainedModel:
         """The model these routers route: `target` itself, or where they carry a LoRA, a copy of it with the

@@ -130,8 +130,8 @@ class RoutedVerify:
         x = lm.embed_tokens(torch.tensor([ids], device=lm.device))
         rope = lm.rope(torch.tensor(positions, device=lm.device))
         for i in range(len(lm.layers)):
-            logits = self.routers.logits(i, x)
-            runs = torch.ones(n, dtype=torch.bool, device=lm.device) if logits is None else logits[0, :, 1] > logits[0, :, 0]
+            runs = self.routers.decide(i, x)
+            runs = torch.ones(n, dtype=torch.bool, device=lm.device) if runs is None else runs[0]
             self.holes[i, start:end] = ~runs
             self.token_layers += n
             if not runs.any():

@@ -6,7 +6,8 @@ A method spec names one way of decoding: ours (`plain`, `ngram[:k=8,min_n=1,max_
 the target skipping layers by routers, the shipped ones without DIR, or by a measured fixed set);
 `prune=1` on a tree drafter: the shipped acceptance predictor cuts a tree to one path where that is expected to
 pay (lossless), `prune=2` cuts every tree (SpaDec's rule);
-`lossy_sparse=1`: LOSSY, the target verifies with the shipped routers skipping layers (SpaDec's sparse mode);
+`lossy_sparse=1`: LOSSY, the target verifies with the shipped routers skipping layers (SpaDec's sparse mode;
+`routers=DIR` takes other routers);
 `adaptive=1` lets the engine choose each step's draft length up to k; `eagle[:DIR][:k=32,depth=6,top_k=8]`
 `medusa[:DIR][:k=32]` and `ctc[:DIR][:k=32,top_k=4,beams=16,levels=1]`, feature heads drafting trees of at most k nodes,
 the shipped head without DIR;
@@ -27,6 +28,7 @@ method runs in the run's --dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from draftsmith.bench.workloads import WORKLOADS
 from draftsmith.errors import ConfigError
@@ -38,17 +40,17 @@ BASELINE = "hf-greedy"  # speedups are measured against it, exactness against it
 PLAIN = "plain"  # our loop without a drafter: its seconds per step set the bound
 DEFAULT_METHODS = ("hf-greedy", "hf-prompt-lookup:10", "plain", "ngram:k=8")
 # method kind -> the key=value options its spec accepts
-OPTIONS = {"plain": ("compile", "graphs", "fused", "weights", "llamacpp", "lossy_sparse"),
+OPTIONS = {"plain": ("compile", "graphs", "fused", "weights", "llamacpp", "lossy_sparse", "routers"),
            "ngram": ("k", "min_n", "max_n", "branches", "adaptive", "compile", "graphs", "fused", "weights", "llamacpp"),
            "model": ("k", "adaptive", "compile", "graphs", "fused", "weights", "llamacpp"),
            "student": ("k", "adaptive", "compile", "graphs", "fused", "weights", "llamacpp"),
            "mag": ("k", "adaptive", "compile", "graphs", "fused", "weights", "llamacpp"),
            "cascade": ("k", "compile", "graphs", "fused", "weights"),
-           "eagle": ("k", "draft_graphs", "depth", "top_k", "lookup", "compile", "graphs", "fused", "weights", "prune", "lossy_sparse"),
+           "eagle": ("k", "draft_graphs", "depth", "top_k", "lookup", "compile", "graphs", "fused", "weights", "prune", "lossy_sparse", "routers"),
            "eagle3": ("k", "draft_graphs", "depth", "top_k", "lookup", "compile", "graphs", "fused", "weights"),
-           "medusa": ("k", "draft_graphs", "compile", "graphs", "fused", "weights", "prune", "lossy_sparse"),
-           "ctc": ("k", "draft_graphs", "top_k", "beams", "levels", "compile", "graphs", "fused", "weights", "prune", "lossy_sparse"),
-           "layerskip": ("k", "adaptive", "weights", "lossy_sparse"), "hf-greedy": (),
+           "medusa": ("k", "draft_graphs", "compile", "graphs", "fused", "weights", "prune", "lossy_sparse", "routers"),
+           "ctc": ("k", "draft_graphs", "top_k", "beams", "levels", "compile", "graphs", "fused", "weights", "prune", "lossy_sparse", "routers"),
+           "layerskip": ("k", "adaptive", "weights", "lossy_sparse", "routers"), "hf-greedy": (),
            "hf-prompt-lookup": (), "hf-assisted": (),
            "llamacpp": (), "llamacpp-lookup": (), "llama-server": ("n", "m", "draft_max"),
            # the collab workload's (bench/collab.py); fallback, rollback and threshold take decimals
@@ -92,9 +94,14 @@ def parse_method(spec: str) -> MethodSpec:
                                   f"(use {', '.join(WEIGHT_CHOICES)})")
             options[key] = value
             continue
+        if key == "routers" and key in OPTIONS[kind]:  # a folder (commas and colons would split the spec)
+            if not Path(value).is_dir():
+                raise ConfigError(f"method '{spec}': routers={value} is not a folder of trained routers")
+            options[key] = value
+            continue
         decimal = key in ("fallback", "rollback", "threshold")
         if key not in OPTIONS[kind] or not value.lstrip("-").replace(".", "", decimal).isdigit():
-            allowed = ", ".join(f"{o}={'NAME' if o == 'weights' else 'N'}" for o in OPTIONS[kind]) or "no options"
+            allowed = ", ".join(f"{o}={'NAME' if o == 'weights' else 'DIR' if o == 'routers' else 'N'}" for o in OPTIONS[kind]) or "no options"
             raise ConfigError(f"bad option '{item}' in method '{spec}': {kind} takes {allowed}")
         options[key] = float(value) if decimal else int(value)
     if kind in ("model", "hf-assisted") and not arg:
@@ -103,6 +110,8 @@ def parse_method(spec: str) -> MethodSpec:
         raise ConfigError(f"method '{spec}': give the number of draft tokens, e.g. {kind}:10")
     if kind in ("plain", "ngram", "hf-greedy") and arg:
         raise ConfigError(f"method '{spec}' takes no argument after '{kind}:' (only key=value options)")
+    if "routers" in options and not options.get("lossy_sparse"):
+        raise ConfigError(f"method '{spec}': routers=DIR is for the lossy sparse verifier: add lossy_sparse=1")
     if options.get("k", 1) < 1:
         raise ConfigError(f"method '{spec}': k must be >= 1 (use 'plain' for no drafting)")
     return MethodSpec(spec, kind, arg, options, DTYPE_NAMES.get(dtype))

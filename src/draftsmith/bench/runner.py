@@ -95,7 +95,8 @@ def _engine_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int, s
     engine = build_engine(target, drafter_spec, BackendConfig(compile=compile, weights=weights, graphs=graphs,
                                                               fused=fused),
                           prune=PRUNING[prune],
-                          lossy_sparse_verify=bool(options.pop("lossy_sparse", 0)), tokenizer=False, **options)
+                          lossy_sparse_verify=bool(options.pop("lossy_sparse", 0)), routers=options.pop("routers", ""),
+                          tokenizer=False, **options)
     config = GenerationConfig(max_new_tokens=max_new_tokens, k=k, adaptive=adaptive, sampling=SamplingConfig(seed=seed))
 
     def generate(ids: list[int]) -> Output:

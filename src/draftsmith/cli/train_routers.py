@@ -81,6 +81,50 @@ def router_command(
     typer.echo(f"routers saved in {out}: held-out {info['heldout']}, trained in {info['train_seconds']:.0f} s")
 
 
+@train_app.command("router-share")
+def router_share_command(
+    routers: Annotated[str, typer.Option(help="Folder of trained routers (empty: the ones shipped for the target).")]
+    = "",
+    share: Annotated[float, typer.Option(help="Share of all layers a token should execute on held-out text.")] = 0.6,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the calibrated copy (default: the "
+                                                                    "routers' folder + '-share' + SHARE).")] = None,
+    target: Target = "smollm2",
+    corpus: CorpusFolder = None,
+    sequences: Annotated[int, typer.Option(help="Held-out sequences the share is measured on.")] = 16,
+    seq_len: Annotated[int, typer.Option(help="Tokens per held-out sequence.")] = 128,
+    trust_remote_code: TrustRemoteCode = False,
+) -> None:
+    """Copy routers with a decision margin that makes them execute SHARE of the layers on held-out text, so
+    routers of different trainings (recipes) run at one executed share; prints the routed model's agreement with
+    the dense one there."""
+    import shutil
+
+    from draftsmith.data.corpus import load_corpus
+    from draftsmith.models import load_model
+    from draftsmith.routers import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_routers_for, save_routers
+    from draftsmith.train.distill import TokenChunks
+    from draftsmith.train.router import calibrate_share
+
+    source = corpus_source(corpus)
+    out = out or Path(f"{routers.rstrip('/') if routers else 'runs/router'}-share{share:g}")
+    if routers and out.resolve() == Path(routers).resolve():
+        raise ConfigError("--out must differ from the routers' folder: the uncalibrated routers are kept")
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} is not empty: give another --out")
+    loaded = load_model(target, dtype="float32", trust_remote_code=trust_remote_code)
+    routed = load_routers_for(routers, loaded)
+    heldout = TokenChunks(load_corpus(source, split="heldout"), loaded.tokenizer, seq_len, max_chunks=sequences)
+    result = calibrate_share(loaded.model, routed, heldout, share)
+    routed.config.training = {**routed.config.training,
+                              "calibration": {**result, "heldout_sequences": len(heldout), "seq_len": seq_len}}
+    save_routers(routed, out)
+    if routed.adapter is not None:  # the LoRA trained with them: the routed model stays the same model
+        for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+            shutil.copy2(routed.adapter / name, out / name)
+    typer.echo(f"routers at share {share:g} saved in {out}: margin {result['margin']:+.3f}, held-out executed "
+               f"{result['executed']:.3f}, agreement with the dense model {result['agreement']:.1%}")
+
+
 @train_app.command("predictor")
 def predictor_command(
     target: Target = "smollm2",

@@ -193,6 +193,8 @@ def build_feature_shards(
         routed = routers.routed_model(target)
         settings["sparse_features"] = {"routers": weights_fingerprint(routers),
                                        "lora": weights_fingerprint(routed) if routed is not target else ""}
+        if routers.config.margin:  # a calibrated margin routes differently (folders built before keep matching)
+            settings["sparse_features"]["margin"] = routers.config.margin
     shards = ShardFolder(folder, settings)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     # held-out shards are never larger than the held-out set (a large --shard-size is for batching on GPUs)

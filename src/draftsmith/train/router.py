@@ -127,13 +127,12 @@ def routed_stack(target: PreTrainedModel, routers: Routers, ids: torch.Tensor, a
     forced = (torch.arange(t, device=ids.device) < cfg.reserve)[None].expand(b, t)
     gates = []
     for i, layer in enumerate(inner.layers):
-        logits = routers.logits(i, x)
-        if logits is None:
+        if i < routers.config.start_layer:
             gate = torch.ones(b, t, device=ids.device, dtype=x.dtype)
         elif sample:
-            gate = straight_through_gate(logits.float(), cfg.tau, cfg.noise).to(x.dtype)
+            gate = straight_through_gate(routers.logits(i, x).float(), cfg.tau, cfg.noise).to(x.dtype)
         else:
-            gate = (logits[..., 1] > logits[..., 0]).to(x.dtype)
+            gate = routers.decide(i, x).to(x.dtype)
         gate = torch.where(forced, torch.ones_like(gate), gate)
         out = routed_layer(layer, x, cos, sin, gate, allowed)
         x = gate[..., None] * out + (1 - gate[..., None]) * x
@@ -209,6 +208,16 @@ def router_loss(model: RoutedTarget, batch: Batch, cfg: RouterTrainConfig) -> tu
                                       "agree": agree}
 
 
+def heldout_scores(routed: PreTrainedModel, routers: Routers, dense_argmax: torch.Tensor, ids: torch.Tensor,
+                   mask: torch.Tensor, cfg: RouterTrainConfig) -> dict[str, float]:
+    """The executed share of the routed model over held-out ids (routers deciding as at decode time) and the
+    share of positions where its argmax equals the dense target's (`dense_argmax` [B, T])."""
+    logits, gates = routed_forward(routed, routers, ids, mask, cfg, sample=False)
+    real = mask[:, 1:].bool()
+    agree = (logits[:, :-1].argmax(-1) == dense_argmax[:, :-1])[real].float().mean()
+    return {"executed": float(gates.float().mean(-1)[mask.bool()].mean()), "agreement": float(agree)}
+
+
 class RouterEval:
     """Held-out: the executed share and the agreement of the routed target's argmax (routers deciding as at
     decode time, with the LoRA where the recipe trains one) with the dense target's (without it)."""
@@ -222,10 +231,35 @@ class RouterEval:
         ids, mask = self.data.input_ids.to(device), self.data.attention_mask.to(device)
         with model.dense():
             dense = model.target(input_ids=ids, attention_mask=mask).logits.argmax(-1)
-        logits, gates = routed_forward(model.target, model.routers, ids, mask, self.cfg, sample=False)
-        real = mask[:, 1:].bool()
-        agree = (logits[:, :-1].argmax(-1) == dense[:, :-1])[real].float().mean()
-        return {"executed": float(gates.float().mean(-1)[mask.bool()].mean()), "agreement": float(agree)}
+        return heldout_scores(model.target, model.routers, dense, ids, mask, self.cfg)
+
+
+@torch.no_grad()
+def calibrate_share(target: PreTrainedModel, routers: Routers, heldout: TokenChunks, share: float,
+                    iterations: int = 24) -> dict[str, float]:
+    """Set `routers.config.margin` so that the routed model executes `share` of all layers over the held-out
+    text (bisection: a higher margin skips more), for comparing routers of different trainings at one share.
+    Returns the margin and the held-out scores at it."""
+    floor = routers.config.start_layer / routers.num_layers
+    if not floor < share <= 1:
+        raise ConfigError(f"a share must be in ({floor:.2f}, 1]: the first {routers.config.start_layer} of "
+                          f"{routers.num_layers} layers always run")
+    cfg = RouterTrainConfig()  # as training's held-out evaluation counts (its reserved first positions run)
+    device = next(routers.parameters()).device
+    ids, mask = heldout.input_ids.to(device), heldout.attention_mask.to(device)
+    dense = target(input_ids=ids, attention_mask=mask).logits.argmax(-1)
+    routed = routers.routed_model(target)
+
+    def scores(margin: float) -> dict[str, float]:
+        routers.config.margin = margin
+        return heldout_scores(routed, routers, dense, ids, mask, cfg)
+
+    low, high = -32.0, 32.0  # logit differences beyond these execute (skip) every token
+    for _ in range(iterations):
+        middle = (low + high) / 2
+        low, high = (middle, high) if scores(middle)["executed"] > share else (low, middle)
+    best = min((low, high), key=lambda m: abs(scores(m)["executed"] - share))
+    return {"share": share, "margin": best, **scores(best)}
 
 
 def train_routers(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: RouterTrainConfig,
