@@ -31,16 +31,20 @@ constexpr int kLanes = 16;
 typedef float Lanes16 __attribute__((vector_size(64)));
 typedef int32_t Ints16 __attribute__((vector_size(64)));
 typedef float Lanes8 __attribute__((vector_size(32)));
+typedef int32_t Ints8 __attribute__((vector_size(32)));
 typedef float Lanes4 __attribute__((vector_size(16)));
+// Lanes16 helpers always inlined: a 64-byte vector passed to or returned from a call goes through the stack
+// where registers are 32 bytes (AVX2)
+#define LANES_INLINE inline __attribute__((always_inline))
 
-inline Lanes16 load16(const float* p) {
+LANES_INLINE Lanes16 load16(const float* p) {
   Lanes16 v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
 
 // the first n (< 16) floats at p, zeros after them
-inline Lanes16 load_partial16(const float* p, int64_t n) {
+LANES_INLINE Lanes16 load_partial16(const float* p, int64_t n) {
   if (n == kLanes) return load16(p);
   Lanes16 v = {};
   std::memcpy(&v, p, n * sizeof(float));
@@ -48,7 +52,7 @@ inline Lanes16 load_partial16(const float* p, int64_t n) {
 }
 
 // the first n (<= 16) lanes of v to p
-inline void store_partial16(float* p, const Lanes16& v, int64_t n) {
+LANES_INLINE void store_partial16(float* p, const Lanes16& v, int64_t n) {
   if (n == kLanes)
     std::memcpy(p, &v, sizeof v);
   else
@@ -60,24 +64,27 @@ inline void store_partial16(float* p, const Lanes16& v, int64_t n) {
 // Relative error: ~1e-6 for x >= -20, up to 4e-6 at -87, from rounding x log2 e to float (the test checks it
 // against torch.exp). Every caller feeds whole vectors (tails zero-padded): a lane's value never depends on
 // where it sits.
-inline Lanes16 exp_nonpositive(Lanes16 x) {
-  const Lanes16 t = (x > -87.0f ? x : Lanes16{} - 87.0f) * 1.44269504088896341f;
-  const Lanes16 y = t + 0.5f;
-  Lanes16 whole = __builtin_convertvector(__builtin_convertvector(y, Ints16), Lanes16);  // toward zero
+template <typename V, typename I>  // V: Lanes16 or Lanes8, I: int32 lanes of the same count
+LANES_INLINE V exp_nonpositive_lanes(V x) {
+  const V t = (x > -87.0f ? x : V{} - 87.0f) * 1.44269504088896341f;
+  const V y = t + 0.5f;
+  V whole = __builtin_convertvector(__builtin_convertvector(y, I), V);  // toward zero
   whole = whole > y ? whole - 1.0f : whole;  // floor(y)
-  const Lanes16 f = t - whole;
-  Lanes16 p = Lanes16{} + 1.5403530393381606e-4f;
+  const V f = t - whole;
+  V p = V{} + 1.5403530393381606e-4f;
   p = p * f + 1.3333558146428443e-3f;
   p = p * f + 9.6181291076284772e-3f;
   p = p * f + 5.5504108664821580e-2f;
   p = p * f + 2.4022650695910071e-1f;
   p = p * f + 6.9314718055994531e-1f;
   p = p * f + 1.0f;
-  const Ints16 bits = (__builtin_convertvector(whole, Ints16) + 127) << 23;
-  Lanes16 scale;
+  const I bits = (__builtin_convertvector(whole, I) + 127) << 23;
+  V scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return p * scale;
 }
+
+LANES_INLINE Lanes16 exp_nonpositive(Lanes16 x) { return exp_nonpositive_lanes<Lanes16, Ints16>(x); }
 
 inline void norm_row(const float* x, const float* w, float* out, int64_t h, float eps) {
   float sum = 0.f;
@@ -134,16 +141,37 @@ at::Tensor silu_mul(const at::Tensor& gate_up_in) {
   at::Tensor out = at::empty(shape, gate_up.options());
   const float* pg = gate_up.data_ptr<float>();
   float* po = out.data_ptr<float>();
+  // element by element, so the vector width does not change a bit: AVX2 builds take 8 lanes, one register (16
+  // lanes there compile to stack traffic, 4x slower)
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  using V = Lanes8;
+  using I = Ints8;
+#else
+  using V = Lanes16;
+  using I = Ints16;
+#endif
+  constexpr int64_t lanes = sizeof(V) / sizeof(float);
   for (int64_t r = 0; r < rows; ++r) {
     const float *g = pg + 2 * r * width, *u = g + width;
     float* o = po + r * width;
-    for (int64_t i = 0; i < width; i += kLanes) {
-      const int64_t count = std::min<int64_t>(kLanes, width - i);
-      const Lanes16 gate = load_partial16(g + i, count), up = load_partial16(u + i, count);
+    for (int64_t i = 0; i < width; i += lanes) {
+      const int64_t count = std::min<int64_t>(lanes, width - i);
+      V gate = {}, up = {};
+      if (count == lanes) {  // a whole vector: a fixed-size copy, which compiles to one load
+        std::memcpy(&gate, g + i, sizeof gate);
+        std::memcpy(&up, u + i, sizeof up);
+      } else {
+        std::memcpy(&gate, g + i, count * sizeof(float));
+        std::memcpy(&up, u + i, count * sizeof(float));
+      }
       // the sigmoid through the exponential of -|gate| (at most 1)
-      const Lanes16 e = exp_nonpositive(gate < 0.f ? gate : -gate);
-      const Lanes16 silu = gate * ((gate >= 0.f ? Lanes16{} + 1.0f : e) / (1.0f + e));
-      store_partial16(o + i, silu * up, count);
+      const V e = exp_nonpositive_lanes<V, I>(gate < 0.f ? gate : -gate);
+      const V silu = gate * ((gate >= 0.f ? V{} + 1.0f : e) / (1.0f + e));
+      const V product = silu * up;
+      if (count == lanes)
+        std::memcpy(o + i, &product, sizeof product);
+      else
+        std::memcpy(o + i, &product, count * sizeof(float));
     }
   }
   return out;
@@ -190,7 +218,7 @@ at::Tensor rope_write_kv(const at::Tensor& qkv_in, const at::Tensor& cos_in, con
 // reduction (which may depend on the data's alignment): attention over the same keys gives the same bits in a
 // one-token step and in a verification, where the queries sit elsewhere in memory.
 // lanes l + (l + 8), then + 4, 2, 1: four dependent adds, not fifteen, in an order fixed by the source
-inline float fold_lanes(Lanes16 v) {
+LANES_INLINE float fold_lanes(Lanes16 v) {
   const Lanes8 eight = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
                        __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
   const Lanes4 four = __builtin_shufflevector(eight, eight, 0, 1, 2, 3) +
@@ -209,7 +237,7 @@ inline float dot_fixed(const float* a, const float* b, int64_t n) {
 
 // 16 lane vectors folded at once: lane i of the result is fold_lanes(v[i]) bit for bit (the same pairs added
 // in the same order: l + (l + 8), then + 4, 2, 1), in 15 shuffled adds instead of 16 separate folds.
-inline Lanes16 fold16(const Lanes16* v) {
+LANES_INLINE Lanes16 fold16(const Lanes16* v) {
   Lanes16 a[8], b[4], c[2];
   for (int i = 0; i < 8; ++i)  // a[i]: keys 2i, 2i + 1, 8 lanes each
     a[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
@@ -257,6 +285,45 @@ __attribute__((noinline)) void attend_group_vector(const float* q, int64_t q_str
                                                    const float* vh, const int64_t* index, int64_t m, int64_t group,
                                                    float scale, float* scores, float* out, int64_t o_stride) {
   constexpr int64_t d = CHUNKS * kLanes;
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+  // AVX2 (16 registers of 8 lanes), explicitly: the generic 16-lane code below compiles there to stack traffic
+  // (spilled accumulators, broadcasts through memory), 7x slower. Scores one key at a time, folded as
+  // fold_lanes folds (lanes l and l + 8, then + 4, 2, 1); outputs summed over the keys in key order, 8 registers
+  // of one head's output at a time.
+  constexpr int kVec = 2 * CHUNKS;  // 8-float registers per head row
+  for (int64_t g = 0; g < group; ++g) {
+    __m256 query[kVec];
+    for (int c = 0; c < kVec; ++c) query[c] = _mm256_loadu_ps(q + g * q_stride + 8 * c);
+    for (int64_t j = 0; j < m; ++j) {
+      const float* k = kh + (index ? index[j] : j) * d;
+      __m256 low = _mm256_setzero_ps(), high = _mm256_setzero_ps();  // lanes 0-7 and 8-15 of each 16-float chunk
+      for (int c = 0; c < CHUNKS; ++c) {
+        low = _mm256_fmadd_ps(query[2 * c], _mm256_loadu_ps(k + 16 * c), low);
+        high = _mm256_fmadd_ps(query[2 * c + 1], _mm256_loadu_ps(k + 16 * c + 8), high);
+      }
+      const __m256 eight = _mm256_add_ps(low, high);
+      const __m128 four = _mm_add_ps(_mm256_castps256_ps128(eight), _mm256_extractf128_ps(eight, 1));
+      const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));  // lanes 0 + 2, 1 + 3
+      scores[g * m + j] = _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two))) * scale;
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) softmax_row(scores + g * m, m);
+  for (int64_t g = 0; g < group; ++g) {
+    const float* p = scores + g * m;
+    for (int c0 = 0; c0 < kVec; c0 += 8) {
+      const int width = std::min(8, kVec - c0);
+      __m256 acc[8];
+      for (int c = 0; c < 8; ++c) acc[c] = _mm256_setzero_ps();
+      for (int64_t j = 0; j < m; ++j) {
+        const float* v = vh + (index ? index[j] : j) * d + 8 * c0;
+        const __m256 pj = _mm256_set1_ps(p[j]);
+        for (int c = 0; c < 8; ++c)
+          if (c < width) acc[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8 * c), acc[c]);
+      }
+      for (int c = 0; c < width; ++c) _mm256_storeu_ps(out + g * o_stride + 8 * (c0 + c), acc[c]);
+    }
+  }
+#else
   Lanes16 lanes[kLanes];
   for (int64_t g = 0; g < group; ++g) {  // scores of 16 keys at a time, each key's lanes as dot_fixed sums them
     Lanes16 query[CHUNKS];
@@ -272,10 +339,10 @@ __attribute__((noinline)) void attend_group_vector(const float* q, int64_t q_str
       store_partial16(scores + g * m + j0, fold16(lanes) * scale, count);
     }
   }
+  constexpr int64_t kHeads = CHUNKS <= 4 ? 4 : CHUNKS <= 8 ? 2 : 1;
   for (int64_t g = 0; g < group; ++g) softmax_row(scores + g * m, m);
   // each output summed in registers over the keys, in key order; each value row loaded once for up to kHeads
   // heads of the group (as many accumulators as registers hold)
-  constexpr int64_t kHeads = CHUNKS <= 4 ? 4 : CHUNKS <= 8 ? 2 : 1;
   for (int64_t g0 = 0; g0 < group; g0 += kHeads) {
     const int64_t heads = std::min<int64_t>(kHeads, group - g0);
     Lanes16 acc[kHeads][CHUNKS] = {};
@@ -291,6 +358,7 @@ __attribute__((noinline)) void attend_group_vector(const float* q, int64_t q_str
     }
     for (int64_t h = 0; h < heads; ++h) std::memcpy(out + (g0 + h) * o_stride, acc[h], sizeof acc[h]);
   }
+#endif
 }
 
 __attribute__((noinline)) void attend_group(const float* q, int64_t q_stride, const float* kh, const float* vh,
