@@ -252,6 +252,25 @@ def test_a_lossy_sparse_method_runs_the_routers_it_names(target, tmp_path):
     assert dense == plain and skip != plain
 
 
+def test_ignore_eos_runs_every_method_to_max_new_tokens_and_keeps_exactness(tmp_path):
+    """A target whose end-of-sequence token is its own first greedy token: stopping at it gives one token;
+    with ignore_eos our engine and transformers' generate both run to max_new_tokens, token for token equal."""
+    probe = tiny_llama(seed=1)
+    task = line_task(0)
+    prompt = char_tokenizer()(task.prompt)["input_ids"]
+    first = int(probe(torch.tensor([prompt])).logits[0, -1].argmax())
+    target = LoadedModel(tiny_llama(seed=1, eos_token_id=first), char_tokenizer(), "tiny")
+    runs = {}
+    for ignore in (False, True):
+        config = BenchConfig(target="tiny", workload="lines", methods=["hf-greedy", "plain", "ngram:k=4"], limit=1,
+                             max_new_tokens=NEW, ignore_eos=ignore, out=str(tmp_path / str(ignore)))
+        runs[ignore] = run_bench(config, target=target, tasks=[task])
+    assert {s.new_tokens for s in runs[False].summaries} == {1}
+    assert {s.new_tokens for s in runs[True].summaries} == {NEW}
+    assert all(s.exactness == 1.0 for s in runs[True].summaries if s.method != "hf-greedy")
+    assert json.loads((tmp_path / "True" / "report.json").read_text())["metadata"]["ignore_eos"] is True
+
+
 def test_a_method_that_fails_midway_is_reported_and_the_others_run_on(target, tmp_path, monkeypatch):
     import draftsmith.bench.runner as runner
 

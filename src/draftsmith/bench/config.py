@@ -137,6 +137,7 @@ class BenchConfig:
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     limit: int = 20
     max_new_tokens: int = 128
+    ignore_eos: bool = False  # every generation runs to max_new_tokens: equal lengths across libraries
     device: str = "cpu"
     dtype: str = "float32"
     seed: int = 0

@@ -75,7 +75,7 @@ def method_gguf(spec: MethodSpec, target: LoadedModel) -> Path:
     return run_gguf(target)
 
 
-def llamacpp_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int):
+def llamacpp_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int, ignore_eos: bool = False):
     """llama.cpp's own generation loop (llama-cpp-python), plain or with its prompt lookup."""
     from draftsmith.backends.llamacpp import llama_cpp_module
 
@@ -96,7 +96,7 @@ def llamacpp_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int):
         options["logits_all"] = True
     llm = llama_cpp.Llama(str(path), n_ctx=context, n_threads=torch.get_num_threads(), draft_model=draft,
                           verbose=False, **options)
-    stop = eos_token_ids(target.engine_model, target.tokenizer)
+    stop = set() if ignore_eos else eos_token_ids(target.engine_model, target.tokenizer)
     evals = [0]
     plain_eval = llm.eval
 
@@ -176,7 +176,7 @@ def eagle3_gguf(head: Path, target: LoadedModel, converter: Path) -> Path:
 
 
 def server_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int, binary: str | None,
-                  model_gguf: Path | None = None):
+                  model_gguf: Path | None = None, ignore_eos: bool = False):
     """A llama-server process for the run (on `model_gguf`, default the run's weights), greedy requests over
     loopback HTTP."""
 
@@ -223,11 +223,12 @@ def server_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int, bi
             stop_server()
             raise ConfigError(f"llama-server did not start (exit {process.poll()}); its log: {log}")
         time.sleep(0.5)
-    stop = eos_token_ids(target.engine_model, target.tokenizer)
+    stop = set() if ignore_eos else eos_token_ids(target.engine_model, target.tokenizer)
 
     def generate(ids: list[int]) -> Output:
         body = json.dumps({"prompt": ids, "n_predict": max_new_tokens, "temperature": 0.0, "top_k": 1,
-                           "cache_prompt": False, "return_tokens": True, "samplers": ["top_k"]}).encode()
+                           "cache_prompt": False, "return_tokens": True, "samplers": ["top_k"],
+                           "ignore_eos": ignore_eos}).encode()
         request = urllib.request.Request(f"{url}/completion", body, {"Content-Type": "application/json"})
         start = time.perf_counter()
         with urllib.request.urlopen(request, timeout=600) as response:

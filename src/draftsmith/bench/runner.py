@@ -8,6 +8,7 @@ always runs first. Scoring (pass@1 in the sandbox, EM / ES) happens after the ti
 
 from __future__ import annotations
 
+import copy
 import gc
 import platform
 import re
@@ -66,7 +67,8 @@ LEGEND = (
 PRUNING = {0: "none", 1: "predictor", 2: "predictor-path"}
 
 
-def _engine_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int, seed: int) -> Method:
+def _engine_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int, seed: int,
+                   ignore_eos: bool = False) -> Method:
     options = dict(spec.options)
     k = options.pop("k", DEFAULT_K.get(spec.kind, 0))
     adaptive = bool(options.pop("adaptive", 0))
@@ -97,7 +99,8 @@ def _engine_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int, s
                           prune=PRUNING[prune],
                           lossy_sparse_verify=bool(options.pop("lossy_sparse", 0)), routers=options.pop("routers", ""),
                           tokenizer=False, **options)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, k=k, adaptive=adaptive, sampling=SamplingConfig(seed=seed))
+    config = GenerationConfig(max_new_tokens=max_new_tokens, k=k, adaptive=adaptive, sampling=SamplingConfig(seed=seed),
+                              stop_on_eos=not ignore_eos)
 
     def generate(ids: list[int]) -> Output:
         sync(target.device)
@@ -111,11 +114,15 @@ def _engine_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int, s
     return Method(spec.name, generate, engine.runner.compile_s, weight_format=getattr(weights, "name", None))
 
 
-def _hf_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int) -> Method:
+def _hf_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int, ignore_eos: bool = False) -> Method:
     model = target.model
-    kwargs: dict[str, Any] = {"do_sample": False, "max_new_tokens": max_new_tokens}
+    generation = copy.deepcopy(model.generation_config)  # the model's own, greedy, our length
+    generation.update(do_sample=False, max_new_tokens=max_new_tokens)
+    if ignore_eos:  # no end-of-sequence token: generate stops at max_new_tokens only
+        generation.eos_token_id = []  # None would be filled in again from the model's defaults
+    kwargs: dict[str, Any] = {"generation_config": generation}
     if spec.kind == "hf-prompt-lookup":
-        kwargs["prompt_lookup_num_tokens"] = int(spec.arg or 10)
+        generation.prompt_lookup_num_tokens = int(spec.arg or 10)
     elif spec.kind == "hf-assisted":  # loaded and checked like our model drafter, then handed to HF
         kwargs["assistant_model"] = build_drafter(f"model:{spec.arg}", target).model
 
@@ -138,17 +145,19 @@ def _hf_method(spec: MethodSpec, target: LoadedModel, max_new_tokens: int) -> Me
 
 
 def build_method(
-    spec: MethodSpec | str, target: LoadedModel, max_new_tokens: int, seed: int = 0, llama_server: str | None = None
+    spec: MethodSpec | str, target: LoadedModel, max_new_tokens: int, seed: int = 0, llama_server: str | None = None,
+    ignore_eos: bool = False,
 ) -> Method:
-    """A callable method on `target`: our engine (plain / a drafter), transformers' generate, or llama.cpp's."""
+    """A callable method on `target`: our engine (plain / a drafter), transformers' generate, or llama.cpp's.
+    `ignore_eos`: every generation runs to max_new_tokens (the end-of-sequence token does not stop it)."""
     spec = parse_method(spec) if isinstance(spec, str) else spec
     if spec.kind.startswith("hf-"):
-        return _hf_method(spec, target, max_new_tokens)
+        return _hf_method(spec, target, max_new_tokens, ignore_eos)
     if spec.kind == "llama-server":
-        return server_method(spec, target, max_new_tokens, llama_server)
+        return server_method(spec, target, max_new_tokens, llama_server, ignore_eos=ignore_eos)
     if spec.kind in PEERS:
-        return llamacpp_method(spec, target, max_new_tokens)
-    return _engine_method(spec, target, max_new_tokens, seed)
+        return llamacpp_method(spec, target, max_new_tokens, ignore_eos)
+    return _engine_method(spec, target, max_new_tokens, seed, ignore_eos)
 
 
 def reset_peak_memory(device: torch.device) -> bool:
@@ -327,7 +336,7 @@ def run_metadata(config: BenchConfig, target: LoadedModel, **extra: Any) -> dict
     return {
         "model": target.name, "device": str(device), "dtype": str(target.dtype).removeprefix("torch."),
         "workload": config.workload, "methods": list(config.methods), "limit": config.limit,
-        "max_new_tokens": config.max_new_tokens, "seed": config.seed, "pass_at_1": config.pass_at_1,
+        "max_new_tokens": config.max_new_tokens, "ignore_eos": config.ignore_eos, "seed": config.seed, "pass_at_1": config.pass_at_1,
         "torch": torch.__version__, "transformers": transformers.__version__,
         "python": platform.python_version(), "cpu": cpu_model(), "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
@@ -445,7 +454,7 @@ def run_bench(
                     methods.append(collab_method(s, targets[dtype_of[s.name]], domains, config.max_new_tokens))
                     continue
                 methods.append(build_method(s, targets[dtype_of[s.name]], config.max_new_tokens, config.seed,
-                                            config.llama_server))
+                                            config.llama_server, config.ignore_eos))
         failures: dict[str, str] = {}
         calls = _decode_all(methods, prompts, target.device, console, config.seed, failures)
     finally:

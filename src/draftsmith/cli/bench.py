@@ -54,6 +54,9 @@ def bench_command(
     )] = ",".join(DEFAULT_METHODS),
     limit: Annotated[int, typer.Option(help="Prompts to run; the first also serves as an untimed warm-up.")] = 20,
     max_new_tokens: int = 128,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos/--stop-on-eos", help="Run every generation to "
+                                             "--max-new-tokens, past end-of-sequence tokens: the same lengths "
+                                             "for every method and library.")] = False,
     device: Device = "cpu",
     dtype: Dtype = "float32",
     out: Annotated[Optional[str], typer.Option(help="Output folder (default: bench-results/<timestamp>).")] = None,
@@ -69,7 +72,7 @@ def bench_command(
     """Benchmark methods on one model, interleaved per prompt: speed, tau, exactness, pass@1 or EM/ES."""
     run_and_show(BenchConfig(
         target=target, workload=workload, methods=split_methods(methods), limit=limit,
-        max_new_tokens=max_new_tokens, device=device, dtype=dtype, seed=seed, pass_at_1=pass_at_1, out=out,
+        max_new_tokens=max_new_tokens, ignore_eos=ignore_eos, device=device, dtype=dtype, seed=seed, pass_at_1=pass_at_1, out=out,
         allow_unsandboxed=allow_unsandboxed, llama_server=llama_server,
     ))
 
