@@ -236,14 +236,15 @@ def test_q8_blocks_are_ggufs_own_quantization_and_multiply_on_the_block_kernels(
 
 
 def test_drafters_beside_a_4bit_target_draft_on_its_block_kernels_and_stay_exact():
-    """An EAGLE head and a draft model next to a target that runs its file's blocks multiply Q8_0 blocks through
+    """An EAGLE head, Medusa heads and a draft model next to a target that runs its file's blocks multiply Q8_0 blocks through
     the same products (lossy for the drafter only): the greedy output is still plain decoding's."""
     from draftsmith.adaptive import CostCurve
     from draftsmith.backends.format_choice import drafter_format
     from draftsmith.backends.formats import Q8_BLOCKS
     from draftsmith.drafters.eagle import EagleDrafter, TreeConfig
+    from draftsmith.drafters.medusa import MedusaDrafter
     from draftsmith.drafters.model import ModelDrafter
-    from draftsmith.heads import EagleHead, HeadConfig
+    from draftsmith.heads import EagleHead, HeadConfig, MedusaHeads
 
     model = _quantized_tiny("Q4_1")
     assert drafter_format(model) == WeightFormat(Q8_BLOCKS)
@@ -253,11 +254,19 @@ def test_drafters_beside_a_4bit_target_draft_on_its_block_kernels_and_stay_exact
     eagle = EagleDrafter(head, model, TreeConfig(depth=3, top_k=3))
     eagle.costs = CostCurve([1, 64], [1.0, 1.0])
     small = ModelDrafter(tiny_llama(seed=9, hidden_size=64, vocab_size=96), backend=BackendConfig(weights=Q8_BLOCKS))
+    medusa_heads = MedusaHeads(HeadConfig.for_target("medusa", model, draft_vocab=0)).eval()
+    for block in medusa_heads.blocks:  # trained-looking heads: proposals that differ from the target's own
+        torch.nn.init.normal_(block.weight, std=0.3)
+    medusa = MedusaDrafter(medusa_heads, model)
     assert eagle.layers.weights == WeightFormat(Q8_BLOCKS) and small.lm.weights == WeightFormat(Q8_BLOCKS)
+    assert medusa.format == WeightFormat(Q8_BLOCKS)
+    feature = torch.randn(1, model.config.hidden_size)  # the blocks' logits are the float heads' up to Q8_0 rounding
+    want = medusa.parts.logits(medusa_heads(feature)[:, 0])
+    assert torch.allclose(medusa._logits(feature), want, atol=0.05 * float(want.abs().max()))
     prompt = [5, 9, 14, 3, 5, 9, 14]
     config = GenerationConfig(max_new_tokens=30, k=6, stop_on_eos=False)
     plain = SpecEngine(model).generate(prompt, config)
-    for drafter in (eagle, small):
+    for drafter in (eagle, small, medusa):
         assert SpecEngine(model, drafter).generate(prompt, config).tokens == plain.tokens
 
 

@@ -8,6 +8,9 @@ proposes the token j + 1 places after the root: head 0 fills the tree's first le
 Each step verifies only the tree's n most probable paths (their probability estimated, as when the tree was
 chosen, by the product of the heads' held-out rank accuracies), n chosen from the measured verification cost
 curve as for EAGLE trees: a 32-node tree costs twice a one-token step in bf16 on a CPU.
+
+Beside a target that multiplies its GGUF file's blocks, the heads' products and the output rows run as Q8_0
+blocks through the same block kernels (`drafter_format`), as EAGLE heads and draft models do there.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from draftsmith.acceptance import SamplingConfig
 from draftsmith.adaptive import CostCurve, best_tree_size
+from draftsmith.backends.format_choice import drafter_format
 from draftsmith.draft import ROOT, Draft
 from draftsmith.drafters.base import Drafter, Feedback
 from draftsmith.errors import ConfigError
@@ -54,6 +59,10 @@ class MedusaDrafter(Drafter):
         self.paths = [self.paths[i] for i in order]
         self.path_values = torch.tensor([self.path_values[i] for i in order])
         self.width = max(max(p) for p in self.paths) + 1
+        self.format = drafter_format(target)  # None: the heads' own dtype through F.linear
+        if self.format is not None:
+            self.block_weights = [self.format.prepare(block.weight.detach()) for block in heads.blocks]
+            self.head_rows = self.format.prepare(self.parts.head_rows)
         self.feature: torch.Tensor | None = None
         self.costs: CostCurve | None = None  # set by the engine
 
@@ -68,8 +77,8 @@ class MedusaDrafter(Drafter):
     def propose(self, context: list[int], k: int) -> Draft:
         if self.feature is None or k < 1:
             return Draft()
-        outputs = self.heads(self.feature[None].to(self.parts.dtype))[:, 0]  # [K, H]
-        log_probs, ranked = self.parts.logits(outputs).float().log_softmax(-1).topk(self.width, dim=-1)  # [K, width]
+        log_probs, ranked = self._logits(self.feature[None].to(self.parts.dtype)).float().log_softmax(-1).topk(
+            self.width, dim=-1)  # [K, width]
         both = torch.stack([self.parts.to_target_ids(ranked).double(), log_probs.double()]).tolist()  # one transfer
         candidates, log_probs = [[int(token) for token in row] for row in both[0]], both[1]
         n = best_tree_size(self.path_values, self.costs, k) if self.costs is not None else min(k, len(self.paths))
@@ -82,6 +91,16 @@ class MedusaDrafter(Drafter):
             parents.append(node_of[tuple(path[:-1])])
             confidence.append(log_probs[len(path) - 1][path[-1]])  # head j's own log-probability of its token
         return Draft(tokens=tokens, parents=parents, confidence=confidence)
+
+
+    def _logits(self, feature: torch.Tensor) -> torch.Tensor:
+        """[K, draft vocabulary]: each head's logits for the feature [1, H]."""
+        if self.format is None:
+            return self.parts.logits(self.heads(feature)[:, 0])
+        multiply = self.format.multiply
+        outputs = torch.cat([feature + F.silu(multiply(feature, weight) + block.bias)
+                             for block, weight in zip(self.heads.blocks, self.block_weights)])  # [K, H]
+        return multiply(self.parts.norm(outputs), self.head_rows)
 
 
 def _path_probability(path: list[int], accuracy: list[list[float]] | None) -> float:
