@@ -23,9 +23,11 @@ def router_command(
     target: Target = "smollm2",
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the routers, checkpoints and logs.")]
     = Path("runs/router"),
-    recipe: Annotated[str, typer.Option(help="distil (ours: the target frozen, the routed model trained to agree "
-                                             "with the dense one) or upstream (SpaDec's: a LoRA on q, k, v trained "
-                                             "with the routers, cross-entropy on the text).")] = "distil",
+    recipe: Annotated[str, typer.Option(help="upstream (SpaDec's: a LoRA on q, k, v trained with the routers, "
+                                             "cross-entropy on the text; measured better at equal executed shares, "
+                                             "docs/results/2026-12-05-spadec-matched-shares.md) or distil (ours: "
+                                             "the target frozen, trained to agree with the dense one).")]
+    = "upstream",
     robust_router: Annotated[bool, typer.Option("--robust-router/--plain-router", help="SpaDec's multi-token robust "
                                                 "router: the router reads its input quantized to 4 bits per token, "
                                                 "in training and decoding.")] = False,
