@@ -33,31 +33,35 @@ typedef int32_t Ints16 __attribute__((vector_size(64)));
 typedef float Lanes8 __attribute__((vector_size(32)));
 typedef int32_t Ints8 __attribute__((vector_size(32)));
 typedef float Lanes4 __attribute__((vector_size(16)));
-// Lanes16 helpers always inlined: a 64-byte vector passed to or returned from a call goes through the stack
-// where registers are 32 bytes (AVX2)
-#define LANES_INLINE inline __attribute__((always_inline))
 
-LANES_INLINE Lanes16 load16(const float* p) {
+inline Lanes16 load16(const float* p) {
   Lanes16 v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
 
-// the first n (< 16) floats at p, zeros after them
-LANES_INLINE Lanes16 load_partial16(const float* p, int64_t n) {
-  if (n == kLanes) return load16(p);
-  Lanes16 v = {};
-  std::memcpy(&v, p, n * sizeof(float));
+// the first n (<= V's lanes) floats at p, zeros after them; a whole vector by a fixed-size copy (one load)
+template <typename V>
+inline V load_partial(const float* p, int64_t n) {
+  V v = {};
+  if (n == static_cast<int64_t>(sizeof v / sizeof(float)))
+    std::memcpy(&v, p, sizeof v);
+  else
+    std::memcpy(&v, p, n * sizeof(float));
   return v;
 }
 
-// the first n (<= 16) lanes of v to p
-LANES_INLINE void store_partial16(float* p, const Lanes16& v, int64_t n) {
-  if (n == kLanes)
+// the first n (<= V's lanes) lanes of v to p
+template <typename V>
+inline void store_partial(float* p, const V& v, int64_t n) {
+  if (n == static_cast<int64_t>(sizeof v / sizeof(float)))
     std::memcpy(p, &v, sizeof v);
   else
     std::memcpy(p, &v, n * sizeof(float));
 }
+
+inline Lanes16 load_partial16(const float* p, int64_t n) { return load_partial<Lanes16>(p, n); }
+inline void store_partial16(float* p, const Lanes16& v, int64_t n) { store_partial(p, v, n); }
 
 // exp(x) for x <= 0, 16 lanes at a time (std::exp does not vectorize without -ffast-math, which would change the
 // whole process's float modes): 2^(x log2 e) as a power of two times the Taylor polynomial of 2^f for |f| <= 1/2.
@@ -65,7 +69,7 @@ LANES_INLINE void store_partial16(float* p, const Lanes16& v, int64_t n) {
 // against torch.exp). Every caller feeds whole vectors (tails zero-padded): a lane's value never depends on
 // where it sits.
 template <typename V, typename I>  // V: Lanes16 or Lanes8, I: int32 lanes of the same count
-LANES_INLINE V exp_nonpositive_lanes(V x) {
+inline V exp_nonpositive_lanes(V x) {
   const V t = (x > -87.0f ? x : V{} - 87.0f) * 1.44269504088896341f;
   const V y = t + 0.5f;
   V whole = __builtin_convertvector(__builtin_convertvector(y, I), V);  // toward zero
@@ -84,7 +88,7 @@ LANES_INLINE V exp_nonpositive_lanes(V x) {
   return p * scale;
 }
 
-LANES_INLINE Lanes16 exp_nonpositive(Lanes16 x) { return exp_nonpositive_lanes<Lanes16, Ints16>(x); }
+inline Lanes16 exp_nonpositive(Lanes16 x) { return exp_nonpositive_lanes<Lanes16, Ints16>(x); }
 
 inline void norm_row(const float* x, const float* w, float* out, int64_t h, float eps) {
   float sum = 0.f;
@@ -156,22 +160,11 @@ at::Tensor silu_mul(const at::Tensor& gate_up_in) {
     float* o = po + r * width;
     for (int64_t i = 0; i < width; i += lanes) {
       const int64_t count = std::min<int64_t>(lanes, width - i);
-      V gate = {}, up = {};
-      if (count == lanes) {  // a whole vector: a fixed-size copy, which compiles to one load
-        std::memcpy(&gate, g + i, sizeof gate);
-        std::memcpy(&up, u + i, sizeof up);
-      } else {
-        std::memcpy(&gate, g + i, count * sizeof(float));
-        std::memcpy(&up, u + i, count * sizeof(float));
-      }
+      const V gate = load_partial<V>(g + i, count), up = load_partial<V>(u + i, count);
       // the sigmoid through the exponential of -|gate| (at most 1)
       const V e = exp_nonpositive_lanes<V, I>(gate < 0.f ? gate : -gate);
       const V silu = gate * ((gate >= 0.f ? V{} + 1.0f : e) / (1.0f + e));
-      const V product = silu * up;
-      if (count == lanes)
-        std::memcpy(o + i, &product, sizeof product);
-      else
-        std::memcpy(o + i, &product, count * sizeof(float));
+      store_partial(o + i, V(silu * up), count);
     }
   }
   return out;
@@ -218,7 +211,7 @@ at::Tensor rope_write_kv(const at::Tensor& qkv_in, const at::Tensor& cos_in, con
 // reduction (which may depend on the data's alignment): attention over the same keys gives the same bits in a
 // one-token step and in a verification, where the queries sit elsewhere in memory.
 // lanes l + (l + 8), then + 4, 2, 1: four dependent adds, not fifteen, in an order fixed by the source
-LANES_INLINE float fold_lanes(Lanes16 v) {
+inline float fold_lanes(Lanes16 v) {
   const Lanes8 eight = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
                        __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
   const Lanes4 four = __builtin_shufflevector(eight, eight, 0, 1, 2, 3) +
@@ -237,7 +230,7 @@ inline float dot_fixed(const float* a, const float* b, int64_t n) {
 
 // 16 lane vectors folded at once: lane i of the result is fold_lanes(v[i]) bit for bit (the same pairs added
 // in the same order: l + (l + 8), then + 4, 2, 1), in 15 shuffled adds instead of 16 separate folds.
-LANES_INLINE Lanes16 fold16(const Lanes16* v) {
+inline Lanes16 fold16(const Lanes16* v) {
   Lanes16 a[8], b[4], c[2];
   for (int i = 0; i < 8; ++i)  // a[i]: keys 2i, 2i + 1, 8 lanes each
     a[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
