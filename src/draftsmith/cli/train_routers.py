@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -118,7 +119,8 @@ def router_share_command(
     heldout = TokenChunks(load_corpus(source, split="heldout"), loaded.tokenizer, seq_len, max_chunks=sequences)
     result = calibrate_share(loaded.model, routed, heldout, share)
     routed.config.training = {**routed.config.training,
-                              "calibration": {**result, "heldout_sequences": len(heldout), "seq_len": seq_len}}
+                              "calibration": {"command": shlex.join(["draftsmith", *sys.argv[1:]]), **result,
+                                              "heldout_sequences": len(heldout), "seq_len": seq_len}}
     save_routers(routed, out)
     if routed.adapter is not None:  # the LoRA trained with them: the routed model stays the same model
         for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
