@@ -253,6 +253,23 @@ def test_saved_student_loads_with_from_pretrained(corpus, teacher, tmp_path):
     assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == before
 
 
+def test_a_resume_with_other_task_settings_is_refused_and_changes_nothing(corpus, teacher, tmp_path):
+    """The checkpoint records the recipe's own settings: continuing it with another loss weight (or data, or
+    shape) would train another run under the first one's name."""
+    out = tmp_path / "student"
+    config = DistillConfig(data="corpus", corpus=corpus, heldout_percent=25, seq_len=32, eval_chunks=4,
+                           student=TINY_STUDENT, save_dtype="float32")
+    distill(teacher, char_tokenizer(), config, train_config(out, max_steps=2))
+    before = {f: f.read_bytes() for f in out.rglob("*") if f.is_file()}
+    other = DistillConfig(data="corpus", corpus=corpus, heldout_percent=25, seq_len=32, eval_chunks=4,
+                          student=TINY_STUDENT, save_dtype="float32", alpha=0.7)
+    with pytest.raises(ConfigError, match=r"cannot resume .*step-0000002 exactly with different settings: alpha 0.2 -> 0.7"):
+        distill(teacher, char_tokenizer(), other, train_config(out, max_steps=4, resume=True))
+    assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == before
+    distill(teacher, char_tokenizer(), config, train_config(out, max_steps=3, resume=True))  # the same settings go on
+    assert list_checkpoints(out / "checkpoints")[-1].name == "step-0000003"
+
+
 def test_init_from_continues_a_trained_student(corpus, teacher, tmp_path):
     config = DistillConfig(data="corpus", corpus=corpus, heldout_percent=25, seq_len=32, eval_chunks=4,
                            student=TINY_STUDENT, save_dtype="float32")

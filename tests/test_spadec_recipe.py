@@ -152,13 +152,28 @@ def test_train_router_cli_runs_the_upstream_recipe(corpus, tmp_path):  # noqa: F
     assert calibrated.exit_code == 0, calibrated.output
     copy = load_routers(tmp_path / "r-share0.7", loaded.model)  # the default folder, with the LoRA beside
     assert copy.adapter is not None and copy.config.training["calibration"]["margin"] == copy.config.margin
-    assert copy.config.training["calibration"]["command"].startswith("draftsmith ")  # how the copy was made
+    assert copy.config.training["calibration"]["command"].startswith("draftsmith"), copy.config.training  # how the copy was made
     assert "executed" in calibrated.output and copy.config.input_bits == 4
     again = CliRunner().invoke(app, share)
     assert isinstance(again.exception, ConfigError) and "not empty" in str(again.exception)
+    # a LoRA's files damaged or astray: named, never a peft traceback nor a LoRA merged into the shared target
+    adapter = tmp_path / "r-share0.7" / "adapter_config.json"
+    adapter.write_text(adapter.read_text().replace('"target_modules": [', '"target_modules": "all-linear", "x": ['))
+    with pytest.raises(ConfigError, match="target modules as a list"):
+        load_routers(tmp_path / "r-share0.7", loaded.model)
+    (tmp_path / "r" / "adapter_model.safetensors").unlink()
+    with pytest.raises(ConfigError, match="trained with a LoRA .* adapter_model.safetensors is missing"):
+        load_routers(tmp_path / "r", loaded.model)
     (tmp_path / "r" / "adapter_config.json").unlink()
     with pytest.raises(ConfigError, match="trained with a LoRA"):
         load_routers(tmp_path / "r", loaded.model)
+    distil = CliRunner().invoke(app, [*flags, "--recipe", "distil", "--out", str(tmp_path / "d")])
+    assert distil.exit_code == 0, distil.output
+    (tmp_path / "d" / "adapter_config.json").write_text(adapter.read_text())
+    with pytest.raises(ConfigError, match="frozen target .* holds a LoRA"):
+        load_routers(tmp_path / "d", loaded.model)
+    with pytest.raises(ConfigError, match="add --lossy-sparse-verify"):  # routers a dense verifier would ignore
+        build_engine(loaded, "ngram", routers=str(tmp_path / "r"))
     refused = CliRunner().invoke(app, [*flags, "--recipe", "frozen", "--out", str(tmp_path / "x")])
     assert isinstance(refused.exception, ConfigError) and "unknown router recipe 'frozen'" in str(refused.exception)
     assert not (tmp_path / "x").exists()  # refused before anything is written

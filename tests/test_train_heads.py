@@ -276,6 +276,8 @@ def test_fine_tuning_starts_from_the_given_head_and_keeps_its_vocabulary(shards,
     (["--init-from", "/nonexistent/head"], ModelLoadError, "is not a head folder"),
     (["--kind", "eagle", "--target", "elsewhere/model", "--init-from", "eagle"], ConfigError,
      "no eagle head ships for target"),
+    (["--routers", "runs/router"], ConfigError, "--routers are for --features sparse"),  # would be ignored
+    (["--kind", "eagle3", "--features", "sparse"], ConfigError, "eagle3 reads dense layer features"),
 ])
 def test_a_bad_head_to_fine_tune_is_refused_before_any_data_is_built(flags, error, message, tmp_path):
     from typer.testing import CliRunner

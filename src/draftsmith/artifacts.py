@@ -14,12 +14,14 @@ if TYPE_CHECKING:
 SHIPPED_HEADS = Path(__file__).resolve().parent / "shipped"  # folders trained for the embedded models
 
 
-def shipped_file(target: LoadedModel, kind: str, filename: str, command: str) -> Path:
-    """A file the package ships for an embedded target (the student, the bigram table), or a clear error."""
+def shipped_file(target: LoadedModel, kind: str, filename: str, command: str, use: str = "") -> Path:
+    """A file the package ships for an embedded target (the student, the bigram table), or a clear error that
+    says how to make one and `use` it (default: its PATH after 'KIND:')."""
     path = shipped_head_folder(target.name, kind) / filename
     if not path.is_file():
+        use = use or f"its PATH after '{kind}:'"
         raise ConfigError(f"no {kind} ships for target '{target.name}': make one with `draftsmith {command} "
-                          f"--target {target.name} --out PATH` and give its PATH after '{kind}:'")
+                          f"--target {target.name} --out PATH` and give {use}")
     return path
 
 

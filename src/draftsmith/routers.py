@@ -149,10 +149,20 @@ def load_routers(folder: Path, target: PreTrainedModel) -> Routers:
                           f"size {config.hidden_size}; this target has {layers} layers of {hidden}")
     routers = Routers(config)
     routers.load_state_dict(load_file(str(folder / WEIGHTS)))
-    routers.adapter = folder if (folder / ADAPTER_CONFIG).is_file() else None
-    if config.recipe == "upstream" and routers.adapter is None:  # without it they would route another model
+    adapter_files = [name for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if (folder / name).is_file()]
+    if config.recipe == "upstream" and len(adapter_files) < 2:  # without it they would route another model
+        missing = " and ".join(name for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if name not in adapter_files)
         raise ConfigError(f"the routers in {folder} were trained with a LoRA on the target (recipe upstream), but "
-                          f"its {ADAPTER_CONFIG} is missing there")
+                          f"its {missing} is missing there")
+    if config.recipe != "upstream" and adapter_files:  # a stray adapter would change the model they route
+        raise ConfigError(f"the routers in {folder} were trained on the frozen target (recipe {config.recipe}), "
+                          f"yet the folder holds a LoRA ({', '.join(adapter_files)}): remove it, or use its own folder")
+    routers.adapter = folder if adapter_files else None
+    if routers.adapter is not None:
+        modules = json.loads((folder / ADAPTER_CONFIG).read_text()).get("target_modules")
+        if not isinstance(modules, list) or not modules:  # a pattern would leave the copy's weights shared
+            raise ConfigError(f"the LoRA in {folder} must name its target modules as a list (q_proj, k_proj, "
+                              f"v_proj as `train router` writes), got {modules!r}")
     # on a CPU they stay float32 (as trained): a bf16 product this small takes torch's slow path (a profile of
     # layer-skipping drafts, taken while other jobs ran: a third of the time in the routers' products)
     dtype = torch.float32 if target.device.type == "cpu" else target.dtype
@@ -163,5 +173,6 @@ def load_routers_for(spec: str, target: LoadedModel) -> Routers:
     """Routers from a folder, or (empty spec) those shipped for an embedded target."""
     from draftsmith.artifacts import shipped_file
 
-    folder = Path(spec) if spec else shipped_file(target, "router", CONFIG, "train router").parent
+    folder = Path(spec) if spec else shipped_file(target, "router", CONFIG, "train router",
+                                                    "PATH to --routers (or draft with layerskip:PATH)").parent
     return load_routers(folder, target.engine_model)

@@ -103,6 +103,8 @@ def heads_command(
     corpus_source(corpus)  # a missing corpus or head is refused before anything loads
     if features not in ("dense", "sparse"):
         raise ConfigError(f"--features takes dense or sparse, got {features!r}")
+    if routers and features == "dense":  # they would be ignored: dense features are the target's own
+        raise ConfigError("--routers are for --features sparse (a head on the routed model's features)")
     if features == "sparse" and kind == "eagle3":
         raise ConfigError("--features sparse builds last-layer features only; eagle3 reads dense layer features")
     if init_from == kind:

@@ -130,7 +130,7 @@ def lora_model(small: PreTrainedModel, config: FinetuneConfig) -> torch.nn.Modul
 def finetune(target: LoadedModel, domain: Domain, config: FinetuneConfig, train: TrainConfig,
              split: SplitConfig = SplitConfig()) -> dict:
     """Fine-tune the small model on the domain; save the adapter in train.out_dir. Returns the summary."""
-    trainer = Trainer(train)
+    trainer = Trainer(train, task=config)
     small = load_draft_model(draft_model_path(config.small, target), target).float()
     fingerprint = weights_fingerprint(small)  # before LoRA wraps its modules
     tokenizer = target.tokenizer  # the small model shares it (checked when it loaded)

@@ -47,7 +47,8 @@ def build_drafter(spec: str, target: LoadedModel, **options) -> Drafter | None:
     if kind == "mag":
         from draftsmith.drafters.mag import BigramTable, MagDrafter
 
-        table = Path(path) if path else shipped_file(target, "bigram", "bigram.safetensors", "train bigram")
+        table = Path(path) if path else shipped_file(target, "bigram", "bigram.safetensors", "train bigram",
+                                                           "its PATH after 'mag:'")
         return MagDrafter(BigramTable.load(table, target.tokenizer))
     if kind == "cascade":
         from draftsmith.drafters.cascade import build_cascade, parse_cascade

@@ -373,7 +373,7 @@ def distill(
 ) -> TrainResult:
     """Train a student (on the target's own generations, or on the corpus) and save it in `train.out_dir`
     (loadable with from_pretrained)."""
-    trainer = Trainer(train)  # first: it seeds the RNGs the student is initialised from
+    trainer = Trainer(train, task=config)  # first: it seeds the RNGs the student is initialised from
     student = (load_student(config.init_from, teacher) if config.init_from is not None
                else build_student(teacher, config.student, config.init_embeddings, config.init_head))
     teacher = teacher.to(trainer.device).eval().requires_grad_(False)

@@ -349,7 +349,7 @@ def train_head(
     """Train a head on the training shards of every folder in `shards` (held out: the first folder's) and save
     it (with its config) in train.out_dir."""
     started = time.perf_counter()
-    trainer = Trainer(train)  # seeds first: the head's initialisation is reproducible
+    trainer = Trainer(train, task=cfg)  # seeds first: the head's initialisation is reproducible
     folders = shards if isinstance(shards, list) else [shards]
     data, heldout = FeatureShards(folders, "train"), FeatureShards(folders[0], "heldout")
     counts = data.token_counts(target.get_output_embeddings().weight.shape[0])

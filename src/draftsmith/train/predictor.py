@@ -139,7 +139,7 @@ def train_predictor(engine, tokenizer, cfg: PredictorTrainConfig, train: TrainCo
     data = collect_nodes(engine, train_prompts, layer, cfg.new_tokens, progress)
     heldout = collect_nodes(engine, heldout_prompts, layer, cfg.new_tokens, progress)
     collect_seconds = time.perf_counter() - started
-    trainer = Trainer(train)
+    trainer = Trainer(train, task=cfg)
     predictor = AcceptancePredictor(PredictorConfig(hidden_size=target.config.hidden_size, layer=layer,
                                                     confidence=cfg.confidence))
     result = trainer.fit(predictor, data, predictor_loss, PredictorEval(heldout))

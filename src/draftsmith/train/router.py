@@ -270,7 +270,7 @@ def train_routers(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, c
     config = RouterConfig(hidden_size=target.config.hidden_size, num_layers=target.config.num_hidden_layers,
                           start_layer=cfg.start_layer, target_ratio=cfg.ratio, input_bits=cfg.input_bits,
                           recipe=cfg.recipe)
-    trainer = Trainer(train)  # seeds first: the routers' (and the LoRA's) initialisation is reproducible
+    trainer = Trainer(train, task=cfg)  # seeds first: the routers' (and the LoRA's) initialisation is reproducible
     routers = Routers(config).to(target.dtype)
     docs = shuffled(load_corpus(cfg.corpus, split="train", heldout_percent=cfg.heldout_percent), train.seed)
     data = TokenChunks(docs, tokenizer, cfg.seq_len, max_chunks=cfg.sequences)

@@ -190,11 +190,21 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
+def task_settings(task: object | None) -> dict:
+    """A recipe's dataclass config as a checkpoint records it (JSON values); `extra` (the command line and other
+    notes for the artifact) is not a setting of the run."""
+    if task is None:
+        return {}
+    return json.loads(json.dumps({k: v for k, v in asdict(task).items() if k != "extra"}, default=str))
+
+
 class Trainer:
     """Create it first (it seeds the RNGs and picks the device), build the model, then call fit()."""
 
-    def __init__(self, config: TrainConfig):
-        self.config = config
+    def __init__(self, config: TrainConfig, task: object | None = None):
+        """`task`: the recipe's own dataclass config (what is trained, on what data); a checkpoint records it and a
+        resume with other task settings is refused, as one with another batch size is."""
+        self.config, self.task = config, task_settings(task)
         on_gpu = config.device != "cpu" and torch.cuda.is_available()
         precision = config.mixed_precision
         if precision == "auto":
@@ -327,7 +337,7 @@ class Trainer:
             save_file(trainable, tmp / "trainable.safetensors")
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            state = {"step": step, "world_size": acc.num_processes, "config": asdict(self.config)}
+            state = {"step": step, "world_size": acc.num_processes, "config": asdict(self.config), "task": self.task}
             (tmp / "state.json").write_text(json.dumps(state, indent=2, default=str))
         acc.wait_for_everyone()
         if acc.is_main_process:  # rename last: a folder named step-N is always complete
@@ -356,6 +366,10 @@ class Trainer:
         now = {**asdict(self.config), "world_size": acc.num_processes}
         before = {**state["config"], "world_size": state["world_size"]}
         changed = [f"{k} {before[k]} -> {now[k]}" for k in RESUME_INVARIANTS if before[k] != now[k]]
+        recorded = state.get("task")  # absent from checkpoints written before tasks were recorded
+        if recorded is not None:
+            changed += [f"{k} {recorded.get(k)} -> {self.task.get(k)}" for k in sorted(recorded.keys() | self.task.keys())
+                        if recorded.get(k) != self.task.get(k)]
         if changed:
             raise ConfigError(f"cannot resume {ckpt} exactly with different settings: {', '.join(changed)}")
 
