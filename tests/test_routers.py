@@ -178,3 +178,23 @@ def test_calibrated_share_is_reached_and_the_margin_is_kept(corpus, tmp_path):
     assert load_routers(tmp_path / "c", target).config.margin == low["margin"]
     with pytest.raises(ConfigError, match="share must be in"):
         calibrate_share(target, routers, heldout, 0.1)  # below the first layer, which always runs
+
+
+def test_a_layer_skipping_draft_under_the_lossy_verifier_masks_the_verifiers_holes():
+    """Drafting with the verifier's own routers, the draft computes what the routed verifier computes, the holes
+    the verifier left in the cached context masked alike: every drafted token is accepted, and the output is the
+    routed model's (a draft that read those slots' stale entries had tokens rejected)."""
+    target = tiny_llama(num_layers=6, hidden_size=64, init_std=0.08, seed=3)
+    routers = Routers(RouterConfig(hidden_size=64, num_layers=6, start_layer=1)).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for router in routers.routers:
+            torch.nn.init.normal_(router.out.weight, std=2.0)
+            router.out.bias.zero_()
+    prompt = [5, 17, 33, 9, 2]
+    verify = RoutedVerify(routers)
+    engine = SpecEngine(target, LayerSkipDrafter(routers), sparse_verify=verify)
+    result = engine.generate(prompt, GenerationConfig(max_new_tokens=24, k=4, stop_on_eos=False))
+    assert result.tokens == routed_reference(target, routers, prompt, 24)
+    assert 0.2 < verify.executed_ratio < 0.9  # holes there are
+    assert result.stats.proposed > 0 and result.stats.accepted == result.stats.proposed

@@ -60,12 +60,15 @@ class SparseStep:
             raise ConfigError(f"the skip policy is for {policy.num_layers} layers, the target has {len(lm.layers)}")
         self.lm, self.policy = lm, policy
         self.holes: list[list[int]] = []
+        self.cached_holes: torch.Tensor | None = None  # [layers, positions] of the cache before `begin`'s start
         self.layers_run = self.tokens = 0  # running totals, for the executed ratio
 
-    def begin(self, capacity: int) -> None:
-        """A new run of tokens: no holes yet; the cache can take positions up to `capacity`."""
+    def begin(self, capacity: int, cached_holes: torch.Tensor | None = None) -> None:
+        """A new run of tokens: no holes of its own yet; the cache can take positions up to `capacity`.
+        `cached_holes`: where the cached context itself has holes (a lossy sparse verifier wrote it), masked too."""
         self.lm._reserve(capacity)
         self.holes = [[] for _ in self.lm.layers]
+        self.cached_holes = cached_holes if cached_holes is not None and bool(cached_holes.any()) else None
 
     @torch.inference_mode()
     def __call__(self, token: int, position: int) -> torch.Tensor:
@@ -78,8 +81,10 @@ class SparseStep:
                 self.holes[i].append(position)
                 continue
             mask = None
-            if self.holes[i]:
+            if self.holes[i] or self.cached_holes is not None:
                 mask = torch.ones(1, position + 1, dtype=torch.bool, device=lm.device)
+                if self.cached_holes is not None:
+                    mask[0, : self.cached_holes.shape[1]] = ~self.cached_holes[i]
                 mask[0, self.holes[i]] = False
             x = lm.layer(i, x, rope, mask, position)
             self.layers_run += 1

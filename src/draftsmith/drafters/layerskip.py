@@ -2,7 +2,7 @@
 the dense target to verify (lossless: only the dense target decides).
 
 The draft reads the target's own KV cache for the committed context (computed densely, so the draft sees exact
-context states) and writes its own draft tokens' keys and values past it, in the layers it runs; the dense
+context states; under --lossy-sparse-verify the verifier's holes there are masked as the verifier masks them) and writes its own draft tokens' keys and values past it, in the layers it runs; the dense
 verification forward then overwrites those positions. No second model, no second cache, no second prefill.
 Which layers a token skips comes from a policy (`sparse.py`): a fixed set measured on held-out prompts
 (`layerskip:auto`) or trained D-LLM routers (`layerskip:DIR`).
@@ -53,7 +53,8 @@ class LayerSkipDrafter(Drafter):
         if runner.pending or runner.length != len(context) - 1:  # the cache must hold the context but its root
             return Draft()
         start = runner.length
-        self.sparse.begin(start + k + 1)
+        verifier = runner.sparse_verify  # lossy sparse verification leaves holes in the cached context
+        self.sparse.begin(start + k + 1, verifier.holes[:, :start] if verifier is not None else None)
         token, tokens, probs = context[-1], [], []
         for j in range(k):
             logits = self.sparse(token, start + j)[: self.vocab_size]
