@@ -152,7 +152,7 @@ def test_train_router_cli_runs_the_upstream_recipe(corpus, tmp_path):  # noqa: F
     assert calibrated.exit_code == 0, calibrated.output
     copy = load_routers(tmp_path / "r-share0.7", loaded.model)  # the default folder, with the LoRA beside
     assert copy.adapter is not None and copy.config.training["calibration"]["margin"] == copy.config.margin
-    assert copy.config.training["calibration"]["command"].startswith("draftsmith"), copy.config.training  # how the copy was made
+    assert copy.config.training["calibration"]["command"].startswith("draftsmith")  # how the copy was made
     assert "executed" in calibrated.output and copy.config.input_bits == 4
     again = CliRunner().invoke(app, share)
     assert isinstance(again.exception, ConfigError) and "not empty" in str(again.exception)

@@ -2,7 +2,8 @@
 the dense target to verify (lossless: only the dense target decides).
 
 The draft reads the target's own KV cache for the committed context (computed densely, so the draft sees exact
-context states; under --lossy-sparse-verify the verifier's holes there are masked as the verifier masks them) and writes its own draft tokens' keys and values past it, in the layers it runs; the dense
+context states; under --lossy-sparse-verify the verifier's holes there are masked as the verifier masks them)
+and writes its own draft tokens' keys and values past it, in the layers it runs; the dense
 verification forward then overwrites those positions. No second model, no second cache, no second prefill.
 Which layers a token skips comes from a policy (`sparse.py`): a fixed set measured on held-out prompts
 (`layerskip:auto`) or trained D-LLM routers (`layerskip:DIR`).

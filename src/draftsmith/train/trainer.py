@@ -368,8 +368,8 @@ class Trainer:
         changed = [f"{k} {before[k]} -> {now[k]}" for k in RESUME_INVARIANTS if before[k] != now[k]]
         recorded = state.get("task")  # absent from checkpoints written before tasks were recorded
         if recorded is not None:
-            changed += [f"{k} {recorded.get(k)} -> {self.task.get(k)}" for k in sorted(recorded.keys() | self.task.keys())
-                        if recorded.get(k) != self.task.get(k)]
+            keys = sorted(recorded.keys() | self.task.keys())
+            changed += [f"{k} {recorded.get(k)} -> {self.task.get(k)}" for k in keys if recorded.get(k) != self.task.get(k)]
         if changed:
             raise ConfigError(f"cannot resume {ckpt} exactly with different settings: {', '.join(changed)}")
 
